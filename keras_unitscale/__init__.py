@@ -1,0 +1,21 @@
+"""Unit Scaling and u-μP for Keras 3.
+
+Scaled ops keep weights, activations and gradients near unit scale, so that
+models train in FP16 and FP8 without loss scaling.
+"""
+
+from keras_unitscale import constraints
+from keras_unitscale import functional
+from keras_unitscale.scale import scale_bwd
+from keras_unitscale.scale import scale_fwd
+from keras_unitscale.scale import scaled
+from keras_unitscale.version import __version__
+
+__all__ = [
+    "__version__",
+    "constraints",
+    "functional",
+    "scaled",
+    "scale_fwd",
+    "scale_bwd",
+]

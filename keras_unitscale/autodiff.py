@@ -1,0 +1,76 @@
+"""Gradients of a function of tensors, on whichever backend Keras runs.
+
+`keras.ops` has no gradient op: each backend differentiates in its own way.
+This module is the one place that knows them, for the library's diagnostics
+(scale reports, the demo) and its tests. Training itself goes through Keras's
+trainers and never needs it.
+"""
+
+import keras
+from keras import ops
+
+__all__ = ["vjp"]
+
+
+def vjp(fn, primals, cotangent):
+    """Evaluates `fn(*primals)` and the vector-Jacobian product with `cotangent`.
+
+    That is, the gradient of `sum(fn(*primals) * cotangent)` with respect to
+    each primal: what backpropagation delivers to `primals` when `cotangent`
+    arrives at the output.
+
+    Args:
+        fn: a function of tensors returning one tensor.
+        primals: a sequence of arrays or tensors (floating point).
+        cotangent: an array or tensor of the output's shape: the upstream
+            gradient.
+
+    Returns:
+        `(output, grads)`: the output as a NumPy array and a tuple of NumPy
+        arrays, one gradient per primal.
+
+    Example:
+
+    >>> import numpy as np
+    >>> out, (grad,) = vjp(lambda x: x * 3.0, [np.ones((2,), "float32")],
+    ...                    np.ones((2,), "float32"))
+    >>> grad.tolist()
+    [3.0, 3.0]
+    """
+    backend = keras.backend.backend()
+    primals = [ops.convert_to_tensor(p) for p in primals]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            for primal in primals:
+                tape.watch(primal)
+            output = fn(*primals)
+        grads = tape.gradient(
+            output, primals, output_gradients=ops.convert_to_tensor(cotangent, output.dtype)
+        )
+    elif backend == "jax":
+        import jax
+
+        output, pullback = jax.vjp(fn, *primals)
+        grads = pullback(ops.convert_to_tensor(cotangent, output.dtype))
+    elif backend == "torch":
+        import torch
+
+        primals = [p.detach().clone().requires_grad_(True) for p in primals]
+        output = fn(*primals)
+        grads = torch.autograd.grad(
+            output,
+            primals,
+            grad_outputs=ops.convert_to_tensor(cotangent, output.dtype),
+            allow_unused=True,
+        )
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, primals)]
+    else:
+        raise ValueError(
+            "vjp supports the tensorflow, jax and torch backends. "
+            f"Received: backend={backend!r}"
+        )
+    return ops.convert_to_numpy(output), tuple(
+        ops.convert_to_numpy(g) for g in grads
+    )

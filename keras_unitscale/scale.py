@@ -1,0 +1,137 @@
+"""The one scaling primitive: a separate scale for the forward and backward pass.
+
+Every unit-scaled op in `keras_unitscale.functional` is written with these three
+functions and nothing else that touches gradients. They are built on
+`keras.ops.custom_gradient`, so they run on TensorFlow (eager, `tf.function`,
+XLA), JAX and PyTorch.
+"""
+
+import math
+import numbers
+
+import keras
+from keras import ops
+
+__all__ = ["scaled", "scale_fwd", "scale_bwd"]
+
+
+def _check_scale(name, scale):
+    """Rejects a Python scale that is not a finite number; tensors pass through.
+
+    A tensor scale arises only where a size is unknown until run time (a
+    `None` batch dimension under `tf.function`); it cannot be checked eagerly.
+    """
+    if isinstance(scale, bool) or (
+        isinstance(scale, numbers.Number) and not math.isfinite(scale)
+    ):
+        raise ValueError(
+            f"`{name}` must be a finite number. Received: {name}={scale!r}"
+        )
+    if isinstance(scale, numbers.Number):
+        return float(scale)
+    if hasattr(scale, "shape") and len(scale.shape) == 0:
+        return scale
+    raise ValueError(
+        f"`{name}` must be a Python number or a scalar tensor. "
+        f"Received: {name}={scale!r}"
+    )
+
+
+def _is_one(scale):
+    return isinstance(scale, float) and scale == 1.0
+
+
+def _multiply_in_dtype(x, scale):
+    """`x * scale`, with the scale cast to `x`'s own dtype (float16 stays float16)."""
+    if _is_one(scale):
+        return x
+    return ops.multiply(x, ops.cast(scale, x.dtype))
+
+
+def scaled(x, fwd=1.0, bwd=1.0):
+    """Multiplies `x` by `fwd` in the forward pass and its gradient by `bwd`.
+
+    The scales are applied in `x`'s own dtype, so a float16 tensor stays
+    float16 and its gradient keeps that dtype. When `fwd == bwd` this is an
+    ordinary multiplication (no custom gradient is needed), and when both are
+    1 it returns `x` itself.
+
+    Args:
+        x: a tensor or a `keras.Variable` (read through `.value`, so mixed
+            precision autocasting applies).
+        fwd: the forward scale, a Python number (or a scalar tensor when it
+            depends on a size known only at run time).
+        bwd: the backward scale, likewise.
+
+    Returns:
+        `x * fwd`, whose gradient with respect to `x` is `bwd` times the
+        incoming gradient.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = scaled(np.ones((2,), "float32"), fwd=4.0, bwd=0.5)
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [4.0, 4.0]
+    """
+    fwd = _check_scale("fwd", fwd)
+    bwd = _check_scale("bwd", bwd)
+    if isinstance(x, keras.Variable):
+        x = x.value
+    x = ops.convert_to_tensor(x)
+    if fwd is bwd or (isinstance(fwd, float) and isinstance(bwd, float) and fwd == bwd):
+        return _multiply_in_dtype(x, fwd)
+
+    # The gradient function takes `*args` and an optional `upstream` keyword
+    # because PyTorch calls it as `grad(*saved_inputs, upstream=g)` while
+    # TensorFlow and JAX call it as `grad(g)`. Nothing but `x` is passed into
+    # the custom-gradient function: keyword arguments and non-tensor
+    # arguments are not supported there on every backend.
+    @ops.custom_gradient
+    def _scaled(inputs):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return _multiply_in_dtype(upstream, bwd)
+
+        return _multiply_in_dtype(inputs, fwd), grad
+
+    return _scaled(x)
+
+
+def scale_fwd(x, scale):
+    """Multiplies `x` by `scale` in the forward pass only; its gradient is unchanged.
+
+    Args:
+        x: a tensor or a `keras.Variable`.
+        scale: the forward scale.
+
+    Returns:
+        `x * scale`, with the identity as its gradient.
+
+    Example:
+
+    >>> import numpy as np
+    >>> keras.ops.convert_to_numpy(scale_fwd(np.ones((1,), "float32"), 3.0)).tolist()
+    [3.0]
+    """
+    return scaled(x, fwd=scale, bwd=1.0)
+
+
+def scale_bwd(x, scale):
+    """Leaves `x` unchanged in the forward pass and multiplies its gradient by `scale`.
+
+    Args:
+        x: a tensor or a `keras.Variable`.
+        scale: the backward scale.
+
+    Returns:
+        `x`, whose gradient is `scale` times the incoming gradient.
+
+    Example:
+
+    >>> import numpy as np
+    >>> keras.ops.convert_to_numpy(scale_bwd(np.ones((1,), "float32"), 3.0)).tolist()
+    [1.0]
+    """
+    return scaled(x, fwd=1.0, bwd=scale)
