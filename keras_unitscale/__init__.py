@@ -9,6 +9,7 @@ from keras_unitscale import functional
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 from keras_unitscale.scale import scaled
+from keras_unitscale.scale import scaling_disabled
 from keras_unitscale.version import __version__
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "scaled",
     "scale_fwd",
     "scale_bwd",
+    "scaling_disabled",
 ]

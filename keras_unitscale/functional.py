@@ -68,7 +68,10 @@ def _is_static(*values):
 
 
 def _shape(x):
-    return tuple(ops.shape(x))
+    """`x`'s shape: ints where static, float32 scalar tensors where not."""
+    return tuple(
+        dim if isinstance(dim, int) else ops.cast(dim, "float32") for dim in ops.shape(x)
+    )
 
 
 def _numel(x, axes=None):
@@ -153,8 +156,11 @@ _SIGMOID_GRAD_SCALE = 1.0 / _gaussian_rms(
 def _check_rank(name, x, min_rank, max_rank=None):
     rank = len(x.shape)
     if rank < min_rank or (max_rank is not None and rank > max_rank):
-        expected = f"rank >= {min_rank}" if max_rank is None else f"rank {min_rank}"
-        if max_rank is not None and max_rank != min_rank:
+        if max_rank is None:
+            expected = f"rank >= {min_rank}"
+        elif max_rank == min_rank:
+            expected = f"rank {min_rank}"
+        else:
             expected = f"rank in [{min_rank}, {max_rank}]"
         raise ValueError(
             f"`{name}` must have {expected}. Received: {name}.shape={tuple(x.shape)}"
@@ -166,6 +172,15 @@ def _check_dims_match(what, left_name, left_dim, right_name, right_dim):
         raise ValueError(
             f"{what} do not match: {left_name}={left_dim} but {right_name}="
             f"{right_dim}."
+        )
+
+
+def _check_same_shape(what, left_name, left, right_name, right):
+    left_shape, right_shape = _shape(left), _shape(right)
+    if _is_static(*left_shape, *right_shape) and left_shape != right_shape:
+        raise ValueError(
+            f"{what}. Received: {left_name}.shape={left_shape}, "
+            f"{right_name}.shape={right_shape}"
         )
 
 
@@ -754,8 +769,8 @@ def _affine_param(param, name, x, axes, grad_scale):
             f"Received: {name}.shape={tuple(_shape(param))}"
         )
     param = scale_bwd(param, grad_scale)
-    broadcast_shape = [shape[a] if a in axes else 1 for a in range(len(shape))]
-    return ops.reshape(param, broadcast_shape)
+    dims = ops.shape(x)
+    return ops.reshape(param, [dims[a] if a in axes else 1 for a in range(len(dims))])
 
 
 def _dtype(x):
@@ -939,7 +954,7 @@ def dot_product_attention(
 def _attention_with_dropout(query, key, value, mask, is_causal, logit_scale, rate, seed):
     logits = ops.einsum("btnh,bsnh->bnts", query, key) * ops.cast(logit_scale, query.dtype)
     if is_causal:
-        t, s = _shape(query)[1], _shape(key)[1]
+        t, s = ops.shape(query)[1], ops.shape(key)[1]
         causal = ops.tril(ops.ones((t, s), dtype="bool"), s - t if _is_static(s, t) else 0)
         mask = causal if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal)
     if mask is not None:
@@ -1002,19 +1017,19 @@ def cross_entropy(logits, labels, mult=1.0, reduction="mean"):
     logits = scale_fwd(logits, mult)
     log_probs = ops.log_softmax(_in_float32(logits), axis=-1)
     if "int" in _dtype(labels):
-        if tuple(_shape(labels)) != tuple(_shape(logits))[:-1] and _is_static(*_shape(labels), *_shape(logits)):
+        label_shape, logit_shape = _shape(labels), _shape(logits)
+        if _is_static(*label_shape, *logit_shape) and label_shape != logit_shape[:-1]:
             raise ValueError(
                 "Integer `labels` must have shape logits.shape[:-1]. Received: "
-                f"labels.shape={tuple(_shape(labels))}, logits.shape={tuple(_shape(logits))}"
+                f"labels.shape={label_shape}, logits.shape={logit_shape}"
             )
         picked = ops.take_along_axis(log_probs, ops.expand_dims(labels, -1), axis=-1)
         loss = -ops.sum(picked)
     else:
-        if tuple(_shape(labels)) != tuple(_shape(logits)) and _is_static(*_shape(labels), *_shape(logits)):
-            raise ValueError(
-                "Target `labels` (probabilities) must have the shape of `logits`. "
-                f"Received: labels.shape={tuple(_shape(labels))}, logits.shape={tuple(_shape(logits))}"
-            )
+        _check_same_shape(
+            "Target `labels` (probabilities) must have the shape of `logits`",
+            "labels", labels, "logits", logits,
+        )
         loss = -ops.sum(ops.cast(labels, log_probs.dtype) * log_probs)
     if reduction == "sum":
         return loss
@@ -1046,11 +1061,9 @@ def mse(y_pred, y_true, reduction="mean"):
     _check_reduction(reduction)
     y_pred = _to_tensor(y_pred, "y_pred")
     y_true = _to_tensor(y_true, "y_true")
-    if tuple(_shape(y_pred)) != tuple(_shape(y_true)) and _is_static(*_shape(y_pred), *_shape(y_true)):
-        raise ValueError(
-            "`y_pred` and `y_true` must have the same shape. Received: "
-            f"y_pred.shape={tuple(_shape(y_pred))}, y_true.shape={tuple(_shape(y_true))}"
-        )
+    _check_same_shape(
+        "`y_pred` and `y_true` must have the same shape", "y_pred", y_pred, "y_true", y_true
+    )
     grad_scale = 8**-0.5
     y_pred = scale_bwd(y_pred, grad_scale)
     y_true = scale_bwd(ops.cast(y_true, y_pred.dtype), grad_scale)

@@ -6,13 +6,42 @@ functions and nothing else that touches gradients. They are built on
 XLA), JAX and PyTorch.
 """
 
+import contextlib
 import math
 import numbers
+import threading
 
 import keras
 from keras import ops
 
-__all__ = ["scaled", "scale_fwd", "scale_bwd"]
+__all__ = ["scaled", "scale_fwd", "scale_bwd", "scaling_disabled"]
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def scaling_disabled():
+    """Within this context `scaled` returns its input: every scale op is removed.
+
+    What remains is the same computation without the unit-scaling factors:
+    the baseline that `benchmarks/overhead.py` times the scale ops against,
+    and a way to see what a model would do without them. It acts where ops
+    are traced or run, so build and first call (or `fit`) a model inside it.
+
+    Example:
+
+    >>> import numpy as np
+    >>> with scaling_disabled():
+    ...     y = scaled(np.ones((1,), "float32"), fwd=4.0)
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [1.0]
+    """
+    previous = getattr(_state, "disabled", False)
+    _state.disabled = True
+    try:
+        yield
+    finally:
+        _state.disabled = previous
 
 
 def _check_scale(name, scale):
@@ -79,6 +108,8 @@ def scaled(x, fwd=1.0, bwd=1.0):
     if isinstance(x, keras.Variable):
         x = x.value
     x = ops.convert_to_tensor(x)
+    if getattr(_state, "disabled", False):
+        return x
     if fwd is bwd or (isinstance(fwd, float) and isinstance(bwd, float) and fwd == bwd):
         return _multiply_in_dtype(x, fwd)
 

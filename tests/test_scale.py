@@ -134,3 +134,37 @@ def test_tf_function_with_an_unknown_batch_dimension(jit_compile):
     np.testing.assert_allclose(grad_x, upstream @ kernel.numpy().T / 4.0, rtol=1e-5, atol=1e-6)
     # The batch (32) is known only at run time; the weight-gradient scale follows it.
     np.testing.assert_allclose(grad_kernel, x.T @ upstream / 32**0.5, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="only TensorFlow traces with unknown dimensions")
+def test_ops_trace_with_every_dimension_unknown():
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, None, None])
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([None, None], tf.int32)])
+    def forward(x, labels):
+        kernel = tf.ones((8, 12)) / 8.0
+        h = U.layer_norm(U.add(x, x[:1]))
+        h = U.dense(h, kernel)
+        q = tf.reshape(h, (tf.shape(h)[0], tf.shape(h)[1], 3, -1))
+        h = U.dot_product_attention(q, q, q, is_causal=True)
+        logits = U.dense_readout(tf.reshape(h, (tf.shape(h)[0], tf.shape(h)[1], 12)), tf.ones((12, 5)))
+        return U.cross_entropy(logits, labels) + U.mse(logits, logits)
+
+    x = unit_normal(2, 6, 8)
+    labels = np.zeros((2, 6), "int32")
+    eager = forward.python_function(tf.constant(x), tf.constant(labels))
+    np.testing.assert_allclose(forward(x, labels).numpy(), eager.numpy(), rtol=1e-5)
+
+
+def test_scaling_disabled_removes_every_scale_op_and_restores_them():
+    x, w = unit_normal(4, 8), unit_normal(8, 3, seed=1)
+    from keras_unitscale import scaling_disabled
+
+    with scaling_disabled():
+        out, (grad_x, grad_w) = vjp(U.dense, [x, w], np.ones((4, 3), "float32"))
+    np.testing.assert_allclose(out, x @ w, rtol=1e-5)
+    np.testing.assert_allclose(grad_x, np.ones((4, 3)) @ w.T, rtol=1e-5)
+    np.testing.assert_allclose(grad_w, x.T @ np.ones((4, 3)), rtol=1e-5)
+    np.testing.assert_allclose(ops.convert_to_numpy(U.dense(x, w)), x @ w / 8**0.5, rtol=1e-5)

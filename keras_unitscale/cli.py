@@ -1,0 +1,57 @@
+"""`keras-unitscale`: the command line.
+
+    keras-unitscale demo [--out DIR] [--seed N] [--backend NAME]
+"""
+
+import argparse
+import os
+import sys
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-unitscale", description="Unit Scaling and u-μP for Keras 3."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="seed 000's model, plain Keras beside unit-scaled: where its numbers live",
+    )
+    demo.add_argument("--out", default="unitscale-demo", help="output directory (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    demo.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: KERAS_BACKEND or tensorflow)")
+    return parser
+
+
+def _check_writable(directory):
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".keras-unitscale-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise SystemExit(f"keras-unitscale: cannot write to --out {directory!r}: {error.strerror}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    if args.backend and os.environ.get("KERAS_BACKEND", "tensorflow") != args.backend:
+        # Keras fixes its backend when first imported, which this package has
+        # done already: start again with the backend chosen.
+        env = dict(os.environ, KERAS_BACKEND=args.backend)
+        os.execve(sys.executable, [sys.executable, "-m", "keras_unitscale", *argv], env)
+
+    if args.command == "demo":
+        _check_writable(args.out)
+        from keras_unitscale import demo
+
+        demo.run(out_dir=args.out, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
