@@ -6,10 +6,12 @@ This module is the one place that knows them, for the library's diagnostics
 trainers and never needs it.
 """
 
+import inspect
+
 import keras
 from keras import ops
 
-__all__ = ["vjp"]
+__all__ = ["vjp", "layer_vjp"]
 
 
 def vjp(fn, primals, cotangent):
@@ -73,4 +75,49 @@ def vjp(fn, primals, cotangent):
         )
     return ops.convert_to_numpy(output), tuple(
         ops.convert_to_numpy(g) for g in grads
+    )
+
+
+def layer_vjp(layer, inputs, cotangent, training=False):
+    """Gradients of a built layer (or model) with respect to its inputs and trainable weights.
+
+    Args:
+        layer: a built Keras layer or model taking one tensor.
+        inputs: an array; its gradient is returned when it is floating point.
+        cotangent: the upstream gradient, shaped like the output.
+        training: passed to the call.
+
+    Returns:
+        `(output, input_grad, weight_grads)`: NumPy arrays; `input_grad` is
+        `None` for integer inputs; `weight_grads` maps each trainable
+        variable's path to its gradient.
+
+    Example:
+
+    >>> layer = keras.layers.Dense(2, use_bias=False, kernel_initializer="ones")
+    >>> _, grad_x, grads = layer_vjp(layer, np.ones((1, 3), "float32"), np.ones((1, 2), "float32"))
+    >>> grad_x.tolist(), grads[layer.kernel.path].tolist()
+    ([[2.0, 2.0, 2.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    """
+    inputs = ops.convert_to_tensor(inputs)
+    if not layer.built:
+        layer(inputs)
+    differentiable_input = "float" in keras.backend.standardize_dtype(inputs.dtype)
+    trainable = layer.trainable_variables
+    non_trainable = layer.non_trainable_variables
+
+    call_kwargs = {"training": training} if "training" in inspect.signature(layer.call).parameters else {}
+
+    def fn(x, *weights):
+        output, _ = layer.stateless_call(
+            list(weights), [v.value for v in non_trainable], x if differentiable_input else inputs,
+            **call_kwargs,
+        )
+        return output
+
+    output, grads = vjp(fn, [inputs if differentiable_input else ops.zeros(()), *[v.value for v in trainable]], cotangent)
+    return (
+        output,
+        grads[0] if differentiable_input else None,
+        {variable.path: grad for variable, grad in zip(trainable, grads[1:])},
     )

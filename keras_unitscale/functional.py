@@ -27,6 +27,12 @@ from keras_unitscale import constraints as constraints_lib
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 from keras_unitscale.scale import scaled
+from keras_unitscale.sizes import as_float
+from keras_unitscale.sizes import is_static
+from keras_unitscale.sizes import log
+from keras_unitscale.sizes import numel
+from keras_unitscale.sizes import power
+from keras_unitscale.sizes import shape as shape_of
 
 __all__ = [
     "matmul",
@@ -46,57 +52,26 @@ __all__ = [
     "rms_norm",
     "dot_product_attention",
     "cross_entropy",
+    "cross_entropy_grad_scale",
     "mse",
+    "MSE_GRAD_SCALE",
     "residual_split",
     "residual_add",
     "residual_apply",
     "transformer_residual_scaling_rule",
     "logarithmic_interpolation",
+    # recurrent
+    "LSTMRule",
+    "lstm_rule",
+    "lstm_weights",
+    "lstm_inputs",
+    "lstm_hidden_in",
+    "lstm_hidden_out",
+    "lstm_dropout",
+    "lstm_cell",
 ]
 
 _LOW_PRECISION = ("float16", "bfloat16")
-
-
-# --- sizes and scale arithmetic -------------------------------------------
-# A size is a Python int when the shape is static, and a scalar tensor only
-# where TensorFlow traces with an unknown (None) dimension. The helpers below
-# keep Python arithmetic whenever they can, so that scales stay constants.
-
-
-def _is_static(*values):
-    return all(isinstance(v, (int, float)) for v in values)
-
-
-def _shape(x):
-    """`x`'s shape: ints where static, float32 scalar tensors where not."""
-    return tuple(
-        dim if isinstance(dim, int) else ops.cast(dim, "float32") for dim in ops.shape(x)
-    )
-
-
-def _numel(x, axes=None):
-    shape = _shape(x)
-    dims = shape if axes is None else [shape[a] for a in axes]
-    if _is_static(*dims):
-        return math.prod(dims)
-    size = 1
-    for dim in dims:
-        size = size * ops.cast(dim, "float32")
-    return size
-
-
-def _as_float(size):
-    return float(size) if _is_static(size) else ops.cast(size, "float32")
-
-
-def _power(size, exponent):
-    if _is_static(size):
-        return float(size) ** exponent
-    return ops.power(ops.cast(size, "float32"), exponent)
-
-
-def _log(value):
-    return math.log(value) if _is_static(value) else ops.log(ops.cast(value, "float32"))
 
 
 def logarithmic_interpolation(alpha, lower, upper):
@@ -121,9 +96,9 @@ def logarithmic_interpolation(alpha, lower, upper):
     >>> round(logarithmic_interpolation(0.5, 1 / 1000, 1 / 10), 6)
     0.01
     """
-    if _is_static(alpha, lower, upper):
+    if is_static(alpha, lower, upper):
         return math.exp(alpha * math.log(upper) + (1 - alpha) * math.log(lower))
-    return ops.exp(alpha * _log(upper) + (1 - alpha) * _log(lower))
+    return ops.exp(alpha * log(upper) + (1 - alpha) * log(lower))
 
 
 def _gaussian_rms(fn):
@@ -168,7 +143,7 @@ def _check_rank(name, x, min_rank, max_rank=None):
 
 
 def _check_dims_match(what, left_name, left_dim, right_name, right_dim):
-    if _is_static(left_dim, right_dim) and left_dim != right_dim:
+    if is_static(left_dim, right_dim) and left_dim != right_dim:
         raise ValueError(
             f"{what} do not match: {left_name}={left_dim} but {right_name}="
             f"{right_dim}."
@@ -176,8 +151,8 @@ def _check_dims_match(what, left_name, left_dim, right_name, right_dim):
 
 
 def _check_same_shape(what, left_name, left, right_name, right):
-    left_shape, right_shape = _shape(left), _shape(right)
-    if _is_static(*left_shape, *right_shape) and left_shape != right_shape:
+    left_shape, right_shape = shape_of(left), shape_of(right)
+    if is_static(*left_shape, *right_shape) and left_shape != right_shape:
         raise ValueError(
             f"{what}. Received: {left_name}.shape={left_shape}, "
             f"{right_name}.shape={right_shape}"
@@ -263,11 +238,11 @@ def matmul(a, b, constraint="to_output_scale"):
     b = _to_tensor(b, "b")
     _check_rank("a", a, 2)
     _check_rank("b", b, 2)
-    m, k = _shape(a)[-2:]
-    k_b, n = _shape(b)[-2:]
+    m, k = shape_of(a)[-2:]
+    k_b, n = shape_of(b)[-2:]
     _check_dims_match("Inner dimensions", "a.shape[-1]", k, "b.shape[-2]", k_b)
     output_scale, a_grad_scale, b_grad_scale = constraints_lib.apply_constraint(
-        constraint, _power(k, -0.5), _power(n, -0.5), _power(m, -0.5)
+        constraint, power(k, -0.5), power(n, -0.5), power(m, -0.5)
     )
     a = scale_bwd(a, a_grad_scale)
     b = scale_bwd(b, b_grad_scale)
@@ -321,20 +296,20 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=(0.5, 
     _check_rank("x", x, 1)
     _check_rank("kernel", kernel, 2, 2)
     _check_scale_power(scale_power)
-    fan_in, fan_out = _shape(kernel)
-    _check_dims_match("Input and kernel", "x.shape[-1]", _shape(x)[-1], "kernel.shape[0]", fan_in)
+    fan_in, fan_out = shape_of(kernel)
+    _check_dims_match("Input and kernel", "x.shape[-1]", shape_of(x)[-1], "kernel.shape[0]", fan_in)
     if bias is not None:
         bias = _to_tensor(bias, "bias")
         _check_rank("bias", bias, 1, 1)
-        _check_dims_match("Bias and kernel", "bias.shape[0]", _shape(bias)[0], "kernel.shape[1]", fan_out)
+        _check_dims_match("Bias and kernel", "bias.shape[0]", shape_of(bias)[0], "kernel.shape[1]", fan_out)
 
-    batch = _numel(x) / _as_float(fan_in)
+    batch = numel(x) / as_float(fan_in)
     output_scale, grad_input_scale = constraints_lib.apply_constraint(
         constraint,
-        _power(fan_in, -scale_power[0]),
-        _power(fan_out, -scale_power[1]),
+        power(fan_in, -scale_power[0]),
+        power(fan_out, -scale_power[1]),
     )
-    grad_weight_scale = _power(batch, -scale_power[2])
+    grad_weight_scale = power(batch, -scale_power[2])
 
     x = scale_bwd(x, grad_input_scale)
     kernel = scale_bwd(_as_compute_dtype(kernel, x), grad_weight_scale)
@@ -379,8 +354,8 @@ def _broadcast_factor(shape, other_shape):
     other_shape = (1,) * (rank - len(other_shape)) + tuple(other_shape)
     factor = 1
     for dim, other_dim in zip(shape, other_shape):
-        if _is_static(dim) and dim == 1 and not (_is_static(other_dim) and other_dim == 1):
-            factor = factor * (other_dim if _is_static(other_dim) else ops.cast(other_dim, "float32"))
+        if is_static(dim) and dim == 1 and not (is_static(other_dim) and other_dim == 1):
+            factor = factor * (other_dim if is_static(other_dim) else ops.cast(other_dim, "float32"))
     return factor
 
 
@@ -414,9 +389,9 @@ def add(a, b, constraint="to_output_scale"):
         return ops.add(a, b)
     a = _to_tensor(a, "a")
     b = _to_tensor(b, "b")
-    a_shape, b_shape = _shape(a), _shape(b)
+    a_shape, b_shape = shape_of(a), shape_of(b)
     try:
-        if _is_static(*a_shape, *b_shape):
+        if is_static(*a_shape, *b_shape):
             np.broadcast_shapes(a_shape, b_shape)
     except ValueError:
         raise ValueError(
@@ -424,14 +399,14 @@ def add(a, b, constraint="to_output_scale"):
             f"a.shape={a_shape}, b.shape={b_shape}"
         ) from None
     scalar_operand = any(
-        _is_static(*shape) and math.prod(shape) == 1 for shape in (a_shape, b_shape)
+        is_static(*shape) and math.prod(shape) == 1 for shape in (a_shape, b_shape)
     )
     output_scale = 1.0 if scalar_operand else 2**-0.5
     output_scale, a_grad_scale, b_grad_scale = constraints_lib.apply_constraint(
         constraint,
         output_scale,
-        _power(_broadcast_factor(a_shape, b_shape), -0.5),
-        _power(_broadcast_factor(b_shape, a_shape), -0.5),
+        power(_broadcast_factor(a_shape, b_shape), -0.5),
+        power(_broadcast_factor(b_shape, a_shape), -0.5),
     )
     a = scale_bwd(a, a_grad_scale)
     b = scale_bwd(b, b_grad_scale)
@@ -695,10 +670,10 @@ def softmax(x, axis=-1, mult=1.0, constraint="to_output_scale"):
     _check_positive("mult", mult)
     x = _to_tensor(x, "x")
     _check_rank("x", x, 1)
-    n = _shape(x)[axis]
+    n = shape_of(x)[axis]
     alpha = 1.0 / (1.0 + 4.0 / mult**2)
-    output_scale = logarithmic_interpolation(alpha, n, _power(n, 0.5))
-    grad_scale = logarithmic_interpolation(alpha, n / mult, _power(n / mult, 0.5))
+    output_scale = logarithmic_interpolation(alpha, n, power(n, 0.5))
+    grad_scale = logarithmic_interpolation(alpha, n / mult, power(n / mult, 0.5))
     return _elementwise(
         lambda logits: ops.softmax(logits * mult if mult != 1 else logits, axis=axis),
         x,
@@ -740,8 +715,8 @@ def embedding(ids, table):
         raise ValueError(
             f"`ids` must have an integer dtype. Received: ids.dtype={_dtype(ids)}"
         )
-    vocab = _shape(table)[0]
-    grad_scale = _power(_as_float(vocab) / _as_float(_numel(ids)), 0.5)
+    vocab = shape_of(table)[0]
+    grad_scale = power(as_float(vocab) / as_float(numel(ids)), 0.5)
     return ops.take(scale_bwd(table, grad_scale), ids, axis=0)
 
 
@@ -761,12 +736,12 @@ def _normalized_axes(x, axis):
 def _affine_param(param, name, x, axes, grad_scale):
     """Scales an affine gain/bias's gradient and reshapes it to broadcast over `x`."""
     param = _to_tensor(param, name)
-    shape = _shape(x)
+    shape = shape_of(x)
     expected = tuple(shape[a] for a in axes)
-    if _is_static(*expected) and math.prod(_shape(param)) != math.prod(expected):
+    if is_static(*expected) and math.prod(shape_of(param)) != math.prod(expected):
         raise ValueError(
             f"`{name}` must have shape {expected} (the normalised axes of `x`). "
-            f"Received: {name}.shape={tuple(_shape(param))}"
+            f"Received: {name}.shape={tuple(shape_of(param))}"
         )
     param = scale_bwd(param, grad_scale)
     dims = ops.shape(x)
@@ -809,7 +784,7 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5):
     _check_non_negative("epsilon", epsilon)
     x = _to_tensor(x, "x")
     axes = _normalized_axes(x, axis)
-    grad_scale = _power(_as_float(_numel(x, axes)) / _as_float(_numel(x)), 0.5)
+    grad_scale = power(as_float(numel(x, axes)) / as_float(numel(x)), 0.5)
     x32 = _in_float32(x)
     mean, variance = ops.moments(x32, axes=axes, keepdims=True)
     y = ops.cast((x32 - mean) * ops.rsqrt(variance + epsilon), x.dtype)
@@ -850,7 +825,7 @@ def rms_norm(x, gamma=None, axis=-1, epsilon=1e-5):
     mean_square = ops.mean(ops.square(x32), axis=axes, keepdims=True)
     y = ops.cast(x32 * ops.rsqrt(mean_square + epsilon), x.dtype)
     if gamma is not None:
-        grad_scale = _power(_as_float(_numel(x, axes)) / _as_float(_numel(x)), 0.5)
+        grad_scale = power(as_float(numel(x, axes)) / as_float(numel(x)), 0.5)
         y = y * _as_compute_dtype(_affine_param(gamma, "gamma", x, axes, grad_scale), y)
     return y
 
@@ -863,17 +838,17 @@ def _attention_scale(head_dim, seq_len, mult, is_causal, dropout_rate):
     if is_causal:
         # Flat causal attention averages t values at position t: its output RMS
         # is about sqrt(ln(S) / S). One key is the exact case RMS = 1.
-        if _is_static(seq_len):
+        if is_static(seq_len):
             flat_mean_square = math.log(seq_len) / seq_len if seq_len > 1 else 1.0
         else:
             seq = ops.cast(seq_len, "float32")
             flat_mean_square = ops.where(seq > 1, ops.log(seq) / seq, 1.0)
     else:
-        flat_mean_square = 1.0 / _as_float(seq_len)
+        flat_mean_square = 1.0 / as_float(seq_len)
     alpha = 1.0 / (1.0 + 4.0 * head_dim / mult**2)
     lower = (
         flat_mean_square**0.5
-        if _is_static(flat_mean_square)
+        if is_static(flat_mean_square)
         else ops.sqrt(flat_mean_square)
     )
     return (1.0 - dropout_rate) ** 0.5 / logarithmic_interpolation(alpha, lower, 1.0)
@@ -889,6 +864,7 @@ def dot_product_attention(
     mult=1.0,
     training=True,
     seed=None,
+    return_attention_scores=False,
 ):
     """Unit-scaled dot-product attention, in Keras's `(batch, seq, heads, head_dim)` layout.
 
@@ -912,9 +888,12 @@ def dot_product_attention(
         mult: the u-μP multiplier of the logits, > 0.
         training: whether dropout applies.
         seed: for the dropout, as for `keras.random.dropout`.
+        return_attention_scores: also return the attention probabilities
+            (runs the unfused computation).
 
     Returns:
-        `(batch, T, heads, value_dim)`.
+        `(batch, T, heads, value_dim)`; with `return_attention_scores`, a
+        tuple of it and the probabilities `(batch, heads, T, S)`.
 
     Example:
 
@@ -930,39 +909,43 @@ def dot_product_attention(
     value = _to_tensor(value, "value")
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         _check_rank(name, tensor, 4, 4)
-    _check_dims_match("Head sizes", "query.shape[-1]", _shape(query)[-1], "key.shape[-1]", _shape(key)[-1])
-    _check_dims_match("Key and value lengths", "key.shape[1]", _shape(key)[1], "value.shape[1]", _shape(value)[1])
-    head_dim = _shape(query)[-1]
-    seq_len = _shape(key)[1]
+    _check_dims_match("Head sizes", "query.shape[-1]", shape_of(query)[-1], "key.shape[-1]", shape_of(key)[-1])
+    _check_dims_match("Key and value lengths", "key.shape[1]", shape_of(key)[1], "value.shape[1]", shape_of(value)[1])
+    head_dim = shape_of(query)[-1]
+    seq_len = shape_of(key)[1]
     applies_dropout = bool(training) and dropout_rate > 0
     scale = _attention_scale(
         head_dim, seq_len, mult, is_causal, dropout_rate if applies_dropout else 0.0
     )
     query, key, value = (scale_bwd(t, scale) for t in (query, key, value))
     logit_scale = mult / head_dim
-    if not applies_dropout:
+    if applies_dropout or return_attention_scores:
+        out, probs = _attention_unfused(
+            query, key, value, mask, is_causal, logit_scale,
+            dropout_rate if applies_dropout else 0.0, seed,
+        )
+        if return_attention_scores:
+            return scale_fwd(out, scale), probs
+    else:
         out = ops.dot_product_attention(
             query, key, value, mask=mask, scale=logit_scale, is_causal=is_causal
-        )
-    else:
-        out = _attention_with_dropout(
-            query, key, value, mask, is_causal, logit_scale, dropout_rate, seed
         )
     return scale_fwd(out, scale)
 
 
-def _attention_with_dropout(query, key, value, mask, is_causal, logit_scale, rate, seed):
+def _attention_unfused(query, key, value, mask, is_causal, logit_scale, rate, seed):
+    """Attention with its probabilities exposed (and dropout on them where `rate > 0`)."""
     logits = ops.einsum("btnh,bsnh->bnts", query, key) * ops.cast(logit_scale, query.dtype)
     if is_causal:
-        t, s = ops.shape(query)[1], ops.shape(key)[1]
-        causal = ops.tril(ops.ones((t, s), dtype="bool"), s - t if _is_static(s, t) else 0)
+        # Aligned at the top left, as keras.ops.dot_product_attention does.
+        causal = ops.tril(ops.ones((ops.shape(query)[1], ops.shape(key)[1]), dtype="bool"))
         mask = causal if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal)
     if mask is not None:
         neg = ops.cast(-3e4 if _dtype(logits) == "float16" else -1e9, logits.dtype)
         logits = ops.where(ops.cast(mask, "bool"), logits, neg)
     probs = ops.cast(ops.softmax(_in_float32(logits), axis=-1), value.dtype)
-    probs = random.dropout(probs, rate, seed=seed)
-    return ops.einsum("bnts,bsnh->btnh", probs, value)
+    kept = random.dropout(probs, rate, seed=seed) if rate > 0 else probs
+    return ops.einsum("bnts,bsnh->btnh", kept, value), probs
 
 
 # --- losses -----------------------------------------------------------------
@@ -973,6 +956,24 @@ def _check_reduction(reduction):
         raise ValueError(
             f"`reduction` must be 'mean' or 'sum'. Received: reduction={reduction!r}"
         )
+
+
+MSE_GRAD_SCALE = 8**-0.5
+"""The backward scale of both inputs of `mse`: `2(p - t)` for unit `p`, `t` has RMS `sqrt(8)`."""
+
+
+def cross_entropy_grad_scale(num_classes):
+    """The backward scale of cross-entropy's logits, `V / sqrt(V - 1)` for `V` classes.
+
+    The gradient `softmax - target` of one example has RMS `sqrt(V - 1) / V`
+    when the softmax is flat.
+
+    Example:
+
+    >>> cross_entropy_grad_scale(2)
+    2.0
+    """
+    return as_float(num_classes) * power(as_float(num_classes) - 1.0, -0.5)
 
 
 def cross_entropy(logits, labels, mult=1.0, reduction="mean"):
@@ -1007,18 +1008,18 @@ def cross_entropy(logits, labels, mult=1.0, reduction="mean"):
     logits = _to_tensor(logits, "logits")
     labels = _to_tensor(labels, "labels")
     _check_rank("logits", logits, 1)
-    vocab = _shape(logits)[-1]
-    if _is_static(vocab) and vocab < 2:
+    vocab = shape_of(logits)[-1]
+    if is_static(vocab) and vocab < 2:
         raise ValueError(
             "`logits` must have at least 2 classes on its last axis. "
-            f"Received: logits.shape={tuple(_shape(logits))}"
+            f"Received: logits.shape={tuple(shape_of(logits))}"
         )
-    logits = scale_bwd(logits, _as_float(vocab) * _power(_as_float(vocab) - 1.0, -0.5))
+    logits = scale_bwd(logits, cross_entropy_grad_scale(vocab))
     logits = scale_fwd(logits, mult)
     log_probs = ops.log_softmax(_in_float32(logits), axis=-1)
     if "int" in _dtype(labels):
-        label_shape, logit_shape = _shape(labels), _shape(logits)
-        if _is_static(*label_shape, *logit_shape) and label_shape != logit_shape[:-1]:
+        label_shape, logit_shape = shape_of(labels), shape_of(logits)
+        if is_static(*label_shape, *logit_shape) and label_shape != logit_shape[:-1]:
             raise ValueError(
                 "Integer `labels` must have shape logits.shape[:-1]. Received: "
                 f"labels.shape={label_shape}, logits.shape={logit_shape}"
@@ -1033,7 +1034,7 @@ def cross_entropy(logits, labels, mult=1.0, reduction="mean"):
         loss = -ops.sum(ops.cast(labels, log_probs.dtype) * log_probs)
     if reduction == "sum":
         return loss
-    return scale_fwd(loss, 1.0 / (_numel(logits) / _as_float(vocab)))
+    return scale_fwd(loss, 1.0 / (numel(logits) / as_float(vocab)))
 
 
 def mse(y_pred, y_true, reduction="mean"):
@@ -1064,13 +1065,12 @@ def mse(y_pred, y_true, reduction="mean"):
     _check_same_shape(
         "`y_pred` and `y_true` must have the same shape", "y_pred", y_pred, "y_true", y_true
     )
-    grad_scale = 8**-0.5
-    y_pred = scale_bwd(y_pred, grad_scale)
-    y_true = scale_bwd(ops.cast(y_true, y_pred.dtype), grad_scale)
+    y_pred = scale_bwd(y_pred, MSE_GRAD_SCALE)
+    y_true = scale_bwd(ops.cast(y_true, y_pred.dtype), MSE_GRAD_SCALE)
     loss = ops.sum(ops.square(y_pred - y_true))
     if reduction == "sum":
         return loss
-    return scale_fwd(loss, 1.0 / _as_float(_numel(y_pred)))
+    return scale_fwd(loss, 1.0 / as_float(numel(y_pred)))
 
 
 # --- residual connections ---------------------------------------------------
@@ -1205,3 +1205,438 @@ def transformer_residual_scaling_rule(residual_mult=1.0, residual_attn_ratio=1.0
         return alpha / (layers / 2 + n_attn * alpha_attn**2 + n_mlp * alpha_mlp**2) ** 0.5
 
     return tau
+
+
+# --- recurrent: the unit-scaled LSTM ----------------------------------------
+#
+# The reference package has no recurrent layer; this rule is ours. Notation,
+# for inputs x_t of width D (`input_dim`), H units and a unit-normal kernel W
+# (D, 4H), recurrent kernel U (H, 4H) and bias b (4H,) (gate order i, f, g, o
+# as in Keras):
+#
+#   z_t = D^-1/2 · x_t W  +  H^-1/2 · h̃_{t-1} U  +  b
+#   i, f, o = sigmoid(z_i, z_f, z_o),   g = tanh(z_g)      (plain gates)
+#   c_t = f·c_{t-1} + i·g,   h̃_t = o·tanh(c_t),   h_t = s·h̃_t
+#
+# h̃ is the hidden state of a plain LSTM with these pre-activations; the layer
+# outputs (and carries as its state) the unit-scaled h = s·h̃. Both forward
+# multipliers are the dense rule on the tensor they multiply: x is unit
+# scale, so its term is unit; h̃ is not (RMS ≈ 0.23), and feeding back s·h̃
+# at unit scale instead makes the recurrence chaotic (measured: gradients
+# grow ×10⁷ over 256 steps), whereas H^-1/2 on h̃ matches the gain of Keras's
+# orthogonal recurrent initialiser and keeps the gradient stationary in time.
+#
+# Everything else follows from a mean-field calculation (`_lstm_mean_field`):
+# pre-activations Gaussian with variance q² = 1 + r_h², gates independent of
+# each other and of the past, the cell state at its stationary RMS. That gives
+# the hidden RMS r_h (hence s = 1/r_h) and the RMS ĝ of the gradient of the
+# pre-activations when a unit-normal gradient arrives at every output h_t.
+# The weight gradients then follow: ∂L/∂W_eff = Σ_{batch,t} x_t^T ∂z_t sums
+# n = batch·m terms, where m is the number of steps the upstream gradient
+# reaches (T with return_sequences, else 1; a single injected gradient
+# spreads over ~1/(1 - E[f²]) ≈ 2 steps, so its energy equals one step of
+# the stationary sum). Terms of the recurrent-kernel and bias sums are
+# correlated in time through the cell state; the factors κ_U and κ_b for
+# that are derived in the same mean field, from the lag-d correlation
+# E[f]^d of the cell-state gradient. Gauss-Hermite quadrature evaluates it
+# all for the given forget-gate bias (1 with Keras's `unit_forget_bias`).
+#
+# Calibration: a JAX simulation of exactly this recurrence (batch 32, T in
+# {16, 64, 256}, (D, H) in {(32, 64), (128, 256)}, unit-normal x, weights
+# and upstream gradients) measured r_h = 0.221-0.229 (mean field 0.225),
+# ĝ/s = 0.145-0.151 (0.146), κ_b = 1.71-2.24 (1.83) and κ_U = 1.25-1.44
+# (1.35) with forget bias 1; r_h = 0.193-0.196 (0.194), ĝ/s = 0.124-0.126
+# (0.124), κ_b ≈ 1.5 (1.43), κ_U = 1.08-1.17 (1.14) with forget bias 0. The
+# mean field is used as is: no fitted correction was needed.
+#
+# Scales, with n = batch·m:
+#   forward: kernel × D^-1/2, recurrent kernel × H^-1/2 (on h̃), output × s
+#   backward: kernel × 1/(√n·ĝ), recurrent kernel × 1/(√n·ĝ·r_h·κ_U),
+#             bias × 1/(√n·ĝ·κ_b), input x × √(D/4H)·√(T/m)/ĝ.
+#
+# Cut edges: the weights are leaves, so their backward scales are free. The
+# input x_t feeds exactly one place in the op (step t's input projection), so
+# its gradient has one route through the op and a backward-only scale on it
+# is a cut; it is correct for the model as long as x has no other consumer
+# whose gradient is added to this one (a residual around the LSTM would need
+# the plain gradient). Every edge inside the recurrence (h̃ and c feed the
+# next step and the output) is non-cut, so s, 1/s, D^-1/2 and H^-1/2 are
+# ordinary multiplications, with the same factor in both passes.
+
+
+class LSTMRule:
+    """The constants of the unit-scaled LSTM for one forget-gate bias (read-only).
+
+    Attributes:
+        forget_bias: the forget-gate bias the rule was derived for.
+        preactivation_rms: q, the RMS of the gate pre-activations.
+        cell_rms: the stationary RMS of the cell state c.
+        hidden_rms: r_h, the RMS of the plain hidden state `o·tanh(c)`.
+        output_scale: s = 1 / r_h, applied to the hidden state.
+        preactivation_grad_rms: ĝ, the RMS of the gradient of the gate
+            pre-activations for a unit-normal gradient on every output.
+        recurrent_grad_correlation: κ_U, by how much the time correlation
+            of `h̃_{t-1}` and `∂z_t` grows the recurrent kernel's gradient.
+        bias_grad_correlation: κ_b, the same for the bias.
+    """
+
+    __slots__ = (
+        "forget_bias",
+        "preactivation_rms",
+        "cell_rms",
+        "hidden_rms",
+        "output_scale",
+        "preactivation_grad_rms",
+        "recurrent_grad_correlation",
+        "bias_grad_correlation",
+    )
+
+    def __init__(self, **values):
+        for name in self.__slots__:
+            object.__setattr__(self, name, float(values.pop(name)))
+        if values:
+            raise TypeError(f"Unknown LSTMRule fields: {sorted(values)}")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("LSTMRule is read-only.")
+
+    def __repr__(self):
+        fields = ", ".join(f"{name}={getattr(self, name):.4g}" for name in self.__slots__)
+        return f"LSTMRule({fields})"
+
+
+def _lstm_mean_field(forget_bias):
+    """Derives `LSTMRule` for unit-normal inputs and weights (see the section notes)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(201)
+    weights = weights / weights.sum()
+
+    def mean(values):
+        return float(np.sum(weights * values))
+
+    hidden_ms = 0.0
+    for _ in range(200):
+        # The input term has unit variance; the recurrent one H^-1/2·h̃U
+        # has the variance of h̃.
+        q = math.sqrt(1.0 + hidden_ms)
+        z = q * nodes
+        i_gate, f_gate, g_gate = _np_sigmoid(z), _np_sigmoid(z + forget_bias), np.tanh(z)
+        i_ms, f_ms, g_ms = mean(i_gate**2), mean(f_gate**2), mean(g_gate**2)
+        cell_ms = i_ms * g_ms / (1.0 - f_ms)  # c = f·c + i·g, stationary
+        tanh_c = np.tanh(math.sqrt(cell_ms) * nodes)
+        new_hidden_ms = i_ms * mean(tanh_c**2)  # h̃ = o·tanh(c); o as i
+        converged = abs(new_hidden_ms - hidden_ms) < 1e-13
+        hidden_ms = new_hidden_ms
+        if converged:
+            break
+    f_mean = mean(f_gate)
+    d_i = i_gate * (1.0 - i_gate)
+    d_f = f_gate * (1.0 - f_gate)
+    d_g = 1.0 - g_gate**2
+    d_tanh_c = 1.0 - tanh_c**2
+
+    # Backward, per unit mean-square gradient on h̃: dc_t = dh̃_t·o·tanh'(c)
+    # + f·dc_{t+1}, stationary; then each gate's pre-activation gradient.
+    cell_grad_ms = i_ms * mean(d_tanh_c**2) / (1.0 - f_ms)
+    gate_grad_ms = np.array(
+        [
+            cell_grad_ms * g_ms * mean(d_i**2),  # i: dc·g·σ'
+            cell_grad_ms * cell_ms * mean(d_f**2),  # f: dc·c·σ'
+            cell_grad_ms * i_ms * mean(d_g**2),  # g: dc·i·tanh'
+            mean(tanh_c**2) * mean(d_i**2),  # o: dh̃·tanh(c)·σ'
+        ]
+    )
+    # The recurrent projection feeds Σ_gates ∂z back into ∂h̃ (H^-1/2·U^T,
+    # unit gain per gate), a geometric series.
+    feedback = float(gate_grad_ms.sum())
+    if not feedback < 1.0:
+        raise ValueError(
+            "The LSTM's gradient is unstable for this forget-gate bias. "
+            f"Received: forget_bias={forget_bias!r}"
+        )
+    gate_grad_ms = gate_grad_ms / (1.0 - feedback)
+    output_scale = 1.0 / math.sqrt(hidden_ms)
+    # ∂z for a unit gradient on h = s·h̃ is s times the above.
+    grad_rms = output_scale * math.sqrt(gate_grad_ms.mean())
+
+    # Time correlation. The g gate's gradient dc·i·tanh'(z_g) has lag-d
+    # correlation λ_g·E[f]^d (λ_g = E[i·tanh']² / E[(i·tanh')²]); the f
+    # gate's, dc·c·σ'(z_f), λ_f·E[f]^2d (c is correlated as well); i's and
+    # o's have none. The hidden state's is (E[o]²/E[o²])·E[f]^d.
+    lambda_g = (mean(i_gate) * mean(d_g)) ** 2 / (i_ms * mean(d_g**2))
+    lambda_f = mean(d_f) ** 2 / mean(d_f**2)
+    rho_h = mean(i_gate) ** 2 / i_ms
+
+    def geometric(ratio):  # Σ_{d >= 1} ratio^d
+        return ratio / (1.0 - ratio)
+
+    bias_ms = np.array(
+        [1.0, 1.0 + 2 * lambda_f * geometric(f_mean**2), 1.0 + 2 * lambda_g * geometric(f_mean), 1.0]
+    )
+    recurrent_ms = np.array(
+        [
+            1.0,
+            1.0 + 2 * rho_h * lambda_f * geometric(f_mean**3),
+            1.0 + 2 * rho_h * lambda_g * geometric(f_mean**2),
+            1.0,
+        ]
+    )
+    total = gate_grad_ms.sum()
+    return LSTMRule(
+        forget_bias=float(forget_bias),
+        preactivation_rms=q,
+        cell_rms=math.sqrt(cell_ms),
+        hidden_rms=math.sqrt(hidden_ms),
+        output_scale=output_scale,
+        preactivation_grad_rms=grad_rms,
+        recurrent_grad_correlation=math.sqrt(float((recurrent_ms * gate_grad_ms).sum() / total)),
+        bias_grad_correlation=math.sqrt(float((bias_ms * gate_grad_ms).sum() / total)),
+    )
+
+
+_LSTM_RULES = {}  # forget bias -> LSTMRule, derived on first use
+
+
+def lstm_rule(forget_bias=1.0):
+    """The constants of the unit-scaled LSTM: derived once per forget-gate bias.
+
+    Rule (derived in the mean field; the section notes above give the
+    derivation and its check against simulation): with unit-normal inputs
+    and weights, the plain hidden state `o·tanh(c)` has RMS `hidden_rms`
+    (0.225 with forget bias 1, 0.194 with 0), so the output is scaled by
+    `output_scale = 1 / hidden_rms`; the gradient of the gate pre-activations
+    has RMS `preactivation_grad_rms` (≈ 0.65) when a unit-normal gradient
+    arrives at every output, and the recurrent-kernel and bias gradients are
+    `recurrent_grad_correlation` (1.35) and `bias_grad_correlation` (1.83)
+    times larger than independent sums would be.
+
+    Args:
+        forget_bias: the forget-gate bias at initialisation (1 for Keras's
+            `unit_forget_bias=True`, else 0), in [-2, 4].
+
+    Returns:
+        An `LSTMRule`.
+
+    Example:
+
+    >>> rule = lstm_rule(1.0)
+    >>> round(rule.hidden_rms, 3), round(rule.output_scale, 2)
+    (0.225, 4.44)
+    """
+    if (
+        not isinstance(forget_bias, (int, float))
+        or isinstance(forget_bias, bool)
+        or not -2.0 <= forget_bias <= 4.0
+    ):
+        raise ValueError(
+            f"`forget_bias` must be a number in [-2, 4]. Received: forget_bias={forget_bias!r}"
+        )
+    forget_bias = float(forget_bias)
+    if forget_bias not in _LSTM_RULES:
+        _LSTM_RULES[forget_bias] = _lstm_mean_field(forget_bias)
+    return _LSTM_RULES[forget_bias]
+
+
+def _lstm_sizes(x):
+    """`(batch, steps, features)` of a sequence `(batch, T, D)` or a step `(batch, D)`."""
+    _check_rank("x", x, 2, 3)
+    dims = shape_of(x)
+    if len(dims) == 2:
+        return dims[0], 1, dims[1]
+    return dims
+
+
+def _check_units(kernel_name, kernel, rows, rows_name):
+    dims = shape_of(kernel)
+    _check_dims_match(f"`{kernel_name}` rows and {rows_name}", f"{kernel_name}.shape[0]", dims[0], rows_name, rows)
+    if is_static(dims[1]) and dims[1] % 4:
+        raise ValueError(
+            f"`{kernel_name}` must have 4·units columns (gates i, f, g, o). "
+            f"Received: {kernel_name}.shape={tuple(dims)}"
+        )
+    return dims[1] // 4 if is_static(dims[1]) else dims[1] / 4.0
+
+
+def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forget_bias=1.0):
+    """The LSTM's weights with their unit-scaling factors, for one sequence `x`.
+
+    Rule (see `lstm_rule`), with `n = batch·m`, `m = T` if the upstream
+    gradient reaches every step (`return_sequences`) else 1, and
+    `ĝ = rule.preactivation_grad_rms`: kernel × `D^-1/2` forward and
+    `1/(√n·ĝ)` backward; recurrent kernel × `H^-1/2` forward (it multiplies
+    the plain hidden state h̃, see `lstm_hidden_in`) and `1/(√n·ĝ·r_h·κ_U)`
+    backward; bias × 1 forward and `1/(√n·ĝ·κ_b)` backward. The weights are
+    leaves, so forward and backward scales may differ. These are the tensors
+    to hand to a fused LSTM kernel (cuDNN) in place of the raw weights.
+
+    Args:
+        kernel: `(D, 4H)`, unit-variance at initialisation.
+        recurrent_kernel: `(H, 4H)`, unit-variance at initialisation.
+        bias: `(4H,)` or `None`.
+        x: the input sequence `(batch, T, D)` (or one step `(batch, D)`,
+            counted as T = 1); only its sizes and dtype are used.
+        return_sequences: whether the upstream gradient reaches every step.
+        forget_bias: the forget-gate bias the rule is derived for.
+
+    Returns:
+        `(kernel, recurrent_kernel, bias)`, scaled, in `x`'s dtype (`bias`
+        stays `None` if it was).
+
+    Example:
+
+    >>> import numpy as np
+    >>> k, r, b = lstm_weights(np.ones((4, 8), "float32"), np.ones((2, 8), "float32"),
+    ...                        None, np.zeros((3, 5, 4), "float32"))
+    >>> float(keras.ops.convert_to_numpy(k)[0, 0]), b is None
+    (0.5, True)
+    """
+    x = _to_tensor(x, "x")
+    kernel = _to_tensor(kernel, "kernel")
+    recurrent_kernel = _to_tensor(recurrent_kernel, "recurrent_kernel")
+    _check_rank("kernel", kernel, 2, 2)
+    _check_rank("recurrent_kernel", recurrent_kernel, 2, 2)
+    batch, steps, features = _lstm_sizes(x)
+    units = _check_units("kernel", kernel, features, "x.shape[-1]")
+    _check_units("recurrent_kernel", recurrent_kernel, units, "units")
+    rule = lstm_rule(forget_bias)
+    grad_steps = steps if return_sequences else 1
+    base = power(batch * grad_steps, -0.5) / rule.preactivation_grad_rms
+    kernel = scaled(_as_compute_dtype(kernel, x), power(features, -0.5), base)
+    recurrent_kernel = scaled(
+        _as_compute_dtype(recurrent_kernel, x),
+        power(units, -0.5),
+        base / (rule.hidden_rms * rule.recurrent_grad_correlation),
+    )
+    if bias is not None:
+        bias = _to_tensor(bias, "bias")
+        _check_rank("bias", bias, 1, 1)
+        bias = scaled(_as_compute_dtype(bias, x), 1.0, base / rule.bias_grad_correlation)
+    return kernel, recurrent_kernel, bias
+
+
+def lstm_inputs(x, units, return_sequences=True, forget_bias=1.0):
+    """Scales the gradient of an LSTM's input sequence (a cut edge): `x` unchanged.
+
+    Rule: gradient × `√(D/4H)·√(T/m)/ĝ` (`m` as in `lstm_weights`): the
+    gradient `D^-1/2·∂z W^T` of unit-normal weights has RMS
+    `√(4H/D)·ĝ·√(m/T)` over the T steps. `x_t` feeds only step t's input
+    projection, so this backward-only scale is a cut; it is right unless `x`
+    also feeds something else whose gradient is added to this one.
+
+    Args:
+        x: `(batch, T, D)`, or one step `(batch, D)`.
+        units: H, the LSTM's units.
+        return_sequences: whether the upstream gradient reaches every step.
+        forget_bias: the forget-gate bias the rule is derived for.
+
+    Returns:
+        `x`, with its gradient scaled.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = lstm_inputs(np.ones((2, 3, 4), "float32"), units=8)
+    >>> keras.ops.convert_to_numpy(y).shape
+    (2, 3, 4)
+    """
+    x = _to_tensor(x, "x")
+    if not isinstance(units, int) or isinstance(units, bool) or units <= 0:
+        raise ValueError(f"`units` must be a positive integer. Received: units={units!r}")
+    _, steps, features = _lstm_sizes(x)
+    rule = lstm_rule(forget_bias)
+    ratio = as_float(features) / (4.0 * units) * (1.0 if return_sequences else as_float(steps))
+    return scale_bwd(x, power(ratio, 0.5) / rule.preactivation_grad_rms)
+
+
+def lstm_hidden_in(h, forget_bias=1.0):
+    """The unit-scaled state h → the plain hidden state h̃ = h·r_h (both passes).
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = lstm_hidden_in(np.ones((1,), "float32"))
+    >>> round(float(keras.ops.convert_to_numpy(y)[0]), 3)
+    0.225
+    """
+    return scaled(_to_tensor(h, "h"), *(lstm_rule(forget_bias).hidden_rms,) * 2)
+
+
+def lstm_hidden_out(h, forget_bias=1.0):
+    """The plain hidden state h̃ → the unit-scaled output and state s·h̃ (both passes).
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = lstm_hidden_out(np.ones((1,), "float32"))
+    >>> round(float(keras.ops.convert_to_numpy(y)[0]), 2)
+    4.44
+    """
+    return scaled(_to_tensor(h, "h"), *(lstm_rule(forget_bias).output_scale,) * 2)
+
+
+def lstm_dropout(x, mask, rate):
+    """Applies a cached inverted-dropout mask (values 0 or `1/(1-rate)`), unit-scaled.
+
+    Rule: as `dropout`, × `(1 - rate)^1/2` in both passes, so that the
+    output keeps unit RMS. An RNN draws one mask per sequence and reuses it
+    at every step; this applies it.
+
+    Args:
+        x: the step's inputs or the recurrent state.
+        mask: the mask, `x`'s shape, or `None` (no dropout).
+        rate: the dropout rate, in [0, 1).
+
+    Returns:
+        The masked, rescaled tensor.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = lstm_dropout(np.ones((2,), "float32"), np.array([0.0, 2.0], "float32"), 0.5)
+    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
+    [0.0, 1.4142]
+    """
+    _check_rate(rate)
+    x = _to_tensor(x, "x")
+    if mask is None or rate == 0:
+        return x
+    scale = (1.0 - rate) ** 0.5
+    return scaled(x * ops.cast(mask, x.dtype), scale, scale)
+
+
+def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0):
+    """One step of the unit-scaled LSTM, given the weights from `lstm_weights`.
+
+    `z = x·kernel + h̃·recurrent_kernel + bias` with `h̃ = lstm_hidden_in(h)`;
+    plain sigmoid gates i, f, o and tanh candidate g (gate order i, f, g, o,
+    as in Keras); `c' = f·c + i·g`; `h' = lstm_hidden_out(o·tanh(c'))`. The
+    scaling lives in the weights and in `lstm_hidden_in` / `lstm_hidden_out`;
+    a fused kernel computes the same recurrence on h̃.
+
+    Args:
+        x: `(batch, D)`, the step's input.
+        h: `(batch, H)`, the unit-scaled hidden state.
+        c: `(batch, H)`, the cell state.
+        kernel, recurrent_kernel, bias: from `lstm_weights`.
+        forget_bias: the forget-gate bias the rule is derived for.
+
+    Returns:
+        `(h', c')`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x, h = np.ones((2, 4), "float32"), np.zeros((2, 3), "float32")
+    >>> weights = lstm_weights(np.ones((4, 12), "float32"), np.ones((3, 12), "float32"),
+    ...                        np.zeros((12,), "float32"), x)
+    >>> h, c = lstm_cell(x, h, h, *weights)
+    >>> tuple(h.shape), tuple(c.shape)
+    ((2, 3), (2, 3))
+    """
+    x = _to_tensor(x, "x")
+    h_plain = lstm_hidden_in(_to_tensor(h, "h"), forget_bias)
+    z = ops.add(ops.matmul(x, kernel), ops.matmul(h_plain, recurrent_kernel))
+    if bias is not None:
+        z = ops.add(z, bias)
+    z_i, z_f, z_g, z_o = ops.split(z, 4, axis=-1)
+    c = ops.add(ops.sigmoid(z_f) * ops.cast(c, z.dtype), ops.sigmoid(z_i) * ops.tanh(z_g))
+    return lstm_hidden_out(ops.sigmoid(z_o) * ops.tanh(c), forget_bias), c

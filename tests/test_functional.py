@@ -408,3 +408,16 @@ BAD_CALLS = [
 def test_bad_input_raises_value_error_naming_the_value(what, call, received):
     with pytest.raises(ValueError, match=received):
         call()
+
+
+def test_attention_scores_path_agrees_with_fused_path():
+    q, k, v = (unit_normal(2, 6, 2, 8, seed=s) for s in range(3))
+    mask = np.random.default_rng(5).random((2, 1, 6, 6)) > 0.3
+    mask[..., 0] = True
+    fused = ops.convert_to_numpy(U.dot_product_attention(q, k, v, mask=mask, mult=2.0))
+    out, probs = U.dot_product_attention(q, k, v, mask=mask, mult=2.0, return_attention_scores=True)
+    np.testing.assert_allclose(ops.convert_to_numpy(out), fused, rtol=1e-5, atol=1e-6)
+    probs = ops.convert_to_numpy(probs)
+    assert probs.shape == (2, 2, 6, 6)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(probs[np.broadcast_to(~mask, probs.shape)] < 1e-6)

@@ -1,0 +1,75 @@
+"""Unit-scaled activations by name, and the `Activation` layer."""
+
+import keras
+
+from keras_unitscale import functional as U
+
+# Each name maps to the unit-scaled op of `keras_unitscale.functional`.
+# `mult` applies where the op has one (gelu, silu, softmax).
+_WITH_MULT = {"gelu": U.gelu, "silu": U.silu, "swish": U.silu, "softmax": U.softmax}
+_WITHOUT_MULT = {"relu": U.relu, "tanh": U.tanh, "sigmoid": U.sigmoid}
+NAMES = ("linear", *sorted(_WITH_MULT), *sorted(_WITHOUT_MULT))
+PROBABILITIES = ("sigmoid", "softmax")  # on a Dense, these give predictions: see Dense
+
+
+def check(name, argument="activation"):
+    """Returns a canonical activation name, or raises for one we have no rule for."""
+    if name is None:
+        return "linear"
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(
+            f"Unknown unit-scaled activation. Expected one of {list(NAMES)} or None. "
+            f"Received: {argument}={name!r}"
+        )
+    return name
+
+
+def apply(x, name, mult=1.0, constraint="to_output_scale"):
+    """Applies the unit-scaled activation `name` (see `NAMES`) to `x`."""
+    if name == "linear":
+        return x
+    if name in _WITH_MULT:
+        return _WITH_MULT[name](x, mult=mult, constraint=constraint)
+    return _WITHOUT_MULT[name](x, constraint=constraint)
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class Activation(keras.layers.Layer):
+    """Applies a unit-scaled activation: the drop-in for `keras.layers.Activation`.
+
+    Args:
+        activation: one of "linear", "relu", "gelu", "silu" ("swish"),
+            "tanh", "sigmoid", "softmax" (the unit-scaled ops of
+            `keras_unitscale.functional`).
+        mult: the u-μP multiplier inside gelu, silu and softmax.
+        constraint: how the op's forward and backward scales are tied (see
+            `keras_unitscale.constraints`).
+
+    Example:
+
+    >>> layer = Activation("relu")
+    >>> keras.ops.convert_to_numpy(layer(np.array([[-1.0, 2.0]]))).round(3).tolist()
+    [[0.0, 2.828]]
+    """
+
+    def __init__(self, activation, mult=1.0, constraint="to_output_scale", **kwargs):
+        super().__init__(**kwargs)
+        self.activation = check(activation)
+        self.mult = mult
+        self.constraint = constraint
+        self.supports_masking = True
+        self.built = True
+
+    def call(self, inputs):
+        return apply(inputs, self.activation, self.mult, self.constraint)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "activation": self.activation,
+            "mult": self.mult,
+            "constraint": self.constraint,
+        }

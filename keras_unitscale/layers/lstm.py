@@ -1,0 +1,447 @@
+"""The unit-scaled `LSTM` layer and its cell.
+
+The scaling rule and its derivation live in `keras_unitscale.functional`
+(the "recurrent" section: `lstm_rule`, `lstm_weights`, `lstm_inputs`,
+`lstm_hidden_in`, `lstm_hidden_out`, `lstm_dropout`, `lstm_cell`). This
+module only wires them into Keras's recurrent machinery: the cell steps
+`functional.lstm_cell`, and the layer hands the *scaled* weights to the
+backend's fused LSTM (cuDNN) where plain `keras.layers.LSTM` would call it.
+"""
+
+import contextlib
+
+import keras
+from keras import ops
+from keras.src import backend as keras_backend
+
+from keras_unitscale import functional as U
+from keras_unitscale.layers.common import check_positive_int
+from keras_unitscale.layers.common import check_rate
+from keras_unitscale.layers.common import unit_normal
+
+__all__ = ["LSTM", "LSTMCell"]
+
+_USE_CUDNN = ("auto", True, False)
+
+
+def _check_activation(name, value, expected):
+    """Only the plain gates have a rule: their values have meaning, so they are not rescaled."""
+    try:
+        fn = keras.activations.get(value)
+    except (ValueError, TypeError):
+        fn = None
+    if fn is not keras.activations.get(expected):
+        raise ValueError(
+            f"The unit-scaled LSTM is derived for `{name}='{expected}'` only. "
+            f"Received: {name}={value!r}"
+        )
+    return expected
+
+
+def _check_use_cudnn(use_cudnn):
+    if isinstance(use_cudnn, str) and use_cudnn == "auto":
+        return use_cudnn
+    if use_cudnn is True or use_cudnn is False:
+        return use_cudnn
+    raise ValueError(
+        f"`use_cudnn` must be one of {list(_USE_CUDNN)}. Received: use_cudnn={use_cudnn!r}"
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class LSTMCell(keras.layers.LSTMCell):
+    """A unit-scaled LSTM cell: the drop-in for `keras.layers.LSTMCell`.
+
+    Weights start at unit variance; `keras_unitscale.functional.lstm_weights`
+    scales them (input projection × `input_dim^-1/2`, recurrent projection ×
+    `units^-1/2` on the plain hidden state) and `functional.lstm_cell`
+    steps the recurrence with plain sigmoid/tanh gates, scaling the hidden
+    state (the output and what is carried) to unit RMS. The cell's state is
+    `[h, c]` with `h` the unit-scaled output.
+
+    Driven by `LSTM`, the weights are scaled once per sequence, for its
+    length. Standalone in `keras.layers.RNN`, each step is scaled as a
+    sequence of one step: the forward pass is the same, but the weight and
+    input gradients are not rescaled for the sequence length.
+
+    Args:
+        units: positive integer, the output size.
+        activation: must be "tanh" (the rule is derived for it).
+        recurrent_activation: must be "sigmoid".
+        use_bias: whether to add a bias.
+        kernel_initializer: defaults to unit-variance normal.
+        recurrent_initializer: defaults to unit-variance normal.
+        bias_initializer: defaults to zeros.
+        unit_forget_bias: add 1 to the forget gate's bias at initialisation
+            (and derive the rule for a forget bias of 1).
+        kernel_regularizer, recurrent_regularizer, bias_regularizer,
+        kernel_constraint, recurrent_constraint, bias_constraint: as for
+            `keras.layers.LSTMCell`.
+        dropout: fraction of the inputs dropped, in [0, 1).
+        recurrent_dropout: fraction of the recurrent state dropped, in [0, 1).
+        seed: random seed for dropout.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+
+    >>> rnn = keras.layers.RNN(LSTMCell(4), return_sequences=True)
+    >>> tuple(rnn(np.random.default_rng(0).normal(size=(2, 5, 3))).shape)
+    (2, 5, 4)
+    """
+
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        use_bias=True,
+        kernel_initializer=None,
+        recurrent_initializer=None,
+        bias_initializer="zeros",
+        unit_forget_bias=True,
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        seed=None,
+        **kwargs,
+    ):
+        check_positive_int("units", units)
+        dropout = check_rate("dropout", dropout)
+        recurrent_dropout = check_rate("recurrent_dropout", recurrent_dropout)
+        activation = _check_activation("activation", activation, "tanh")
+        recurrent_activation = _check_activation(
+            "recurrent_activation", recurrent_activation, "sigmoid"
+        )
+        kwargs.pop("implementation", None)
+        super().__init__(
+            units,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer or unit_normal(),
+            recurrent_initializer=recurrent_initializer or unit_normal(),
+            bias_initializer=bias_initializer,
+            unit_forget_bias=unit_forget_bias,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+            **kwargs,
+        )
+        # One fused step (Keras's implementation 2) with one dropout mask
+        # per tensor, whatever the recurrent dropout.
+        self.implementation = 2
+        self.dropout_mask_count = None
+        # The weights scaled for the current sequence, set by `LSTM` for the
+        # duration of its loop. Stored outside Keras's attribute tracking:
+        # these are tensors of one call, not state.
+        object.__setattr__(self, "_sequence_weights", None)
+
+    @property
+    def forget_bias(self):
+        """The forget-gate bias at initialisation, which the rule is derived for."""
+        return 1.0 if (self.use_bias and self.unit_forget_bias) else 0.0
+
+    @contextlib.contextmanager
+    def sequence_weights(self, weights):
+        """Within this context the cell steps with `weights` (from `lstm_weights`)."""
+        object.__setattr__(self, "_sequence_weights", weights)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_sequence_weights", None)
+
+    def call(self, inputs, states, training=False):
+        h, c = states[0], states[1]
+        weights = self._sequence_weights
+        if weights is None:
+            inputs = U.lstm_inputs(inputs, self.units, forget_bias=self.forget_bias)
+            weights = U.lstm_weights(
+                self.kernel,
+                self.recurrent_kernel,
+                self.bias,
+                inputs,
+                forget_bias=self.forget_bias,
+            )
+        if training and self.dropout > 0:
+            inputs = U.lstm_dropout(inputs, self.get_dropout_mask(inputs), self.dropout)
+        if training and self.recurrent_dropout > 0:
+            h = U.lstm_dropout(
+                h, self.get_recurrent_dropout_mask(h), self.recurrent_dropout
+            )
+        h, c = U.lstm_cell(inputs, h, c, *weights, forget_bias=self.forget_bias)
+        return h, [h, c]
+
+
+def _cell_property(name):
+    return property(lambda self: getattr(self.cell, name))
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class LSTM(keras.layers.RNN):
+    """A unit-scaled LSTM layer: the drop-in for `keras.layers.LSTM`.
+
+    Same arguments and behaviour as `keras.layers.LSTM` (sequences, states,
+    `go_backwards`, `stateful`, masking, dropout, `unroll`, `use_cudnn`),
+    with unit-variance weights and the unit-scaling rule of
+    `keras_unitscale.functional.lstm_rule`: for unit-scaled inputs the
+    output, the input gradient and the kernel, recurrent-kernel and bias
+    gradients are all near unit RMS at initialisation, for any width and
+    sequence length. The carried state `h` is the (unit-scaled) output, as
+    in Keras.
+
+    Where `keras.layers.LSTM` calls the backend's fused LSTM (cuDNN on GPU),
+    this layer does too, with the scaled weights; elsewhere it steps
+    `LSTMCell`.
+
+    It subclasses `keras.layers.RNN`, not `keras.layers.LSTM`, so that
+    `keras.layers.Bidirectional` does not send its raw weights to the fused
+    bidirectional kernel; wrapped in `Bidirectional`, each direction runs
+    this layer.
+
+    Args:
+        units: positive integer, the output size.
+        activation: must be "tanh".
+        recurrent_activation: must be "sigmoid".
+        use_bias, kernel_initializer, recurrent_initializer,
+        bias_initializer, unit_forget_bias, kernel_regularizer,
+        recurrent_regularizer, bias_regularizer, activity_regularizer,
+        kernel_constraint, recurrent_constraint, bias_constraint, dropout,
+        recurrent_dropout, seed: as for `LSTMCell` (and
+            `keras.layers.LSTM`); the initialisers default to unit-variance
+            normal.
+        return_sequences: return the whole output sequence, not only the
+            last output. It also says where the upstream gradient arrives,
+            which the backward scales account for.
+        return_state: also return the final states `h` and `c`.
+        go_backwards: process the sequence backwards (and return it
+            reversed, as Keras does).
+        stateful: carry the final states of a batch into the next.
+        unroll: unroll the loop.
+        use_cudnn: "auto" (use the fused kernel where the backend has one),
+            True (require it) or False.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+
+    >>> layer = LSTM(64, return_sequences=True)
+    >>> y = layer(np.random.default_rng(0).normal(size=(8, 16, 32)))
+    >>> rms = float(keras.ops.sqrt(keras.ops.mean(y**2)))
+    >>> tuple(y.shape), bool(0.7 < rms < 1.4)
+    ((8, 16, 64), True)
+    """
+
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        use_bias=True,
+        kernel_initializer=None,
+        recurrent_initializer=None,
+        bias_initializer="zeros",
+        unit_forget_bias=True,
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        seed=None,
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        stateful=False,
+        unroll=False,
+        use_cudnn="auto",
+        **kwargs,
+    ):
+        use_cudnn = _check_use_cudnn(use_cudnn)
+        kwargs.pop("implementation", None)
+        cell = LSTMCell(
+            units,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            unit_forget_bias=unit_forget_bias,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+            dtype=kwargs.get("dtype", None),
+            trainable=kwargs.get("trainable", True),
+            name="lstm_cell",
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
+        self.use_cudnn = use_cudnn
+        if (
+            keras.backend.backend() == "tensorflow"
+            and use_cudnn in (True, "auto")
+            and keras_backend.cudnn_ok(
+                keras.activations.tanh, keras.activations.sigmoid, self.unroll, cell.use_bias
+            )
+        ):
+            # cuDNN ops are not XLA-compatible (as for keras.layers.LSTM).
+            self.supports_jit = False
+
+    @staticmethod
+    def _check_rank(sequences_shape):
+        if len(sequences_shape) != 3:
+            raise ValueError(
+                "`sequences` (the LSTM's inputs) must have rank 3: (batch, "
+                f"timesteps, features). Received: sequences.shape={tuple(sequences_shape)}"
+            )
+
+    def build(self, sequences_shape, initial_state_shape=None):
+        self._check_rank(sequences_shape)
+        super().build(sequences_shape, initial_state_shape)
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        self._check_rank(sequences.shape)
+        return super().call(
+            sequences, mask=mask, training=training, initial_state=initial_state
+        )
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if keras.tree.is_nested(mask):
+            mask = mask[0]
+        cell = self.cell
+        forget_bias = cell.forget_bias
+        # The input's gradient scale (a cut edge) and the scaled weights,
+        # once for the whole sequence.
+        sequences = U.lstm_inputs(sequences, cell.units, self.return_sequences, forget_bias)
+        weights = U.lstm_weights(
+            cell.kernel,
+            cell.recurrent_kernel,
+            cell.bias,
+            sequences,
+            self.return_sequences,
+            forget_bias,
+        )
+        if self.use_cudnn in ("auto", True) and not cell.recurrent_dropout:
+            try:
+                return self._fused_loop(sequences, initial_state, mask, training, weights)
+            except NotImplementedError:
+                pass
+        if self.use_cudnn is True:
+            raise ValueError(
+                "use_cudnn=True was specified, but the fused (cuDNN) LSTM is not "
+                "available for this layer configuration on this backend and "
+                "device. Pass use_cudnn='auto' to fall back to the step-by-step "
+                "implementation. Received: use_cudnn=True"
+            )
+        with cell.sequence_weights(weights):
+            return super().inner_loop(sequences, initial_state, mask=mask, training=training)
+
+    def _fused_loop(self, sequences, initial_state, mask, training, weights):
+        """The backend's fused LSTM on the plain hidden state, with the scaled weights."""
+        cell = self.cell
+        forget_bias = cell.forget_bias
+        if training and cell.dropout:
+            mask_step = cell.get_dropout_mask(sequences[:, 0, :])
+            sequences = U.lstm_dropout(sequences, ops.expand_dims(mask_step, 1), cell.dropout)
+        kernel, recurrent_kernel, bias = weights
+        last_output, outputs, states = keras_backend.lstm(
+            sequences,
+            U.lstm_hidden_in(initial_state[0], forget_bias),
+            initial_state[1],
+            mask,
+            kernel=kernel,
+            recurrent_kernel=recurrent_kernel,
+            bias=bias,
+            activation=keras.activations.tanh,
+            recurrent_activation=keras.activations.sigmoid,
+            return_sequences=self.return_sequences,
+            go_backwards=self.go_backwards,
+            unroll=self.unroll,
+        )
+        if keras.backend.backend() == "tensorflow":
+            # cuDNN ops are not XLA-compatible (as for keras.layers.LSTM).
+            self.supports_jit = False
+        return (
+            U.lstm_hidden_out(last_output, forget_bias),
+            U.lstm_hidden_out(outputs, forget_bias),
+            [U.lstm_hidden_out(states[0], forget_bias), states[1]],
+        )
+
+    units = _cell_property("units")
+    activation = _cell_property("activation")
+    recurrent_activation = _cell_property("recurrent_activation")
+    use_bias = _cell_property("use_bias")
+    unit_forget_bias = _cell_property("unit_forget_bias")
+    kernel_initializer = _cell_property("kernel_initializer")
+    recurrent_initializer = _cell_property("recurrent_initializer")
+    bias_initializer = _cell_property("bias_initializer")
+    kernel_regularizer = _cell_property("kernel_regularizer")
+    recurrent_regularizer = _cell_property("recurrent_regularizer")
+    bias_regularizer = _cell_property("bias_regularizer")
+    kernel_constraint = _cell_property("kernel_constraint")
+    recurrent_constraint = _cell_property("recurrent_constraint")
+    bias_constraint = _cell_property("bias_constraint")
+    dropout = _cell_property("dropout")
+    recurrent_dropout = _cell_property("recurrent_dropout")
+
+    _CELL_CONFIG_KEYS = (
+        "units",
+        "activation",
+        "recurrent_activation",
+        "use_bias",
+        "kernel_initializer",
+        "recurrent_initializer",
+        "bias_initializer",
+        "unit_forget_bias",
+        "kernel_regularizer",
+        "recurrent_regularizer",
+        "bias_regularizer",
+        "kernel_constraint",
+        "recurrent_constraint",
+        "bias_constraint",
+        "dropout",
+        "recurrent_dropout",
+        "seed",
+    )
+
+    def get_config(self):
+        cell_config = self.cell.get_config()
+        config = {key: cell_config[key] for key in self._CELL_CONFIG_KEYS}
+        config["activity_regularizer"] = keras.regularizers.serialize(
+            self.activity_regularizer
+        )
+        config["use_cudnn"] = self.use_cudnn
+        base_config = super().get_config()
+        del base_config["cell"]
+        return {**base_config, **config}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,0 +1,158 @@
+"""The unit-scaled pre-norm `TransformerBlock`."""
+
+import keras
+
+from keras_unitscale import functional as U
+from keras_unitscale.layers import activation as activations
+from keras_unitscale.layers.attention import MultiHeadAttention
+from keras_unitscale.layers.common import check_positive_int
+from keras_unitscale.layers.common import check_rate
+from keras_unitscale.layers.dense import Dense
+from keras_unitscale.layers.dropout import Dropout
+from keras_unitscale.layers.normalization import LayerNormalization
+from keras_unitscale.layers.normalization import RMSNormalization
+
+_NORMS = {"layer": LayerNormalization, "rms": RMSNormalization}
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class TransformerBlock(keras.layers.Layer):
+    """A pre-norm transformer block of unit-scaled layers, with u-μP's residual weights.
+
+    `x → x + attention(norm(x))` then `x → x + mlp(norm(x))`, each join a
+    unit-scaled residual (`functional.residual_split`/`residual_add`) whose
+    branch weight `tau` comes from `functional.transformer_residual_scaling_rule`
+    given this block's `index` in a stack of `depth` blocks: attention is
+    branch `2·index`, the MLP `2·index + 1`, of `2·depth`.
+
+    Args:
+        num_heads: attention heads.
+        key_dim: size of each head (default: input width / num_heads).
+        mlp_ratio: hidden width of the MLP relative to the input width.
+        activation: the MLP's unit-scaled activation (default "gelu").
+        index: this block's position in the stack, 0-based.
+        depth: the number of blocks in the stack.
+        dropout: dropout on the attention probabilities and after each
+            branch, in [0, 1).
+        norm: "layer" (LayerNormalization) or "rms" (RMSNormalization).
+        use_causal_mask: causal self-attention (a decoder block).
+        attention_mult: the u-μP attention-logit multiplier.
+        activation_mult: the u-μP multiplier of the MLP's activation.
+        residual_mult, residual_attn_ratio: the depth rule's hyperparameters.
+        use_bias: biases on the attention and MLP projections (off, as in u-μP).
+        **kwargs: base layer arguments.
+
+    Example:
+
+    >>> block = TransformerBlock(num_heads=2, index=0, depth=4)
+    >>> x = np.random.default_rng(0).normal(size=(2, 8, 16)).astype("float32")
+    >>> tuple(block(x).shape), round(block.attention_tau, 3), round(block.mlp_tau, 3)
+    ((2, 8, 16), 0.5, 0.447)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim=None,
+        mlp_ratio=4,
+        activation="gelu",
+        index=0,
+        depth=1,
+        dropout=0.0,
+        norm="layer",
+        use_causal_mask=True,
+        attention_mult=1.0,
+        activation_mult=1.0,
+        residual_mult=1.0,
+        residual_attn_ratio=1.0,
+        use_bias=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        self.key_dim = None if key_dim is None else check_positive_int("key_dim", key_dim)
+        if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or not mlp_ratio > 0:
+            raise ValueError(f"`mlp_ratio` must be a number > 0. Received: mlp_ratio={mlp_ratio!r}")
+        self.mlp_ratio = mlp_ratio
+        self.activation = activations.check(activation)
+        self.depth = check_positive_int("depth", depth)
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < depth:
+            raise ValueError(f"`index` must be an integer in [0, depth={depth}). Received: index={index!r}")
+        self.index = index
+        self.dropout = check_rate("dropout", dropout)
+        if norm not in _NORMS:
+            raise ValueError(f"`norm` must be one of {list(_NORMS)}. Received: norm={norm!r}")
+        self.norm = norm
+        self.use_causal_mask = bool(use_causal_mask)
+        self.attention_mult = attention_mult
+        self.activation_mult = activation_mult
+        self.residual_mult = residual_mult
+        self.residual_attn_ratio = residual_attn_ratio
+        self.use_bias = bool(use_bias)
+        rule = U.transformer_residual_scaling_rule(residual_mult, residual_attn_ratio)
+        self.attention_tau = rule(2 * index, 2 * depth)
+        self.mlp_tau = rule(2 * index + 1, 2 * depth)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        if len(input_shape) != 3 or width is None:
+            raise ValueError(
+                "`TransformerBlock` takes inputs (batch, seq, width) with a known width. "
+                f"Received: input_shape={tuple(input_shape)}"
+            )
+        key_dim = self.key_dim or max(1, width // self.num_heads)
+        # No norm biases and, by default, no projection biases, as in u-μP:
+        # at initialisation every position's gradient into a bias points the
+        # same way, so a bias's gradient grows with the sequence length.
+        self.attention_norm = _NORMS[self.norm](center=False, name="attention_norm")
+        self.attention = MultiHeadAttention(
+            self.num_heads, key_dim, dropout=self.dropout, mult=self.attention_mult,
+            use_bias=self.use_bias, name="attention",
+        )
+        self.mlp_norm = _NORMS[self.norm](center=False, name="mlp_norm")
+        self.mlp_up = Dense(int(self.mlp_ratio * width), activation=self.activation, mult=self.activation_mult,
+                            use_bias=self.use_bias, name="mlp_up")
+        self.mlp_down = Dense(width, use_bias=self.use_bias, name="mlp_down")
+        self.branch_dropout = Dropout(self.dropout, name="branch_dropout")
+        self.attention_norm.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.mlp_norm.build(input_shape)
+        self.mlp_up.build(input_shape)
+        self.mlp_down.build(tuple(input_shape[:-1]) + (int(self.mlp_ratio * width),))
+
+    def _attend(self, x, training=None, mask=None):
+        h = self.attention_norm(x)
+        h = self.attention(h, h, query_mask=mask, value_mask=mask, use_causal_mask=self.use_causal_mask,
+                           training=training)
+        return self.branch_dropout(h, training=training)
+
+    def _feed_forward(self, x, training=None, mask=None):
+        h = self.mlp_down(self.mlp_up(self.mlp_norm(x)))
+        return self.branch_dropout(h, training=training)
+
+    def call(self, inputs, training=None, mask=None):
+        x = U.residual_apply(lambda r: self._attend(r, training, mask), inputs, self.attention_tau)
+        return U.residual_apply(lambda r: self._feed_forward(r, training, mask), x, self.mlp_tau)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "key_dim": self.key_dim,
+            "mlp_ratio": self.mlp_ratio,
+            "activation": self.activation,
+            "index": self.index,
+            "depth": self.depth,
+            "dropout": self.dropout,
+            "norm": self.norm,
+            "use_causal_mask": self.use_causal_mask,
+            "attention_mult": self.attention_mult,
+            "activation_mult": self.activation_mult,
+            "residual_mult": self.residual_mult,
+            "residual_attn_ratio": self.residual_attn_ratio,
+            "use_bias": self.use_bias,
+        }

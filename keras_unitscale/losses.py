@@ -1,0 +1,125 @@
+"""Unit-scaled losses for `model.compile`.
+
+Each is the Keras loss of the same name: it reports the same value (the usual
+mean), but its gradient follows the unit-scaled rule of
+`keras_unitscale.functional`: it is *not* divided by the number of examples
+averaged over, and it carries the loss's own backward scale (`V/sqrt(V-1)`
+on the logits of a `V`-class cross-entropy, 2 for a binary one, `8^-1/2` for
+the squared error). With unit-scaled layers, whose weight-gradient rules
+divide by `sqrt(batch)`, that keeps every gradient in the model near unit
+scale. With SGD on a model of plain Keras layers it multiplies the effective
+learning rate by the batch size.
+
+Only the averaging reductions are supported (`"sum_over_batch_size"`, the
+default, `"mean"` and `"mean_with_sample_weight"`): the rule undoes their
+division.
+"""
+
+import keras
+from keras import ops
+
+from keras_unitscale import functional as U
+from keras_unitscale.scale import scale_bwd
+from keras_unitscale.sizes import as_float
+from keras_unitscale.sizes import numel
+from keras_unitscale.sizes import shape
+
+__all__ = [
+    "SparseCategoricalCrossentropy",
+    "CategoricalCrossentropy",
+    "BinaryCrossentropy",
+    "MeanSquaredError",
+]
+
+_AVERAGING = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def _check_reduction(reduction):
+    if reduction not in _AVERAGING:
+        raise ValueError(
+            f"Unit-scaled losses support the averaging reductions {list(_AVERAGING)}. "
+            f"Received: reduction={reduction!r}"
+        )
+
+
+class _UnitScaledLoss:
+    """Mixin: scales `y_pred`'s gradient by `grad_scale(y_pred)` before the Keras loss."""
+
+    def grad_scale(self, y_pred):
+        raise NotImplementedError
+
+    def call(self, y_true, y_pred):
+        # float32 first: the scale can exceed float16's range; the gradient it
+        # produces is unit-scaled and casts back to the model's dtype safely.
+        y_pred = ops.cast(y_pred, "float32")
+        return super().call(y_true, scale_bwd(y_pred, self.grad_scale(y_pred)))
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class SparseCategoricalCrossentropy(_UnitScaledLoss, keras.losses.SparseCategoricalCrossentropy):
+    """Unit-scaled `keras.losses.SparseCategoricalCrossentropy` (integer labels).
+
+    Example:
+
+    >>> loss = SparseCategoricalCrossentropy(from_logits=True)
+    >>> round(float(loss(np.array([0, 3]), np.zeros((2, 4), "float32"))), 4)  # ln 4
+    1.3863
+    """
+
+    def __init__(self, from_logits=False, reduction="sum_over_batch_size", **kwargs):
+        _check_reduction(reduction)
+        super().__init__(from_logits=from_logits, reduction=reduction, **kwargs)
+
+    def grad_scale(self, y_pred):
+        classes = shape(y_pred)[-1]
+        return numel(y_pred) / as_float(classes) * U.cross_entropy_grad_scale(classes)
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class CategoricalCrossentropy(_UnitScaledLoss, keras.losses.CategoricalCrossentropy):
+    """Unit-scaled `keras.losses.CategoricalCrossentropy` (one-hot or probability targets)."""
+
+    def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", **kwargs):
+        _check_reduction(reduction)
+        super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, reduction=reduction, **kwargs)
+
+    grad_scale = SparseCategoricalCrossentropy.grad_scale
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class BinaryCrossentropy(_UnitScaledLoss, keras.losses.BinaryCrossentropy):
+    """Unit-scaled `keras.losses.BinaryCrossentropy`: the two-class rule, gradient × 2.
+
+    Example:
+
+    >>> loss = BinaryCrossentropy()
+    >>> round(float(loss(np.array([[1.0]]), np.array([[0.5]], "float32"))), 4)  # ln 2
+    0.6931
+    """
+
+    def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", **kwargs):
+        _check_reduction(reduction)
+        super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, reduction=reduction, **kwargs)
+
+    def grad_scale(self, y_pred):
+        # Keras averages over every element (the last axis, then the batch).
+        return as_float(numel(y_pred)) * U.cross_entropy_grad_scale(2)
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class MeanSquaredError(_UnitScaledLoss, keras.losses.MeanSquaredError):
+    """Unit-scaled `keras.losses.MeanSquaredError`: the gradient `2(p - t) · 8^-1/2`.
+
+    Example:
+
+    >>> loss = MeanSquaredError()
+    >>> float(loss(np.zeros((1, 2)), np.array([[1.0, 3.0]], "float32")))
+    5.0
+    """
+
+    def __init__(self, reduction="sum_over_batch_size", **kwargs):
+        _check_reduction(reduction)
+        super().__init__(reduction=reduction, **kwargs)
+
+    def grad_scale(self, y_pred):
+        return as_float(numel(y_pred)) * U.MSE_GRAD_SCALE

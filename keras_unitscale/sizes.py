@@ -1,0 +1,44 @@
+"""Sizes and scale arithmetic that stay Python numbers whenever shapes are static.
+
+A size is a Python int when the shape is static, and a float32 scalar tensor
+only where TensorFlow traces with an unknown (`None`) dimension. Keeping
+Python arithmetic whenever possible keeps every scale a compile-time constant.
+"""
+
+import math
+
+from keras import ops
+
+
+def is_static(*values):
+    return all(isinstance(v, (int, float)) for v in values)
+
+
+def shape(x):
+    """`x`'s shape: ints where static, float32 scalar tensors where not."""
+    return tuple(dim if isinstance(dim, int) else ops.cast(dim, "float32") for dim in ops.shape(x))
+
+
+def numel(x, axes=None):
+    """The number of elements of `x` (or of the given axes)."""
+    dims = shape(x) if axes is None else [shape(x)[a] for a in axes]
+    if is_static(*dims):
+        return math.prod(dims)
+    size = 1.0
+    for dim in dims:
+        size = size * dim
+    return size
+
+
+def as_float(size):
+    return float(size) if is_static(size) else ops.cast(size, "float32")
+
+
+def power(size, exponent):
+    if is_static(size):
+        return float(size) ** exponent
+    return ops.power(ops.cast(size, "float32"), exponent)
+
+
+def log(value):
+    return math.log(value) if is_static(value) else ops.log(ops.cast(value, "float32"))
