@@ -17,19 +17,16 @@ Usage:
 
 import argparse
 import contextlib
-import json
 import os
-import platform
-import statistics
-import time
 
 import keras
 import numpy as np
 from keras import ops
 
-import keras_unitscale
 from keras_unitscale import functional as U
 from keras_unitscale.scale import scaling_disabled
+
+import timing
 
 
 class UnitMLP(keras.layers.Layer):
@@ -107,85 +104,24 @@ def _compiled(case, batch, scale_ops):
     return model, x, y
 
 
-def _step_time(model, x, y, batch, steps):
-    steps_per_epoch = len(x) // batch
-    epochs = max(1, steps // steps_per_epoch)
-    start = time.perf_counter()
-    model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0)
-    return (time.perf_counter() - start) / (epochs * steps_per_epoch)
-
-
 def run(repeats, steps):
     rows = []
     for name, (case, batch) in CASES.items():
-        unit = _compiled(case, batch, scale_ops=True)
-        plain = _compiled(case, batch, scale_ops=False)
-        unit_times, plain_times, ratios = [], [], []
-        progress = keras.utils.Progbar(repeats, unit_name="repeat")
-        for _ in range(repeats):
-            unit_times.append(_step_time(*unit, batch, steps))
-            plain_times.append(_step_time(*plain, batch, steps))
-            ratios.append(unit_times[-1] / plain_times[-1])
-            progress.add(1)
-        rows.append(
-            {
-                "model": name,
-                "unit_scaled_ms": 1e3 * statistics.median(unit_times),
-                "plain_ms": 1e3 * statistics.median(plain_times),
-                "ratio_median": statistics.median(ratios),
-                "ratio_of_medians": statistics.median(unit_times) / statistics.median(plain_times),
-                "ratio_min": min(ratios),
-                "ratio_max": max(ratios),
-            }
-        )
+        unit, x, y = _compiled(case, batch, scale_ops=True)
+        plain, _, _ = _compiled(case, batch, scale_ops=False)
+        rows.append(timing.compare(name, unit, plain, x, y, batch, repeats, steps))
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=24, help="training steps per timing")
+    parser.add_argument("--steps", type=int, default=48, help="training steps per timing")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
-
     rows = run(args.repeats, args.steps)
-    backend = keras.backend.backend()
-    header = (
-        f"{'model':<50} {'unit-scaled ms':>15} {'plain ms':>10} {'ratio':>7} {'(min-max)':>13}"
-        f" {'ratio of medians':>17}"
-    )
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row['model']:<50} {row['unit_scaled_ms']:>15.2f} {row['plain_ms']:>10.2f} "
-            f"{row['ratio_median']:>7.3f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
-            f" {row['ratio_of_medians']:>17.3f}"
-        )
-    table = "\n".join(lines)
-    print(table)
-
-    os.makedirs(args.out, exist_ok=True)
-    device = "cpu"
-    if backend == "jax":
-        import jax
-
-        device = jax.devices()[0].device_kind
-    stem = os.path.join(args.out, f"overhead_{backend}_{device.replace(' ', '_').lower()}")
-    record = {
-        "backend": backend,
-        "device": device,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "keras": keras.__version__,
-        "keras_unitscale": keras_unitscale.__version__,
-        "repeats": args.repeats,
-        "steps_per_timing": args.steps,
-        "rows": rows,
-    }
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=2)
-    with open(stem + ".txt", "w") as f:
-        f.write(f"backend={backend} device={device} keras={keras.__version__} jit_compile=True\n{table}\n")
-    print(f"wrote {stem}.json and {stem}.txt")
+    timing.report(rows, "unit-scaled", "plain", "overhead", args.out,
+                  {"jit_compile": True, "repeats": args.repeats, "steps_per_timing": args.steps})
 
 
 if __name__ == "__main__":

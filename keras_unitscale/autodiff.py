@@ -11,7 +11,7 @@ import inspect
 import keras
 from keras import ops
 
-__all__ = ["vjp", "layer_vjp"]
+__all__ = ["vjp", "layer_vjp", "sequential_vjp"]
 
 
 def vjp(fn, primals, cotangent):
@@ -121,3 +121,38 @@ def layer_vjp(layer, inputs, cotangent, training=False):
         grads[0] if differentiable_input else None,
         {variable.path: grad for variable, grad in zip(trainable, grads[1:])},
     )
+
+
+def sequential_vjp(model, inputs, cotangent):
+    """Each layer's output and the gradient arriving at it, for a `keras.Sequential` model.
+
+    Args:
+        model: a built `keras.Sequential`.
+        inputs: the model's input array.
+        cotangent: the upstream gradient at the model's output.
+
+    Returns:
+        A list of `(layer name, output, gradient)` with NumPy arrays, in
+        layer order; the last gradient is `cotangent` itself.
+
+    Example:
+
+    >>> layer = keras.layers.Dense(2, kernel_initializer="ones", name="d")
+    >>> model = keras.Sequential([keras.Input((2,)), layer])
+    >>> [(name, grad.tolist()) for name, _, grad in
+    ...  sequential_vjp(model, np.ones((1, 2), "float32"), np.ones((1, 2), "float32"))]
+    [('d', [[1.0, 1.0]])]
+    """
+    if not isinstance(model, keras.Sequential):
+        raise ValueError(f"`model` must be a keras.Sequential. Received: model={type(model).__name__}")
+    rows = []
+    activation = ops.convert_to_tensor(inputs)
+    for index, layer in enumerate(model.layers):
+        activation = layer(activation)
+        output = ops.convert_to_numpy(activation)
+        if index + 1 == len(model.layers):
+            grad = ops.convert_to_numpy(ops.convert_to_tensor(cotangent))
+        else:
+            _, grad, _ = layer_vjp(keras.Sequential(model.layers[index + 1 :]), output, cotangent)
+        rows.append((layer.name, output, grad))
+    return rows

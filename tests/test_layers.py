@@ -11,6 +11,7 @@ from keras import ops
 from keras_unitscale import layers
 from keras_unitscale import losses
 from keras_unitscale.autodiff import layer_vjp
+from keras_unitscale.autodiff import sequential_vjp
 from keras_unitscale.autodiff import vjp
 
 UNIT = (0.5, 2.0)
@@ -214,18 +215,8 @@ def test_transformer_language_model_trains_saves_and_reloads(tmp_path):
 
 
 def _activation_and_gradient_scales(model, x, cotangent):
-    """RMS of each layer's output and of the gradient arriving at it, for a Sequential model."""
-    rows = []
-    activation = ops.convert_to_tensor(x)
-    for index, layer in enumerate(model.layers):
-        activation = layer(activation)
-        tail = keras.Sequential(model.layers[index + 1 :]) if index + 1 < len(model.layers) else None
-        if tail is None:
-            grad = cotangent
-        else:
-            _, grad, _ = layer_vjp(tail, ops.convert_to_numpy(activation), cotangent)
-        rows.append((layer.name, rms(ops.convert_to_numpy(activation)), rms(grad)))
-    return rows
+    """RMS of each layer's output and of the gradient arriving at it."""
+    return [(name, rms(output), rms(grad)) for name, output, grad in sequential_vjp(model, x, cotangent)]
 
 
 def test_models_of_our_layers_are_unit_scaled_at_initialisation():
@@ -233,7 +224,8 @@ def test_models_of_our_layers_are_unit_scaled_at_initialisation():
     x, y = _binary_data(n=64)
     model = seed_000_model(layers)
     # The gradient that arrives from the (unit-scaled) loss, as in training.
-    _, (upstream,) = vjp(lambda p: losses.BinaryCrossentropy()(y[:, None], p), [model(x)], np.float32(1.0))
+    prediction = ops.convert_to_numpy(model(x))
+    _, (upstream,) = vjp(lambda p: losses.BinaryCrossentropy()(y[:, None], p), [prediction], np.float32(1.0))
     rows = _activation_and_gradient_scales(model, x, upstream)
     for name, activation, grad in rows:
         _assert_in(f"{name} output", activation, (0.25, 4))
@@ -250,7 +242,7 @@ def test_models_of_our_layers_are_unit_scaled_at_initialisation():
     ids = np.random.default_rng(0).integers(0, 256, size=(16, 32))
     lm = transformer_lm(layers, vocab=256)
     loss = losses.SparseCategoricalCrossentropy(from_logits=True)
-    _, (upstream,) = vjp(lambda z: loss(ids, z), [lm(ids)], np.float32(1.0))
+    _, (upstream,) = vjp(lambda z: loss(ids, z), [ops.convert_to_numpy(lm(ids))], np.float32(1.0))
     rows = _activation_and_gradient_scales(lm, ids, upstream)
     for name, activation, grad in rows[:-1]:
         _assert_in(f"{name} output", activation, (0.25, 4))

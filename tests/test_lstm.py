@@ -48,9 +48,19 @@ def _layer_vjp(layer, x, cotangent, weights=None, training=False):
     non_trainable = [v.value for v in layer.non_trainable_variables]
 
     def fn(x, *weights):
-        return layer.stateless_call(list(weights), non_trainable, x, training=training)[0]
+        outputs = layer.stateless_call(list(weights), non_trainable, x, training=training)[0]
+        return outputs[0] if isinstance(outputs, (list, tuple)) else outputs  # return_state
 
-    return vjp(fn, [x, *weights], cotangent)
+    return _vjp(fn, [x, *weights], cotangent)
+
+
+def _vjp(fn, primals, cotangent):
+    """`vjp`, with `fn` compiled once on JAX instead of run as many small eager ops."""
+    if BACKEND == "jax":
+        import jax
+
+        fn = jax.jit(fn)
+    return vjp(fn, primals, cotangent)
 
 
 def _assert_in(name, value, bounds=UNIT):
@@ -145,9 +155,9 @@ def test_return_state_is_the_last_output():
 def test_go_backwards_reads_the_sequence_reversed():
     x = unit_normal(2, 6, 3)
     forward = LSTM(4, return_sequences=True)
-    forward(x)
+    forward.build(x.shape)
     backward = LSTM(4, return_sequences=True, go_backwards=True)
-    backward(x)
+    backward.build(x.shape)
     backward.set_weights(forward.get_weights())
     np.testing.assert_allclose(
         ops.convert_to_numpy(backward(x)), ops.convert_to_numpy(forward(x[:, ::-1])), rtol=1e-5, atol=1e-5
@@ -246,6 +256,42 @@ def _reference_lstm(inputs, h, c, mask, kernel, recurrent_kernel, bias, activati
     return h, sequence, [h, c]
 
 
+@pytest.mark.parametrize("return_sequences", [True, False], ids=["sequences", "last"])
+def test_gradients_are_true_gradients_scaled_on_cut_edges_only(return_sequences):
+    """The layer computes a plain LSTM (weights × D^-1/2 and H^-1/2, output × s); each
+    gradient is the true gradient of that function times one constant, per weight
+    (leaves) and for the input (a cut edge): nothing inside the recurrence is rescaled."""
+    batch, steps, input_dim, units = 3, 5, 4, 6
+    layer = LSTM(units, return_sequences=return_sequences, use_cudnn=False)
+    x = unit_normal(batch, steps, input_dim)
+    cotangent = unit_normal(*((batch, steps, units) if return_sequences else (batch, units)), seed=5)
+    out, grads = _layer_vjp(layer, x, cotangent)
+
+    rule = U.lstm_rule(1.0)
+    alpha, beta = input_dim**-0.5, units**-0.5
+
+    def plain(x, kernel, recurrent, bias):
+        zeros = ops.zeros((batch, units))
+        last, sequence, _ = _reference_lstm(
+            x, zeros, zeros, None, kernel * alpha, recurrent * beta, bias,
+            ops.tanh, ops.sigmoid, return_sequences=return_sequences,
+        )
+        return (sequence if return_sequences else last) * rule.output_scale
+
+    true_out, true_grads = _vjp(plain, [x, *_weights(layer)], cotangent)
+    np.testing.assert_allclose(out, true_out, rtol=1e-5, atol=1e-6)
+    m = steps if return_sequences else 1
+    base = (batch * m) ** -0.5 / rule.preactivation_grad_rms
+    factors = [
+        (input_dim / (4 * units) * steps / m) ** 0.5 / rule.preactivation_grad_rms,  # x: cut edge
+        base / alpha,  # kernel (leaf)
+        base / (rule.hidden_rms * rule.recurrent_grad_correlation) / beta,  # recurrent kernel (leaf)
+        base / rule.bias_grad_correlation,  # bias (leaf)
+    ]
+    for name, grad, true_grad, factor in zip(["x", "kernel", "recurrent", "bias"], grads, true_grads, factors):
+        np.testing.assert_allclose(grad, true_grad * factor, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_fused_call_receives_the_scaled_weights(monkeypatch):
     calls = []
 
@@ -277,8 +323,7 @@ def test_fused_call_receives_the_scaled_weights(monkeypatch):
     assert rule.output_scale > 1
 
 
-@pytest.mark.parametrize("return_sequences, go_backwards", [(True, False), (False, True)])
-def test_fused_path_matches_the_cell_path_with_gradients(monkeypatch, return_sequences, go_backwards):
+def test_fused_path_matches_the_cell_path_with_gradients(monkeypatch, return_sequences=True, go_backwards=True):
     """With a working fused kernel the layer computes the cell's function and the same gradients."""
     calls = []
 
@@ -334,15 +379,19 @@ def _text_model(vocab=20):
 
 
 def test_text_model_trains_saves_and_reloads(tmp_path):
+    """Embedding(mask_zero=True) → LSTM → Dense: fit (XLA-compiled on TensorFlow and JAX), save, reload."""
     ids, labels = _text_data()
     model = _text_model()
     model.compile(
         optimizer=keras.optimizers.Adam(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=BACKEND != "torch",
     )
+    assert model.jit_compile == (BACKEND != "torch")
     history = model.fit(ids, labels, batch_size=16, epochs=4, verbose=0)
     losses = history.history["loss"]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert model.jit_compile == (BACKEND != "torch")  # the layer kept XLA on
     path = str(tmp_path / "lstm.keras")
     model.save(path)
     reloaded = keras.models.load_model(path)
@@ -352,30 +401,17 @@ def test_text_model_trains_saves_and_reloads(tmp_path):
     )
 
 
-@pytest.mark.skipif(BACKEND == "torch", reason="jit_compile means XLA on TensorFlow and JAX")
-def test_jit_compiled_fit():
-    model = keras.Sequential([keras.Input(shape=(8, 6)), LSTM(8, return_sequences=True), LSTM(8), Dense(1)])
-    model.compile(optimizer="adam", loss="mse", jit_compile=True)
-    assert model.jit_compile
-    history = model.fit(unit_normal(32, 8, 6), unit_normal(32, 1, seed=1), batch_size=16, epochs=2, verbose=0)
-    assert np.all(np.isfinite(history.history["loss"]))
-
-
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision(policy):
     """float32 variables, low-precision compute, unit-scaled outputs and gradients."""
     keras.config.set_dtype_policy(policy)
     compute = policy.split("_")[1]
     layer = LSTM(32, return_sequences=True, return_state=True)
-    x = unit_normal(8, 16, 16)
-    output, h, c = layer(x)
-    for tensor in (output, h, c):
+    for tensor in layer(keras.Input(batch_shape=(8, 16, 16))):
         assert keras.backend.standardize_dtype(tensor.dtype) == compute
     assert all(v.dtype == "float32" for v in layer.weights)
-    # Gradients reach the float32 weights, finite and unit-scaled.
-    sequences = LSTM(32, return_sequences=True)
-    sequences.build(x.shape)
-    out, grads = _layer_vjp(sequences, x, unit_normal(8, 16, 32, seed=9))
+    # Run: gradients reach the float32 weights, finite and unit-scaled.
+    out, grads = _layer_vjp(layer, unit_normal(8, 16, 16), unit_normal(8, 16, 32, seed=9))
     assert keras.backend.standardize_dtype(out.dtype) == compute
     assert [g.dtype for g in grads[1:]] == ["float32"] * 3
     for name, value in zip(["output", "input grad", "kernel grad", "recurrent grad", "bias grad"], [out, *grads]):

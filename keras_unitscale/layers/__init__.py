@@ -5,6 +5,8 @@ from keras_unitscale.layers.attention import MultiHeadAttention
 from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.dropout import Dropout
 from keras_unitscale.layers.embedding import Embedding
+from keras_unitscale.layers.lstm import LSTM
+from keras_unitscale.layers.lstm import LSTMCell
 from keras_unitscale.layers.normalization import LayerNormalization
 from keras_unitscale.layers.normalization import RMSNormalization
 from keras_unitscale.layers.residual import Residual
@@ -18,6 +20,8 @@ __all__ = [
     "Dropout",
     "Embedding",
     "LayerNormalization",
+    "LSTM",
+    "LSTMCell",
     "MultiHeadAttention",
     "RMSNormalization",
     "Residual",

@@ -48,7 +48,7 @@ class Activation(keras.layers.Layer):
     Example:
 
     >>> layer = Activation("relu")
-    >>> keras.ops.convert_to_numpy(layer(np.array([[-1.0, 2.0]]))).round(3).tolist()
+    >>> keras.ops.convert_to_numpy(layer(np.array([[-1.0, 2.0]]))).astype("float64").round(3).tolist()
     [[0.0, 2.828]]
     """
 

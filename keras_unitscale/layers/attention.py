@@ -4,8 +4,7 @@ import keras
 from keras import ops
 
 from keras_unitscale import functional as U
-from keras_unitscale.layers.common import check_positive_int
-from keras_unitscale.layers.common import check_rate
+from keras_unitscale import checks
 from keras_unitscale.layers.common import unit_normal
 
 
@@ -68,14 +67,14 @@ class MultiHeadAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self.num_heads = check_positive_int("num_heads", num_heads)
+        self.num_heads = checks.positive_int("num_heads", num_heads)
         if key_dim is None:
             raise ValueError(
                 "`key_dim` (the size of each attention head) is required. Received: key_dim=None"
             )
-        self.key_dim = check_positive_int("key_dim", key_dim)
-        self.value_dim = self.key_dim if value_dim is None else check_positive_int("value_dim", value_dim)
-        self.dropout = check_rate("dropout", dropout)
+        self.key_dim = checks.positive_int("key_dim", key_dim)
+        self.value_dim = self.key_dim if value_dim is None else checks.positive_int("value_dim", value_dim)
+        self.dropout = checks.rate("dropout", dropout)
         self.use_bias = bool(use_bias)
         if output_shape is not None and not isinstance(output_shape, int):
             output_shape = tuple(output_shape)
@@ -85,10 +84,8 @@ class MultiHeadAttention(keras.layers.Layer):
                     f"Received: output_shape={output_shape!r}"
                 )
             output_shape = output_shape[0]
-        self.output_dim = None if output_shape is None else check_positive_int("output_shape", output_shape)
-        if not isinstance(mult, (int, float)) or isinstance(mult, bool) or not mult > 0:
-            raise ValueError(f"`mult` must be a number > 0. Received: mult={mult!r}")
-        self.mult = float(mult)
+        self.output_dim = None if output_shape is None else checks.positive_int("output_shape", output_shape)
+        self.mult = float(checks.positive("mult", mult))
         self.kernel_initializer = keras.initializers.get(kernel_initializer or unit_normal())
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)

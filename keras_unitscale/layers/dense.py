@@ -4,8 +4,7 @@ import keras
 
 from keras_unitscale import functional as U
 from keras_unitscale.layers import activation as activations
-from keras_unitscale.layers.common import check_positive_int
-from keras_unitscale.layers.common import check_role
+from keras_unitscale import checks
 from keras_unitscale.layers.common import unit_normal
 
 ROLES = ("input", "hidden", "output")
@@ -72,12 +71,12 @@ class Dense(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self.units = check_positive_int("units", units)
+        self.units = checks.positive_int("units", units)
         self.activation = activations.check(activation)
         self.use_bias = bool(use_bias)
         if role is None:
             role = "output" if self.activation in activations.PROBABILITIES else "hidden"
-        self.role = check_role(role, ROLES)
+        self.role = checks.one_of("role", role, ROLES)
         if constraint == "default":
             constraint = None if self.role == "output" else "to_output_scale"
         self.constraint = constraint

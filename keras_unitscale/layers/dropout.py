@@ -3,7 +3,7 @@
 import keras
 
 from keras_unitscale import functional as U
-from keras_unitscale.layers.common import check_rate
+from keras_unitscale import checks
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -29,7 +29,7 @@ class Dropout(keras.layers.Layer):
 
     def __init__(self, rate, noise_shape=None, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.rate = check_rate("rate", rate)
+        self.rate = checks.rate("rate", rate)
         self.noise_shape = noise_shape
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0 else None

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_unitscale import functional as U
-from keras_unitscale.layers.common import check_positive_int
+from keras_unitscale import checks
 from keras_unitscale.layers.common import unit_normal
 
 
@@ -46,8 +46,8 @@ class Embedding(keras.layers.Layer):
     ):
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
-        self.input_dim = check_positive_int("input_dim", input_dim)
-        self.output_dim = check_positive_int("output_dim", output_dim)
+        self.input_dim = checks.positive_int("input_dim", input_dim)
+        self.output_dim = checks.positive_int("output_dim", output_dim)
         self.mask_zero = bool(mask_zero)
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer or unit_normal())
         self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)

@@ -14,9 +14,8 @@ import keras
 from keras import ops
 from keras.src import backend as keras_backend
 
+from keras_unitscale import checks
 from keras_unitscale import functional as U
-from keras_unitscale.layers.common import check_positive_int
-from keras_unitscale.layers.common import check_rate
 from keras_unitscale.layers.common import unit_normal
 
 __all__ = ["LSTM", "LSTMCell"]
@@ -39,9 +38,10 @@ def _check_activation(name, value, expected):
 
 
 def _check_use_cudnn(use_cudnn):
-    if isinstance(use_cudnn, str) and use_cudnn == "auto":
-        return use_cudnn
-    if use_cudnn is True or use_cudnn is False:
+    # By identity: 1 == True and 0 == False, but neither is a valid choice.
+    if any(use_cudnn is option for option in (True, False)) or (
+        isinstance(use_cudnn, str) and use_cudnn == "auto"
+    ):
         return use_cudnn
     raise ValueError(
         f"`use_cudnn` must be one of {list(_USE_CUDNN)}. Received: use_cudnn={use_cudnn!r}"
@@ -110,9 +110,9 @@ class LSTMCell(keras.layers.LSTMCell):
         seed=None,
         **kwargs,
     ):
-        check_positive_int("units", units)
-        dropout = check_rate("dropout", dropout)
-        recurrent_dropout = check_rate("recurrent_dropout", recurrent_dropout)
+        checks.positive_int("units", units)
+        dropout = checks.rate("dropout", dropout)
+        recurrent_dropout = checks.rate("recurrent_dropout", recurrent_dropout)
         activation = _check_activation("activation", activation, "tanh")
         recurrent_activation = _check_activation(
             "recurrent_activation", recurrent_activation, "sigmoid"
@@ -235,9 +235,9 @@ class LSTM(keras.layers.RNN):
     Example:
 
     >>> layer = LSTM(64, return_sequences=True)
-    >>> y = layer(np.random.default_rng(0).normal(size=(8, 16, 32)))
-    >>> rms = float(keras.ops.sqrt(keras.ops.mean(y**2)))
-    >>> tuple(y.shape), bool(0.7 < rms < 1.4)
+    >>> y = keras.ops.convert_to_numpy(layer(np.random.default_rng(0).normal(size=(8, 16, 32))))
+    >>> rms = float(np.sqrt(np.mean(y**2)))
+    >>> y.shape, bool(0.7 < rms < 1.4)
     ((8, 16, 64), True)
     """
 
@@ -328,6 +328,12 @@ class LSTM(keras.layers.RNN):
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         self._check_rank(sequences.shape)
+        # `__call__` casts the inputs to the compute dtype; `stateless_call`
+        # does not.
+        sequences = ops.convert_to_tensor(sequences)
+        dtype = keras.backend.standardize_dtype(sequences.dtype)
+        if "float" in dtype and dtype != self.compute_dtype:
+            sequences = ops.cast(sequences, self.compute_dtype)
         return super().call(
             sequences, mask=mask, training=training, initial_state=initial_state
         )

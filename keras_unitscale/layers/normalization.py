@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_unitscale import checks
 from keras_unitscale import functional as U
 
 
@@ -86,7 +87,7 @@ class LayerNormalization(_Normalization):
     Example:
 
     >>> y = LayerNormalization()(np.array([[1.0, 3.0]], "float32"))
-    >>> keras.ops.convert_to_numpy(y).round(2).tolist()
+    >>> keras.ops.convert_to_numpy(y).astype("float64").round(2).tolist()
     [[-1.0, 1.0]]
     """
 
@@ -105,7 +106,7 @@ class RMSNormalization(_Normalization):
     Example:
 
     >>> y = RMSNormalization(epsilon=0.0)(np.array([[3.0, 4.0]], "float32"))
-    >>> keras.ops.convert_to_numpy(y).round(4).tolist()
+    >>> keras.ops.convert_to_numpy(y).astype("float64").round(4).tolist()
     [[0.8485, 1.1314]]
     """
 

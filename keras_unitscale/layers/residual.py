@@ -2,13 +2,12 @@
 
 import keras
 
+from keras_unitscale import checks
 from keras_unitscale import functional as U
 
 
 def _check_tau(tau):
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau >= 0:
-        raise ValueError(f"`tau` must be a number >= 0. Received: tau={tau!r}")
-    return float(tau)
+    return float(checks.non_negative("tau", tau))
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -56,7 +55,7 @@ class ResidualAdd(keras.layers.Layer):
     Example:
 
     >>> x = np.ones((1, 2), "float32")
-    >>> keras.ops.convert_to_numpy(ResidualAdd(tau=1.0)([x, x])).round(4).tolist()
+    >>> keras.ops.convert_to_numpy(ResidualAdd(tau=1.0)([x, x])).astype("float64").round(4).tolist()
     [[1.4142, 1.4142]]
     """
 

@@ -2,11 +2,10 @@
 
 import keras
 
+from keras_unitscale import checks
 from keras_unitscale import functional as U
 from keras_unitscale.layers import activation as activations
 from keras_unitscale.layers.attention import MultiHeadAttention
-from keras_unitscale.layers.common import check_positive_int
-from keras_unitscale.layers.common import check_rate
 from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.dropout import Dropout
 from keras_unitscale.layers.normalization import LayerNormalization
@@ -69,20 +68,14 @@ class TransformerBlock(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_heads = check_positive_int("num_heads", num_heads)
-        self.key_dim = None if key_dim is None else check_positive_int("key_dim", key_dim)
-        if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or not mlp_ratio > 0:
-            raise ValueError(f"`mlp_ratio` must be a number > 0. Received: mlp_ratio={mlp_ratio!r}")
-        self.mlp_ratio = mlp_ratio
+        self.num_heads = checks.positive_int("num_heads", num_heads)
+        self.key_dim = None if key_dim is None else checks.positive_int("key_dim", key_dim)
+        self.mlp_ratio = checks.positive("mlp_ratio", mlp_ratio)
         self.activation = activations.check(activation)
-        self.depth = check_positive_int("depth", depth)
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < depth:
-            raise ValueError(f"`index` must be an integer in [0, depth={depth}). Received: index={index!r}")
-        self.index = index
-        self.dropout = check_rate("dropout", dropout)
-        if norm not in _NORMS:
-            raise ValueError(f"`norm` must be one of {list(_NORMS)}. Received: norm={norm!r}")
-        self.norm = norm
+        self.depth = checks.positive_int("depth", depth)
+        self.index = checks.index("index", index, depth, "depth")
+        self.dropout = checks.rate("dropout", dropout)
+        self.norm = checks.one_of("norm", norm, tuple(_NORMS))
         self.use_causal_mask = bool(use_causal_mask)
         self.attention_mult = attention_mult
         self.activation_mult = activation_mult

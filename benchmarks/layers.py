@@ -1,0 +1,115 @@
+"""Our layers against Keras's: training-step time of the same three models, side by side.
+
+The models of the layers issue, each built once from `keras_unitscale.layers`
+and once from `keras.layers` (Keras's defaults), compiled with
+`jit_compile=True` and trained on the same data:
+
+- seed 000's MLP: Dense(128, relu) → Dense(64, relu) → Dense(1, sigmoid), input 100;
+- a character LSTM model: Embedding(256, 64) → LSTM(256) → Dense(256);
+- a small transformer language model: Embedding → 2 pre-norm blocks (width 128,
+  4 heads, MLP ×4) → Dense readout.
+
+Usage:
+    python benchmarks/layers.py [--repeats 7] [--steps 32]
+"""
+
+import argparse
+import os
+
+import keras
+import numpy as np
+
+import timing
+from keras_unitscale import layers
+from keras_unitscale import losses
+from keras_unitscale.layers.lstm import LSTM
+
+VOCAB, SEQ = 256, 64
+
+
+def mlp(lib):
+    return keras.Sequential(
+        [keras.Input((100,)), lib.Dense(128, activation="relu"), lib.Dense(64, activation="relu"),
+         lib.Dense(1, activation="sigmoid")]
+    )
+
+
+def lstm_model(lib):
+    lstm = LSTM if lib is layers else keras.layers.LSTM
+    readout = layers.Dense(VOCAB, role="output") if lib is layers else keras.layers.Dense(VOCAB)
+    return keras.Sequential(
+        [keras.Input((SEQ,), dtype="int32"), lib.Embedding(VOCAB, 64), lstm(256, return_sequences=True), readout]
+    )
+
+
+class KerasBlock(keras.layers.Layer):
+    """The same pre-norm block from `keras.layers`, with Keras's defaults."""
+
+    def __init__(self, width, heads, **kwargs):
+        super().__init__(**kwargs)
+        self.attention_norm = keras.layers.LayerNormalization()
+        self.attention = keras.layers.MultiHeadAttention(heads, width // heads)
+        self.mlp_norm = keras.layers.LayerNormalization()
+        self.mlp_up = keras.layers.Dense(4 * width, activation="gelu", use_bias=False)
+        self.mlp_down = keras.layers.Dense(width, use_bias=False)
+
+    def call(self, x):
+        h = self.attention_norm(x)
+        x = x + self.attention(h, h, use_causal_mask=True)
+        return x + self.mlp_down(self.mlp_up(self.mlp_norm(x)))
+
+
+def transformer(lib, width=128, depth=2, heads=4):
+    model = keras.Sequential([keras.Input((SEQ,), dtype="int32"), lib.Embedding(VOCAB, width)])
+    for index in range(depth):
+        if lib is layers:
+            model.add(layers.TransformerBlock(heads, index=index, depth=depth))
+        else:
+            model.add(KerasBlock(width, heads))
+    model.add(layers.Dense(VOCAB, role="output") if lib is layers else keras.layers.Dense(VOCAB))
+    return model
+
+
+def _data(kind, n, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "mlp":
+        x = rng.normal(size=(n, 100)).astype("float32")
+        return x, (x[:, :5].sum(1) > 0).astype("float32")
+    ids = rng.integers(0, VOCAB, size=(n, SEQ + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+CASES = [
+    ("seed 000 MLP (batch 256)", mlp, "mlp", 256, keras.losses.BinaryCrossentropy(), losses.BinaryCrossentropy()),
+    (f"LSTM text model (256 units, seq {SEQ}, batch 32)", lstm_model, "text", 32,
+     keras.losses.SparseCategoricalCrossentropy(from_logits=True), losses.SparseCategoricalCrossentropy(from_logits=True)),
+    (f"transformer LM (width 128, depth 2, seq {SEQ}, batch 32)", transformer, "text", 32,
+     keras.losses.SparseCategoricalCrossentropy(from_logits=True), losses.SparseCategoricalCrossentropy(from_logits=True)),
+]
+
+
+def _compiled(build, lib, loss, x, y, batch):
+    model = build(lib)
+    model.compile(optimizer="adam", loss=loss, jit_compile=True)
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace and compile
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=32, help="training steps per timing")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    rows = []
+    for name, build, kind, batch, keras_loss, our_loss in CASES:
+        x, y = _data(kind, batch * 8)
+        ours = _compiled(build, layers, our_loss, x, y, batch)
+        theirs = _compiled(build, keras.layers, keras_loss, x, y, batch)
+        rows.append(timing.compare(name, ours, theirs, x, y, batch, args.repeats, args.steps))
+    timing.report(rows, "keras_unitscale", "keras.layers", "layers", args.out,
+                  {"jit_compile": True, "repeats": args.repeats, "steps_per_timing": args.steps})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Argument checks shared by the ops and layers: each raises a `ValueError` naming the value."""
+
+import math
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    return value
+
+
+def positive(name, value):
+    if not _is_number(value) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number > 0. Received: {name}={value!r}")
+    return value
+
+
+def non_negative(name, value):
+    if not _is_number(value) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={value!r}")
+    return value
+
+
+def rate(name, value):
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
+    return float(value)
+
+
+def index(name, value, upper, upper_name):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < upper:
+        raise ValueError(
+            f"`{name}` must be an integer in [0, {upper_name}={upper}). Received: {name}={value!r}"
+        )
+    return value
+
+
+def one_of(name, value, options):
+    if value not in options:
+        raise ValueError(f"Unknown `{name}`. Expected one of {list(options)}. Received: {name}={value!r}")
+    return value
