@@ -157,6 +157,34 @@ def transformer_lm(lib, vocab=40, width=64, depth=2, seq=32):
     return model
 
 
+def keras_style_transformer_lm(lib, vocab=40, width=32, depth=2, seq=16):
+    """A language model written with Keras layers only (MHA, LayerNormalization, Add, Dense)."""
+    ids = keras.Input((seq,), dtype="int32")
+    x = lib.Embedding(vocab, width)(ids)
+    for _ in range(depth):
+        h = lib.LayerNormalization()(x)
+        x = lib.Add()([x, lib.MultiHeadAttention(num_heads=2, key_dim=width // 2)(h, h, use_causal_mask=True)])
+        h = lib.LayerNormalization()(x)
+        x = lib.Add()([x, lib.Dense(width)(lib.Dense(2 * width, activation="gelu")(h))])
+    return keras.Model(ids, lib.Dense(vocab)(lib.LayerNormalization()(x)))
+
+
+def test_keras_written_transformer_is_a_drop_in(tmp_path):
+    """The same user code with `keras_unitscale.layers` for `keras.layers`: builds, trains, reloads."""
+    keras.utils.set_random_seed(0)
+    text = np.tile(np.arange(40), 40)
+    x = np.stack([text[i : i + 16] for i in range(0, 1200, 8)])
+    y = np.stack([text[i + 1 : i + 17] for i in range(0, 1200, 8)])
+    for lib in (keras.layers, layers):
+        model = keras_style_transformer_lm(lib)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+        assert history.history["loss"][-1] < 0.5 * history.history["loss"][0], lib.__name__
+    assert any(isinstance(layer, layers.Add) for layer in model.layers)
+    _round_trip(model, x[:4], tmp_path)
+
+
 def _binary_data(n=256, features=100, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, features)).astype("float32")
@@ -311,6 +339,7 @@ LAYERS_FOR_CONFIG = [
     layers.ResidualSplit(tau=0.3),
     layers.ResidualAdd(tau=0.3),
     layers.Residual(layers.Dense(4), tau=0.7),
+    layers.Add(constraint="gmean"),
 ]
 
 
@@ -364,6 +393,7 @@ BAD_LAYERS = [
     (lambda: layers.Dense(4)(np.ones((3,), "float32")), "ndim"),
     (lambda: layers.MultiHeadAttention(2, 4)(np.ones((2, 8), "float32"), np.ones((2, 8), "float32")), "query.shape=\\(2, 8\\)"),
     (lambda: losses.MeanSquaredError(reduction="sum"), "reduction='sum'"),
+    (lambda: layers.Add()([np.ones((2, 2), "float32")] * 3), "3 inputs"),
 ]
 
 

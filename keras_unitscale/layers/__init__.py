@@ -7,6 +7,7 @@ from keras_unitscale.layers.dropout import Dropout
 from keras_unitscale.layers.embedding import Embedding
 from keras_unitscale.layers.lstm import LSTM
 from keras_unitscale.layers.lstm import LSTMCell
+from keras_unitscale.layers.merging import Add
 from keras_unitscale.layers.normalization import LayerNormalization
 from keras_unitscale.layers.normalization import RMSNormalization
 from keras_unitscale.layers.residual import Residual
@@ -16,6 +17,7 @@ from keras_unitscale.layers.transformer import TransformerBlock
 
 __all__ = [
     "Activation",
+    "Add",
     "Dense",
     "Dropout",
     "Embedding",
