@@ -32,10 +32,8 @@ class _Normalization(keras.layers.Layer):
                  gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None,
                  beta_constraint=None, gamma_constraint=None, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or epsilon < 0:
-            raise ValueError(f"`epsilon` must be a number >= 0. Received: epsilon={epsilon!r}")
         self.axis = axis if isinstance(axis, int) else tuple(axis)
-        self.epsilon = float(epsilon)
+        self.epsilon = float(checks.non_negative("epsilon", epsilon))
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = keras.initializers.get(beta_initializer)
