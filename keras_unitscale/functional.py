@@ -179,6 +179,10 @@ def _elementwise(fn, x, output_scale, grad_scale, constraint):
     output_scale, grad_scale = constraints_lib.apply_constraint(
         constraint, output_scale, grad_scale
     )
+    if output_scale is grad_scale or (is_static(output_scale, grad_scale) and output_scale == grad_scale):
+        # One scale for both passes is an ordinary multiplication of the
+        # output: the same values and gradients, without two custom gradients.
+        return scaled(fn(x), output_scale, output_scale)
     x = scale_bwd(x, grad_scale)
     return scale_fwd(fn(x), output_scale)
 
