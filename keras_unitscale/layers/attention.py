@@ -5,11 +5,13 @@ from keras import ops
 
 from keras_unitscale import functional as U
 from keras_unitscale import checks
+from keras_unitscale import parametrization
+from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class MultiHeadAttention(keras.layers.Layer):
+class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
     """Unit-scaled multi-head attention: the drop-in for `keras.layers.MultiHeadAttention`.
 
     The four projections are unit-scaled dense ops (`functional.dense`) on
@@ -32,6 +34,8 @@ class MultiHeadAttention(keras.layers.Layer):
         bias_initializer, kernel_regularizer, bias_regularizer,
         activity_regularizer, kernel_constraint, bias_constraint, seed: as
             for Keras.
+        weight_multipliers: fixed forward multipliers on the weights, by
+            variable name (see `common.WeightMultipliers`).
         **kwargs: base layer arguments.
 
     Call arguments: `query`, `value`, `key=None`, `attention_mask=None`
@@ -64,9 +68,11 @@ class MultiHeadAttention(keras.layers.Layer):
         kernel_constraint=None,
         bias_constraint=None,
         seed=None,
+        weight_multipliers=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self._init_weight_multipliers(weight_multipliers)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         if key_dim is None:
             raise ValueError(
@@ -104,6 +110,7 @@ class MultiHeadAttention(keras.layers.Layer):
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
+        parametrization.tag(kernel, "hidden", fan_in=fan_in, fan_out=self.num_heads * head_dim)
         bias = None
         if self.use_bias:
             bias = self.add_weight(
@@ -113,6 +120,7 @@ class MultiHeadAttention(keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
+            parametrization.tag(bias, "bias", fan_out=self.num_heads * head_dim)
         return kernel, bias
 
     def build(self, query_shape, value_shape, key_shape=None):
@@ -134,6 +142,9 @@ class MultiHeadAttention(keras.layers.Layer):
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
+        parametrization.tag(
+            self.output_kernel, "hidden", fan_in=self.num_heads * self.value_dim, fan_out=output_dim
+        )
         self.output_bias = None
         if self.use_bias:
             self.output_bias = self.add_weight(
@@ -143,10 +154,12 @@ class MultiHeadAttention(keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
+            parametrization.tag(self.output_bias, "bias", fan_out=output_dim)
 
     def _project(self, x, kernel, bias):
         """A unit-scaled dense projection into heads: (B, T, d) → (B, T, heads, head_dim)."""
         fan_in, heads, head_dim = kernel.shape
+        kernel, bias = self.multiplied(kernel), self.multiplied(bias)
         flat_bias = None if bias is None else ops.reshape(bias, (heads * head_dim,))
         y = U.dense(x, ops.reshape(kernel, (fan_in, heads * head_dim)), flat_bias)
         return ops.reshape(y, tuple(ops.shape(x)[:-1]) + (heads, head_dim))
@@ -199,7 +212,8 @@ class MultiHeadAttention(keras.layers.Layer):
             attended, scores = attended
         heads, value_dim, output_dim = self.output_kernel.shape
         merged = ops.reshape(attended, tuple(ops.shape(attended)[:-2]) + (heads * value_dim,))
-        output = U.dense(merged, ops.reshape(self.output_kernel, (heads * value_dim, output_dim)), self.output_bias)
+        output_kernel = ops.reshape(self.multiplied(self.output_kernel), (heads * value_dim, output_dim))
+        output = U.dense(merged, output_kernel, self.multiplied(self.output_bias))
         return (output, scores) if return_attention_scores else output
 
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):
@@ -225,4 +239,5 @@ class MultiHeadAttention(keras.layers.Layer):
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
             "seed": self.seed,
+            "weight_multipliers": self.weight_multipliers,
         }

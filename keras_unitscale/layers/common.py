@@ -1,9 +1,82 @@
 """What every unit-scaled layer shares."""
 
+import math
+
 import keras
+
+from keras_unitscale import parametrization
+from keras_unitscale.scale import scale_fwd
 
 
 def unit_normal(seed=None):
     """The unit-variance normal initialiser that unit scaling starts weights from."""
     return keras.initializers.RandomNormal(mean=0.0, stddev=1.0, seed=seed)
 
+
+def check_weight_multipliers(weight_multipliers):
+    """A dict {variable name: positive finite float}, or a `ValueError` naming the value."""
+    if weight_multipliers is None:
+        return {}
+    if not isinstance(weight_multipliers, dict) or not all(
+        isinstance(name, str)
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value > 0
+        and math.isfinite(value)
+        for name, value in weight_multipliers.items()
+    ):
+        raise ValueError(
+            "`weight_multipliers` must be a dict mapping variable names to finite "
+            f"numbers > 0. Received: weight_multipliers={weight_multipliers!r}"
+        )
+    return {name: float(value) for name, value in weight_multipliers.items()}
+
+
+class WeightMultipliers:
+    """Fixed forward multipliers on a layer's own weights.
+
+    A multiplier `m` on a weight `w` makes the layer compute with `m·w` in
+    the forward pass while `w`'s gradient stays what the backward rule makes
+    it (`scale_fwd`). This is where `UnitScaleCallback` and `unit_scale`
+    move a weight's scale when they bring the stored weight to unit scale:
+    the function is unchanged, and with the learning rate × 1/m the training
+    trajectory is too. Multipliers are part of the layer's config, so they
+    are saved with the model.
+    """
+
+    def _init_weight_multipliers(self, weight_multipliers):
+        # A plain dict, kept out of Keras's attribute tracking.
+        object.__setattr__(self, "_weight_multipliers", check_weight_multipliers(weight_multipliers))
+
+    @property
+    def weight_multipliers(self):
+        """{variable name: multiplier} for the weights whose multiplier is not 1."""
+        return dict(self._weight_multipliers)
+
+    def weight_multiplier(self, name):
+        return self._weight_multipliers.get(name, 1.0)
+
+    def set_weight_multiplier(self, name, value):
+        """Sets the multiplier of the weight called `name` (functions traced before keep the old one)."""
+        names = [v.name for v in self._trainable_variables + self._non_trainable_variables]
+        if self.built and name not in names:
+            raise ValueError(
+                f"Layer '{self.name}' has no weight called '{name}'. Its weights are {names}. "
+                f"Received: name={name!r}"
+            )
+        value = check_weight_multipliers({name: value})[name]
+        if value == 1.0:
+            self._weight_multipliers.pop(name, None)
+        else:
+            self._weight_multipliers[name] = value
+
+    def multiplied(self, variable):
+        """`variable` times its multiplier, in the forward pass only (None stays None)."""
+        if variable is None:
+            return None
+        multiplier = self.weight_multiplier(variable.name)
+        return variable if multiplier == 1.0 else scale_fwd(variable, multiplier)
+
+    def _tag(self, variable, role, **sizes):
+        parametrization.tag(variable, role, **sizes)
+        return variable

@@ -3,15 +3,17 @@
 import keras
 
 from keras_unitscale import functional as U
-from keras_unitscale.layers import activation as activations
 from keras_unitscale import checks
+from keras_unitscale import parametrization
+from keras_unitscale.layers import activation as activations
+from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 
 ROLES = ("input", "hidden", "output")
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class Dense(keras.layers.Layer):
+class Dense(WeightMultipliers, keras.layers.Layer):
     """A unit-scaled densely-connected layer: the drop-in for `keras.layers.Dense`.
 
     Computes `activation(dense(inputs, kernel, bias))` with the unit-scaled ops
@@ -43,6 +45,9 @@ class Dense(keras.layers.Layer):
         bias_initializer: defaults to zeros.
         kernel_regularizer, bias_regularizer, activity_regularizer,
         kernel_constraint, bias_constraint: as for `keras.layers.Dense`.
+        weight_multipliers: fixed forward multipliers on the weights,
+            {"kernel": m, "bias": m} (see `common.WeightMultipliers`); set
+            by `UnitScaleCallback` and `unit_scale`, rarely by hand.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -68,9 +73,11 @@ class Dense(keras.layers.Layer):
         activity_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        weight_multipliers=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self._init_weight_multipliers(weight_multipliers)
         self.units = checks.positive_int("units", units)
         self.activation = activations.check(activation)
         self.use_bias = bool(use_bias)
@@ -104,6 +111,7 @@ class Dense(keras.layers.Layer):
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
+        parametrization.tag(self.kernel, self.role, fan_in=input_dim, fan_out=self.units)
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(
@@ -113,11 +121,12 @@ class Dense(keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
+            parametrization.tag(self.bias, "bias", fan_out=self.units)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
 
     def call(self, inputs):
         op = U.dense_readout if self.role == "output" else U.dense
-        x = op(inputs, self.kernel, self.bias, constraint=self.constraint)
+        x = op(inputs, self.multiplied(self.kernel), self.multiplied(self.bias), constraint=self.constraint)
         if self.role == "output" or self.activation in activations.PROBABILITIES:
             # A readout's activation gives the prediction (a probability, say),
             # whose values mean something: it stays Keras's plain function.
@@ -142,4 +151,5 @@ class Dense(keras.layers.Layer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            "weight_multipliers": self.weight_multipliers,
         }

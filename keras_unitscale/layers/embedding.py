@@ -5,11 +5,13 @@ from keras import ops
 
 from keras_unitscale import functional as U
 from keras_unitscale import checks
+from keras_unitscale import parametrization
+from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class Embedding(keras.layers.Layer):
+class Embedding(WeightMultipliers, keras.layers.Layer):
     """A unit-scaled embedding: the drop-in for `keras.layers.Embedding`.
 
     Rows start at unit variance and are returned as they are; the table's
@@ -23,6 +25,8 @@ class Embedding(keras.layers.Layer):
             Keras; `input_dim` then counts it).
         embeddings_initializer: defaults to unit-variance normal.
         embeddings_regularizer, embeddings_constraint: as for Keras.
+        weight_multipliers: fixed forward multipliers on the weights, by
+            variable name (see `common.WeightMultipliers`).
         **kwargs: base layer arguments.
 
     Example:
@@ -42,10 +46,12 @@ class Embedding(keras.layers.Layer):
         embeddings_initializer=None,
         embeddings_regularizer=None,
         embeddings_constraint=None,
+        weight_multipliers=None,
         **kwargs,
     ):
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
+        self._init_weight_multipliers(weight_multipliers)
         self.input_dim = checks.positive_int("input_dim", input_dim)
         self.output_dim = checks.positive_int("output_dim", output_dim)
         self.mask_zero = bool(mask_zero)
@@ -62,11 +68,13 @@ class Embedding(keras.layers.Layer):
             regularizer=self.embeddings_regularizer,
             constraint=self.embeddings_constraint,
         )
+        # A lookup reads one row: its fan-in is 1.
+        parametrization.tag(self.embeddings, "input", fan_in=1, fan_out=self.output_dim)
 
     def call(self, inputs):
         if "int" not in keras.backend.standardize_dtype(inputs.dtype):
             inputs = ops.cast(inputs, "int32")
-        return ops.cast(U.embedding(inputs, self.embeddings), self.compute_dtype)
+        return ops.cast(U.embedding(inputs, self.multiplied(self.embeddings)), self.compute_dtype)
 
     def compute_mask(self, inputs, mask=None):
         if not self.mask_zero:
@@ -85,4 +93,5 @@ class Embedding(keras.layers.Layer):
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
             "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
             "embeddings_constraint": keras.constraints.serialize(self.embeddings_constraint),
+            "weight_multipliers": self.weight_multipliers,
         }

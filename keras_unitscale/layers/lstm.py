@@ -16,6 +16,8 @@ from keras.src import backend as keras_backend
 
 from keras_unitscale import checks
 from keras_unitscale import functional as U
+from keras_unitscale import parametrization
+from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 
 __all__ = ["LSTM", "LSTMCell"]
@@ -49,7 +51,7 @@ def _check_use_cudnn(use_cudnn):
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class LSTMCell(keras.layers.LSTMCell):
+class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
     """A unit-scaled LSTM cell: the drop-in for `keras.layers.LSTMCell`.
 
     Weights start at unit variance; `keras_unitscale.functional.lstm_weights`
@@ -80,6 +82,8 @@ class LSTMCell(keras.layers.LSTMCell):
         dropout: fraction of the inputs dropped, in [0, 1).
         recurrent_dropout: fraction of the recurrent state dropped, in [0, 1).
         seed: random seed for dropout.
+        weight_multipliers: fixed forward multipliers on the weights, by
+            variable name (see `common.WeightMultipliers`).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -108,6 +112,7 @@ class LSTMCell(keras.layers.LSTMCell):
         dropout=0.0,
         recurrent_dropout=0.0,
         seed=None,
+        weight_multipliers=None,
         **kwargs,
     ):
         checks.positive_int("units", units)
@@ -138,6 +143,7 @@ class LSTMCell(keras.layers.LSTMCell):
             seed=seed,
             **kwargs,
         )
+        self._init_weight_multipliers(weight_multipliers)
         # One fused step (Keras's implementation 2) with one dropout mask
         # per tensor, whatever the recurrent dropout.
         self.implementation = 2
@@ -146,6 +152,28 @@ class LSTMCell(keras.layers.LSTMCell):
         # duration of its loop. Stored outside Keras's attribute tracking:
         # these are tensors of one call, not state.
         object.__setattr__(self, "_sequence_weights", None)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        gates = 4 * self.units
+        parametrization.tag(self.kernel, "hidden", fan_in=int(self.kernel.shape[0]), fan_out=gates)
+        parametrization.tag(self.recurrent_kernel, "hidden", fan_in=self.units, fan_out=gates)
+        if self.use_bias:
+            parametrization.tag(self.bias, "bias", fan_out=gates)
+
+    def scaled_weights(self, inputs, return_sequences=True):
+        """The weights for one sequence: multiplied, then scaled by `functional.lstm_weights`."""
+        return U.lstm_weights(
+            self.multiplied(self.kernel),
+            self.multiplied(self.recurrent_kernel),
+            self.multiplied(self.bias),
+            inputs,
+            return_sequences,
+            self.forget_bias,
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "weight_multipliers": self.weight_multipliers}
 
     @property
     def forget_bias(self):
@@ -166,13 +194,7 @@ class LSTMCell(keras.layers.LSTMCell):
         weights = self._sequence_weights
         if weights is None:
             inputs = U.lstm_inputs(inputs, self.units, forget_bias=self.forget_bias)
-            weights = U.lstm_weights(
-                self.kernel,
-                self.recurrent_kernel,
-                self.bias,
-                inputs,
-                forget_bias=self.forget_bias,
-            )
+            weights = self.scaled_weights(inputs)
         if training and self.dropout > 0:
             inputs = U.lstm_dropout(inputs, self.get_dropout_mask(inputs), self.dropout)
         if training and self.recurrent_dropout > 0:
@@ -217,7 +239,7 @@ class LSTM(keras.layers.RNN):
         bias_initializer, unit_forget_bias, kernel_regularizer,
         recurrent_regularizer, bias_regularizer, activity_regularizer,
         kernel_constraint, recurrent_constraint, bias_constraint, dropout,
-        recurrent_dropout, seed: as for `LSTMCell` (and
+        recurrent_dropout, seed, weight_multipliers: as for `LSTMCell` (and
             `keras.layers.LSTM`); the initialisers default to unit-variance
             normal.
         return_sequences: return the whole output sequence, not only the
@@ -261,6 +283,7 @@ class LSTM(keras.layers.RNN):
         dropout=0.0,
         recurrent_dropout=0.0,
         seed=None,
+        weight_multipliers=None,
         return_sequences=False,
         return_state=False,
         go_backwards=False,
@@ -289,6 +312,7 @@ class LSTM(keras.layers.RNN):
             dropout=dropout,
             recurrent_dropout=recurrent_dropout,
             seed=seed,
+            weight_multipliers=weight_multipliers,
             dtype=kwargs.get("dtype", None),
             trainable=kwargs.get("trainable", True),
             name="lstm_cell",
@@ -346,14 +370,7 @@ class LSTM(keras.layers.RNN):
         # The input's gradient scale (a cut edge) and the scaled weights,
         # once for the whole sequence.
         sequences = U.lstm_inputs(sequences, cell.units, self.return_sequences, forget_bias)
-        weights = U.lstm_weights(
-            cell.kernel,
-            cell.recurrent_kernel,
-            cell.bias,
-            sequences,
-            self.return_sequences,
-            forget_bias,
-        )
+        weights = cell.scaled_weights(sequences, self.return_sequences)
         if self.use_cudnn in ("auto", True) and not cell.recurrent_dropout:
             try:
                 return self._fused_loop(sequences, initial_state, mask, training, weights)
@@ -435,6 +452,7 @@ class LSTM(keras.layers.RNN):
         "dropout",
         "recurrent_dropout",
         "seed",
+        "weight_multipliers",
     )
 
     def get_config(self):

@@ -4,6 +4,8 @@ import keras
 
 from keras_unitscale import checks
 from keras_unitscale import functional as U
+from keras_unitscale import parametrization
+from keras_unitscale.layers.common import WeightMultipliers
 
 
 def _axes(axis):
@@ -25,13 +27,14 @@ def _check_axis(axis, input_shape):
     return tuple(input_shape[a] for a in _axes(axis))
 
 
-class _Normalization(keras.layers.Layer):
+class _Normalization(WeightMultipliers, keras.layers.Layer):
     """Shared arguments, weights and config of the two normalisation layers."""
 
     def __init__(self, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
                  gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None,
-                 beta_constraint=None, gamma_constraint=None, **kwargs):
+                 beta_constraint=None, gamma_constraint=None, weight_multipliers=None, **kwargs):
         super().__init__(**kwargs)
+        self._init_weight_multipliers(weight_multipliers)
         self.axis = axis if isinstance(axis, int) else tuple(axis)
         self.epsilon = float(checks.non_negative("epsilon", epsilon))
         self.center = bool(center)
@@ -50,9 +53,11 @@ class _Normalization(keras.layers.Layer):
         if self.scale:
             self.gamma = self.add_weight(name="gamma", shape=shape, initializer=self.gamma_initializer,
                                          regularizer=self.gamma_regularizer, constraint=self.gamma_constraint)
+            parametrization.tag(self.gamma, "norm", fan_out=int(self.gamma.shape[-1]))
         if self.center:
             self.beta = self.add_weight(name="beta", shape=shape, initializer=self.beta_initializer,
                                         regularizer=self.beta_regularizer, constraint=self.beta_constraint)
+            parametrization.tag(self.beta, "bias", fan_out=int(self.beta.shape[-1]))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -70,6 +75,7 @@ class _Normalization(keras.layers.Layer):
             "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
             "beta_constraint": keras.constraints.serialize(self.beta_constraint),
             "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
+            "weight_multipliers": self.weight_multipliers,
         }
 
 
@@ -90,7 +96,7 @@ class LayerNormalization(_Normalization):
     """
 
     def call(self, inputs):
-        return U.layer_norm(inputs, self.gamma, self.beta, axis=self.axis, epsilon=self.epsilon)
+        return U.layer_norm(inputs, self.multiplied(self.gamma), self.multiplied(self.beta), axis=self.axis, epsilon=self.epsilon)
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -109,14 +115,15 @@ class RMSNormalization(_Normalization):
     """
 
     def __init__(self, axis=-1, epsilon=1e-6, scale=True, gamma_initializer="ones",
-                 gamma_regularizer=None, gamma_constraint=None, **kwargs):
+                 gamma_regularizer=None, gamma_constraint=None, weight_multipliers=None, **kwargs):
         kwargs.pop("center", None)
         super().__init__(axis=axis, epsilon=epsilon, center=False, scale=scale,
                          gamma_initializer=gamma_initializer, gamma_regularizer=gamma_regularizer,
-                         gamma_constraint=gamma_constraint, **kwargs)
+                         gamma_constraint=gamma_constraint, weight_multipliers=weight_multipliers,
+                         **kwargs)
 
     def call(self, inputs):
-        return U.rms_norm(inputs, self.gamma, axis=self.axis, epsilon=self.epsilon)
+        return U.rms_norm(inputs, self.multiplied(self.gamma), axis=self.axis, epsilon=self.epsilon)
 
     def get_config(self):
         config = super().get_config()

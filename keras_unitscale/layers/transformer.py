@@ -4,8 +4,10 @@ import keras
 
 from keras_unitscale import checks
 from keras_unitscale import functional as U
+from keras_unitscale import parametrization
 from keras_unitscale.layers import activation as activations
 from keras_unitscale.layers.attention import MultiHeadAttention
+from keras_unitscale.layers.common import check_weight_multipliers
 from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.dropout import Dropout
 from keras_unitscale.layers.normalization import LayerNormalization
@@ -39,7 +41,13 @@ class TransformerBlock(keras.layers.Layer):
         activation_mult: the u-μP multiplier of the MLP's activation.
         residual_mult, residual_attn_ratio: the depth rule's hyperparameters.
         use_bias: biases on the attention and MLP projections (off, as in u-μP).
+        weight_multipliers: fixed forward multipliers on the weights of the
+            block's layers, by "layer/variable" name, e.g.
+            `{"mlp_up/kernel": 0.5}` (see `common.WeightMultipliers`).
         **kwargs: base layer arguments.
+
+    Its variables belong to a residual stack of `depth` blocks: u-μP gives
+    them a learning rate × `depth^-1/2` (see `keras_unitscale.parametrization`).
 
     Example:
 
@@ -65,9 +73,11 @@ class TransformerBlock(keras.layers.Layer):
         residual_mult=1.0,
         residual_attn_ratio=1.0,
         use_bias=False,
+        weight_multipliers=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self._initial_weight_multipliers = check_weight_multipliers(weight_multipliers)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         self.key_dim = None if key_dim is None else checks.positive_int("key_dim", key_dim)
         self.mlp_ratio = checks.positive("mlp_ratio", mlp_ratio)
@@ -95,24 +105,42 @@ class TransformerBlock(keras.layers.Layer):
                 f"Received: input_shape={tuple(input_shape)}"
             )
         key_dim = self.key_dim or max(1, width // self.num_heads)
+        multipliers = self._initial_weight_multipliers
         # No norm biases and, by default, no projection biases, as in u-μP:
         # at initialisation every position's gradient into a bias points the
         # same way, so a bias's gradient grows with the sequence length.
-        self.attention_norm = _NORMS[self.norm](center=False, name="attention_norm")
+        self.attention_norm = _NORMS[self.norm](
+            center=False, name="attention_norm", weight_multipliers=_part(multipliers, "attention_norm")
+        )
         self.attention = MultiHeadAttention(
             self.num_heads, key_dim, dropout=self.dropout, mult=self.attention_mult,
-            use_bias=self.use_bias, name="attention",
+            use_bias=self.use_bias, name="attention", weight_multipliers=_part(multipliers, "attention"),
         )
-        self.mlp_norm = _NORMS[self.norm](center=False, name="mlp_norm")
+        self.mlp_norm = _NORMS[self.norm](
+            center=False, name="mlp_norm", weight_multipliers=_part(multipliers, "mlp_norm")
+        )
         self.mlp_up = Dense(int(self.mlp_ratio * width), activation=self.activation, mult=self.activation_mult,
-                            use_bias=self.use_bias, name="mlp_up")
-        self.mlp_down = Dense(width, use_bias=self.use_bias, name="mlp_down")
+                            use_bias=self.use_bias, name="mlp_up", weight_multipliers=_part(multipliers, "mlp_up"))
+        self.mlp_down = Dense(width, use_bias=self.use_bias, name="mlp_down",
+                              weight_multipliers=_part(multipliers, "mlp_down"))
         self.branch_dropout = Dropout(self.dropout, name="branch_dropout")
         self.attention_norm.build(input_shape)
         self.attention.build(input_shape, input_shape)
         self.mlp_norm.build(input_shape)
         self.mlp_up.build(input_shape)
         self.mlp_down.build(tuple(input_shape[:-1]) + (int(self.mlp_ratio * width),))
+        parametrization.set_depth(self.trainable_variables, self.depth)
+
+    @property
+    def weight_multipliers(self):
+        """{"layer/variable": multiplier} over the block's layers, for the multipliers that are not 1."""
+        if not self.built:
+            return dict(self._initial_weight_multipliers)
+        return {
+            f"{layer.name}/{name}": value
+            for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp_up, self.mlp_down)
+            for name, value in layer.weight_multipliers.items()
+        }
 
     def _attend(self, x, training=None, mask=None):
         h = self.attention_norm(x)
@@ -148,4 +176,11 @@ class TransformerBlock(keras.layers.Layer):
             "residual_mult": self.residual_mult,
             "residual_attn_ratio": self.residual_attn_ratio,
             "use_bias": self.use_bias,
+            "weight_multipliers": self.weight_multipliers,
         }
+
+
+def _part(multipliers, layer_name):
+    """The multipliers of one of the block's layers, from the block's "layer/variable" keys."""
+    prefix = layer_name + "/"
+    return {key[len(prefix):]: value for key, value in multipliers.items() if key.startswith(prefix)}

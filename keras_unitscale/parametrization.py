@@ -1,0 +1,293 @@
+"""The u-μP parametrization: each weight's role, and the multipliers that follow from it.
+
+u-μP gives every trainable variable a role, and from the role and the
+variable's width (and, inside a residual stack, its depth) a forward
+multiplier and a learning-rate multiplier:
+
+| role   | init    | forward multiplier | Adam LR        | SGD LR (constrained readout) |
+|--------|---------|--------------------|----------------|------------------------------|
+| input  | N(0, 1) | fan_in^-1/2 (1)    | fan_out^-1/2   | fan_out^1/2                  |
+| hidden | N(0, 1) | fan_in^-1/2        | fan_in^-1/2    | fan_in^1/2                   |
+| output | N(0, 1) | fan_in^-1          | 1              | 1                            |
+| bias   | 0       | 1                  | 1              | size                         |
+| norm   | 1       | 1                  | 1              | size                         |
+
+Variables inside a stack of `depth` residual blocks take a further learning
+rate × `depth^-1/2`. An embedding looks one row up, so its fan-in is 1 and
+its forward multiplier 1, as u-μP has it for the input weight; an input
+`Dense` sums over its input features. `_TABLE` below is the one place these
+rules live: the forward multipliers are applied by the ops of
+`keras_unitscale.functional` (the tests check that the two agree), the
+learning-rate multipliers by `keras_unitscale.optimizers`.
+
+The SGD column is the reference implementation's rule for a readout whose
+backward scale is constrained to its forward one
+(`readout_constraint="to_output_scale"`), which leaves the gradients below
+unit scale. With an unconstrained readout (the default of
+`layers.Dense(role="output")`) gradients are unit-scaled, an SGD step is as
+large as an Adam step, and SGD takes the Adam column, as the reference does.
+
+Our layers tag their variables when they are built (`tag`). For a model of
+plain Keras layers, `tag_model` infers the roles: every `Embedding` is an
+input; without one, the first layer with a kernel is the input; the last
+`Dense` is the output; 1-D gains are norms and other 1-D variables biases.
+"""
+
+import dataclasses
+import math
+import re
+
+import keras
+
+from keras_unitscale import checks
+
+ROLES = ("input", "hidden", "output", "bias", "norm")
+FAMILIES = ("adam", "sgd")
+READOUT_CONSTRAINTS = (None, "to_output_scale")
+
+# role: (forward multiplier, Adam learning rate, constrained-readout SGD
+# learning rate), each as (the size it depends on, its exponent).
+_TABLE = {
+    "input": (("fan_in", -0.5), ("fan_out", -0.5), ("fan_out", 0.5)),
+    "hidden": (("fan_in", -0.5), ("fan_in", -0.5), ("fan_in", 0.5)),
+    "output": (("fan_in", -1.0), ("fan_in", 0.0), ("fan_in", 0.0)),
+    "bias": ((None, 0.0), (None, 0.0), ("fan_out", 1.0)),
+    "norm": ((None, 0.0), (None, 0.0), ("fan_out", 1.0)),
+}
+
+_ATTRIBUTE = "_keras_unitscale_role"
+_NORM_NAMES = re.compile(r"(gamma|scale)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRole:
+    """A variable's u-μP role and the sizes its rules depend on.
+
+    Args:
+        role: one of "input", "hidden", "output", "bias", "norm".
+        fan_in: the number of inputs each output sums over (1 for an
+            embedding, which looks one row up).
+        fan_out: the number of outputs (the size of a bias or gain).
+        depth: the number of residual blocks in the stack the variable
+            belongs to, or None outside one.
+
+    Example:
+
+    >>> role = WeightRole("hidden", fan_in=256, fan_out=64)
+    >>> role.forward_multiplier(), role.lr_multiplier("adam")
+    (0.0625, 0.0625)
+    >>> WeightRole("hidden", fan_in=256, fan_out=64, depth=4).lr_multiplier("adam")
+    0.03125
+    """
+
+    role: str
+    fan_in: int | None = None
+    fan_out: int | None = None
+    depth: int | None = None
+
+    def __post_init__(self):
+        checks.one_of("role", self.role, ROLES)
+        for name in ("fan_in", "fan_out", "depth"):
+            value = getattr(self, name)
+            if value is not None:
+                checks.positive_int(name, value)
+        needed = {size for size, _ in _TABLE[self.role] if size is not None}
+        missing = sorted(name for name in needed if getattr(self, name) is None)
+        if missing:
+            raise ValueError(
+                f"A variable with role '{self.role}' needs {missing}. Received: {self!r}"
+            )
+
+    def _rule(self, column):
+        size, exponent = _TABLE[self.role][column]
+        return 1.0 if size is None else float(getattr(self, size) ** exponent)
+
+    def forward_multiplier(self):
+        """The factor u-μP applies to this weight in the forward pass."""
+        return self._rule(0)
+
+    def lr_multiplier(self, family="adam", readout_constraint=None):
+        """The factor on the base learning rate for this variable.
+
+        Args:
+            family: "adam" (Adam, AdamW and other scale-invariant updates) or
+                "sgd".
+            readout_constraint: the readout's constraint, None or
+                "to_output_scale"; only SGD depends on it.
+        """
+        checks.one_of("family", family, FAMILIES)
+        checks.one_of("readout_constraint", readout_constraint, READOUT_CONSTRAINTS)
+        constrained_sgd = family == "sgd" and readout_constraint is not None
+        depth_factor = 1.0 if self.depth is None else self.depth**-0.5
+        return self._rule(2 if constrained_sgd else 1) * depth_factor
+
+    def with_depth(self, depth):
+        return dataclasses.replace(self, depth=depth)
+
+
+def tag(variable, role, fan_in=None, fan_out=None, depth=None):
+    """Attaches a `WeightRole` to `variable` (our layers call this when they build)."""
+    weight_role = role if isinstance(role, WeightRole) else WeightRole(role, fan_in, fan_out, depth)
+    setattr(variable, _ATTRIBUTE, weight_role)
+    return weight_role
+
+
+def role_of(variable):
+    """The `WeightRole` attached to `variable`, or None."""
+    return getattr(variable, _ATTRIBUTE, None)
+
+
+def set_depth(variables, depth):
+    """Marks `variables` as belonging to a residual stack of `depth` blocks."""
+    for variable in variables:
+        role = role_of(variable)
+        if role is not None:
+            tag(variable, role.with_depth(depth))
+
+
+def _contracted_size(layer, kernel):
+    """The fan-in of an `EinsumDense` kernel: the sizes of the axes it sums over."""
+    equation = getattr(layer, "equation", None)
+    if not equation or "->" not in equation or "," not in equation:
+        return math.prod(kernel.shape[:-1])
+    inputs, output = equation.split("->")
+    x_axes, kernel_axes = inputs.split(",")
+    return math.prod(
+        size for letter, size in zip(kernel_axes, kernel.shape)
+        if letter in x_axes and letter not in output
+    ) or 1
+
+
+def _kernel_fans(layer, variable):
+    shape = tuple(variable.shape)
+    if isinstance(layer, keras.layers.EinsumDense):
+        fan_in = _contracted_size(layer, variable)
+    elif isinstance(layer, keras.layers.Embedding):
+        return 1, shape[-1]
+    else:
+        # Dense (in, out), convolutions (..., in, out), recurrent kernels
+        # (in, gates·units): everything but the last axis is summed over,
+        # except for recurrent kernels, whose fan-in is the first axis.
+        fan_in = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
+    return fan_in, max(1, math.prod(shape) // fan_in)
+
+
+def _inferred_role(layer, variable, is_input, is_output):
+    shape = tuple(variable.shape)
+    if len(shape) <= 1:
+        size = shape[0] if shape else 1
+        kind = "norm" if _NORM_NAMES.search(variable.name) else "bias"
+        return WeightRole(kind, fan_out=size)
+    fan_in, fan_out = _kernel_fans(layer, variable)
+    if isinstance(layer, keras.layers.Embedding) or is_input:
+        return WeightRole("input", fan_in=fan_in, fan_out=fan_out)
+    if is_output:
+        return WeightRole("output", fan_in=fan_in, fan_out=fan_out)
+    return WeightRole("hidden", fan_in=fan_in, fan_out=fan_out)
+
+
+def _owned_variables(layer):
+    # A layer's own variables, not its sublayers'.
+    return list(getattr(layer, "_trainable_variables", []))
+
+
+def _weighted_layers(model):
+    return [
+        layer for layer in model._flatten_layers(include_self=True, recursive=True)
+        if _owned_variables(layer)
+    ]
+
+
+def variable_owners(model):
+    """Maps `id(variable)` to the layer that owns it, for every trainable variable of `model`."""
+    return {id(v): layer for layer in _weighted_layers(model) for v in _owned_variables(layer)}
+
+
+def _check_overrides(overrides):
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ValueError(
+            "`overrides` must be a dict mapping a regular expression over variable "
+            f"paths to a role or a WeightRole. Received: overrides={overrides!r}"
+        )
+    for pattern, role in overrides.items():
+        re.compile(pattern)
+        if not isinstance(role, WeightRole):
+            checks.one_of("role", role, ROLES)
+    return overrides
+
+
+def _override(overrides, variable, inferred):
+    for pattern, role in overrides.items():
+        if re.search(pattern, variable.path):
+            if isinstance(role, WeightRole):
+                return role
+            shape = tuple(variable.shape) or (1,)
+            fan_in = inferred.fan_in or (shape[0] if len(shape) > 1 else 1)
+            fan_out = inferred.fan_out or math.prod(shape) // fan_in
+            return WeightRole(role, fan_in=fan_in, fan_out=fan_out, depth=inferred.depth)
+    return inferred
+
+
+def tag_model(model, overrides=None):
+    """Gives every trainable variable of `model` a `WeightRole`, and returns them by path.
+
+    Variables our layers tagged keep their roles; the others (from plain
+    Keras layers) are inferred as the module docstring says. `overrides`
+    maps regular expressions over variable paths to roles ("input", ...)
+    or `WeightRole`s, and wins over both.
+
+    Args:
+        model: a built Keras model.
+        overrides: optional dict {pattern: role}.
+
+    Returns:
+        dict {variable path: WeightRole}, in the model's variable order.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(128, activation="relu", name="a"),
+    ...                           keras.layers.Dense(64, activation="relu", name="b"),
+    ...                           keras.layers.Dense(1, activation="sigmoid", name="c")], name="mlp")
+    >>> [(path, role.role) for path, role in tag_model(model).items()]
+    [('mlp/a/kernel', 'input'), ('mlp/a/bias', 'bias'), ('mlp/b/kernel', 'hidden'), ('mlp/b/bias', 'bias'), ('mlp/c/kernel', 'output'), ('mlp/c/bias', 'bias')]
+    """
+    overrides = _check_overrides(overrides)
+    if not model.built:
+        raise ValueError(
+            f"The model '{model.name}' is not built, so its variables do not exist yet. "
+            "Build it first: start it with `keras.Input(shape)`, call `model.build(input_shape)`, "
+            "or call it on a batch of data."
+        )
+    layers = _weighted_layers(model)
+    has_embedding = any(isinstance(layer, keras.layers.Embedding) for layer in layers)
+    kernel_layers = [
+        layer for layer in layers
+        if role_of(_owned_variables(layer)[0]) is None
+        and any(len(v.shape) >= 2 for v in _owned_variables(layer))
+    ]
+    dense_layers = [layer for layer in kernel_layers if isinstance(layer, keras.layers.Dense)]
+    first = None if has_embedding or not kernel_layers else kernel_layers[0]
+    last = dense_layers[-1] if dense_layers else None
+    for layer in layers:
+        for variable in _owned_variables(layer):
+            role = role_of(variable) or _inferred_role(
+                layer, variable, is_input=layer is first and layer is not last, is_output=layer is last
+            )
+            tag(variable, _override(overrides, variable, role))
+    return {v.path: role_of(v) for v in model.trainable_variables}
+
+
+def lr_multipliers(model, family="adam", readout_constraint=None, overrides=None):
+    """The u-μP learning-rate multiplier of every trainable variable of `model`, by path.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(128, name="a"),
+    ...                           keras.layers.Dense(64, name="b"), keras.layers.Dense(1, name="c")], name="mlp")
+    >>> {path: round(m, 4) for path, m in lr_multipliers(model).items()}
+    {'mlp/a/kernel': 0.0884, 'mlp/a/bias': 1.0, 'mlp/b/kernel': 0.0884, 'mlp/b/bias': 1.0, 'mlp/c/kernel': 1.0, 'mlp/c/bias': 1.0}
+    """
+    roles = tag_model(model, overrides)
+    return {path: role.lr_multiplier(family, readout_constraint) for path, role in roles.items()}

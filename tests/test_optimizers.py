@@ -1,0 +1,214 @@
+"""u-μP optimizers: per-variable learning rates, independent weight decay, and Keras's machinery."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_unitscale import layers as L
+from keras_unitscale import optimizers as O
+from tests.helpers import BACKEND
+from tests.helpers import unit_normal
+
+# torch.compile takes tens of seconds a model on CPU; XLA is what jit means elsewhere.
+JIT = BACKEND != "torch"
+
+
+def _model(width=32):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((16,)),
+            L.Dense(width, activation="relu", role="input", name="input"),
+            L.Dense(width, activation="relu", name="hidden"),
+            L.LayerNormalization(name="norm"),
+            L.Dense(1, role="output", name="readout"),
+        ],
+        name="mlp",
+    )
+
+
+def _multipliers(optimizer, model):
+    return {v.path.removeprefix("mlp/"): optimizer.lr_multiplier(v) for v in model.trainable_variables}
+
+
+def _data(n=64):
+    x = unit_normal(n, 16)
+    return x, (x[:, :1] * x[:, 1:2]).astype("float32")
+
+
+def test_default_factors_are_u_mup():
+    model = _model()
+    optimizer = O.Adam(0.01)
+    optimizer.build(model.trainable_variables)
+    assert _multipliers(optimizer, model) == pytest.approx(
+        {"input/kernel": 32**-0.5, "input/bias": 1.0, "hidden/kernel": 32**-0.5, "hidden/bias": 1.0,
+         "norm/gamma": 1.0, "norm/beta": 1.0, "readout/kernel": 1.0, "readout/bias": 1.0}
+    )
+    sgd = O.SGD(0.1, readout_constraint="to_output_scale")
+    sgd.build(model.trainable_variables)
+    assert sgd.lr_multiplier(model.get_layer("hidden").kernel) == pytest.approx(32**0.5)
+    assert sgd.lr_multiplier(model.get_layer("norm").gamma) == pytest.approx(32.0)
+
+
+def test_overrides_and_no_parametrization():
+    model = _model()
+    optimizer = O.Adam(0.01, lr_multipliers={"hidden/kernel": 3.0, "bias": 0.5})
+    optimizer.build(model.trainable_variables)
+    factors = _multipliers(optimizer, model)
+    assert factors["hidden/kernel"] == 3.0 and factors["input/bias"] == 0.5
+    assert factors["input/kernel"] == pytest.approx(32**-0.5)
+    plain = O.Adam(0.01, parametrization=None)
+    plain.build(model.trainable_variables)
+    assert set(_multipliers(plain, model).values()) == {1.0}
+
+
+@pytest.mark.parametrize(
+    "ours, keras_optimizer",
+    [
+        (lambda: O.Adam(0.01, beta_1=0.8), lambda lr: keras.optimizers.Adam(lr, beta_1=0.8)),
+        (lambda: O.AdamW(0.01, weight_decay=0.0), lambda lr: keras.optimizers.Adam(lr)),
+        (lambda: O.SGD(0.1, momentum=0.9, nesterov=True), lambda lr: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)),
+    ],
+    ids=["adam", "adamw", "sgd-nesterov"],
+)
+def test_each_variable_steps_as_keras_does_with_its_learning_rate(ours, keras_optimizer):
+    model = _model()
+    optimizer = ours()
+    optimizer.build(model.trainable_variables)
+    grads = [ops.convert_to_tensor(unit_normal(*v.shape, seed=i)) for i, v in enumerate(model.trainable_variables)]
+    before = [ops.convert_to_numpy(v) for v in model.trainable_variables]
+    for _ in range(3):
+        optimizer.apply(grads, model.trainable_variables)
+    for variable, start, grad in zip(model.trainable_variables, before, grads):
+        reference = keras.Variable(start)
+        plain = keras_optimizer(float(ops.convert_to_numpy(optimizer.learning_rate)) * optimizer.lr_multiplier(variable))
+        for _ in range(3):
+            plain.apply([grad], [reference])
+        np.testing.assert_allclose(ops.convert_to_numpy(variable), ops.convert_to_numpy(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_independent_weight_decay_ignores_the_learning_rate():
+    model = _model()
+    zero_grads = [np.zeros(v.shape, "float32") for v in model.trainable_variables]
+    kernel = model.get_layer("hidden").kernel
+    start = ops.convert_to_numpy(kernel)
+    for lr in (0.1, 0.001):
+        kernel.assign(start)
+        optimizer = O.AdamW(lr, weight_decay=0.01)
+        optimizer.build(model.trainable_variables)
+        optimizer.apply(zero_grads, model.trainable_variables)
+        # A zero gradient leaves only the decay: 1 - weight_decay, whatever the learning rate.
+        np.testing.assert_allclose(ops.convert_to_numpy(kernel), start * 0.99, rtol=1e-6)
+    kernel.assign(start)
+    coupled = O.AdamW(0.1, weight_decay=0.01, independent_weight_decay=False)
+    coupled.build(model.trainable_variables)
+    coupled.apply(zero_grads, model.trainable_variables)
+    np.testing.assert_allclose(ops.convert_to_numpy(kernel), start * (1 - 0.01 * 0.1 * 32**-0.5), rtol=1e-6)
+
+
+def test_independent_weight_decay_follows_the_schedule():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    optimizer = O.AdamW(schedule, weight_decay=0.01)
+    assert optimizer.peak_learning_rate == 0.1
+    variable = keras.Variable(np.ones((2, 2), "float32"))
+    optimizer.build([variable])
+    for _ in range(2):
+        optimizer.apply([np.zeros((2, 2), "float32")], [variable])
+    # Steps at η/η_peak = 1 then 1/2.
+    np.testing.assert_allclose(ops.convert_to_numpy(variable), np.full((2, 2), 0.99 * 0.995), rtol=1e-6)
+
+
+def test_a_schedule_without_a_peak_needs_one_for_independent_decay():
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([10], [0.1, 0.01])
+    with pytest.raises(ValueError, match="peak_learning_rate"):
+        O.AdamW(schedule, weight_decay=0.01)
+    assert O.AdamW(schedule, weight_decay=0.01, peak_learning_rate=0.1).peak_learning_rate == 0.1
+
+
+@pytest.mark.parametrize("make", [lambda: O.Adam(0.01), lambda: O.SGD(0.05, momentum=0.9)], ids=["adam", "sgd"])
+def test_fit_with_jit_a_schedule_and_loss_scaling(make):
+    x, y = _data()
+    model = _model()
+    model.compile(keras.optimizers.LossScaleOptimizer(make()), "mse", jit_compile=JIT)
+    history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    schedule = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=16, warmup_steps=4, warmup_target=0.02)
+    model = _model()
+    model.compile(O.Adam(schedule), "mse", jit_compile=JIT)
+    history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_keras_does_not_swap_our_optimizers_for_fused_ones():
+    # On PyTorch, Keras replaces exact Adam/SGD instances by fused versions
+    # that bypass `update_step`.
+    assert type(O.Adam()) is O.Adam and type(O.SGD()) is O.SGD and type(O.AdamW()) is O.AdamW
+
+
+def test_config_round_trip():
+    optimizer = O.SGD(0.05, momentum=0.9, lr_multipliers={"kernel": 2.0}, weight_decay=0.1,
+                      readout_constraint="to_output_scale")
+    clone = O.SGD.from_config(optimizer.get_config())
+    for key in ("lr_multipliers", "readout_constraint", "weight_decay", "peak_learning_rate",
+                "independent_weight_decay", "parametrization", "momentum"):
+        assert getattr(clone, key) == getattr(optimizer, key)
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(O.Adam(0.01)))
+    assert type(restored) is O.Adam
+
+
+def test_factors_are_saved_with_the_model(tmp_path):
+    x, y = _data()
+    model = _model()
+    optimizer = O.Adam(0.01)
+    model.compile(optimizer, "mse")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    hidden = model.get_layer("hidden").kernel
+    optimizer.set_lr_multiplier(hidden, 0.3)
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(reloaded.optimizer) is O.Adam
+    assert reloaded.optimizer.lr_multiplier(reloaded.get_layer("hidden").kernel) == pytest.approx(0.3)
+    # Training goes on from the same state in both.
+    np.testing.assert_allclose(
+        model.train_on_batch(x[:16], y[:16]), reloaded.train_on_batch(x[:16], y[:16]), rtol=1e-5
+    )
+
+
+def test_errors_name_the_value():
+    with pytest.raises(ValueError, match="lr_multipliers"):
+        O.Adam(lr_multipliers=[("kernel", 2.0)])
+    with pytest.raises(ValueError, match=r"lr_multipliers\['kernel'\]"):
+        O.Adam(lr_multipliers={"kernel": -1.0})
+    with pytest.raises(ValueError, match="regular expressions"):
+        O.Adam(lr_multipliers={"(": 1.0})
+    with pytest.raises(ValueError, match="parametrization='mup'"):
+        O.Adam(parametrization="mup")
+    with pytest.raises(ValueError, match="not built"):
+        O.Adam().lr_multiplier(keras.Variable(1.0))
+    optimizer = O.Adam()
+    optimizer.build([keras.Variable(1.0)])
+    with pytest.raises(ValueError, match="does not train this variable"):
+        optimizer.lr_multiplier(keras.Variable(2.0, name="stranger"))
+
+
+def test_scaled_schedule():
+    schedule = O.ScaledSchedule(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5), 3.0)
+    assert float(schedule(10)) == pytest.approx(0.15)
+    clone = O.ScaledSchedule.from_config(schedule.get_config())
+    assert float(clone(20)) == pytest.approx(0.075)
+    with pytest.raises(ValueError, match="factor"):
+        O.ScaledSchedule(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5), 0.0)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the distribution-aware update path is TensorFlow's")
+def test_trains_under_a_tf_distribution_strategy():
+    import tensorflow as tf
+
+    x, y = _data()
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        model = _model()
+        model.compile(O.AdamW(0.01, weight_decay=0.01), "mse")
+    history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
