@@ -4,8 +4,14 @@ Scaled ops keep weights, activations and gradients near unit scale, so that
 models train in FP16 and FP8 without loss scaling.
 """
 
+from keras_unitscale import callbacks
 from keras_unitscale import constraints
 from keras_unitscale import functional
+from keras_unitscale import layers
+from keras_unitscale import losses
+from keras_unitscale import optimizers
+from keras_unitscale import parametrization
+from keras_unitscale.callbacks import UnitScaleCallback
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 from keras_unitscale.scale import scaled
@@ -14,8 +20,14 @@ from keras_unitscale.version import __version__
 
 __all__ = [
     "__version__",
+    "UnitScaleCallback",
+    "callbacks",
     "constraints",
     "functional",
+    "layers",
+    "losses",
+    "optimizers",
+    "parametrization",
     "scaled",
     "scale_fwd",
     "scale_bwd",

@@ -4,7 +4,6 @@ import math
 
 import keras
 
-from keras_unitscale import parametrization
 from keras_unitscale.scale import scale_fwd
 
 
@@ -76,7 +75,3 @@ class WeightMultipliers:
             return None
         multiplier = self.weight_multiplier(variable.name)
         return variable if multiplier == 1.0 else scale_fwd(variable, multiplier)
-
-    def _tag(self, variable, role, **sizes):
-        parametrization.tag(variable, role, **sizes)
-        return variable

@@ -1,0 +1,329 @@
+"""Callbacks: `UnitScaleCallback`, which moves a model's weights to unit scale when training starts."""
+
+import math
+import re
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+from keras.src.utils import io_utils
+
+from keras_unitscale import checks
+from keras_unitscale import optimizers
+from keras_unitscale import parametrization as P
+from keras_unitscale.layers.common import WeightMultipliers
+
+__all__ = ["UnitScaleCallback"]
+
+MODES = ("unit", "factor", "l2")
+LR_SCALES = ("auto", "inverse", None)
+# Where the record of what the callback did is kept on the model object.
+_RECORD = "_keras_unitscale_record"
+
+
+def _patterns(name, value):
+    if value is None:
+        return []
+    patterns = [value] if isinstance(value, str) else value
+    try:
+        return [re.compile(pattern) for pattern in patterns]
+    except (re.error, TypeError) as error:
+        raise ValueError(
+            f"`{name}` must be a regular expression or a list of them. Received: {name}={value!r} ({error})"
+        ) from None
+
+
+def _geometric_mean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else 1.0
+
+
+class UnitScaleCallback(keras.callbacks.Callback):
+    """Moves the model's weights to unit scale when training starts, and adjusts the learning rate.
+
+    Add it to `model.fit` of a training script you already have. At the
+    start of training it rescales the selected weights, `w → α·w`, then
+    multiplies their learning rate by `β`:
+
+    - `mode="unit"`: every selected weight moves to unit scale. In a
+      `keras_unitscale` layer the stored weight gets unit RMS (`α = 1/rms(w)`).
+      A plain Keras layer computes with its stored weight, so that weight
+      takes the scale u-μP gives the effective weight, its role's forward
+      multiplier (see `keras_unitscale.parametrization`): RMS `fan_in^-1/2`
+      for a kernel, `1/fan_in` for the readout, 1 for an embedding.
+    - `mode="factor"`: `α = weight_scale`, the parameter scaling of `θ = α·θ₀`.
+    - `mode="l2"`: `α = 1/‖w‖₂`, each selected tensor has unit L2 norm.
+
+    In a `keras_unitscale` layer the factor moves into the layer's fixed
+    forward multiplier (`m → m/α`), so the model computes the same function.
+    The weight's gradient is fixed by the layer's backward rule, not by the
+    multiplier, so it is unchanged too; an update `Δw` then moves the
+    effective weight `m·w` by `(m/α)·Δw`. Adam's update does not depend on
+    the gradient's scale, and SGD's is the unchanged gradient times the
+    learning rate: for both, `β = α` gives the same effective update, so the
+    model follows the same training trajectory. That is `lr_scale="auto"`.
+    (Independent weight decay, the default of our optimizers, is exact too:
+    it shrinks `w` and `m·w` by the same fraction.)
+
+    A plain Keras layer has no multiplier: rescaling its weights changes the
+    function the model computes. The callback says so once. (Unit RMS in a
+    plain `Dense` would grow the activations by `sqrt(fan_in)` a layer: on
+    seed 000's model the logits reach the hundreds, and under
+    `mixed_float16` the saturated sigmoid stops training at 59% accuracy.)
+
+    Args:
+        mode: "unit", "factor" or "l2".
+        weight_scale: `α` for `mode="factor"` (a number > 0); unused otherwise.
+        lr_scale: the learning-rate factor `β`: "auto" (`β = α`, see above),
+            "inverse" (`β = 1/α`), a number > 0, or None (unchanged).
+        include: regular expression(s) over variable paths; only matching
+            trainable variables are rescaled. By default, every weight
+            except biases and norm gains in "unit" and "factor" modes, and
+            every trainable variable in "l2" mode.
+        exclude: regular expression(s) over variable paths, left alone.
+        verbose: 1 prints a table (one row per rescaled variable: its RMS
+            before and after, the weight and learning-rate factors) once;
+            0 prints nothing.
+
+    With `keras_unitscale.optimizers`, the learning rate is adjusted per
+    variable (in the optimizer's per-variable factors, saved with it); with
+    a plain Keras optimizer it is adjusted globally: a float learning rate
+    is multiplied, a schedule wrapped in `optimizers.ScaledSchedule`. When
+    the factors differ between variables, a global learning rate cannot
+    follow them all: the callback applies their geometric mean and says so.
+
+    It acts once, at the true start of training: not again in a second
+    `fit`, nor on a model whose optimizer has already taken steps (a model
+    saved after training and loaded with its optimizer, or restored by
+    `BackupAndRestore`). What it did is in `callback.record`, and the mean
+    factors are in the `History` logs as `unit_scale_weight_factor` and
+    `unit_scale_lr_factor`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(128, activation="relu"),
+    ...                           keras.layers.Dense(1, activation="sigmoid")])
+    >>> model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    >>> x, y = np.random.default_rng(0).normal(size=(64, 30)), np.ones((64, 1))
+    >>> callback = UnitScaleCallback(mode="factor", weight_scale=0.5, lr_scale="inverse", verbose=0)
+    >>> history = model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    >>> history.history["unit_scale_weight_factor"], history.history["unit_scale_lr_factor"]
+    ([0.5], [2.0])
+    """
+
+    def __init__(self, mode="unit", weight_scale=None, lr_scale="auto", include=None, exclude=None, verbose=1):
+        super().__init__()
+        self.mode = checks.one_of("mode", mode, MODES)
+        if mode == "factor":
+            if weight_scale is None:
+                raise ValueError(
+                    "mode='factor' multiplies the weights by `weight_scale`: give it, a number > 0. "
+                    "Received: weight_scale=None"
+                )
+            weight_scale = float(checks.positive("weight_scale", weight_scale))
+        elif weight_scale is not None:
+            raise ValueError(
+                f"`weight_scale` is used only with mode='factor'; mode='{mode}' computes each "
+                f"weight's factor itself. Received: mode={mode!r}, weight_scale={weight_scale!r}"
+            )
+        self.weight_scale = weight_scale
+        if lr_scale not in LR_SCALES:
+            if not isinstance(lr_scale, (int, float)) or isinstance(lr_scale, bool) or not (
+                0 < lr_scale < math.inf
+            ):
+                raise ValueError(
+                    f"`lr_scale` must be 'auto', 'inverse', None or a number > 0. Received: lr_scale={lr_scale!r}"
+                )
+            lr_scale = float(lr_scale)
+        self.lr_scale = lr_scale
+        self.include = _patterns("include", include)
+        self.exclude = _patterns("exclude", exclude)
+        self.verbose = checks.one_of("verbose", verbose, (0, 1))
+        self.record = None
+        self._acted = False
+
+    # Choosing what to rescale.
+
+    def _select(self, model, roles):
+        variables = model.trainable_variables
+        for name, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not any(pattern.search(v.path) for v in variables):
+                    raise ValueError(
+                        f"The `{name}` pattern {pattern.pattern!r} matches no trainable variable. "
+                        f"The variables are: {[v.path for v in variables]}"
+                    )
+        if self.include:
+            selected = [v for v in variables if any(p.search(v.path) for p in self.include)]
+        elif self.mode == "l2":
+            selected = list(variables)
+        else:
+            selected = [v for v in variables if roles[v.path].role not in ("bias", "norm")]
+        selected = [v for v in selected if not any(p.search(v.path) for p in self.exclude)]
+        if not selected:
+            raise ValueError(
+                f"UnitScaleCallback(mode={self.mode!r}) selects no variable of model "
+                f"'{model.name}': its trainable variables are {[v.path for v in variables]}, "
+                f"include={[p.pattern for p in self.include]}, exclude={[p.pattern for p in self.exclude]}."
+            )
+        return selected
+
+    def _weight_factor(self, values, target_rms):
+        if self.mode == "factor":
+            return self.weight_scale
+        size = math.sqrt(float(np.mean(values**2)) if self.mode == "unit" else float(np.sum(values**2)))
+        if not (size > 0 and math.isfinite(size)):
+            return None
+        return (target_rms if self.mode == "unit" else 1.0) / size
+
+    def _lr_factor(self, weight_factor):
+        if self.lr_scale == "auto":
+            return weight_factor
+        if self.lr_scale == "inverse":
+            return 1.0 / weight_factor
+        return 1.0 if self.lr_scale is None else self.lr_scale
+
+    # Acting.
+
+    def _check_ready(self, model):
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError(
+                f"UnitScaleCallback adjusts the optimizer's learning rate, but model '{model.name}' "
+                "has no optimizer: call `model.compile(optimizer=..., ...)` first."
+            )
+        optimizer = optimizers.unwrap(model.optimizer)
+        if getattr(optimizer, "_learning_rate", None) is None:
+            raise ValueError(
+                f"UnitScaleCallback adjusts the learning rate, but the optimizer "
+                f"{type(optimizer).__name__} has none. Received: optimizer={optimizer!r}"
+            )
+        return optimizer
+
+    def _say(self, message):
+        if self.verbose:
+            io_utils.print_msg(message)
+
+    def on_train_begin(self, logs=None):
+        self._acted = False
+        model = self.model
+        optimizer = self._check_ready(model)
+        if getattr(model, _RECORD, None) is not None:
+            self.record = getattr(model, _RECORD)
+            self._say("UnitScaleCallback: this model was rescaled when it started training; not again.")
+            return
+        steps = int(ops.convert_to_numpy(optimizer.iterations))
+        if steps > 0:
+            self._say(
+                f"UnitScaleCallback: the optimizer has already taken {steps} steps, so this is a "
+                "resumed run: the weights are left as they are."
+            )
+            return
+        untagged = [v for v in getattr(model, "trainable_variables", []) if P.role_of(v) is None]
+        roles = P.tag_model(model)
+        selected = self._select(model, roles)
+        per_variable = isinstance(optimizer, optimizers.UnitScaledOptimizer)
+        if per_variable:
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
+            for variable in untagged:
+                optimizer.set_lr_multiplier(variable, optimizer.default_lr_multiplier(variable))
+        rows = self._rescale(model, optimizer, selected, roles, per_variable)
+        global_lr_factor = None if per_variable else self._scale_global_lr(optimizer, rows)
+        # Functions traced before now hold the old multipliers.
+        model.make_train_function(force=True)
+        model.test_function = model.predict_function = None
+        self.record = {
+            "mode": self.mode,
+            "variables": rows,
+            "global_lr_factor": global_lr_factor,
+            "weight_factor": _geometric_mean([r["weight_factor"] for r in rows if r["weight_factor"]]),
+            "lr_factor": global_lr_factor or _geometric_mean([r["lr_factor"] for r in rows if r["lr_factor"]]),
+        }
+        object.__setattr__(model, _RECORD, self.record)
+        self._acted = True
+        self._report(rows, per_variable)
+
+    def _rescale(self, model, optimizer, selected, roles, per_variable):
+        owners = P.variable_owners(model)
+        rows = []
+        for variable in selected:
+            values = ops.convert_to_numpy(variable).astype("float64")
+            old_rms = float(np.sqrt(np.mean(values**2)))
+            layer = owners.get(id(variable))
+            function_kept = isinstance(layer, WeightMultipliers)
+            # A plain layer computes with its stored weight, so that weight
+            # takes the scale u-μP gives the effective weight.
+            target_rms = 1.0 if function_kept else roles[variable.path].forward_multiplier()
+            alpha = self._weight_factor(values, target_rms)
+            row = {
+                "path": variable.path, "layer": layer.name if layer else None,
+                "role": roles[variable.path].role, "old_rms": old_rms, "new_rms": old_rms,
+                "weight_factor": alpha, "lr_factor": None, "function_kept": function_kept,
+            }
+            rows.append(row)
+            if alpha is None:  # an all-zero tensor has no scale to set
+                continue
+            variable.assign(ops.cast(values * alpha, variable.dtype))
+            row["new_rms"] = old_rms * alpha
+            if row["function_kept"]:
+                layer.set_weight_multiplier(variable.name, layer.weight_multiplier(variable.name) / alpha)
+            beta = self._lr_factor(alpha)
+            row["lr_factor"] = beta
+            if per_variable:
+                optimizer.set_lr_multiplier(variable, optimizer.lr_multiplier(variable) * beta)
+        return rows
+
+    def _scale_global_lr(self, optimizer, rows):
+        betas = [r["lr_factor"] for r in rows if r["lr_factor"] is not None]
+        beta = _geometric_mean(betas)
+        if betas and max(betas) / min(betas) > 1 + 1e-6:
+            warnings.warn(
+                "UnitScaleCallback: the learning-rate factors differ between variables "
+                f"({min(betas):.3g} to {max(betas):.3g}), but {type(optimizer).__name__} has one "
+                f"learning rate: it was multiplied by their geometric mean, {beta:.4g}. For the "
+                "exact factor per variable use an optimizer of keras_unitscale.optimizers.",
+                stacklevel=2,
+            )
+        if beta == 1.0:
+            return beta
+        schedule = optimizer._learning_rate
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            optimizer.learning_rate = optimizers.ScaledSchedule(schedule, beta)
+        elif callable(schedule):
+            optimizer.learning_rate = lambda: schedule() * beta
+        else:
+            optimizer.learning_rate = float(ops.convert_to_numpy(schedule)) * beta
+        return beta
+
+    def _report(self, rows, per_variable):
+        changed = sorted({r["layer"] for r in rows if not r["function_kept"] and r["weight_factor"] not in (None, 1.0)})
+        if changed:
+            warnings.warn(
+                f"UnitScaleCallback rescaled the weights of {len(changed)} plain Keras layer(s) "
+                f"({', '.join(changed)}). A plain layer has no multiplier to absorb the factor, so "
+                "the model now computes a different function. Layers of keras_unitscale.layers "
+                "keep the function (the factor moves into their multiplier).",
+                stacklevel=3,
+            )
+        if not self.verbose:
+            return
+        width = max(len(r["path"]) for r in rows)
+        lines = [
+            f"UnitScaleCallback(mode={self.mode!r}): learning rate adjusted "
+            + ("per variable" if per_variable else f"globally, × {self.record['global_lr_factor']:.4g}"),
+            f"{'variable':<{width}}  {'role':<6}  {'RMS before':>10}  {'RMS after':>10}  {'weight ×':>9}  {'LR ×':>9}",
+        ]
+        for r in rows:
+            if r["weight_factor"] is None:
+                lines.append(f"{r['path']:<{width}}  {r['role']:<6}  {r['old_rms']:>10.4g}  (all zero: left alone)")
+                continue
+            lines.append(
+                f"{r['path']:<{width}}  {r['role']:<6}  {r['old_rms']:>10.4g}  {r['new_rms']:>10.4g}  "
+                f"{r['weight_factor']:>9.4g}  {r['lr_factor']:>9.4g}"
+            )
+        io_utils.print_msg("\n".join(lines))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._acted and logs is not None:
+            logs["unit_scale_weight_factor"] = self.record["weight_factor"]
+            logs["unit_scale_lr_factor"] = self.record["lr_factor"]

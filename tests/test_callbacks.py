@@ -1,0 +1,326 @@
+"""UnitScaleCallback: same function and trajectory for our layers, the seeds' modes, once only, low precision."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_unitscale import layers as L
+from keras_unitscale import optimizers as O
+from keras_unitscale.callbacks import UnitScaleCallback
+from keras_unitscale.demo import load_breast_cancer
+from tests.helpers import rms
+from tests.helpers import unit_normal
+
+STEPS = 30
+BATCH = 16
+
+
+class StepLosses(keras.callbacks.Callback):
+    """Each step's own loss (Keras logs the running mean of the epoch)."""
+
+    def on_train_begin(self, logs=None):
+        self.means = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.means.append(float(logs["loss"]))
+
+    @property
+    def losses(self):
+        means = np.asarray(self.means, "float64")
+        steps = np.arange(1, len(means) + 1)
+        return means * steps - np.concatenate([[0.0], means[:-1] * steps[:-1]])
+
+
+def _glorot_model():
+    """A model of our layers whose weights are not at unit scale (Keras's default initialiser)."""
+    keras.utils.set_random_seed(3)
+    init = "glorot_uniform"
+    return keras.Sequential(
+        [
+            keras.Input((16,)),
+            L.Dense(64, activation="relu", kernel_initializer=init, role="input", name="input"),
+            L.LayerNormalization(name="norm"),
+            L.Dense(32, activation="gelu", kernel_initializer=init, name="hidden"),
+            L.Dense(1, role="output", kernel_initializer=init, name="readout"),
+        ],
+        name="mlp",
+    )
+
+
+def _regression_data():
+    x = unit_normal(STEPS * BATCH, 16)
+    return x, np.tanh(x[:, :1] * x[:, 1:2] + x[:, 2:3]).astype("float32")
+
+
+def _effective_weights(model):
+    return {
+        v.path: ops.convert_to_numpy(v) * getattr(layer, "weight_multiplier", lambda name: 1.0)(v.name)
+        for layer in model.layers
+        for v in layer.trainable_variables
+    }
+
+
+def _train(make_optimizer, callbacks):
+    x, y = _regression_data()
+    model = _glorot_model()
+    model.compile(make_optimizer(), "mse")
+    recorder = StepLosses()
+    initial = model.evaluate(x, y, verbose=0)
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks + [recorder])
+    history.history["learned"] = model.evaluate(x, y, verbose=0) / initial
+    return recorder.losses, _effective_weights(model), history
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda: O.Adam(0.1),
+        lambda: O.SGD(0.3, momentum=0.9),
+        lambda: O.AdamW(keras.optimizers.schedules.CosineDecay(0.03, STEPS, warmup_steps=5, warmup_target=0.1),
+                        weight_decay=1e-3),
+    ],
+    ids=["adam", "sgd-momentum", "adamw-schedule"],
+)
+def test_unit_mode_keeps_the_training_trajectory(make_optimizer):
+    plain_losses, plain_weights, plain_history = _train(make_optimizer, [])
+    losses, weights, history = _train(make_optimizer, [UnitScaleCallback(verbose=0)])
+    assert len(losses) == STEPS
+    np.testing.assert_allclose(losses, plain_losses, rtol=1e-4)
+    assert plain_history.history["learned"] < 0.8, "the model should learn in 30 steps"
+    for path, value in plain_weights.items():
+        np.testing.assert_allclose(weights[path], value, rtol=1e-4, atol=1e-5 * rms(value))
+    # The factors were not trivial: Glorot weights are far from unit RMS.
+    assert history.history["unit_scale_weight_factor"][0] > 3
+
+
+def test_unit_mode_moves_every_layer_type_to_unit_scale_and_keeps_the_function():
+    keras.utils.set_random_seed(1)
+    init = keras.initializers.RandomNormal(stddev=0.2)
+    inputs = keras.Input((10,), dtype="int32")
+    x = L.Embedding(30, 16, embeddings_initializer=init, name="embed")(inputs)
+    x = L.TransformerBlock(num_heads=2, index=0, depth=1, name="block")(x)
+    x = L.LSTM(12, return_sequences=True, kernel_initializer=init, recurrent_initializer=init, name="lstm")(x)
+    x = L.RMSNormalization(gamma_initializer=keras.initializers.Constant(0.3), name="rms")(x)
+    outputs = L.Dense(30, role="output", kernel_initializer=init, name="readout")(x)
+    model = keras.Model(inputs, outputs)
+    for variable in model.get_layer("block").trainable_variables:  # off unit scale, too
+        variable.assign(ops.convert_to_numpy(variable) * 0.3)
+    tokens = np.random.default_rng(0).integers(0, 30, size=(32, 10))
+    model.compile(O.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = ops.convert_to_numpy(model.predict(tokens, verbose=0))  # traces a predict function
+
+    callback = UnitScaleCallback(include=".", verbose=0)
+    model.fit(tokens, tokens, epochs=0, verbose=0, callbacks=[callback])
+
+    np.testing.assert_allclose(ops.convert_to_numpy(model.predict(tokens, verbose=0)), before, rtol=1e-4, atol=1e-5)
+    for variable in model.trainable_variables:
+        if np.any(ops.convert_to_numpy(variable)):
+            assert rms(variable) == pytest.approx(1.0, rel=1e-5), variable.path
+    assert all(row["function_kept"] for row in callback.record["variables"])
+    # The multipliers are in the configs, so a saved model computes the same.
+    clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    np.testing.assert_allclose(ops.convert_to_numpy(clone.predict(tokens, verbose=0)), before, rtol=1e-4, atol=1e-5)
+
+
+def _seed_000_model(input_dim=30):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((input_dim,)),
+            keras.layers.Dense(128, activation="relu", name="a"),
+            keras.layers.Dense(64, activation="relu", name="b"),
+            keras.layers.Dense(1, activation="sigmoid", name="c"),
+        ],
+        name="seed_000",
+    )
+
+
+def test_factor_mode_is_the_seeds_parameter_scaling():
+    model = _seed_000_model()
+    model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    before = {v.path: ops.convert_to_numpy(v) for v in model.trainable_variables}
+    x, y = unit_normal(8, 30), np.ones((8, 1), "float32")
+    with pytest.warns(UserWarning, match="different function"):
+        model.fit(x, y, epochs=0, verbose=0, callbacks=[UnitScaleCallback("factor", 0.5, "inverse", verbose=0)])
+    for variable in model.trainable_variables:
+        factor = 0.5 if variable.path.endswith("kernel") else 1.0  # biases are left alone
+        np.testing.assert_array_equal(ops.convert_to_numpy(variable), before[variable.path] * factor)
+    assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(2e-3)
+
+
+def test_factor_mode_wraps_a_schedule():
+    model = _seed_000_model()
+    schedule = keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.5)
+    model.compile(keras.optimizers.SGD(schedule), "binary_crossentropy")
+    x, y = unit_normal(32, 30), np.ones((32, 1), "float32")
+    with pytest.warns(UserWarning):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0,
+                  callbacks=[UnitScaleCallback("factor", 0.25, "inverse", verbose=0)])
+    assert isinstance(model.optimizer._learning_rate, O.ScaledSchedule)
+    # Two steps taken: the schedule goes on, × 4.
+    assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(4e-3 * 0.5 ** (2 / 10))
+
+
+def test_l2_mode_gives_each_tensor_unit_norm():
+    model = _seed_000_model()
+    model.compile("adam", "binary_crossentropy")
+    for variable in model.trainable_variables:
+        variable.assign(ops.convert_to_numpy(variable) + 0.1)  # no zero biases
+    with pytest.warns(UserWarning):
+        model.fit(unit_normal(8, 30), np.ones((8, 1)), epochs=0, verbose=0, callbacks=[UnitScaleCallback("l2", verbose=0)])
+    for variable in model.trainable_variables:
+        assert float(np.linalg.norm(ops.convert_to_numpy(variable).astype("float64"))) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_learning_rates_per_variable_on_ours_globally_otherwise():
+    x, y = _regression_data()
+    model = _glorot_model()
+    optimizer = O.Adam(1e-3)
+    model.compile(optimizer, "mse")
+    optimizer.build(model.trainable_variables)
+    defaults = {v.path: optimizer.lr_multiplier(v) for v in model.trainable_variables}
+    callback = UnitScaleCallback(verbose=0)
+    model.fit(x, y, epochs=0, verbose=0, callbacks=[callback])
+    rows = {row["path"]: row for row in callback.record["variables"]}
+    for variable in model.trainable_variables:
+        expected = defaults[variable.path] * (rows[variable.path]["lr_factor"] if variable.path in rows else 1.0)
+        assert optimizer.lr_multiplier(variable) == pytest.approx(expected, rel=1e-6)
+    assert float(ops.convert_to_numpy(optimizer.learning_rate)) == pytest.approx(1e-3)
+
+    model = _glorot_model()
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    with pytest.warns(UserWarning, match="geometric mean"):
+        model.fit(x, y, epochs=0, verbose=0, callbacks=[callback := UnitScaleCallback(verbose=0)])
+    factors = [row["lr_factor"] for row in callback.record["variables"]]
+    expected = float(np.exp(np.mean(np.log(factors))))
+    assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-3 * expected, rel=1e-5)
+
+
+def test_acts_once_across_fits_and_save_load(tmp_path):
+    x, y = _regression_data()
+    model = _glorot_model()
+    model.compile(O.Adam(1e-3), "mse")
+    model.fit(x, y, epochs=1, batch_size=BATCH, verbose=0, callbacks=[UnitScaleCallback(verbose=0)])
+    multipliers = {layer.name: layer.weight_multipliers for layer in model.layers}
+
+    def lr_factors(model):  # by layer and name: a reloaded Sequential's paths lose the model's name
+        return {(layer.name, v.name): model.optimizer.lr_multiplier(v) for layer in model.layers
+                for v in layer.trainable_variables}
+
+    factors = lr_factors(model)
+
+    def weights_after_start(model):
+        model.fit(x, y, epochs=0, verbose=0, callbacks=[second := UnitScaleCallback(verbose=0)])
+        return second, [ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+    before = [ops.convert_to_numpy(v) for v in model.trainable_variables]
+    second, after = weights_after_start(model)
+    assert not second._acted and second.record is not None
+    for value, expected in zip(after, before):
+        np.testing.assert_array_equal(value, expected)
+
+    model.save(tmp_path / "trained.keras")
+    reloaded = keras.saving.load_model(tmp_path / "trained.keras")
+    assert {layer.name: layer.weight_multipliers for layer in reloaded.layers} == multipliers
+    third, after = weights_after_start(reloaded)
+    assert not third._acted
+    for value, expected in zip(after, before):
+        np.testing.assert_array_equal(value, expected)
+    assert lr_factors(reloaded) == pytest.approx(factors)
+
+
+def test_verbose_prints_one_table_and_history_has_the_factors(capsys):
+    x, y = _regression_data()
+    model = _glorot_model()
+    model.compile(O.Adam(1e-3), "mse")
+    history = model.fit(x, y, epochs=2, batch_size=BATCH * 10, verbose=0, callbacks=[UnitScaleCallback()])
+    out = capsys.readouterr().out
+    assert out.count("UnitScaleCallback(mode='unit')") == 1
+    for path in ("mlp/input/kernel", "mlp/hidden/kernel", "mlp/readout/kernel"):
+        row = next(line for line in out.splitlines() if line.startswith(path))
+        old, new, weight_factor, lr_factor = (float(v) for v in row.split()[2:])
+        assert new == pytest.approx(1.0, rel=1e-3) and weight_factor == pytest.approx(1 / old, rel=1e-3)
+        assert lr_factor == pytest.approx(weight_factor, rel=1e-3)
+    assert "mlp/norm/gamma" not in out  # norm gains and biases are left alone by default
+    assert len(history.history["unit_scale_weight_factor"]) == 2
+
+
+def test_include_and_exclude_select_by_path():
+    x, y = _regression_data()
+    model = _glorot_model()
+    model.compile(O.Adam(1e-3), "mse")
+    callback = UnitScaleCallback(include="kernel", exclude="readout", verbose=0)
+    model.fit(x, y, epochs=0, verbose=0, callbacks=[callback])
+    assert [row["path"] for row in callback.record["variables"]] == ["mlp/input/kernel", "mlp/hidden/kernel"]
+
+
+def test_mixed_float16_with_loss_scaling_adjusts_the_wrapped_optimizer():
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = _regression_data()
+    model = _glorot_model()
+    model.compile(O.Adam(1e-3), "mse")  # Keras wraps it in a LossScaleOptimizer
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    history = model.fit(x, y, epochs=2, batch_size=BATCH, verbose=0, callbacks=[UnitScaleCallback(verbose=0)])
+    inner = model.optimizer.inner_optimizer
+    assert inner.lr_multiplier(model.get_layer("hidden").kernel) > 32**-0.5
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_seed_000_trains_in_float16_without_loss_scaling():
+    x, y = load_breast_cancer()
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[:455], order[455:]
+
+    def accuracy(policy):
+        keras.config.set_dtype_policy(policy)
+        model = _seed_000_model()
+        model.compile("adam", "binary_crossentropy", metrics=["accuracy"], auto_scale_loss=False)
+        with pytest.warns(UserWarning, match="different function"):
+            model.fit(x[train], y[train], epochs=20, batch_size=32, verbose=0, callbacks=[UnitScaleCallback(verbose=0)])
+        assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        return model.evaluate(x[test], y[test], verbose=0)[1]
+
+    float32, float16 = accuracy("float32"), accuracy("mixed_float16")
+    assert float32 > 0.9
+    assert abs(float16 - float32) <= 0.01
+
+
+def test_errors_are_clear_and_early():
+    with pytest.raises(ValueError, match="mode='scale'"):
+        UnitScaleCallback(mode="scale")
+    with pytest.raises(ValueError, match="weight_scale=None"):
+        UnitScaleCallback(mode="factor")
+    with pytest.raises(ValueError, match="weight_scale=-0.5"):
+        UnitScaleCallback(mode="factor", weight_scale=-0.5)
+    with pytest.raises(ValueError, match="weight_scale=0"):
+        UnitScaleCallback(mode="factor", weight_scale=0)
+    with pytest.raises(ValueError, match="only with mode='factor'"):
+        UnitScaleCallback(mode="unit", weight_scale=2.0)
+    with pytest.raises(ValueError, match="lr_scale='double'"):
+        UnitScaleCallback(lr_scale="double")
+    with pytest.raises(ValueError, match="regular expression"):
+        UnitScaleCallback(include="(")
+
+    x, y = _regression_data()
+    model = _glorot_model()
+    model.compile(O.Adam(1e-3), "mse")
+    with pytest.raises(ValueError, match=re.escape("'decoder' matches no trainable variable")):
+        model.fit(x, y, epochs=0, verbose=0, callbacks=[UnitScaleCallback(include="decoder")])
+    with pytest.raises(ValueError, match="selects no variable"):
+        model.fit(x, y, epochs=0, verbose=0, callbacks=[UnitScaleCallback(exclude="kernel")])
+
+    unbuilt = keras.Sequential([keras.layers.Dense(4)])
+    unbuilt.compile("adam", "mse")
+    callback = UnitScaleCallback()
+    callback.set_model(unbuilt)
+    with pytest.raises(ValueError, match="not built.*keras.Input"):
+        callback.on_train_begin()
+
+    uncompiled = _glorot_model()
+    callback.set_model(uncompiled)
+    with pytest.raises(ValueError, match="no optimizer"):
+        callback.on_train_begin()
