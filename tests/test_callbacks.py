@@ -324,3 +324,8 @@ def test_errors_are_clear_and_early():
     callback.set_model(uncompiled)
     with pytest.raises(ValueError, match="no optimizer"):
         callback.on_train_begin()
+
+    model.optimizer._learning_rate = None  # an optimizer without a learning rate
+    callback.set_model(model)
+    with pytest.raises(ValueError, match="adjusts the learning rate, but the optimizer Adam has none"):
+        callback.on_train_begin()

@@ -212,3 +212,34 @@ def test_trains_under_a_tf_distribution_strategy():
         model.compile(O.AdamW(0.01, weight_decay=0.01), "mse")
     history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+@pytest.mark.parametrize("width, depth", [(32, 2), (64, 2), (32, 4)])
+def test_every_transformer_variable_gets_the_table_value(width, depth):
+    inputs = keras.Input((8,), dtype="int32")
+    x = L.Embedding(40, width, name="embed")(inputs)
+    for i in range(depth):
+        x = L.TransformerBlock(num_heads=4, index=i, depth=depth, name=f"block{i}")(x)
+    x = L.LayerNormalization(name="final_norm")(x)
+    model = keras.Model(inputs, L.Dense(40, role="output", name="readout")(x))
+    optimizer = O.Adam(0.01)
+    optimizer.build(model.trainable_variables)
+    stack = depth**-0.5
+    expected_by_name = {
+        "embed/embeddings": width**-0.5,
+        "query_kernel": width**-0.5 * stack,
+        "key_kernel": width**-0.5 * stack,
+        "value_kernel": width**-0.5 * stack,
+        "output_kernel": width**-0.5 * stack,  # fan-in: heads × key_dim = width
+        "attention_norm/gamma": stack,
+        "mlp_norm/gamma": stack,
+        "mlp_up/kernel": width**-0.5 * stack,
+        "mlp_down/kernel": (4 * width) ** -0.5 * stack,
+        "final_norm/gamma": 1.0,
+        "final_norm/beta": 1.0,
+        "readout/kernel": 1.0,
+        "readout/bias": 1.0,
+    }
+    for variable in model.trainable_variables:
+        (expected,) = [value for name, value in expected_by_name.items() if variable.path.endswith(name)]
+        assert optimizer.lr_multiplier(variable) == pytest.approx(expected), variable.path
