@@ -1,7 +1,6 @@
 """Callbacks: `UnitScaleCallback`, which moves a model's weights to unit scale when training starts."""
 
 import math
-import re
 import warnings
 
 import keras
@@ -20,18 +19,6 @@ MODES = ("unit", "factor", "l2")
 LR_SCALES = ("auto", "inverse", None)
 # Where the record of what the callback did is kept on the model object.
 _RECORD = "_keras_unitscale_record"
-
-
-def _patterns(name, value):
-    if value is None:
-        return []
-    patterns = [value] if isinstance(value, str) else value
-    try:
-        return [re.compile(pattern) for pattern in patterns]
-    except (re.error, TypeError) as error:
-        raise ValueError(
-            f"`{name}` must be a regular expression or a list of them. Received: {name}={value!r} ({error})"
-        ) from None
 
 
 def _geometric_mean(values):
@@ -62,6 +49,9 @@ class UnitScaleCallback(keras.callbacks.Callback):
     the gradient's scale, and SGD's is the unchanged gradient times the
     learning rate: for both, `β = α` gives the same effective update, so the
     model follows the same training trajectory. That is `lr_scale="auto"`.
+    (In a plain layer the gradient changes with the weights; there `β = α`
+    keeps the update's size relative to the weight exact for Adam, and for
+    SGD only to first order.)
     (Independent weight decay, the default of our optimizers, is exact too:
     it shrinks `w` and `m·w` by the same fraction.)
 
@@ -95,7 +85,9 @@ class UnitScaleCallback(keras.callbacks.Callback):
     It acts once, at the true start of training: not again in a second
     `fit`, nor on a model whose optimizer has already taken steps (a model
     saved after training and loaded with its optimizer, or restored by
-    `BackupAndRestore`). What it did is in `callback.record`, and the mean
+    `BackupAndRestore`), nor on a model whose layers already hold weight
+    multipliers (rescaled before, and saved with them; our optimizers then
+    rebuild the learning rates from the multipliers). What it did is in `callback.record`, and the mean
     factors are in the `History` logs as `unit_scale_weight_factor` and
     `unit_scale_lr_factor`.
 
@@ -136,8 +128,8 @@ class UnitScaleCallback(keras.callbacks.Callback):
                 )
             lr_scale = float(lr_scale)
         self.lr_scale = lr_scale
-        self.include = _patterns("include", include)
-        self.exclude = _patterns("exclude", exclude)
+        self.include = checks.patterns("include", include)
+        self.exclude = checks.patterns("exclude", exclude)
         self.verbose = checks.one_of("verbose", verbose, (0, 1))
         self.record = None
         self._acted = False
@@ -176,7 +168,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             return None
         return (target_rms if self.mode == "unit" else 1.0) / size
 
-    def _lr_factor(self, weight_factor):
+    def _beta(self, weight_factor):
         if self.lr_scale == "auto":
             return weight_factor
         if self.lr_scale == "inverse":
@@ -218,8 +210,18 @@ class UnitScaleCallback(keras.callbacks.Callback):
                 "resumed run: the weights are left as they are."
             )
             return
-        untagged = [v for v in getattr(model, "trainable_variables", []) if P.role_of(v) is None]
-        roles = P.tag_model(model)
+        P.check_built(model)
+        multiplied = [v.path for v in model.trainable_variables if P.weight_multiplier_of(v) != 1.0]
+        if multiplied:
+            self._say(
+                "UnitScaleCallback: the model's layers already hold weight multipliers (for "
+                f"{', '.join(multiplied[:3])}{', ...' if len(multiplied) > 3 else ''}): it was "
+                "rescaled or converted before, so it is left as it is."
+            )
+            return
+        untagged = [v for v in model.trainable_variables if P.role_of(v) is None]
+        # Roles the user gave with `tag_model(model, overrides)` are kept.
+        roles = P.tag_model(model) if untagged else {v.path: P.role_of(v) for v in model.trainable_variables}
         selected = self._select(model, roles)
         per_variable = isinstance(optimizer, optimizers.UnitScaledOptimizer)
         if per_variable:
@@ -267,7 +269,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             row["new_rms"] = old_rms * alpha
             if row["function_kept"]:
                 layer.set_weight_multiplier(variable.name, layer.weight_multiplier(variable.name) / alpha)
-            beta = self._lr_factor(alpha)
+            beta = self._beta(alpha)
             row["lr_factor"] = beta
             if per_variable:
                 optimizer.set_lr_multiplier(variable, optimizer.lr_multiplier(variable) * beta)

@@ -1,6 +1,7 @@
 """Argument checks shared by the ops and layers: each raises a `ValueError` naming the value."""
 
 import math
+import re
 
 
 def _is_number(value):
@@ -43,3 +44,16 @@ def one_of(name, value, options):
     if value not in options:
         raise ValueError(f"Unknown `{name}`. Expected one of {list(options)}. Received: {name}={value!r}")
     return value
+
+
+def patterns(name, value):
+    """A regular expression or a list of them, compiled; None gives []."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    try:
+        return [re.compile(item) for item in items]
+    except (re.error, TypeError) as error:
+        raise ValueError(
+            f"`{name}` must be a regular expression or a list of them. Received: {name}={value!r} ({error})"
+        ) from None

@@ -3,11 +3,18 @@
 Each optimizer keeps, beside its usual state, one scalar per trained variable:
 the factor on the base learning rate for that variable. By default it is the
 u-μP factor of `keras_unitscale.parametrization` for the variable's role,
-width and depth; `lr_multipliers` overrides it by variable path, and
-`UnitScaleCallback` multiplies into it when it moves a weight's scale. The
-factors are optimizer variables, so they are saved and restored with the
-optimizer's state (`model.save`, `BackupAndRestore`), and they are read at run
-time, so changing one never needs a retrace.
+width and depth (`lr_multipliers` overrides it by variable path), divided by
+the forward multiplier `m` the variable's layer applies to it, so that the
+effective weight `m·w` moves as an unmultiplied weight would. The factors
+are optimizer variables, so they are saved and restored with the optimizer's
+state (`model.save`, `BackupAndRestore`), and they are read at run time, so
+changing one (`set_lr_multiplier`, as `UnitScaleCallback` does) needs no
+retrace.
+
+Roles come from our layers, which declare them. Variables of plain Keras
+layers have none until `parametrization.tag_model(model)` infers them
+(`UnitScaleCallback` does this itself); until then they take factor 1, as in
+the Keras optimizer.
 
 Weight decay is decoupled and, by default, *independent* (as u-μP has it):
 each step multiplies a variable by `1 - weight_decay · η_t/η_peak`, where
@@ -23,7 +30,6 @@ callbacks, TensorFlow, JAX and PyTorch (on PyTorch Keras swaps its own exact
 """
 
 import math
-import re
 
 import keras
 from keras import ops
@@ -50,12 +56,6 @@ def _check_lr_multipliers(lr_multipliers):
             f"paths to a factor > 0. Received: lr_multipliers={lr_multipliers!r}"
         )
     for pattern, value in lr_multipliers.items():
-        try:
-            re.compile(pattern)
-        except (re.error, TypeError) as error:
-            raise ValueError(
-                f"`lr_multipliers` keys must be regular expressions. Received: {pattern!r} ({error})"
-            ) from None
         checks.positive(f"lr_multipliers[{pattern!r}]", value)
     return {pattern: float(value) for pattern, value in lr_multipliers.items()}
 
@@ -79,6 +79,8 @@ class UnitScaledOptimizer:
     ):
         self.parametrization = checks.one_of("parametrization", parametrization, PARAMETRIZATIONS)
         self.lr_multipliers = _check_lr_multipliers(lr_multipliers)
+        self._lr_patterns = list(zip(checks.patterns("lr_multipliers keys", list(self.lr_multipliers)),
+                                     self.lr_multipliers.values()))
         self.independent_weight_decay = bool(independent_weight_decay)
         self.readout_constraint = checks.one_of(
             "readout_constraint", readout_constraint, P.READOUT_CONSTRAINTS
@@ -105,14 +107,23 @@ class UnitScaledOptimizer:
     # The learning-rate factors.
 
     def default_lr_multiplier(self, variable):
-        """The factor `variable` starts with: an `lr_multipliers` match, else its u-μP factor, else 1."""
-        for pattern, value in self.lr_multipliers.items():
-            if re.search(pattern, variable.path):
-                return value
+        """The factor `variable` starts with.
+
+        An `lr_multipliers` match, else its u-μP factor, else 1; divided by
+        the forward multiplier `m` its layer applies to it, so that the
+        effective weight `m·w` moves as an unmultiplied weight would.
+        """
+        factor = None
+        for pattern, value in self._lr_patterns:
+            if pattern.search(variable.path):
+                factor = value
+                break
         role = P.role_of(variable)
-        if self.parametrization is None or role is None:
-            return 1.0
-        return role.lr_multiplier(self.family, self.readout_constraint)
+        if factor is None:
+            factor = 1.0 if self.parametrization is None or role is None else role.lr_multiplier(
+                self.family, self.readout_constraint
+            )
+        return factor / P.weight_multiplier_of(variable)
 
     def build(self, variables):
         if self.built:
@@ -193,7 +204,7 @@ _ARGS = """
         parametrization: "u-mup" (each variable's factor from its role, see
             `keras_unitscale.parametrization`) or None (factor 1, as Keras).
         lr_multipliers: {regular expression over variable paths: factor},
-            overriding the default factor of the variables it matches (the
+            overriding the u-μP factor of the variables it matches (the
             first matching pattern wins).
         weight_decay: decoupled weight decay, None or a float.
         independent_weight_decay: decay independent of the learning rate's
@@ -242,8 +253,11 @@ class AdamW(UnitScaledOptimizer, keras.optimizers.AdamW):
     __doc__ = (
         """AdamW with u-μP's learning rate per variable: the drop-in for `keras.optimizers.AdamW`.
 
-    Adam with a decoupled weight decay of 0.004 by default (as Keras's AdamW),
-    independent of the learning rate by default (see the module docstring).
+    Adam with decoupled weight decay, independent of the learning rate by
+    default (see the module docstring). The default, 4e-6 a step at the peak
+    learning rate, is the decay Keras's `AdamW` applies at its defaults
+    (`weight_decay=0.004` × `learning_rate=0.001`): Keras multiplies its
+    `weight_decay` by the learning rate, an independent decay does not.
 """
         + _ARGS.replace("{keras_args}", "beta_1, beta_2, epsilon, amsgrad, clipnorm, ...")
     )
@@ -253,7 +267,7 @@ class AdamW(UnitScaledOptimizer, keras.optimizers.AdamW):
         learning_rate=0.001,
         parametrization="u-mup",
         lr_multipliers=None,
-        weight_decay=0.004,
+        weight_decay=4e-6,
         independent_weight_decay=True,
         peak_learning_rate=None,
         **kwargs,

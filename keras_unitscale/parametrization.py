@@ -6,15 +6,15 @@ multiplier and a learning-rate multiplier:
 
 | role   | init    | forward multiplier | Adam LR        | SGD LR (constrained readout) |
 |--------|---------|--------------------|----------------|------------------------------|
-| input  | N(0, 1) | fan_in^-1/2 (1)    | fan_out^-1/2   | fan_out^1/2                  |
+| input  | N(0, 1) | fan_in^-1/2 *      | fan_out^-1/2   | fan_out^1/2                  |
 | hidden | N(0, 1) | fan_in^-1/2        | fan_in^-1/2    | fan_in^1/2                   |
 | output | N(0, 1) | fan_in^-1          | 1              | 1                            |
 | bias   | 0       | 1                  | 1              | size                         |
 | norm   | 1       | 1                  | 1              | size                         |
 
 Variables inside a stack of `depth` residual blocks take a further learning
-rate × `depth^-1/2`. An embedding looks one row up, so its fan-in is 1 and
-its forward multiplier 1, as u-μP has it for the input weight; an input
+rate × `depth^-1/2`. (*) An embedding looks one row up, so its fan-in is 1
+and its forward multiplier 1, as u-μP has it for the input weight; an input
 `Dense` sums over its input features. `_TABLE` below is the one place these
 rules live: the forward multipliers are applied by the ops of
 `keras_unitscale.functional` (the tests check that the two agree), the
@@ -36,6 +36,7 @@ input; without one, the first layer with a kernel is the input; the last
 import dataclasses
 import math
 import re
+import weakref
 
 import keras
 
@@ -47,6 +48,7 @@ READOUT_CONSTRAINTS = (None, "to_output_scale")
 
 # role: (forward multiplier, Adam learning rate, constrained-readout SGD
 # learning rate), each as (the size it depends on, its exponent).
+FORWARD, ADAM_LR, CONSTRAINED_SGD_LR = range(3)
 _TABLE = {
     "input": (("fan_in", -0.5), ("fan_out", -0.5), ("fan_out", 0.5)),
     "hidden": (("fan_in", -0.5), ("fan_in", -0.5), ("fan_in", 0.5)),
@@ -55,7 +57,11 @@ _TABLE = {
     "norm": ((None, 0.0), (None, 0.0), ("fan_out", 1.0)),
 }
 
-_ATTRIBUTE = "_keras_unitscale_role"
+# The role a layer of ours declares for its variable, and the role
+# `tag_model` gives it within a model (recomputed on every call).
+_DECLARED = "_keras_unitscale_role"
+_IN_MODEL = "_keras_unitscale_model_role"
+_OWNER = "_keras_unitscale_owner"
 _NORM_NAMES = re.compile(r"(gamma|scale)$")
 
 
@@ -104,7 +110,7 @@ class WeightRole:
 
     def forward_multiplier(self):
         """The factor u-μP applies to this weight in the forward pass."""
-        return self._rule(0)
+        return self._rule(FORWARD)
 
     def lr_multiplier(self, family="adam", readout_constraint=None):
         """The factor on the base learning rate for this variable.
@@ -119,30 +125,42 @@ class WeightRole:
         checks.one_of("readout_constraint", readout_constraint, READOUT_CONSTRAINTS)
         constrained_sgd = family == "sgd" and readout_constraint is not None
         depth_factor = 1.0 if self.depth is None else self.depth**-0.5
-        return self._rule(2 if constrained_sgd else 1) * depth_factor
+        return self._rule(CONSTRAINED_SGD_LR if constrained_sgd else ADAM_LR) * depth_factor
 
     def with_depth(self, depth):
         return dataclasses.replace(self, depth=depth)
 
 
-def tag(variable, role, fan_in=None, fan_out=None, depth=None):
-    """Attaches a `WeightRole` to `variable` (our layers call this when they build)."""
+def tag(variable, role, fan_in=None, fan_out=None, depth=None, owner=None):
+    """Declares `variable`'s `WeightRole` (our layers call this when they build).
+
+    `owner`, the layer holding the variable, is where its forward multiplier
+    is read from (see `weight_multiplier_of`).
+    """
     weight_role = role if isinstance(role, WeightRole) else WeightRole(role, fan_in, fan_out, depth)
-    setattr(variable, _ATTRIBUTE, weight_role)
+    setattr(variable, _DECLARED, weight_role)
+    if owner is not None:
+        setattr(variable, _OWNER, weakref.ref(owner))
     return weight_role
 
 
 def role_of(variable):
-    """The `WeightRole` attached to `variable`, or None."""
-    return getattr(variable, _ATTRIBUTE, None)
+    """`variable`'s `WeightRole`: as `tag_model` last gave it, else as its layer declared it, else None."""
+    return getattr(variable, _IN_MODEL, None) or getattr(variable, _DECLARED, None)
+
+
+def weight_multiplier_of(variable):
+    """The fixed forward multiplier the layer holding `variable` applies to it (1 for plain layers)."""
+    owner = getattr(variable, _OWNER, lambda: None)()
+    return owner.weight_multiplier(variable.name) if owner is not None else 1.0
 
 
 def set_depth(variables, depth):
     """Marks `variables` as belonging to a residual stack of `depth` blocks."""
     for variable in variables:
-        role = role_of(variable)
+        role = getattr(variable, _DECLARED, None)
         if role is not None:
-            tag(variable, role.with_depth(depth))
+            setattr(variable, _DECLARED, role.with_depth(depth))
 
 
 def _contracted_size(layer, kernel):
@@ -166,9 +184,8 @@ def _kernel_fans(layer, variable):
         return 1, shape[-1]
     else:
         # Dense (in, out), convolutions (..., in, out), recurrent kernels
-        # (in, gates·units): everything but the last axis is summed over,
-        # except for recurrent kernels, whose fan-in is the first axis.
-        fan_in = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
+        # (in, gates·units): every axis but the last is summed over.
+        fan_in = math.prod(shape[:-1])
     return fan_in, max(1, math.prod(shape) // fan_in)
 
 
@@ -205,22 +222,21 @@ def variable_owners(model):
 
 def _check_overrides(overrides):
     if overrides is None:
-        return {}
+        return []
     if not isinstance(overrides, dict):
         raise ValueError(
             "`overrides` must be a dict mapping a regular expression over variable "
             f"paths to a role or a WeightRole. Received: overrides={overrides!r}"
         )
-    for pattern, role in overrides.items():
-        re.compile(pattern)
+    for role in overrides.values():
         if not isinstance(role, WeightRole):
             checks.one_of("role", role, ROLES)
-    return overrides
+    return list(zip(checks.patterns("overrides", list(overrides)), overrides.values()))
 
 
 def _override(overrides, variable, inferred):
-    for pattern, role in overrides.items():
-        if re.search(pattern, variable.path):
+    for pattern, role in overrides:
+        if pattern.search(variable.path):
             if isinstance(role, WeightRole):
                 return role
             shape = tuple(variable.shape) or (1,)
@@ -228,6 +244,16 @@ def _override(overrides, variable, inferred):
             fan_out = inferred.fan_out or math.prod(shape) // fan_in
             return WeightRole(role, fan_in=fan_in, fan_out=fan_out, depth=inferred.depth)
     return inferred
+
+
+def check_built(model):
+    """Raises a `ValueError` saying how to build `model` if its variables do not exist yet."""
+    if not model.built:
+        raise ValueError(
+            f"The model '{model.name}' is not built, so its variables do not exist yet. "
+            "Build it first: start it with `keras.Input(shape)`, call `model.build(input_shape)`, "
+            "or call it on a batch of data."
+        )
 
 
 def tag_model(model, overrides=None):
@@ -254,28 +280,24 @@ def tag_model(model, overrides=None):
     [('mlp/a/kernel', 'input'), ('mlp/a/bias', 'bias'), ('mlp/b/kernel', 'hidden'), ('mlp/b/bias', 'bias'), ('mlp/c/kernel', 'output'), ('mlp/c/bias', 'bias')]
     """
     overrides = _check_overrides(overrides)
-    if not model.built:
-        raise ValueError(
-            f"The model '{model.name}' is not built, so its variables do not exist yet. "
-            "Build it first: start it with `keras.Input(shape)`, call `model.build(input_shape)`, "
-            "or call it on a batch of data."
-        )
+    check_built(model)
     layers = _weighted_layers(model)
-    has_embedding = any(isinstance(layer, keras.layers.Embedding) for layer in layers)
-    kernel_layers = [
-        layer for layer in layers
-        if role_of(_owned_variables(layer)[0]) is None
-        and any(len(v.shape) >= 2 for v in _owned_variables(layer))
-    ]
-    dense_layers = [layer for layer in kernel_layers if isinstance(layer, keras.layers.Dense)]
-    first = None if has_embedding or not kernel_layers else kernel_layers[0]
-    last = dense_layers[-1] if dense_layers else None
+    declared = {id(v): getattr(v, _DECLARED, None) for layer in layers for v in _owned_variables(layer)}
+    declared_roles = {role.role for role in declared.values() if role is not None}
+    kernel_layers = [layer for layer in layers if any(len(v.shape) >= 2 for v in _owned_variables(layer))]
+    # A plain layer is the input if it comes first and the model has no
+    # embedding (ours or Keras's) and declares no input; likewise the output.
+    has_input = "input" in declared_roles or any(isinstance(layer, keras.layers.Embedding) for layer in layers)
+    first = kernel_layers[0] if kernel_layers and not has_input else None
+    last = kernel_layers[-1] if kernel_layers and "output" not in declared_roles else None
+    if not isinstance(last, (keras.layers.Dense, keras.layers.EinsumDense)):
+        last = None
     for layer in layers:
         for variable in _owned_variables(layer):
-            role = role_of(variable) or _inferred_role(
+            role = declared[id(variable)] or _inferred_role(
                 layer, variable, is_input=layer is first and layer is not last, is_output=layer is last
             )
-            tag(variable, _override(overrides, variable, role))
+            setattr(variable, _IN_MODEL, _override(overrides, variable, role))
     return {v.path: role_of(v) for v in model.trainable_variables}
 
 

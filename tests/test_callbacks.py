@@ -157,7 +157,7 @@ def test_factor_mode_wraps_a_schedule():
     schedule = keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.5)
     model.compile(keras.optimizers.SGD(schedule), "binary_crossentropy")
     x, y = unit_normal(32, 30), np.ones((32, 1), "float32")
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="different function"):
         model.fit(x, y, epochs=1, batch_size=16, verbose=0,
                   callbacks=[UnitScaleCallback("factor", 0.25, "inverse", verbose=0)])
     assert isinstance(model.optimizer._learning_rate, O.ScaledSchedule)
@@ -170,7 +170,7 @@ def test_l2_mode_gives_each_tensor_unit_norm():
     model.compile("adam", "binary_crossentropy")
     for variable in model.trainable_variables:
         variable.assign(ops.convert_to_numpy(variable) + 0.1)  # no zero biases
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="different function"):
         model.fit(unit_normal(8, 30), np.ones((8, 1)), epochs=0, verbose=0, callbacks=[UnitScaleCallback("l2", verbose=0)])
     for variable in model.trainable_variables:
         assert float(np.linalg.norm(ops.convert_to_numpy(variable).astype("float64"))) == pytest.approx(1.0, rel=1e-5)
@@ -233,6 +233,28 @@ def test_acts_once_across_fits_and_save_load(tmp_path):
     assert lr_factors(reloaded) == pytest.approx(factors)
 
 
+def test_a_model_loaded_without_its_optimizer_keeps_its_multipliers_and_learning_rates(tmp_path):
+    x, y = _regression_data()
+    model = _glorot_model()
+    model.compile(O.Adam(1e-3), "mse")
+    model.fit(x, y, epochs=1, batch_size=BATCH, verbose=0, callbacks=[UnitScaleCallback(verbose=0)])
+    model.save(tmp_path / "trained.keras")
+    reloaded = keras.saving.load_model(tmp_path / "trained.keras", compile=False)
+    reloaded.compile(O.Adam(1e-3), "mse")
+    before = [ops.convert_to_numpy(v) for v in reloaded.trainable_variables]
+    reloaded.fit(x, y, epochs=0, verbose=0, callbacks=[callback := UnitScaleCallback(verbose=0)])
+    assert not callback._acted
+    for variable, value in zip(reloaded.trainable_variables, before):
+        np.testing.assert_array_equal(ops.convert_to_numpy(variable), value)
+    # A fresh optimizer divides each learning rate by the layer's multiplier, as the callback did.
+    reloaded.optimizer.build(reloaded.trainable_variables)
+    for layer, original in zip(reloaded.layers, model.layers):
+        for variable, trained in zip(layer.trainable_variables, original.trainable_variables):
+            assert reloaded.optimizer.lr_multiplier(variable) == pytest.approx(
+                model.optimizer.lr_multiplier(trained), rel=1e-6
+            ), variable.path
+
+
 def test_verbose_prints_one_table_and_history_has_the_factors(capsys):
     x, y = _regression_data()
     model = _glorot_model()
@@ -264,9 +286,14 @@ def test_mixed_float16_with_loss_scaling_adjusts_the_wrapped_optimizer():
     model = _glorot_model()
     model.compile(O.Adam(1e-3), "mse")  # Keras wraps it in a LossScaleOptimizer
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    history = model.fit(x, y, epochs=2, batch_size=BATCH, verbose=0, callbacks=[UnitScaleCallback(verbose=0)])
-    inner = model.optimizer.inner_optimizer
-    assert inner.lr_multiplier(model.get_layer("hidden").kernel) > 32**-0.5
+    callback = UnitScaleCallback(verbose=0)
+    history = model.fit(x, y, epochs=2, batch_size=BATCH, verbose=0, callbacks=[callback])
+    hidden = model.get_layer("hidden")
+    (row,) = [row for row in callback.record["variables"] if row["path"] == hidden.kernel.path]
+    assert model.optimizer.inner_optimizer.lr_multiplier(hidden.kernel) == pytest.approx(
+        64**-0.5 * row["lr_factor"], rel=1e-6
+    )
+    assert rms(hidden.kernel) == pytest.approx(1.0, rel=0.1)  # after two epochs
     assert np.isfinite(history.history["loss"]).all()
 
 

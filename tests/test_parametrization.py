@@ -134,6 +134,25 @@ def test_overrides_win():
         P.tag_model(model, overrides={"a": "kernel"})
 
 
+def test_a_plain_layer_between_ours_is_hidden():
+    model = keras.Sequential(
+        [keras.Input((30,)), L.Dense(16, role="input", name="a"), keras.layers.Dense(16, name="b"),
+         L.Dense(1, role="output", name="c")]
+    )
+    roles = _roles(model)
+    assert roles["b/kernel"] == P.WeightRole("hidden", 16, 16)
+    assert roles["a/kernel"].role == "input" and roles["c/kernel"].role == "output"
+
+
+def test_roles_are_recomputed_on_every_call():
+    model = keras.Sequential(
+        [keras.Input((30,)), keras.layers.Dense(16, name="a"), keras.layers.Dense(1, name="b")]
+    )
+    assert _roles(model, overrides={"a/kernel": "hidden"})["a/kernel"].role == "hidden"
+    assert P.role_of(model.get_layer("a").kernel).role == "hidden"
+    assert _roles(model)["a/kernel"].role == "input"
+
+
 def test_an_unbuilt_model_is_refused_with_how_to_build_it():
     model = keras.Sequential([keras.layers.Dense(4)])
     with pytest.raises(ValueError, match="model.build"):

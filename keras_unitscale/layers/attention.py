@@ -5,7 +5,6 @@ from keras import ops
 
 from keras_unitscale import functional as U
 from keras_unitscale import checks
-from keras_unitscale import parametrization
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 
@@ -110,7 +109,7 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
-        parametrization.tag(kernel, "hidden", fan_in=fan_in, fan_out=self.num_heads * head_dim)
+        self.declare_role(kernel, "hidden", fan_in=fan_in, fan_out=self.num_heads * head_dim)
         bias = None
         if self.use_bias:
             bias = self.add_weight(
@@ -120,7 +119,7 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
-            parametrization.tag(bias, "bias", fan_out=self.num_heads * head_dim)
+            self.declare_role(bias, "bias", fan_out=self.num_heads * head_dim)
         return kernel, bias
 
     def build(self, query_shape, value_shape, key_shape=None):
@@ -142,7 +141,7 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
-        parametrization.tag(
+        self.declare_role(
             self.output_kernel, "hidden", fan_in=self.num_heads * self.value_dim, fan_out=output_dim
         )
         self.output_bias = None
@@ -154,7 +153,7 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
-            parametrization.tag(self.output_bias, "bias", fan_out=output_dim)
+            self.declare_role(self.output_bias, "bias", fan_out=output_dim)
 
     def _project(self, x, kernel, bias):
         """A unit-scaled dense projection into heads: (B, T, d) → (B, T, heads, head_dim)."""

@@ -4,6 +4,7 @@ import math
 
 import keras
 
+from keras_unitscale import parametrization
 from keras_unitscale.scale import scale_fwd
 
 
@@ -36,11 +37,11 @@ class WeightMultipliers:
 
     A multiplier `m` on a weight `w` makes the layer compute with `m·w` in
     the forward pass while `w`'s gradient stays what the backward rule makes
-    it (`scale_fwd`). This is where `UnitScaleCallback` and `unit_scale`
-    move a weight's scale when they bring the stored weight to unit scale:
-    the function is unchanged, and with the learning rate × 1/m the training
-    trajectory is too. Multipliers are part of the layer's config, so they
-    are saved with the model.
+    it (`scale_fwd`). This is where `UnitScaleCallback` moves a weight's
+    scale when it brings the stored weight to unit scale: the function is
+    unchanged, and since `keras_unitscale.optimizers` give the weight a
+    learning rate × `1/m`, so is the training trajectory. Multipliers are
+    part of the layer's config, so they are saved with the model.
     """
 
     def _init_weight_multipliers(self, weight_multipliers):
@@ -75,3 +76,7 @@ class WeightMultipliers:
             return None
         multiplier = self.weight_multiplier(variable.name)
         return variable if multiplier == 1.0 else scale_fwd(variable, multiplier)
+
+    def declare_role(self, variable, role, **sizes):
+        """Tags `variable` with its u-μP role, and this layer as where its multiplier lives."""
+        parametrization.tag(variable, role, owner=self, **sizes)

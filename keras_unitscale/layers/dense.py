@@ -4,11 +4,11 @@ import keras
 
 from keras_unitscale import functional as U
 from keras_unitscale import checks
-from keras_unitscale import parametrization
 from keras_unitscale.layers import activation as activations
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 
+# The roles of a kernel (biases and gains have their own).
 ROLES = ("input", "hidden", "output")
 
 
@@ -111,7 +111,7 @@ class Dense(WeightMultipliers, keras.layers.Layer):
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
-        parametrization.tag(self.kernel, self.role, fan_in=input_dim, fan_out=self.units)
+        self.declare_role(self.kernel, self.role, fan_in=input_dim, fan_out=self.units)
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(
@@ -121,7 +121,7 @@ class Dense(WeightMultipliers, keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
-            parametrization.tag(self.bias, "bias", fan_out=self.units)
+            self.declare_role(self.bias, "bias", fan_out=self.units)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
 
     def call(self, inputs):

@@ -5,7 +5,6 @@ from keras import ops
 
 from keras_unitscale import functional as U
 from keras_unitscale import checks
-from keras_unitscale import parametrization
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 
@@ -69,7 +68,7 @@ class Embedding(WeightMultipliers, keras.layers.Layer):
             constraint=self.embeddings_constraint,
         )
         # A lookup reads one row: its fan-in is 1.
-        parametrization.tag(self.embeddings, "input", fan_in=1, fan_out=self.output_dim)
+        self.declare_role(self.embeddings, "input", fan_in=1, fan_out=self.output_dim)
 
     def call(self, inputs):
         if "int" not in keras.backend.standardize_dtype(inputs.dtype):

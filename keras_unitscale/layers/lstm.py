@@ -16,7 +16,6 @@ from keras.src import backend as keras_backend
 
 from keras_unitscale import checks
 from keras_unitscale import functional as U
-from keras_unitscale import parametrization
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 
@@ -156,10 +155,10 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
     def build(self, input_shape):
         super().build(input_shape)
         gates = 4 * self.units
-        parametrization.tag(self.kernel, "hidden", fan_in=int(self.kernel.shape[0]), fan_out=gates)
-        parametrization.tag(self.recurrent_kernel, "hidden", fan_in=self.units, fan_out=gates)
+        self.declare_role(self.kernel, "hidden", fan_in=int(self.kernel.shape[0]), fan_out=gates)
+        self.declare_role(self.recurrent_kernel, "hidden", fan_in=self.units, fan_out=gates)
         if self.use_bias:
-            parametrization.tag(self.bias, "bias", fan_out=gates)
+            self.declare_role(self.bias, "bias", fan_out=gates)
 
     def scaled_weights(self, inputs, return_sequences=True):
         """The weights for one sequence: multiplied, then scaled by `functional.lstm_weights`."""

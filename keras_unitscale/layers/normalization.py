@@ -4,7 +4,6 @@ import keras
 
 from keras_unitscale import checks
 from keras_unitscale import functional as U
-from keras_unitscale import parametrization
 from keras_unitscale.layers.common import WeightMultipliers
 
 
@@ -53,11 +52,11 @@ class _Normalization(WeightMultipliers, keras.layers.Layer):
         if self.scale:
             self.gamma = self.add_weight(name="gamma", shape=shape, initializer=self.gamma_initializer,
                                          regularizer=self.gamma_regularizer, constraint=self.gamma_constraint)
-            parametrization.tag(self.gamma, "norm", fan_out=int(self.gamma.shape[-1]))
+            self.declare_role(self.gamma, "norm", fan_out=int(self.gamma.shape[-1]))
         if self.center:
             self.beta = self.add_weight(name="beta", shape=shape, initializer=self.beta_initializer,
                                         regularizer=self.beta_regularizer, constraint=self.beta_constraint)
-            parametrization.tag(self.beta, "bias", fan_out=int(self.beta.shape[-1]))
+            self.declare_role(self.beta, "bias", fan_out=int(self.beta.shape[-1]))
 
     def compute_output_shape(self, input_shape):
         return input_shape
