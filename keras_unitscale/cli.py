@@ -1,6 +1,7 @@
 """`keras-unitscale`: the command line.
 
     keras-unitscale demo [--out DIR] [--seed N] [--backend NAME]
+    keras-unitscale analyze MODEL.keras [--data FILE.npz] [--batch N] [--out DIR] [--backend NAME]
 """
 
 import argparse
@@ -22,6 +23,16 @@ def _parser():
     demo.add_argument("--out", default="unitscale-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     demo.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: KERAS_BACKEND or tensorflow)")
+    analyze = commands.add_parser(
+        "analyze",
+        help="a saved model's scales: every layer's output and gradient RMS, and what FP16/FP8 would lose",
+    )
+    analyze.add_argument("model", help="a model saved as .keras")
+    analyze.add_argument("--data", help=".npz with `x` (and optionally `y`, differentiated through the "
+                                        "model's compiled loss); default: unit-normal inputs from the model's input spec")
+    analyze.add_argument("--batch", type=int, default=32, help="batch size of generated inputs (default: %(default)s)")
+    analyze.add_argument("--out", default="unitscale-analysis", help="output directory (default: %(default)s)")
+    analyze.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: KERAS_BACKEND or tensorflow)")
     return parser
 
 
@@ -50,6 +61,13 @@ def main(argv=None):
         from keras_unitscale import demo
 
         demo.run(out_dir=args.out, seed=args.seed)
+    elif args.command == "analyze":
+        if args.batch <= 0:
+            raise SystemExit(f"keras-unitscale analyze: --batch must be a positive integer. Received: {args.batch}")
+        _check_writable(args.out)
+        from keras_unitscale import analysis
+
+        analysis.analyze_file(args.model, data=args.data, batch=args.batch, out_dir=args.out)
     return 0
 
 

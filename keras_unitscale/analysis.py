@@ -1,0 +1,368 @@
+"""Where a model's numbers live: per-layer scales, and what FP16 and FP8 would lose of them.
+
+`scale_report(model, x)` runs one forward and one backward pass of any built
+Keras model (plain or ours) and measures, for every layer, the RMS of its
+output and of the gradient arriving at that output, and for every weight its
+RMS and its gradient's; for each of FP16, BF16, FP8 E4M3 and E5M2 it counts
+the fraction of each tensor's elements that the format would flush to zero
+(underflow) or could not hold (saturation). `plot_scales(report)` draws it.
+
+The gradient arriving at each layer's output is measured by adding a zero
+"probe" to the output as the model's graph runs (Keras's own graph runner,
+`Functional._run_through_graph`): the probe's gradient is the output's. A
+subclassed model has no graph to run through; its report holds its weights,
+their gradients and its output.
+"""
+
+import inspect
+import json
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_unitscale import formats as F
+from keras_unitscale.autodiff import vjp
+
+__all__ = ["ScaleReport", "scale_report", "plot_scales", "analyze_file"]
+
+ACTIVATION, GRADIENT, WEIGHT, WEIGHT_GRADIENT = "activation", "gradient", "weight", "weight gradient"
+KINDS = (ACTIVATION, GRADIENT, WEIGHT, WEIGHT_GRADIENT)
+# The share of a tensor FP8 loses before the table's summary names it.
+NOTABLE_LOSS = 0.01
+
+
+def _graph(model):
+    """The functional graph that runs `model`, or None for a subclassed model."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    return model if hasattr(model, "_run_through_graph") and hasattr(model, "_nodes_by_depth") else None
+
+
+def _with_training(operation, training):
+    def call(*args, **kwargs):
+        parameters = inspect.signature(operation.call).parameters if hasattr(operation, "call") else {}
+        if "training" in parameters:
+            kwargs.setdefault("training", training)
+        return operation(*args, **kwargs)
+
+    return call
+
+
+def _is_float(tensor):
+    return "float" in keras.backend.standardize_dtype(tensor.dtype)
+
+
+def _run(graph, inputs, training, probes=None, record=None):
+    """Runs `graph`; adds `probes[i]` to the i-th layer output, or records the outputs."""
+    counter = iter(range(1 << 30))
+
+    def operation_fn(operation):
+        call = _with_training(operation, training)
+
+        def probed(*args, **kwargs):
+            output = call(*args, **kwargs)
+            if not isinstance(operation, keras.layers.Layer) or not hasattr(output, "dtype") or not _is_float(output):
+                return output
+            index = next(counter)
+            if record is not None:
+                record.append((operation.name, ops.stop_gradient(output)))
+            if probes is not None:
+                output = output + ops.cast(probes[index], output.dtype)
+            return output
+
+        return probed
+
+    return graph._run_through_graph(inputs, operation_fn=operation_fn)
+
+
+def _upstream(model, output, y, loss):
+    """The scalar to differentiate: the loss, or the output against a unit-normal gradient."""
+    if y is None:
+        direction = ops.convert_to_tensor(np.random.default_rng(0).normal(size=tuple(output.shape)), "float32")
+        return lambda out: ops.sum(ops.cast(out, "float32") * direction)
+    loss_fn = keras.losses.get(loss if loss is not None else getattr(model, "loss", None))
+    if loss_fn is None:
+        raise ValueError(
+            "`scale_report` needs a loss to differentiate when `y` is given: pass `loss=` or "
+            f"compile the model. Received: loss=None, model.loss={getattr(model, 'loss', None)!r}"
+        )
+    y = ops.convert_to_tensor(y)
+    return lambda out: ops.mean(loss_fn(y, ops.cast(out, "float32")))
+
+
+def _stats(values, formats):
+    values = np.asarray(values, "float64")
+    row = {"rms": float(np.sqrt(np.mean(values**2))) if values.size else 0.0,
+           "finite": bool(np.isfinite(values).all())}
+    for fmt in formats:
+        key = fmt.name.lower()
+        row[f"{key}_underflow"] = fmt.underflow_fraction(values)
+        row[f"{key}_saturation"] = fmt.saturation_fraction(values)
+    return row
+
+
+def scale_report(model, x, y=None, loss=None, training=False, formats=F.FORMATS):
+    """One forward and backward pass of `model` on `x`, and the scale of every tensor in it.
+
+    Args:
+        model: a built Keras model (Sequential, functional or subclassed).
+        x: a batch of inputs (an array, or a list for several inputs).
+        y: targets; with them the gradient is the loss's (`loss`, or the
+            model's compiled loss), averaged over the batch as in training.
+            Without them, a unit-normal gradient is sent back from the
+            output (what a unit-scaled loss delivers).
+        loss: a loss (name, function or `keras.losses.Loss`).
+        training: passed to the layers (dropout, ...).
+        formats: the `keras_unitscale.formats.FPFormat`s to count against.
+
+    Returns:
+        A `ScaleReport`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="d")])
+    >>> report = scale_report(model, np.ones((4, 16), "float32"))
+    >>> [(row["layer"], row["tensor"]) for row in report.rows]
+    [('d', 'output'), ('d', 'output gradient'), ('d', 'kernel'), ('d', 'kernel gradient'), ('d', 'bias'), ('d', 'bias gradient')]
+    """
+    if not model.built:
+        raise ValueError(
+            f"`scale_report` needs a built model; '{model.name}' is not. Start it with "
+            "`keras.Input(shape)`, call `model.build(input_shape)`, or call it on a batch."
+        )
+    outputs = getattr(model, "outputs", None) or [None]
+    if len(outputs) > 1:
+        raise ValueError(
+            f"`scale_report` handles models with one output. Received: a model with {len(outputs)} outputs"
+        )
+    inputs = [ops.convert_to_tensor(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
+    model_inputs = inputs if len(inputs) > 1 else inputs[0]
+    graph = _graph(model)
+    trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+
+    recorded = []
+    if graph is not None:
+        output = _run(graph, model_inputs, training, record=recorded)
+    else:
+        output = model(model_inputs, training=training)
+    scalar_of = _upstream(model, output, y, loss)
+    probe_zeros = [np.zeros(tuple(out.shape), "float32") for _, out in recorded]
+
+    def differentiated(*args):
+        probes, weights = args[: len(probe_zeros)], args[len(probe_zeros):]
+        mapping = list(zip(trainable, weights)) + [(v, v.value) for v in non_trainable]
+        with keras.StatelessScope(state_mapping=mapping):
+            if graph is not None:
+                out = _run(graph, model_inputs, training, probes=probes)
+            else:
+                out = model(model_inputs, training=training)
+        return scalar_of(out)
+
+    _, grads = vjp(differentiated, probe_zeros + [v.value for v in trainable], np.float32(1.0))
+    output_grads, weight_grads = grads[: len(probe_zeros)], dict(zip((id(v) for v in trainable), grads[len(probe_zeros):]))
+
+    rows = []
+
+    def add(layer, tensor, kind, values):
+        rows.append({"layer": layer, "tensor": tensor, "kind": kind, **_stats(values, formats)})
+
+    weights_by_layer = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        weights_by_layer.setdefault(layer.name, [v for v in getattr(layer, "_trainable_variables", [])])
+    reported = set()
+    for (name, out), grad in zip(recorded, output_grads):
+        add(name, "output", ACTIVATION, ops.convert_to_numpy(out))
+        add(name, "output gradient", GRADIENT, grad)
+        if name not in reported:
+            reported.add(name)
+            _add_weights(add, name, weights_by_layer.get(name, []), weight_grads)
+    for layer_name, variables in weights_by_layer.items():
+        if layer_name not in reported:
+            _add_weights(add, layer_name, variables, weight_grads)
+    if graph is None:
+        add(model.name, "output", ACTIVATION, ops.convert_to_numpy(output))
+    return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)
+
+
+def _add_weights(add, layer_name, variables, weight_grads):
+    for variable in variables:
+        if id(variable) not in weight_grads:
+            continue
+        add(layer_name, variable.name, WEIGHT, ops.convert_to_numpy(variable))
+        add(layer_name, f"{variable.name} gradient", WEIGHT_GRADIENT, weight_grads[id(variable)])
+
+
+class ScaleReport:
+    """The scales of a model's tensors, one row per tensor (see `scale_report`).
+
+    Print it for an aligned table; `to_dicts()` gives the rows, `to_json(path)`
+    writes them, `to_dataframe()` makes a pandas DataFrame (pandas needed),
+    and `offenders()` names the tensors FP8 would lose most of.
+    """
+
+    def __init__(self, rows, formats, model_name=""):
+        self.rows = list(rows)
+        self.formats = list(formats)
+        self.model_name = model_name
+
+    def to_dicts(self):
+        return [dict(row) for row in self.rows]
+
+    def to_json(self, path):
+        with open(path, "w") as file:
+            json.dump({"model": self.model_name, "formats": self.formats, "rows": self.to_dicts()}, file, indent=1)
+
+    def to_dataframe(self):
+        try:
+            import pandas
+        except ImportError as error:
+            raise ImportError("`ScaleReport.to_dataframe` needs pandas: pip install pandas") from error
+        return pandas.DataFrame(self.to_dicts())
+
+    @staticmethod
+    def _loss(row):
+        """How much of the tensor FP8 loses: the worse of E4M3 and E5M2 (underflow + saturation)."""
+        return max(row.get(f"{f}_underflow", 0.0) + row.get(f"{f}_saturation", 0.0) for f in ("e4m3", "e5m2"))
+
+    def offenders(self, count=5, kind=None):
+        """The `count` rows that FP8 loses most of (then those furthest from unit RMS)."""
+        rows = [row for row in self.rows if kind is None or row["kind"] == kind]
+        def badness(row):
+            return (not row["finite"], self._loss(row), abs(math.log2(row["rms"])) if row["rms"] > 0 else math.inf)
+        return sorted(rows, key=badness, reverse=True)[:count]
+
+    def underflow(self, fmt, kind=None):
+        """The largest fraction of any tensor (of `kind`) that format `fmt` flushes to zero."""
+        key = f"{fmt.lower()}_underflow"
+        return max((row[key] for row in self.rows if kind is None or row["kind"] == kind), default=0.0)
+
+    def __str__(self):
+        layer_width = max([len("layer")] + [len(r["layer"]) for r in self.rows])
+        tensor_width = max([len("tensor")] + [len(r["tensor"]) for r in self.rows])
+        columns = [f"{f} {what}" for f in self.formats for what in ("uf%", "sat%")]
+        header = f"{'layer':<{layer_width}}  {'tensor':<{tensor_width}}  {'RMS':>9}  {'log2':>6}" + "".join(
+            f"  {c:>9}" for c in columns
+        )
+        lines = [f"Scale report: {self.model_name}", header, "-" * len(header)]
+        for r in self.rows:
+            log2 = f"{math.log2(r['rms']):6.1f}" if r["rms"] > 0 else "  -inf"
+            cells = "".join(
+                f"  {_percent(r[f'{f.lower()}_{what}']):>9}" for f in self.formats for what in ("underflow", "saturation")
+            )
+            flag = "" if r["finite"] else "  non-finite!"
+            lines.append(f"{r['layer']:<{layer_width}}  {r['tensor']:<{tensor_width}}  {r['rms']:9.3g}  {log2}{cells}{flag}")
+        worst = [
+            f"{r['layer']} {r['tensor']} ({100 * self._loss(r):.0f}%)"
+            for r in self.offenders(3) if self._loss(r) >= NOTABLE_LOSS or not r["finite"]
+        ]
+        lines.append(
+            "FP8 loses most of: " + ("; ".join(worst) if worst else
+                                     f"nothing notable (under {100 * NOTABLE_LOSS:.0f}% of any tensor)")
+        )
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _percent(fraction):
+    if fraction == 0:
+        return ""
+    return "<0.1" if fraction < 0.0005 else f"{100 * fraction:.1f}"
+
+
+# Where each format holds normal numbers, as log2 bounds, for the plot.
+def _normal_range(fmt):
+    return math.log2(fmt.smallest_normal), math.log2(fmt.max)
+
+
+def plot_scales(report, path=None):
+    """log2 RMS of every layer's output, output gradient and weight gradients, with FP16/FP8 ranges shaded.
+
+    Args:
+        report: a `ScaleReport`.
+        path: where to save a PNG (optional).
+
+    Returns:
+        The matplotlib `Figure`.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("`plot_scales` needs matplotlib: pip install 'keras-unitscale[plot]'") from error
+    layers = list(dict.fromkeys(row["layer"] for row in report.rows))
+    position = {name: i for i, name in enumerate(layers)}
+    figure, axes = plt.subplots(figsize=(max(8.0, 0.35 * len(layers) + 3), 5.5))
+    for fmt, color in ((F.FP16, "tab:green"), (F.E4M3, "tab:orange"), (F.E5M2, "tab:purple")):
+        low, high = _normal_range(fmt)
+        axes.axhspan(low, high, color=color, alpha=0.08, label=f"{fmt.name} normal range")
+        axes.axhline(math.log2(fmt.smallest_subnormal), color=color, lw=0.8, ls=":")
+    styles = {ACTIVATION: ("o", "tab:blue"), GRADIENT: ("s", "tab:red"), WEIGHT_GRADIENT: ("^", "tab:brown")}
+    for kind, (marker, color) in styles.items():
+        rows = [r for r in report.rows if r["kind"] == kind and r["rms"] > 0]
+        if rows:
+            axes.scatter([position[r["layer"]] for r in rows], [math.log2(r["rms"]) for r in rows],
+                         marker=marker, color=color, label=f"{kind} RMS", zorder=3)
+    axes.axhline(0.0, color="black", lw=0.8)
+    axes.set_xticks(range(len(layers)))
+    axes.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
+    axes.set_ylabel("log2 RMS")
+    axes.set_title(f"Scales of {report.model_name} (dotted: smallest subnormal)")
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=100)
+    return figure
+
+
+def _inputs_from_spec(model, batch, seed=0):
+    """Unit-normal float inputs (and valid token ids for integer inputs) shaped as the model's inputs."""
+    rng = np.random.default_rng(seed)
+    vocab = min(
+        [layer.input_dim for layer in model._flatten_layers(recursive=True) if hasattr(layer, "input_dim")
+         and isinstance(getattr(layer, "input_dim"), int)] or [2]
+    )
+    arrays = []
+    for tensor in model.inputs:
+        shape = tuple(batch if i == 0 else (size or 16) for i, size in enumerate(tensor.shape))
+        if "int" in keras.backend.standardize_dtype(tensor.dtype):
+            arrays.append(rng.integers(0, vocab, size=shape).astype(tensor.dtype))
+        else:
+            arrays.append(rng.normal(size=shape).astype("float32"))
+    return arrays if len(arrays) > 1 else arrays[0]
+
+
+def analyze_file(model_path, data=None, batch=32, out_dir="unitscale-analysis"):
+    """`keras-unitscale analyze`: a saved model's scale report, printed and written as PNG and JSON.
+
+    Raises:
+        SystemExit: with a message naming the file, if it is not a Keras model.
+    """
+    import os
+
+    try:
+        model = keras.saving.load_model(model_path)
+    except Exception as error:  # Keras raises many kinds for a file that is not a model
+        raise SystemExit(
+            f"keras-unitscale analyze: {model_path!r} is not a Keras model that loads "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    y = None
+    if data is None:
+        x = _inputs_from_spec(model, batch)
+    else:
+        with np.load(data) as arrays:
+            if "x" not in arrays:
+                raise SystemExit(f"keras-unitscale analyze: {data!r} has no array named 'x'. Received: {list(arrays)}")
+            x, y = arrays["x"], (arrays["y"] if "y" in arrays else None)
+    report = scale_report(model, x, y)
+    print(report)
+    os.makedirs(out_dir, exist_ok=True)
+    report.to_json(os.path.join(out_dir, "scale_report.json"))
+    plot_scales(report, os.path.join(out_dir, "scales.png"))
+    print(f"Wrote {os.path.join(out_dir, 'scale_report.json')} and {os.path.join(out_dir, 'scales.png')}")
+    return report

@@ -1,0 +1,134 @@
+"""Scale reports: what FP8 would lose of a plain model's gradients and not of ours; table, JSON, plot, CLI."""
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_unitscale import analysis
+from keras_unitscale import layers as L
+from keras_unitscale import losses
+from keras_unitscale.cli import main
+from tests.helpers import unit_normal
+
+
+def _mlp(dense, scale=1.0, **head):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((30,)), dense(128, activation="relu", name="a"), dense(64, activation="relu", name="b"),
+         dense(1, activation="sigmoid", name="c", **head)],
+        name="mlp",
+    )
+    for variable in model.trainable_variables:
+        variable.assign(keras.ops.convert_to_numpy(variable) * scale)
+    return model
+
+
+def _data():
+    x = unit_normal(64, 30)
+    return x, (x[:, :1] + x[:, 1:2] > 0).astype("float32")
+
+
+def test_plain_tiny_weights_underflow_fp8_gradients_and_ours_do_not():
+    x, y = _data()
+    plain = analysis.scale_report(_mlp(keras.layers.Dense, scale=1e-3), x, y, loss="binary_crossentropy")
+    for fmt in ("E4M3", "E5M2"):
+        assert plain.underflow(fmt, kind=analysis.GRADIENT) > 0.5
+        assert plain.underflow(fmt, kind=analysis.WEIGHT_GRADIENT) > 0.5
+    assert "(100%)" in str(plain).splitlines()[-1]
+
+    ours = analysis.scale_report(_mlp(L.Dense), x, y, loss=losses.BinaryCrossentropy())
+    for kind in (analysis.GRADIENT, analysis.WEIGHT_GRADIENT, analysis.ACTIVATION):
+        assert ours.underflow("E4M3", kind=kind) < 0.05
+        assert ours.underflow("E5M2", kind=kind) < 0.01
+    for row in ours.rows:
+        if row["kind"] in (analysis.GRADIENT, analysis.WEIGHT_GRADIENT, analysis.ACTIVATION) and row["rms"] > 0:
+            assert 2**-3 < row["rms"] < 2**3, row
+
+
+def test_rows_cover_every_layer_output_gradient_and_weight():
+    inputs = keras.Input((8,), dtype="int32")
+    x = L.Embedding(20, 16, name="embed")(inputs)
+    x = L.TransformerBlock(num_heads=2, name="block")(x)
+    model = keras.Model(inputs, L.Dense(20, role="output", name="readout")(x))
+    report = analysis.scale_report(model, np.random.default_rng(0).integers(0, 20, (4, 8)))
+    tensors = {(row["layer"], row["tensor"]) for row in report.rows}
+    for name in ("embed", "block", "readout"):
+        assert {(name, "output"), (name, "output gradient")} <= tensors
+    assert ("attention", "query_kernel gradient") in tensors and ("readout", "kernel gradient") in tensors
+    # Without targets a unit-normal gradient comes back from the output.
+    (readout_grad,) = [r for r in report.rows if r["layer"] == "readout" and r["tensor"] == "output gradient"]
+    assert readout_grad["rms"] == pytest.approx(1.0, rel=0.1)
+
+
+def test_a_subclassed_model_reports_its_weights():
+    class Tiny(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(4, name="inner")
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Tiny()
+    model(np.ones((2, 3), "float32"))
+    report = analysis.scale_report(model, np.ones((2, 3), "float32"))
+    assert ("inner", "kernel gradient") in {(r["layer"], r["tensor"]) for r in report.rows}
+
+
+def test_table_json_dataframe_and_plot(tmp_path):
+    x, y = _data()
+    report = analysis.scale_report(_mlp(keras.layers.Dense), x, y, loss="binary_crossentropy")
+    text = str(report)
+    header = text.splitlines()[1]
+    assert "E4M3 uf%" in header and "FP16 sat%" in header
+    assert len({len(line) for line in text.splitlines()[3:-1]}) <= 2  # aligned rows
+    report.to_json(tmp_path / "report.json")
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["rows"] == report.to_dicts() and len(saved["rows"]) == 3 * 6
+    assert report.offenders(2)[0]["kind"] in analysis.KINDS
+    figure = analysis.plot_scales(report, tmp_path / "scales.png")
+    width, height = (figure.get_size_inches() * figure.dpi).round().astype(int)
+    png = (tmp_path / "scales.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (800, 550)
+    assert (width, height) == (800, 550)
+
+
+def test_dataframe():
+    pytest.importorskip("pandas")
+    x, y = _data()
+    report = analysis.scale_report(_mlp(keras.layers.Dense), x, y, loss="binary_crossentropy")
+    assert len(report.to_dataframe()) == len(report.rows)
+
+
+def test_analyze_cli_end_to_end(tmp_path, capsys):
+    model = _mlp(keras.layers.Dense, scale=1e-3)
+    model.compile("adam", "binary_crossentropy")
+    model.save(tmp_path / "plain.keras")
+    x, y = _data()
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    assert main(["analyze", str(tmp_path / "plain.keras"), "--data", str(tmp_path / "data.npz"),
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "E5M2 uf%" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "scale_report.json").read_text())["rows"]
+    assert max(r["e5m2_underflow"] for r in rows if r["kind"] == "weight gradient") > 0.5
+    assert (tmp_path / "out" / "scales.png").stat().st_size > 1000
+
+    ours = _mlp(L.Dense)
+    ours.save(tmp_path / "ours.keras")
+    assert main(["analyze", str(tmp_path / "ours.keras"), "--batch", "8", "--out", str(tmp_path / "ours")]) == 0
+
+
+def test_analyze_cli_refuses_a_file_that_is_not_a_model(tmp_path):
+    bogus = tmp_path / "notes.keras"
+    bogus.write_text("not a model")
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_unitscale", "analyze", str(bogus), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "is not a Keras model" in result.stderr and "notes.keras" in result.stderr
