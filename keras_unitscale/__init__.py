@@ -4,8 +4,10 @@ Scaled ops keep weights, activations and gradients near unit scale, so that
 models train in FP16 and FP8 without loss scaling.
 """
 
+from keras_unitscale import analysis
 from keras_unitscale import callbacks
 from keras_unitscale import constraints
+from keras_unitscale import formats
 from keras_unitscale import functional
 from keras_unitscale import layers
 from keras_unitscale import losses
@@ -21,8 +23,10 @@ from keras_unitscale.version import __version__
 __all__ = [
     "__version__",
     "UnitScaleCallback",
+    "analysis",
     "callbacks",
     "constraints",
+    "formats",
     "functional",
     "layers",
     "losses",

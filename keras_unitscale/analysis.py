@@ -25,7 +25,7 @@ from keras import ops
 from keras_unitscale import formats as F
 from keras_unitscale.autodiff import vjp
 
-__all__ = ["ScaleReport", "scale_report", "plot_scales", "analyze_file"]
+__all__ = ["ScaleReport", "scale_report", "weight_report", "plot_scales", "analyze_file"]
 
 ACTIVATION, GRADIENT, WEIGHT, WEIGHT_GRADIENT = "activation", "gradient", "weight", "weight gradient"
 KINDS = (ACTIVATION, GRADIENT, WEIGHT, WEIGHT_GRADIENT)
@@ -183,6 +183,16 @@ def scale_report(model, x, y=None, loss=None, training=False, formats=F.FORMATS)
             _add_weights(add, layer_name, variables, weight_grads)
     if graph is None:
         add(model.name, "output", ACTIVATION, ops.convert_to_numpy(output))
+    return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)
+
+
+def weight_report(model, formats=F.FORMATS):
+    """The scales of `model`'s trainable weights alone: no data, no gradients."""
+    rows = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for variable in getattr(layer, "_trainable_variables", []):
+            rows.append({"layer": layer.name, "tensor": variable.name, "kind": WEIGHT,
+                         **_stats(ops.convert_to_numpy(variable), formats)})
     return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)
 
 

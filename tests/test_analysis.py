@@ -132,3 +132,49 @@ def test_analyze_cli_refuses_a_file_that_is_not_a_model(tmp_path):
     )
     assert result.returncode != 0
     assert "is not a Keras model" in result.stderr and "notes.keras" in result.stderr
+
+
+def test_scale_tracker_logs_to_history_and_tensorboard(tmp_path):
+    from keras_unitscale.callbacks import ScaleTracker
+
+    x, y = _data()
+    model = _mlp(L.Dense)
+    model.compile("adam", losses.BinaryCrossentropy())
+    tracker = ScaleTracker(every=2, log_dir=tmp_path / "logs", x=x[:16], y=y[:16])
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[tracker])
+    assert [step for step, _ in tracker.reports] == [1, 2, 4, 6, 8]
+    for key in ("scale_min_log2_rms", "scale_max_log2_rms", "scale_e4m3_underflow", "scale_fp16_underflow"):
+        assert len(history.history[key]) == 2
+    assert -3 < history.history["scale_min_log2_rms"][-1] <= history.history["scale_max_log2_rms"][-1] < 3
+    events = list((tmp_path / "logs").glob("events.out.tfevents*"))
+    assert events and events[0].stat().st_size > 1000
+    assert tracker.first_non_finite is None
+
+
+def test_scale_tracker_names_the_first_non_finite_tensor():
+    from keras_unitscale.callbacks import ScaleTracker
+
+    x, y = _data()
+    model = _mlp(keras.layers.Dense)
+    model.compile("adam", "binary_crossentropy")
+    poisoned = x[:8].copy()
+    poisoned[0, 0] = np.inf
+    tracker = ScaleTracker(every=1, x=poisoned, stop_on_non_finite=True)
+    with pytest.warns(UserWarning, match="first non-finite tensor is a output"):
+        history = model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[tracker])
+    assert tracker.first_non_finite == {"step": 1, "layer": "a", "tensor": "output"}
+    assert len(history.history["loss"]) == 1
+
+
+def test_scale_tracker_without_data_tracks_the_weights():
+    from keras_unitscale.callbacks import ScaleTracker
+
+    x, y = _data()
+    model = _mlp(L.Dense)
+    model.compile("adam", losses.BinaryCrossentropy())
+    tracker = ScaleTracker(every=100)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[tracker])
+    ((step, report),) = tracker.reports
+    assert step == 1 and {row["kind"] for row in report.rows} == {analysis.WEIGHT}
+    with pytest.raises(ValueError, match="every=0"):
+        ScaleTracker(every=0)
