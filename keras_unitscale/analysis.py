@@ -12,6 +12,9 @@ The gradient arriving at each layer's output is measured by adding a zero
 `Functional._run_through_graph`): the probe's gradient is the output's. A
 subclassed model has no graph to run through; its report holds its weights,
 their gradients and its output.
+
+`coord_check` and `plot_coord_check` (from `keras_unitscale.coord_check`)
+ask the other question: does each layer keep its size as the model widens?
 """
 
 import inspect
@@ -24,8 +27,14 @@ from keras import ops
 
 from keras_unitscale import formats as F
 from keras_unitscale.autodiff import vjp
+from keras_unitscale.coord_check import CoordCheck
+from keras_unitscale.coord_check import coord_check
+from keras_unitscale.coord_check import plot_coord_check
 
-__all__ = ["ScaleReport", "scale_report", "weight_report", "plot_scales", "analyze_file"]
+__all__ = [
+    "ScaleReport", "scale_report", "weight_report", "plot_scales", "analyze_file",
+    "CoordCheck", "coord_check", "plot_coord_check",
+]
 
 ACTIVATION, GRADIENT, WEIGHT, WEIGHT_GRADIENT = "activation", "gradient", "weight", "weight gradient"
 KINDS = (ACTIVATION, GRADIENT, WEIGHT, WEIGHT_GRADIENT)

@@ -1,0 +1,183 @@
+"""Coordinate check: a u-μP transformer keeps its layers' sizes across width as it trains; a standard one does not."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_unitscale
+from keras_unitscale import layers as L
+from keras_unitscale.coord_check import CoordCheck
+from keras_unitscale.coord_check import coord_check
+from keras_unitscale.coord_check import plot_coord_check
+
+VOCAB, SEQ, BATCH, DEPTH = 64, 16, 16, 2
+NARROW, WIDE = 32, 128
+STEPS = 3
+# The issue's band for the ratio of a layer's mean |output| at widths 4× apart.
+BAND = (1 / 1.2, 1.2)
+# u-μP's base learning rate (the per-variable factors do the rest) and the
+# standard model's: both sensible for Adam on this small model.
+UMUP_LR = 2.0**-1
+STANDARD_LR = 1e-2
+
+
+def _data():
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(BATCH, SEQ + 1)).astype("int32")
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _umup_transformer(width):
+    inputs = keras.Input((SEQ,), dtype="int32")
+    h = L.Embedding(VOCAB, width, name="embed")(inputs)
+    for i in range(DEPTH):
+        h = L.TransformerBlock(num_heads=width // 16, key_dim=16, index=i, depth=DEPTH, name=f"block{i}")(h)
+    h = L.LayerNormalization(name="final_norm")(h)
+    return keras.Model(inputs, L.Dense(VOCAB, role="output", name="readout")(h))
+
+
+def _standard_transformer(width):
+    inputs = keras.Input((SEQ,), dtype="int32")
+    h = keras.layers.Embedding(VOCAB, width, name="embed")(inputs)
+    for i in range(DEPTH):
+        n = keras.layers.LayerNormalization(name=f"block{i}_attention_norm")(h)
+        a = keras.layers.MultiHeadAttention(num_heads=width // 16, key_dim=16, name=f"block{i}_attention")(
+            n, n, use_causal_mask=True
+        )
+        h = keras.layers.Add(name=f"block{i}_attention_add")([h, a])
+        n = keras.layers.LayerNormalization(name=f"block{i}_mlp_norm")(h)
+        m = keras.layers.Dense(4 * width, activation="gelu", name=f"block{i}_mlp_up")(n)
+        m = keras.layers.Dense(width, name=f"block{i}_mlp_down")(m)
+        # Named as the u-μP block is: the block's output.
+        h = keras.layers.Add(name=f"block{i}")([h, m])
+    h = keras.layers.LayerNormalization(name="final_norm")(h)
+    return keras.Model(inputs, keras.layers.Dense(VOCAB, name="readout")(h))
+
+
+# Each check trains two transformers: run once, shared by the tests below.
+@pytest.fixture(scope="module")
+def umup_check():
+    keras.config.set_dtype_policy("float32")
+    x, y = _data()
+    return coord_check(
+        _umup_transformer, [NARROW, WIDE], x, y, steps=STEPS,
+        optimizer_fn=lambda: keras_unitscale.optimizers.Adam(UMUP_LR),
+        loss=keras_unitscale.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+
+@pytest.fixture(scope="module")
+def standard_check():
+    keras.config.set_dtype_policy("float32")
+    x, y = _data()
+    return coord_check(
+        _standard_transformer, [NARROW, WIDE], x, y, steps=STEPS,
+        optimizer_fn=lambda: keras.optimizers.Adam(STANDARD_LR),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+
+def _outside_band(ratios):
+    return {
+        layer: [round(r, 3) for r in values]
+        for layer, values in ratios.items()
+        if not all(BAND[0] <= r <= BAND[1] for r in values)
+    }
+
+
+def test_umup_transformer_hidden_layers_stay_in_band_for_three_steps(umup_check):
+    ratios = umup_check.ratios(NARROW, WIDE)
+    assert list(ratios) == ["embed", "block0", "block1", "final_norm", "readout"]
+    assert all(len(values) == STEPS + 1 for values in ratios.values())
+    # The readout is checked on its own below: see there.
+    hidden = {layer: values for layer, values in ratios.items() if layer != "readout"}
+    assert _outside_band(hidden) == {}, ratios
+
+
+def test_umup_readout_starts_below_band_as_mup_prescribes_and_climbs(umup_check):
+    # The one u-μP layer outside the issue's band: the readout multiplies by
+    # 1/fan_in a unit-variance kernel that is not yet aligned with its input,
+    # so its initial logits shrink as fan_in^-1/2 (μP's logits → 0 at init),
+    # a ratio of sqrt(32/128) = 0.5. Adam's updates do align with the input
+    # and are Θ(1) at every width, so the ratio climbs towards 1; it never
+    # exceeds the band's top, which is what the check guards against.
+    readout = umup_check.ratios(NARROW, WIDE)["readout"]
+    assert readout[0] == pytest.approx(math.sqrt(NARROW / WIDE), rel=0.1), readout
+    assert readout[-1] > readout[0] + 0.1, readout
+    assert max(readout) <= BAND[1], readout
+
+
+def test_standard_transformer_leaves_band_within_three_steps(standard_check):
+    ratios = standard_check.ratios(NARROW, WIDE)
+    assert {"embed", "block0", "block1", "final_norm", "readout"} <= set(ratios)
+    assert _outside_band(ratios) != {}, ratios
+    # And by training, not only by its initialisation: hidden activations
+    # inside the band at step 0 have left it by step 3.
+    drifted = [layer for layer, r in ratios.items() if BAND[0] <= r[0] <= BAND[1] and not BAND[0] <= r[-1] <= BAND[1]]
+    assert drifted, ratios
+
+
+def test_table_and_rows(umup_check):
+    assert umup_check.widths == [NARROW, WIDE] and umup_check.steps == STEPS
+    rows = umup_check.to_dicts()
+    assert len(rows) == len(umup_check.table) * 2 * (STEPS + 1)
+    assert set(rows[0]) == {"layer", "width", "step", "mean_abs"}
+    assert all(row["mean_abs"] > 0 and math.isfinite(row["mean_abs"]) for row in rows)
+    row = rows[-1]
+    assert umup_check.table[row["layer"]][row["width"]][row["step"]] == row["mean_abs"]
+    assert "CoordCheck" in repr(umup_check)
+
+
+def test_plot_writes_png(umup_check, tmp_path):
+    path = tmp_path / "coord_check.png"
+    figure = plot_coord_check(umup_check, path=str(path))
+    assert len(figure.axes) == STEPS + 1
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def _tiny(width):
+    return keras.Sequential([keras.Input((4,)), L.Dense(width, name="hidden")])
+
+
+@pytest.mark.parametrize("widths", [[8], [8, 0], [8, 8], [8, 16.0], [True, 8], None, 8])
+def test_bad_widths(widths):
+    x = np.zeros((2, 4), "float32")
+    with pytest.raises(ValueError, match=r"widths=") as info:
+        coord_check(_tiny, widths, x, x, optimizer_fn=keras.optimizers.Adam, loss="mse")
+    assert "at least 2 distinct positive integers" in str(info.value)
+
+
+@pytest.mark.parametrize("steps", [-1, 1.5, True])
+def test_bad_steps(steps):
+    x = np.zeros((2, 4), "float32")
+    with pytest.raises(ValueError, match=rf"steps={steps!r}"):
+        coord_check(_tiny, [4, 8], x, x, steps=steps, optimizer_fn=keras.optimizers.Adam, loss="mse")
+
+
+def test_uncompiled_model_without_optimizer():
+    x = np.zeros((2, 4), "float32")
+    with pytest.raises(ValueError, match=r"optimizer_fn=None.*width=4"):
+        coord_check(_tiny, [4, 8], x, x)
+
+
+def test_ratios_of_a_width_not_checked_and_plot_of_a_non_result():
+    result = CoordCheck([8, 32], 0, {"d": {8: [1.0], 32: [1.0]}})
+    assert result.ratios(8, 32) == {"d": [1.0]}
+    with pytest.raises(ValueError, match=r"width_b=64"):
+        result.ratios(8, 64)
+    with pytest.raises(ValueError, match=r"result=\{"):
+        plot_coord_check({"d": {}})
+
+
+def test_model_without_input():
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    x = np.zeros((2, 4), "float32")
+    with pytest.raises(ValueError, match=r"keras.Input.*width=4"):
+        coord_check(lambda width: Subclassed(), [4, 8], x, x, optimizer_fn=keras.optimizers.Adam, loss="mse")
