@@ -76,7 +76,7 @@ def _run(graph, inputs, training, probes=None, record=None):
                 return output
             index = next(counter)
             if record is not None:
-                record.append((operation.name, ops.stop_gradient(output)))
+                record.append((operation, ops.stop_gradient(output)))
             if probes is not None:
                 output = output + ops.cast(probes[index], output.dtype)
             return output
@@ -177,19 +177,20 @@ def scale_report(model, x, y=None, loss=None, training=False, formats=F.FORMATS)
     def add(layer, tensor, kind, values):
         rows.append({"layer": layer, "tensor": tensor, "kind": kind, **_stats(values, formats)})
 
-    weights_by_layer = {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        weights_by_layer.setdefault(layer.name, [v for v in getattr(layer, "_trainable_variables", [])])
     reported = set()
-    for (name, out), grad in zip(recorded, output_grads):
-        add(name, "output", ACTIVATION, ops.convert_to_numpy(out))
-        add(name, "output gradient", GRADIENT, grad)
-        if name not in reported:
-            reported.add(name)
-            _add_weights(add, name, weights_by_layer.get(name, []), weight_grads)
-    for layer_name, variables in weights_by_layer.items():
-        if layer_name not in reported:
-            _add_weights(add, layer_name, variables, weight_grads)
+    for (layer, out), grad in zip(recorded, output_grads):
+        add(layer.name, "output", ACTIVATION, ops.convert_to_numpy(out))
+        add(layer.name, "output gradient", GRADIENT, grad)
+        if id(layer) not in reported:
+            reported.add(id(layer))
+            _add_weights(add, layer.name, getattr(layer, "_trainable_variables", []), weight_grads)
+    # Layers inside others (a block's attention, ...) are named by their
+    # variables' path, which tells two blocks' sublayers apart.
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        variables = getattr(layer, "_trainable_variables", [])
+        if id(layer) not in reported and variables:
+            label = variables[0].path.rsplit("/", 1)[0].removeprefix(model.name + "/")
+            _add_weights(add, label, variables, weight_grads)
     if graph is None:
         add(model.name, "output", ACTIVATION, ops.convert_to_numpy(output))
     return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)

@@ -52,13 +52,19 @@ def test_plain_tiny_weights_underflow_fp8_gradients_and_ours_do_not():
 def test_rows_cover_every_layer_output_gradient_and_weight():
     inputs = keras.Input((8,), dtype="int32")
     x = L.Embedding(20, 16, name="embed")(inputs)
-    x = L.TransformerBlock(num_heads=2, name="block")(x)
+    x = L.TransformerBlock(num_heads=2, index=0, depth=2, name="block0")(x)
+    x = L.TransformerBlock(num_heads=2, index=1, depth=2, name="block1")(x)
     model = keras.Model(inputs, L.Dense(20, role="output", name="readout")(x))
     report = analysis.scale_report(model, np.random.default_rng(0).integers(0, 20, (4, 8)))
     tensors = {(row["layer"], row["tensor"]) for row in report.rows}
-    for name in ("embed", "block", "readout"):
+    for name in ("embed", "block0", "block1", "readout"):
         assert {(name, "output"), (name, "output gradient")} <= tensors
-    assert ("attention", "query_kernel gradient") in tensors and ("readout", "kernel gradient") in tensors
+    assert ("readout", "kernel gradient") in tensors
+    # Each block's sublayers, told apart by their variables' paths.
+    weights = [row for row in report.rows if row["kind"] == analysis.WEIGHT]
+    assert len(weights) == len(model.trainable_variables)
+    for block in ("block0", "block1"):
+        assert any(row["layer"].startswith(block) and row["tensor"] == "query_kernel" for row in weights)
     # Without targets a unit-normal gradient comes back from the output.
     (readout_grad,) = [r for r in report.rows if r["layer"] == "readout" and r["tensor"] == "output gradient"]
     assert readout_grad["rms"] == pytest.approx(1.0, rel=0.1)
