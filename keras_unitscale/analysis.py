@@ -26,10 +26,12 @@ import numpy as np
 from keras import ops
 
 from keras_unitscale import formats as F
+from keras_unitscale import parametrization as P
 from keras_unitscale.autodiff import vjp
 from keras_unitscale.coord_check import CoordCheck
 from keras_unitscale.coord_check import coord_check
 from keras_unitscale.coord_check import plot_coord_check
+from keras_unitscale.plotting import new_figure
 
 __all__ = [
     "ScaleReport", "scale_report", "weight_report", "plot_scales", "analyze_file",
@@ -50,13 +52,16 @@ def _graph(model):
 
 
 def _with_training(operation, training):
-    def call(*args, **kwargs):
-        parameters = inspect.signature(operation.call).parameters if hasattr(operation, "call") else {}
-        if "training" in parameters:
-            kwargs.setdefault("training", training)
+    # Decided once per operation, not on every call.
+    call = getattr(operation, "call", None)
+    if call is None or "training" not in inspect.signature(call).parameters:
+        return operation
+
+    def with_training(*args, **kwargs):
+        kwargs.setdefault("training", training)
         return operation(*args, **kwargs)
 
-    return call
+    return with_training
 
 
 def _is_float(tensor):
@@ -183,26 +188,28 @@ def scale_report(model, x, y=None, loss=None, training=False, formats=F.FORMATS)
         add(layer.name, "output gradient", GRADIENT, grad)
         if id(layer) not in reported:
             reported.add(id(layer))
-            _add_weights(add, layer.name, getattr(layer, "_trainable_variables", []), weight_grads)
-    # Layers inside others (a block's attention, ...) are named by their
-    # variables' path, which tells two blocks' sublayers apart.
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        variables = getattr(layer, "_trainable_variables", [])
-        if id(layer) not in reported and variables:
-            label = variables[0].path.rsplit("/", 1)[0].removeprefix(model.name + "/")
-            _add_weights(add, label, variables, weight_grads)
+            _add_weights(add, layer.name, P.owned_variables(layer), weight_grads)
+    for layer in P.weighted_layers(model):
+        if id(layer) not in reported:
+            _add_weights(add, _weights_label(model, layer), P.owned_variables(layer), weight_grads)
     if graph is None:
         add(model.name, "output", ACTIVATION, ops.convert_to_numpy(output))
     return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)
 
 
+def _weights_label(model, layer):
+    """A layer's name as its variables' path gives it: it tells two blocks' sublayers apart."""
+    return P.owned_variables(layer)[0].path.rsplit("/", 1)[0].removeprefix(model.name + "/")
+
+
 def weight_report(model, formats=F.FORMATS):
     """The scales of `model`'s trainable weights alone: no data, no gradients."""
-    rows = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        for variable in getattr(layer, "_trainable_variables", []):
-            rows.append({"layer": layer.name, "tensor": variable.name, "kind": WEIGHT,
-                         **_stats(ops.convert_to_numpy(variable), formats)})
+    rows = [
+        {"layer": _weights_label(model, layer), "tensor": variable.name, "kind": WEIGHT,
+         **_stats(ops.convert_to_numpy(variable), formats)}
+        for layer in P.weighted_layers(model)
+        for variable in P.owned_variables(layer)
+    ]
     return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)
 
 
@@ -307,16 +314,9 @@ def plot_scales(report, path=None):
     Returns:
         The matplotlib `Figure`.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("`plot_scales` needs matplotlib: pip install 'keras-unitscale[plot]'") from error
     layers = list(dict.fromkeys(row["layer"] for row in report.rows))
     position = {name: i for i, name in enumerate(layers)}
-    figure, axes = plt.subplots(figsize=(max(8.0, 0.35 * len(layers) + 3), 5.5))
+    figure, axes = new_figure("plot_scales", figsize=(max(8.0, 0.35 * len(layers) + 3), 5.5))
     for fmt, color in ((F.FP16, "tab:green"), (F.E4M3, "tab:orange"), (F.E5M2, "tab:purple")):
         low, high = _normal_range(fmt)
         axes.axhspan(low, high, color=color, alpha=0.08, label=f"{fmt.name} normal range")

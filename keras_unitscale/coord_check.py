@@ -14,6 +14,8 @@ import math
 import keras
 import numpy as np
 
+from keras_unitscale.plotting import new_figure
+
 __all__ = ["CoordCheck", "coord_check", "plot_coord_check"]
 
 
@@ -213,17 +215,12 @@ def plot_coord_check(result, path=None):
     >>> len(plot_coord_check(result).axes)
     2
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("`plot_coord_check` needs matplotlib: pip install 'keras-unitscale[plot]'") from error
     if not isinstance(result, CoordCheck):
         raise ValueError(f"`result` must be a `CoordCheck`. Received: result={result!r}")
     panels = result.steps + 1
-    figure, axes = plt.subplots(1, panels, figsize=(3.2 * panels + 1.5, 3.8), sharey=True, squeeze=False)
+    figure, axes = new_figure(
+        "plot_coord_check", figsize=(3.2 * panels + 1.5, 3.8), ncols=panels, sharey=True, squeeze=False
+    )
     axes = axes[0]
     for step, ax in enumerate(axes):
         for layer, by_width in result.table.items():

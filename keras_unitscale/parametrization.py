@@ -203,21 +203,22 @@ def _inferred_role(layer, variable, is_input, is_output):
     return WeightRole("hidden", fan_in=fan_in, fan_out=fan_out)
 
 
-def _owned_variables(layer):
-    # A layer's own variables, not its sublayers'.
+def owned_variables(layer):
+    """A layer's own trainable variables, not its sublayers'."""
     return list(getattr(layer, "_trainable_variables", []))
 
 
-def _weighted_layers(model):
+def weighted_layers(model):
+    """The layers of `model` (itself included, sublayers too) that own trainable variables."""
     return [
         layer for layer in model._flatten_layers(include_self=True, recursive=True)
-        if _owned_variables(layer)
+        if owned_variables(layer)
     ]
 
 
 def variable_owners(model):
     """Maps `id(variable)` to the layer that owns it, for every trainable variable of `model`."""
-    return {id(v): layer for layer in _weighted_layers(model) for v in _owned_variables(layer)}
+    return {id(v): layer for layer in weighted_layers(model) for v in owned_variables(layer)}
 
 
 def _check_overrides(overrides):
@@ -281,10 +282,10 @@ def tag_model(model, overrides=None):
     """
     overrides = _check_overrides(overrides)
     check_built(model)
-    layers = _weighted_layers(model)
-    declared = {id(v): getattr(v, _DECLARED, None) for layer in layers for v in _owned_variables(layer)}
+    layers = weighted_layers(model)
+    declared = {id(v): getattr(v, _DECLARED, None) for layer in layers for v in owned_variables(layer)}
     declared_roles = {role.role for role in declared.values() if role is not None}
-    kernel_layers = [layer for layer in layers if any(len(v.shape) >= 2 for v in _owned_variables(layer))]
+    kernel_layers = [layer for layer in layers if any(len(v.shape) >= 2 for v in owned_variables(layer))]
     # A plain layer is the input if it comes first and the model has no
     # embedding (ours or Keras's) and declares no input; likewise the output.
     has_input = "input" in declared_roles or any(isinstance(layer, keras.layers.Embedding) for layer in layers)
@@ -293,7 +294,7 @@ def tag_model(model, overrides=None):
     if not isinstance(last, (keras.layers.Dense, keras.layers.EinsumDense)):
         last = None
     for layer in layers:
-        for variable in _owned_variables(layer):
+        for variable in owned_variables(layer):
             role = declared[id(variable)] or _inferred_role(
                 layer, variable, is_input=layer is first and layer is not last, is_output=layer is last
             )

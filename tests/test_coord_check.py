@@ -134,9 +134,6 @@ def test_plot_writes_png(umup_check, tmp_path):
     figure = plot_coord_check(umup_check, path=str(path))
     assert len(figure.axes) == STEPS + 1
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
 
 
 def _tiny(width):
