@@ -27,14 +27,14 @@ from keras import ops
 
 from keras_unitscale import formats as F
 from keras_unitscale import parametrization as P
-from keras_unitscale.autodiff import vjp
+from keras_unitscale import autodiff as A
 from keras_unitscale.coord_check import CoordCheck
 from keras_unitscale.coord_check import coord_check
 from keras_unitscale.coord_check import plot_coord_check
 from keras_unitscale.plotting import new_figure
 
 __all__ = [
-    "ScaleReport", "scale_report", "weight_report", "plot_scales", "analyze_file",
+    "ScaleReport", "ScaleReporter", "scale_report", "weight_report", "plot_scales", "analyze_file",
     "CoordCheck", "coord_check", "plot_coord_check",
 ]
 
@@ -91,19 +91,129 @@ def _run(graph, inputs, training, probes=None, record=None):
     return graph._run_through_graph(inputs, operation_fn=operation_fn)
 
 
-def _upstream(model, output, y, loss):
-    """The scalar to differentiate: the loss, or the output against a unit-normal gradient."""
-    if y is None:
-        direction = ops.convert_to_tensor(np.random.default_rng(0).normal(size=tuple(output.shape)), "float32")
-        return lambda out: ops.sum(ops.cast(out, "float32") * direction)
-    loss_fn = keras.losses.get(loss if loss is not None else getattr(model, "loss", None))
-    if loss_fn is None:
-        raise ValueError(
-            "`scale_report` needs a loss to differentiate when `y` is given: pass `loss=` or "
-            f"compile the model. Received: loss=None, model.loss={getattr(model, 'loss', None)!r}"
+class ScaleReporter:
+    """Scale reports of one model, taken again and again: `reporter(x, y)` is a `ScaleReport`.
+
+    The forward and backward pass is a pure function of the inputs, the
+    targets and the variables' current values; with `jit_compile=True` it is
+    traced once (`tf.function`, `jax.jit`; PyTorch runs eagerly), so a report
+    during training costs about one training step. `ScaleTracker` keeps one.
+    Python-level settings of the layers (such as the weight multipliers
+    `UnitScaleCallback` sets) are read when it is traced: after changing
+    them, make a new reporter.
+
+    Args:
+        model: a built Keras model (Sequential, functional or subclassed)
+            with one output.
+        loss: the loss to differentiate when targets are given; by default
+            the model's compiled loss.
+        training: passed to the layers (dropout, ...).
+        jit_compile: trace the pass once and reuse it.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    >>> reporter = ScaleReporter(model, loss="mse")
+    >>> x, y = np.ones((8, 4), "float32"), np.zeros((8, 2), "float32")
+    >>> [len(reporter(x, y).rows) for _ in range(2)]
+    [6, 6]
+    """
+
+    def __init__(self, model, loss=None, training=False, jit_compile=True):
+        if not model.built:
+            raise ValueError(
+                f"`scale_report` needs a built model; '{model.name}' is not. Start it with "
+                "`keras.Input(shape)`, call `model.build(input_shape)`, or call it on a batch."
+            )
+        outputs = getattr(model, "outputs", None) or [None]
+        if len(outputs) > 1:
+            raise ValueError(
+                f"`scale_report` handles models with one output. Received: a model with {len(outputs)} outputs"
+            )
+        self.model, self.loss, self.training = model, loss, training
+        self.graph = _graph(model)
+        self.trainable, self.non_trainable = model.trainable_variables, model.non_trainable_variables
+        # The probed layers, in the order of the pass's outputs; set as it is traced.
+        self.layers = []
+        self._loss_fn = None
+        self._pass = A.compiled(self._forward_backward) if jit_compile else self._forward_backward
+
+    def __call__(self, x, y=None, formats=F.FORMATS):
+        """The `ScaleReport` of one pass on `x` (and `y`); see `scale_report`."""
+        if y is not None and self._loss_fn is None:
+            self._loss_fn = self._loss_function()
+        inputs = [ops.convert_to_tensor(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
+        outputs, output, output_grads, weight_grads = self._pass(
+            inputs if len(inputs) > 1 else inputs[0],
+            None if y is None else ops.convert_to_tensor(y),
+            [v.value for v in self.trainable],
+            [v.value for v in self.non_trainable],
         )
-    y = ops.convert_to_tensor(y)
-    return lambda out: ops.mean(loss_fn(y, ops.cast(out, "float32")))
+        numpy = ops.convert_to_numpy
+        return self._rows_to_report(
+            [(layer, numpy(out), numpy(grad)) for layer, out, grad in zip(self.layers, outputs, output_grads)],
+            numpy(output),
+            {id(v): numpy(grad) for v, grad in zip(self.trainable, weight_grads)},
+            formats,
+        )
+
+    def _loss_function(self):
+        loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
+        if loss is None:
+            raise ValueError(
+                "`scale_report` needs a loss to differentiate when `y` is given: pass `loss=` or "
+                "compile the model. Received: loss=None, model.loss=None"
+            )
+        return keras.losses.get(loss)
+
+    def _upstream(self, output, target):
+        """The scalar to differentiate: the loss, or the output against a unit-normal gradient."""
+        output = ops.cast(output, "float32")
+        if target is None:
+            return ops.sum(output * keras.random.normal(ops.shape(output), seed=0))
+        return ops.mean(self._loss_fn(target, output))
+
+    def _forward(self, inputs, trainable_values, non_trainable_values, probes=None, record=None):
+        mapping = list(zip(self.trainable, trainable_values)) + list(zip(self.non_trainable, non_trainable_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            if self.graph is not None:
+                return _run(self.graph, inputs, self.training, probes=probes, record=record)
+            return self.model(inputs, training=self.training)
+
+    def _forward_backward(self, inputs, target, trainable_values, non_trainable_values):
+        recorded = []
+        output = self._forward(inputs, trainable_values, non_trainable_values, record=recorded)
+        self.layers = [layer for layer, _ in recorded]
+        outputs = [out for _, out in recorded]
+        probe_zeros = [ops.zeros(ops.shape(out), "float32") for out in outputs]
+
+        def differentiated(*args):
+            probes, weights = args[: len(probe_zeros)], args[len(probe_zeros):]
+            out = self._forward(inputs, weights, non_trainable_values, probes=probes)
+            return self._upstream(out, target)
+
+        _, grads = A.vjp_tensors(differentiated, probe_zeros + list(trainable_values), np.float32(1.0))
+        return outputs, output, list(grads[: len(probe_zeros)]), list(grads[len(probe_zeros):])
+
+    def _rows_to_report(self, probed, output, weight_grads, formats):
+        model, rows = self.model, []
+
+        def add(layer, tensor, kind, values):
+            rows.append({"layer": layer, "tensor": tensor, "kind": kind, **_stats(values, formats)})
+
+        reported = set()
+        for layer, out, grad in probed:
+            add(layer.name, "output", ACTIVATION, out)
+            add(layer.name, "output gradient", GRADIENT, grad)
+            if id(layer) not in reported:
+                reported.add(id(layer))
+                _add_weights(add, layer.name, P.owned_variables(layer), weight_grads)
+        for layer in P.weighted_layers(model):
+            if id(layer) not in reported:
+                _add_weights(add, _weights_label(model, layer), P.owned_variables(layer), weight_grads)
+        if self.graph is None:
+            add(model.name, "output", ACTIVATION, output)
+        return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)
 
 
 def _stats(values, formats):
@@ -141,60 +251,7 @@ def scale_report(model, x, y=None, loss=None, training=False, formats=F.FORMATS)
     >>> [(row["layer"], row["tensor"]) for row in report.rows]
     [('d', 'output'), ('d', 'output gradient'), ('d', 'kernel'), ('d', 'kernel gradient'), ('d', 'bias'), ('d', 'bias gradient')]
     """
-    if not model.built:
-        raise ValueError(
-            f"`scale_report` needs a built model; '{model.name}' is not. Start it with "
-            "`keras.Input(shape)`, call `model.build(input_shape)`, or call it on a batch."
-        )
-    outputs = getattr(model, "outputs", None) or [None]
-    if len(outputs) > 1:
-        raise ValueError(
-            f"`scale_report` handles models with one output. Received: a model with {len(outputs)} outputs"
-        )
-    inputs = [ops.convert_to_tensor(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
-    model_inputs = inputs if len(inputs) > 1 else inputs[0]
-    graph = _graph(model)
-    trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
-
-    recorded = []
-    if graph is not None:
-        output = _run(graph, model_inputs, training, record=recorded)
-    else:
-        output = model(model_inputs, training=training)
-    scalar_of = _upstream(model, output, y, loss)
-    probe_zeros = [np.zeros(tuple(out.shape), "float32") for _, out in recorded]
-
-    def differentiated(*args):
-        probes, weights = args[: len(probe_zeros)], args[len(probe_zeros):]
-        mapping = list(zip(trainable, weights)) + [(v, v.value) for v in non_trainable]
-        with keras.StatelessScope(state_mapping=mapping):
-            if graph is not None:
-                out = _run(graph, model_inputs, training, probes=probes)
-            else:
-                out = model(model_inputs, training=training)
-        return scalar_of(out)
-
-    _, grads = vjp(differentiated, probe_zeros + [v.value for v in trainable], np.float32(1.0))
-    output_grads, weight_grads = grads[: len(probe_zeros)], dict(zip((id(v) for v in trainable), grads[len(probe_zeros):]))
-
-    rows = []
-
-    def add(layer, tensor, kind, values):
-        rows.append({"layer": layer, "tensor": tensor, "kind": kind, **_stats(values, formats)})
-
-    reported = set()
-    for (layer, out), grad in zip(recorded, output_grads):
-        add(layer.name, "output", ACTIVATION, ops.convert_to_numpy(out))
-        add(layer.name, "output gradient", GRADIENT, grad)
-        if id(layer) not in reported:
-            reported.add(id(layer))
-            _add_weights(add, layer.name, P.owned_variables(layer), weight_grads)
-    for layer in P.weighted_layers(model):
-        if id(layer) not in reported:
-            _add_weights(add, _weights_label(model, layer), P.owned_variables(layer), weight_grads)
-    if graph is None:
-        add(model.name, "output", ACTIVATION, ops.convert_to_numpy(output))
-    return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)
+    return ScaleReporter(model, loss=loss, training=training, jit_compile=False)(x, y, formats)
 
 
 def _weights_label(model, layer):

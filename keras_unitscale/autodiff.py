@@ -11,7 +11,7 @@ import inspect
 import keras
 from keras import ops
 
-__all__ = ["vjp", "layer_vjp", "sequential_vjp"]
+__all__ = ["vjp", "vjp_tensors", "compiled", "layer_vjp", "sequential_vjp"]
 
 
 def vjp(fn, primals, cotangent):
@@ -39,6 +39,12 @@ def vjp(fn, primals, cotangent):
     >>> grad.tolist()
     [3.0, 3.0]
     """
+    output, grads = vjp_tensors(fn, primals, cotangent)
+    return ops.convert_to_numpy(output), tuple(ops.convert_to_numpy(g) for g in grads)
+
+
+def vjp_tensors(fn, primals, cotangent):
+    """`vjp` returning backend tensors, so that it can run inside `compiled` functions."""
     backend = keras.backend.backend()
     primals = [ops.convert_to_tensor(p) for p in primals]
     if backend == "tensorflow":
@@ -51,6 +57,7 @@ def vjp(fn, primals, cotangent):
         grads = tape.gradient(
             output, primals, output_gradients=ops.convert_to_tensor(cotangent, output.dtype)
         )
+        grads = [tf.zeros_like(p) if g is None else g for g, p in zip(grads, primals)]
     elif backend == "jax":
         import jax
 
@@ -73,9 +80,26 @@ def vjp(fn, primals, cotangent):
             "vjp supports the tensorflow, jax and torch backends. "
             f"Received: backend={backend!r}"
         )
-    return ops.convert_to_numpy(output), tuple(
-        ops.convert_to_numpy(g) for g in grads
-    )
+    return output, tuple(grads)
+
+
+def compiled(fn):
+    """`fn` traced into a graph once and reused: `tf.function` or `jax.jit`; PyTorch runs it eagerly.
+
+    `fn` must be a pure function of its tensor arguments: a model's variables
+    are read through `keras.StatelessScope` from arguments, or the compiled
+    function would keep the values they had when it was traced.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn
 
 
 def layer_vjp(layer, inputs, cotangent, training=False):

@@ -335,11 +335,12 @@ class UnitScaleCallback(keras.callbacks.Callback):
 class ScaleTracker(keras.callbacks.Callback):
     """Records where the model's numbers live every `every` steps of `fit`.
 
-    At step 1 and every `every` steps it takes `analysis.scale_report` of the
-    model on a fixed batch `x` (and `y`, through the compiled loss) — each
-    layer's output and gradient RMS, each weight's and its gradient's, and
-    what FP16/FP8 would lose of them. Keras callbacks do not see the
-    training batches, so without `x` it records the weights only.
+    At step 1 and every `every` steps it takes a scale report of the model
+    on a fixed batch `x` (and `y`, through the compiled loss) — each layer's
+    output and gradient RMS, each weight's and its gradient's, and what
+    FP16/FP8 would lose of them — with an `analysis.ScaleReporter` traced
+    once per `fit`. Keras callbacks do not see the training batches, so
+    without `x` it records the weights only.
 
     At the end of each epoch it adds to the `History` logs the extremes of
     the last report: `scale_min_log2_rms`, `scale_max_log2_rms` (over
@@ -380,8 +381,11 @@ class ScaleTracker(keras.callbacks.Callback):
         self.first_non_finite = None
         self._step = 0
         self._writer = None
+        self._reporter = None
 
     def on_train_begin(self, logs=None):
+        # Traced afresh for each fit: callbacks before it may have changed the layers.
+        self._reporter = None
         if self.log_dir is not None and self._writer is None:
             try:
                 import tensorflow as tf
@@ -398,10 +402,11 @@ class ScaleTracker(keras.callbacks.Callback):
             self._measure()
 
     def _report(self, model):
-        if self.x is not None:
-            loss = getattr(model, "loss", None) if self.y is not None else None
-            return analysis.scale_report(model, self.x, self.y, loss=loss)
-        return analysis.weight_report(model)
+        if self.x is None:
+            return analysis.weight_report(model)
+        if self._reporter is None:
+            self._reporter = analysis.ScaleReporter(model, jit_compile=True)
+        return self._reporter(self.x, self.y)
 
     def _measure(self):
         model = self.model

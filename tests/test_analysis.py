@@ -1,6 +1,7 @@
 """Scale reports: what FP8 would lose of a plain model's gradients and not of ours; table, JSON, plot, CLI."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -70,6 +71,25 @@ def test_rows_cover_every_layer_output_gradient_and_weight():
     assert readout_grad["rms"] == pytest.approx(1.0, rel=0.1)
 
 
+def test_a_compiled_reporter_agrees_with_the_eager_report_and_follows_the_weights():
+    x, y = _data()
+    model = _mlp(L.Dense)
+    reporter = analysis.ScaleReporter(model, loss=losses.BinaryCrossentropy(), jit_compile=True)
+
+    def rms(report):
+        return np.array([row["rms"] for row in report.rows])
+
+    eager = analysis.scale_report(model, x, y, loss=losses.BinaryCrossentropy())
+    np.testing.assert_allclose(rms(reporter(x, y)), rms(eager), rtol=1e-4)
+    for variable in model.trainable_variables:
+        variable.assign(keras.ops.convert_to_numpy(variable) * 2.0)
+    changed = analysis.scale_report(model, x, y, loss=losses.BinaryCrossentropy())
+    assert not np.allclose(rms(changed), rms(eager), rtol=1e-2)
+    np.testing.assert_allclose(rms(reporter(x, y)), rms(changed), rtol=1e-4)
+    # Without targets: the unit-normal gradient, as `scale_report` sends it.
+    np.testing.assert_allclose(rms(reporter(x)), rms(analysis.scale_report(model, x)), rtol=1e-4)
+
+
 def test_a_subclassed_model_reports_its_weights():
     class Tiny(keras.Model):
         def __init__(self):
@@ -102,6 +122,30 @@ def test_table_json_dataframe_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (800, 550)
     assert (width, height) == (800, 550)
+
+
+def test_a_thirty_layer_plot_keeps_its_labels_apart_and_inside(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((16,))]
+        + [keras.layers.Dense(16, activation="relu", name=f"hidden_dense_layer_{i}") for i in range(29)]
+        + [keras.layers.Dense(1, name="readout")]
+    )
+    figure = analysis.plot_scales(analysis.scale_report(model, unit_normal(8, 16)), tmp_path / "deep.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    (axes,) = figure.axes
+    labels = [label for label in axes.get_xticklabels() if label.get_text()]
+    assert len(labels) == 30
+    figure_box = figure.bbox
+    for label in labels:
+        box = label.get_window_extent(renderer)
+        assert figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1 and figure_box.y0 <= box.y0, label
+    # Rotated by 60°, neighbouring labels are apart by spacing·sin 60° across their baselines.
+    ticks = axes.transData.transform([(i, 0) for i in range(30)])[:, 0]
+    text_height = labels[0].get_fontsize() * figure.dpi / 72
+    assert np.min(np.diff(ticks)) * math.sin(math.radians(60)) > text_height
 
 
 def test_dataframe():
