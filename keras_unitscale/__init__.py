@@ -7,6 +7,7 @@ models train in FP16 and FP8 without loss scaling.
 from keras_unitscale import analysis
 from keras_unitscale import callbacks
 from keras_unitscale import constraints
+from keras_unitscale import convert
 from keras_unitscale import formats
 from keras_unitscale import functional
 from keras_unitscale import layers
@@ -14,6 +15,7 @@ from keras_unitscale import losses
 from keras_unitscale import optimizers
 from keras_unitscale import parametrization
 from keras_unitscale.callbacks import UnitScaleCallback
+from keras_unitscale.convert import unit_scale
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 from keras_unitscale.scale import scaled
@@ -26,6 +28,7 @@ __all__ = [
     "analysis",
     "callbacks",
     "constraints",
+    "convert",
     "formats",
     "functional",
     "layers",
@@ -36,4 +39,5 @@ __all__ = [
     "scale_fwd",
     "scale_bwd",
     "scaling_disabled",
+    "unit_scale",
 ]

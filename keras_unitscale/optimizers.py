@@ -109,15 +109,19 @@ class UnitScaledOptimizer:
     def default_lr_multiplier(self, variable):
         """The factor `variable` starts with.
 
-        An `lr_multipliers` match, else its u-μP factor, else 1; divided by
-        the forward multiplier `m` its layer applies to it, so that the
-        effective weight `m·w` moves as an unmultiplied weight would.
+        An `lr_multipliers` match, else the factor its layer fixes for it (a
+        model from `unit_scale`), else its u-μP factor, else 1; all but the
+        fixed factor divided by the forward multiplier `m` its layer applies
+        to it, so that the effective weight `m·w` moves as an unmultiplied
+        weight would.
         """
         factor = None
         for pattern, value in self._lr_patterns:
             if pattern.search(variable.path):
                 factor = value
                 break
+        if factor is None and P.fixed_lr_multiplier_of(variable) is not None:
+            return P.fixed_lr_multiplier_of(variable)
         role = P.role_of(variable)
         if factor is None:
             factor = 1.0 if self.parametrization is None or role is None else role.lr_multiplier(

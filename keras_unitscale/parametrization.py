@@ -155,6 +155,12 @@ def weight_multiplier_of(variable):
     return owner.weight_multiplier(variable.name) if owner is not None else 1.0
 
 
+def fixed_lr_multiplier_of(variable):
+    """The learning-rate factor the layer holding `variable` fixes for it (`unit_scale` sets them), or None."""
+    owner = getattr(variable, _OWNER, lambda: None)()
+    return owner.lr_multiplier(variable.name) if owner is not None else None
+
+
 def set_depth(variables, depth):
     """Marks `variables` as belonging to a residual stack of `depth` blocks."""
     for variable in variables:

@@ -35,6 +35,8 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
             for Keras.
         weight_multipliers: fixed forward multipliers on the weights, by
             variable name (see `common.WeightMultipliers`).
+        lr_multipliers: fixed learning-rate factors, by variable name (set
+            by `unit_scale`; see `common.WeightMultipliers`).
         **kwargs: base layer arguments.
 
     Call arguments: `query`, `value`, `key=None`, `attention_mask=None`
@@ -68,10 +70,11 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
         bias_constraint=None,
         seed=None,
         weight_multipliers=None,
+        lr_multipliers=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self._init_weight_multipliers(weight_multipliers)
+        self._init_weight_multipliers(weight_multipliers, lr_multipliers)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         if key_dim is None:
             raise ValueError(
@@ -238,5 +241,5 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
             "seed": self.seed,
-            "weight_multipliers": self.weight_multipliers,
+            **self.multiplier_config(),
         }

@@ -13,7 +13,7 @@ def unit_normal(seed=None):
     return keras.initializers.RandomNormal(mean=0.0, stddev=1.0, seed=seed)
 
 
-def check_weight_multipliers(weight_multipliers):
+def check_weight_multipliers(weight_multipliers, argument="weight_multipliers"):
     """A dict {variable name: positive finite float}, or a `ValueError` naming the value."""
     if weight_multipliers is None:
         return {}
@@ -26,8 +26,8 @@ def check_weight_multipliers(weight_multipliers):
         for name, value in weight_multipliers.items()
     ):
         raise ValueError(
-            "`weight_multipliers` must be a dict mapping variable names to finite "
-            f"numbers > 0. Received: weight_multipliers={weight_multipliers!r}"
+            f"`{argument}` must be a dict mapping variable names to finite "
+            f"numbers > 0. Received: {argument}={weight_multipliers!r}"
         )
     return {name: float(value) for name, value in weight_multipliers.items()}
 
@@ -42,11 +42,41 @@ class WeightMultipliers:
     unchanged, and since `keras_unitscale.optimizers` give the weight a
     learning rate × `1/m`, so is the training trajectory. Multipliers are
     part of the layer's config, so they are saved with the model.
+
+    A weight may also carry a fixed learning-rate factor (`lr_multipliers`):
+    `unit_scale` sets one where it moves a weight to unit scale, so that
+    `keras_unitscale.optimizers` step the converted model along the original
+    model's trajectory. It replaces the parametrization's factor (and is not
+    divided by `m`); an optimizer's own `lr_multipliers` patterns still win.
     """
 
-    def _init_weight_multipliers(self, weight_multipliers):
-        # A plain dict, kept out of Keras's attribute tracking.
+    def _init_weight_multipliers(self, weight_multipliers, lr_multipliers=None):
+        # Plain dicts, kept out of Keras's attribute tracking.
         object.__setattr__(self, "_weight_multipliers", check_weight_multipliers(weight_multipliers))
+        object.__setattr__(
+            self, "_lr_multipliers", check_weight_multipliers(lr_multipliers, "lr_multipliers")
+        )
+
+    def multiplier_config(self):
+        """The config entries of the multipliers, for `get_config`."""
+        return {"weight_multipliers": self.weight_multipliers, "lr_multipliers": self.lr_multipliers}
+
+    @property
+    def lr_multipliers(self):
+        """{variable name: fixed learning-rate factor}, for the weights that have one."""
+        return dict(self._lr_multipliers)
+
+    def lr_multiplier(self, name):
+        """The fixed learning-rate factor of the weight called `name`, or None."""
+        return self._lr_multipliers.get(name)
+
+    def set_lr_multiplier(self, name, value):
+        """Fixes the learning-rate factor of the weight called `name` (None removes it)."""
+        self._check_weight_name(name)
+        if value is None:
+            self._lr_multipliers.pop(name, None)
+        else:
+            self._lr_multipliers[name] = check_weight_multipliers({name: value}, "lr_multipliers")[name]
 
     @property
     def weight_multipliers(self):
@@ -58,17 +88,20 @@ class WeightMultipliers:
 
     def set_weight_multiplier(self, name, value):
         """Sets the multiplier of the weight called `name` (functions traced before keep the old one)."""
+        self._check_weight_name(name)
+        value = check_weight_multipliers({name: value})[name]
+        if value == 1.0:
+            self._weight_multipliers.pop(name, None)
+        else:
+            self._weight_multipliers[name] = value
+
+    def _check_weight_name(self, name):
         names = [v.name for v in self._trainable_variables + self._non_trainable_variables]
         if self.built and name not in names:
             raise ValueError(
                 f"Layer '{self.name}' has no weight called '{name}'. Its weights are {names}. "
                 f"Received: name={name!r}"
             )
-        value = check_weight_multipliers({name: value})[name]
-        if value == 1.0:
-            self._weight_multipliers.pop(name, None)
-        else:
-            self._weight_multipliers[name] = value
 
     def multiplied(self, variable):
         """`variable` times its multiplier, in the forward pass only (None stays None)."""

@@ -48,6 +48,8 @@ class Dense(WeightMultipliers, keras.layers.Layer):
         weight_multipliers: fixed forward multipliers on the weights,
             {"kernel": m, "bias": m} (see `common.WeightMultipliers`); set
             by `UnitScaleCallback` and `unit_scale`, rarely by hand.
+        lr_multipliers: fixed learning-rate factors, by variable name (set
+            by `unit_scale`; see `common.WeightMultipliers`).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -74,10 +76,11 @@ class Dense(WeightMultipliers, keras.layers.Layer):
         kernel_constraint=None,
         bias_constraint=None,
         weight_multipliers=None,
+        lr_multipliers=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self._init_weight_multipliers(weight_multipliers)
+        self._init_weight_multipliers(weight_multipliers, lr_multipliers)
         self.units = checks.positive_int("units", units)
         self.activation = activations.check(activation)
         self.use_bias = bool(use_bias)
@@ -151,5 +154,5 @@ class Dense(WeightMultipliers, keras.layers.Layer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
-            "weight_multipliers": self.weight_multipliers,
+            **self.multiplier_config(),
         }

@@ -26,6 +26,8 @@ class Embedding(WeightMultipliers, keras.layers.Layer):
         embeddings_regularizer, embeddings_constraint: as for Keras.
         weight_multipliers: fixed forward multipliers on the weights, by
             variable name (see `common.WeightMultipliers`).
+        lr_multipliers: fixed learning-rate factors, by variable name (set
+            by `unit_scale`; see `common.WeightMultipliers`).
         **kwargs: base layer arguments.
 
     Example:
@@ -46,11 +48,12 @@ class Embedding(WeightMultipliers, keras.layers.Layer):
         embeddings_regularizer=None,
         embeddings_constraint=None,
         weight_multipliers=None,
+        lr_multipliers=None,
         **kwargs,
     ):
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
-        self._init_weight_multipliers(weight_multipliers)
+        self._init_weight_multipliers(weight_multipliers, lr_multipliers)
         self.input_dim = checks.positive_int("input_dim", input_dim)
         self.output_dim = checks.positive_int("output_dim", output_dim)
         self.mask_zero = bool(mask_zero)
@@ -92,5 +95,5 @@ class Embedding(WeightMultipliers, keras.layers.Layer):
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
             "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
             "embeddings_constraint": keras.constraints.serialize(self.embeddings_constraint),
-            "weight_multipliers": self.weight_multipliers,
+            **self.multiplier_config(),
         }

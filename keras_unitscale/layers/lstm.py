@@ -83,6 +83,8 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
         seed: random seed for dropout.
         weight_multipliers: fixed forward multipliers on the weights, by
             variable name (see `common.WeightMultipliers`).
+        lr_multipliers: fixed learning-rate factors, by variable name (set
+            by `unit_scale`; see `common.WeightMultipliers`).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -112,6 +114,7 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
         recurrent_dropout=0.0,
         seed=None,
         weight_multipliers=None,
+        lr_multipliers=None,
         **kwargs,
     ):
         checks.positive_int("units", units)
@@ -142,7 +145,7 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             seed=seed,
             **kwargs,
         )
-        self._init_weight_multipliers(weight_multipliers)
+        self._init_weight_multipliers(weight_multipliers, lr_multipliers)
         # One fused step (Keras's implementation 2) with one dropout mask
         # per tensor, whatever the recurrent dropout.
         self.implementation = 2
@@ -172,7 +175,7 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
         )
 
     def get_config(self):
-        return {**super().get_config(), "weight_multipliers": self.weight_multipliers}
+        return {**super().get_config(), **self.multiplier_config()}
 
     @property
     def forget_bias(self):
@@ -283,6 +286,7 @@ class LSTM(keras.layers.RNN):
         recurrent_dropout=0.0,
         seed=None,
         weight_multipliers=None,
+        lr_multipliers=None,
         return_sequences=False,
         return_state=False,
         go_backwards=False,
@@ -312,6 +316,7 @@ class LSTM(keras.layers.RNN):
             recurrent_dropout=recurrent_dropout,
             seed=seed,
             weight_multipliers=weight_multipliers,
+            lr_multipliers=lr_multipliers,
             dtype=kwargs.get("dtype", None),
             trainable=kwargs.get("trainable", True),
             name="lstm_cell",
@@ -452,6 +457,7 @@ class LSTM(keras.layers.RNN):
         "recurrent_dropout",
         "seed",
         "weight_multipliers",
+        "lr_multipliers",
     )
 
     def get_config(self):

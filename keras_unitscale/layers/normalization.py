@@ -31,9 +31,10 @@ class _Normalization(WeightMultipliers, keras.layers.Layer):
 
     def __init__(self, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
                  gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None,
-                 beta_constraint=None, gamma_constraint=None, weight_multipliers=None, **kwargs):
+                 beta_constraint=None, gamma_constraint=None, weight_multipliers=None, lr_multipliers=None,
+                 **kwargs):
         super().__init__(**kwargs)
-        self._init_weight_multipliers(weight_multipliers)
+        self._init_weight_multipliers(weight_multipliers, lr_multipliers)
         self.axis = axis if isinstance(axis, int) else tuple(axis)
         self.epsilon = float(checks.non_negative("epsilon", epsilon))
         self.center = bool(center)
@@ -74,7 +75,7 @@ class _Normalization(WeightMultipliers, keras.layers.Layer):
             "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
             "beta_constraint": keras.constraints.serialize(self.beta_constraint),
             "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
-            "weight_multipliers": self.weight_multipliers,
+            **self.multiplier_config(),
         }
 
 
@@ -114,11 +115,13 @@ class RMSNormalization(_Normalization):
     """
 
     def __init__(self, axis=-1, epsilon=1e-6, scale=True, gamma_initializer="ones",
-                 gamma_regularizer=None, gamma_constraint=None, weight_multipliers=None, **kwargs):
+                 gamma_regularizer=None, gamma_constraint=None, weight_multipliers=None, lr_multipliers=None,
+                 **kwargs):
         kwargs.pop("center", None)
         super().__init__(axis=axis, epsilon=epsilon, center=False, scale=scale,
                          gamma_initializer=gamma_initializer, gamma_regularizer=gamma_regularizer,
                          gamma_constraint=gamma_constraint, weight_multipliers=weight_multipliers,
+                         lr_multipliers=lr_multipliers,
                          **kwargs)
 
     def call(self, inputs):

@@ -1,0 +1,201 @@
+"""unit_scale(model): equivalent conversion keeps predictions and the Adam trajectory; reinit is unit-scaled."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_unitscale import analysis
+from keras_unitscale import layers as L
+from keras_unitscale import optimizers
+from keras_unitscale import unit_scale
+
+
+def _seed_000_model():
+    return keras.Sequential([
+        keras.Input((30,)), keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1, activation="sigmoid"),
+    ], name="seed_000")
+
+
+def _lstm_text_model():
+    return keras.Sequential([
+        keras.Input((12,), dtype="int32"), keras.layers.Embedding(50, 32),
+        keras.layers.LSTM(48, return_sequences=True), keras.layers.LSTM(40), keras.layers.Dense(50),
+    ], name="lstm_text")
+
+
+def _transformer(blocks=2, width=32, seq=16, vocab=40):
+    tokens = keras.Input((seq,), dtype="int32")
+    h = keras.layers.Embedding(vocab, width)(tokens)
+    for _ in range(blocks):
+        a = keras.layers.LayerNormalization()(h)
+        a = keras.layers.MultiHeadAttention(4, width // 4)(a, a, use_causal_mask=True)
+        h = keras.layers.Add()([h, a])
+        m = keras.layers.LayerNormalization()(h)
+        m = keras.layers.Dense(4 * width, activation="gelu")(m)
+        m = keras.layers.Dropout(0.0)(keras.layers.Dense(width)(m))
+        h = keras.layers.Add()([h, m])
+    h = keras.layers.LayerNormalization()(h)
+    return keras.Model(tokens, keras.layers.Dense(vocab)(h), name="transformer")
+
+
+def _sparse_loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+CASES = {
+    "seed_000": (_seed_000_model, lambda rng: rng.normal(size=(64, 30)).astype("float32"),
+                 lambda x: (x[:, :1] + x[:, 1:2] > 0).astype("float32"), lambda: "binary_crossentropy"),
+    "lstm_text": (_lstm_text_model, lambda rng: rng.integers(0, 50, (64, 12)), lambda x: x[:, -1], _sparse_loss),
+    "transformer": (_transformer, lambda rng: rng.integers(0, 40, (32, 16)), lambda x: np.roll(x, -1, 1),
+                    _sparse_loss),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    build, inputs, targets, loss = CASES[request.param]
+    keras.utils.set_random_seed(0)
+    model = build()
+    x = inputs(np.random.default_rng(0))
+    return model, x, targets(x), loss
+
+
+def test_equivalent_conversion_predicts_and_trains_as_the_original(case):
+    model, x, y, loss = case
+    original_weights = [np.array(w) for w in model.get_weights()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # everything in these models converts exactly
+        twin = unit_scale(model)
+    assert twin.unit_scale_notes == []
+    assert all(type(layer).__module__.startswith("keras_unitscale") or isinstance(layer, keras.layers.Dropout)
+               for layer in twin.layers if not isinstance(layer, keras.layers.InputLayer)), twin.layers
+    for variable in twin.trainable_variables:
+        rms = float(np.sqrt(np.mean(keras.ops.convert_to_numpy(variable) ** 2)))
+        assert rms == pytest.approx(1.0, rel=1e-4) or rms == 0.0, variable.path  # zero biases stay zero
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5, rtol=1e-5)
+
+    # The per-weight learning-rate factors it fixes make our Adam follow Keras's.
+    # Adam's epsilon is the one thing that sees the gradients' absolute scale,
+    # which unit scaling changes: it is set small enough not to matter.
+    model.compile(keras.optimizers.Adam(1e-3, epsilon=1e-12), loss())
+    twin.compile(optimizers.Adam(1e-3, epsilon=1e-12), loss())
+    original = np.array([model.train_on_batch(x, y) for _ in range(20)])
+    converted = np.array([twin.train_on_batch(x, y) for _ in range(20)])
+    np.testing.assert_allclose(converted, original, rtol=1e-4)
+    assert original[-1] < original[0]
+    # The original was trained above by its own optimizer only: the twin shares nothing with it.
+    assert not all(np.array_equal(a, b) for a, b in zip(model.get_weights(), original_weights))
+
+
+def test_reinit_conversion_starts_at_unit_scale(case):
+    model, x, _, _ = case
+    twin = unit_scale(model, mode="reinit")
+    report = analysis.scale_report(twin, x)
+    readout = twin.layers[-1]
+    assert readout.role == "output"
+    # A unit gradient sent back through a probability head (seed 000's
+    # sigmoid) shrinks by sigmoid' <= 1/4 before any layer of ours sees it:
+    # there only the activations are checked.
+    kinds = (analysis.ACTIVATION,) if readout.activation == "sigmoid" else (analysis.ACTIVATION, analysis.GRADIENT)
+    checked = 0
+    for row in report.rows:
+        if row["kind"] not in kinds:
+            continue
+        if row["layer"] == readout.name and row["kind"] == analysis.ACTIVATION:
+            # u-μP's readout multiplies by 1/fan_in: its logits start at fan_in^-1/2 by design.
+            continue
+        assert 0.25 <= row["rms"] <= 4.0, row
+        checked += 1
+    assert checked >= len(twin.layers) - 1
+
+
+def test_the_converted_model_saves_and_loads(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = _transformer(blocks=1)
+    x = np.random.default_rng(0).integers(0, 40, (4, 16))
+    twin = unit_scale(model)
+    twin.save(tmp_path / "twin.keras")
+    loaded = keras.saving.load_model(tmp_path / "twin.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), twin.predict(x, verbose=0), atol=1e-6)
+    dense = [layer for layer in loaded.layers if isinstance(layer, L.Dense)]
+    assert dense and all(layer.lr_multipliers for layer in dense)
+    optimizer = optimizers.Adam(1e-3)
+    loaded.compile(optimizer, _sparse_loss())
+    optimizer.build(loaded.trainable_variables)
+    kernel = dense[0].kernel
+    assert optimizer.lr_multiplier(kernel) == pytest.approx(dense[0].lr_multiplier("kernel"))
+
+
+class Doubler(keras.layers.Layer):
+    def call(self, x):
+        return 2.0 * x
+
+
+def test_an_unknown_layer_is_kept_and_named_in_one_warning():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), Doubler(name="doubler"),
+                              keras.layers.Dense(4)])
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twin = unit_scale(model)
+    messages = [str(w.message) for w in caught if w.category is UserWarning]
+    assert len(messages) == 1 and "'doubler' (Doubler)" in messages[0], messages
+    assert isinstance(twin.layers[1], Doubler) and twin.layers[1] is not model.layers[1]
+    assert isinstance(twin.layers[0], L.Dense) and isinstance(twin.layers[2], L.Dense)
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_what_cannot_be_made_equivalent_is_reported():
+    # Our tanh is 1.59·tanh: nothing after a tanh layer can take that factor
+    # back before a layer kept as it is.
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="squash"),
+                              Doubler(name="doubler"), keras.layers.Dense(4)])
+    with pytest.warns(UserWarning, match="could not make these exactly equivalent: 'doubler'"):
+        twin = unit_scale(model)
+    assert [name for name, _ in twin.unit_scale_notes] == ["doubler"]
+
+
+def test_shared_layers_and_several_inputs_and_outputs():
+    keras.utils.set_random_seed(0)
+    left, right = keras.Input((6,), name="left"), keras.Input((6,), name="right")
+    shared = keras.layers.Dense(12, activation="relu", name="shared")
+    merged = keras.layers.Add(name="merge")([shared(left), shared(right)])
+    hidden = keras.layers.Dense(12, activation="tanh", name="hidden")(merged)
+    inner = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, activation="relu")], name="inner")
+    outputs = [keras.layers.Dense(1, activation="sigmoid", name="yes_no")(inner(hidden)),
+               keras.layers.Dense(3, name="scores")(hidden)]
+    model = keras.Model([left, right], outputs)
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=(7, 6)).astype("float32") for _ in range(2)]
+    twin = unit_scale(model)
+    assert twin.unit_scale_notes == []
+    assert isinstance(twin.get_layer("shared"), L.Dense) and isinstance(twin.get_layer("merge"), L.Add)
+    assert isinstance(twin.get_layer("inner").layers[0], L.Dense)
+    for ours, theirs in zip(twin.predict(x, verbose=0), model.predict(x, verbose=0)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_adds_take_the_depth_rule_or_a_given_tau():
+    model = _transformer(blocks=2)
+    adds = [layer for layer in unit_scale(model).layers if isinstance(layer, L.ResidualAdd)]
+    # Four branches (two blocks): tau_i = 1/sqrt(4/2 + i).
+    assert [round(layer.tau, 3) for layer in adds] == [0.707, 0.577, 0.5, 0.447]
+    assert {layer.tau for layer in unit_scale(model, residual_rule=0.3).layers
+            if isinstance(layer, L.ResidualAdd)} == {0.3}
+
+
+def test_what_it_refuses():
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="subclassed model.*keras_unitscale.layers"):
+        unit_scale(Subclassed())
+    with pytest.raises(ValueError, match="mode.*Received: mode='exact'"):
+        unit_scale(_seed_000_model(), mode="exact")
+    with pytest.raises(ValueError, match="residual_rule.*Received: residual_rule=-1"):
+        unit_scale(_seed_000_model(), residual_rule=-1)
