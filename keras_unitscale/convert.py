@@ -13,8 +13,10 @@ Our ops multiply some tensors by constants the original did not (a relu's
 each tensor's *factor* (converted = factor × original) and absorbs it in
 the next layer that can take it — a dense kernel's multiplier, a layer
 norm's epsilon — or, where the next op needs its operands at given
-factors (a residual add, a model output), in the multipliers of the layer
-that produced them. Each weight also gets a fixed learning-rate factor
+factors (a residual add, a model output, a layer kept as it is), in the
+multipliers of the layer that produced them; where that layer cannot take
+it either (it feeds other layers too, or its output is not linear in its
+weights), a `keras.layers.Rescaling` by the constant does. Each weight also gets a fixed learning-rate factor
 `1/rms` (its layer's `lr_multipliers`), so `keras_unitscale.optimizers`
 move the converted model along the original's Adam trajectory.
 
@@ -65,7 +67,8 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
 
     Converts `Dense`, `EinsumDense` (where it is a plain projection),
     `Embedding`, `LSTM`, `MultiHeadAttention`, `LayerNormalization`,
-    `Activation` (and activations named inside layers), `Dropout` and `Add`.
+    `RMSNormalization`, `Activation` (and activations named inside layers),
+    `Dropout` and `Add`.
     Weightless layers that commute with a scale (`Flatten`, pooling, ...)
     are kept. Any other layer is kept unchanged (a copy, with its weights)
     and named in one warning.
@@ -84,7 +87,9 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
     Returns:
         A new model of the same kind. Its `unit_scale_notes` lists
         `(layer, why)` for what could not be made exactly equivalent (also
-        warned).
+        warned): dropout inside an LSTM or attention (training rescales
+        differently), an LSTM given initial states, attention over keys of
+        unfixed length.
 
     Example:
 
@@ -212,6 +217,18 @@ class _Converter:
         skip_joins = {id(skip): name for _, skip, name in residuals.values()}
         taus = self._taus(len(residuals))
         splits = {}  # id(original skip tensor) -> (split layer, skip value)
+
+        def split_if_skip(original):
+            # A residual's skip forks from its branch here: ResidualSplit weights their gradients.
+            if id(original) in skip_joins:
+                split = L.ResidualSplit(name=f"{skip_joins[id(original)]}_split")
+                residual_value, skip_value = split(values[id(original)])
+                values[id(original)] = residual_value
+                splits[id(original)] = (split, skip_value)
+                self.infos[id(residual_value)] = self.infos[id(skip_value)] = infos[id(original)]
+
+        for tensor in graph.inputs:
+            split_if_skip(tensor)
         for depth in sorted(graph._nodes_by_depth, reverse=True):
             for node in graph._nodes_by_depth[depth]:
                 if node.is_input or not node.operation:
@@ -233,41 +250,44 @@ class _Converter:
                         info.rescale = None
                     values[id(original)], infos[id(original)] = value, info
                     self.infos[id(value)] = info
-                    if id(original) in skip_joins:
-                        split = L.ResidualSplit(name=f"{skip_joins[id(original)]}_split")
-                        residual_value, skip_value = split(value)
-                        values[id(original)] = residual_value
-                        splits[id(original)] = (split, skip_value)
+                    split_if_skip(original)
         outputs = [values[id(t)] for t in graph.outputs]
-        out_infos = [infos[id(t)] for t in graph.outputs]
         if top_level:
-            for tensor, info in zip(graph.outputs, out_infos):
-                self.require(info, 1.0, tensor._keras_history.operation.name, "a model output")
+            outputs = [self.at(value, 1.0, t._keras_history.operation.name) for t, value in zip(graph.outputs, outputs)]
+        new = keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
+                          keras.tree.pack_sequence_as(graph._outputs_struct, outputs), name=model.name)
         if isinstance(model, keras.Sequential):
-            layers = [self.converted[id(layer)][0] for layer in model.layers]
+            layers = [layer for layer in new.layers if not isinstance(layer, keras.layers.InputLayer)]
             new = keras.Sequential([new_inputs[0], *layers], name=model.name)
-        else:
-            new = keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
-                              keras.tree.pack_sequence_as(graph._outputs_struct, outputs), name=model.name)
-        return new, out_infos
+        return new, [self.infos[id(value)] for value in outputs]
 
     def _taus(self, count):
         if self.residual_rule == "depth":
             return [self._depth_rule(i, count) for i in range(count)]
         return [float(self.residual_rule)] * count
 
-    def require(self, info, factor, name, what):
-        """Brings `info` to `factor`, through its producer; notes it where that is not possible."""
-        if not self.equivalent or math.isclose(info.factor, factor, rel_tol=1e-6):
-            return True
+    def at(self, value, factor, name):
+        """`value` at `factor` × the original: through its producer's multipliers, else a `Rescaling` layer."""
+        info = self.infos.get(id(value))
+        if not self.equivalent or info is None or math.isclose(info.factor, factor, rel_tol=1e-6):
+            return value
         if info.rescale is not None:
             info.rescale(factor / info.factor)
             info.factor = factor
-            return True
-        self.note(name, f"{what} needs its input at {factor:.4g}× the original's but it arrives at "
-                        f"{info.factor:.4g}× from a layer that cannot rescale it (it feeds several layers, "
-                        "or its output is not linear in its weights)")
-        return False
+            return value
+        # The producer feeds other layers too, or its output is not linear in
+        # its weights (our tanh is 1.59·tanh): a constant multiply, exact both ways.
+        rescaled = keras.layers.Rescaling(factor / info.factor, name=f"{name}_rescale_{len(self.infos)}")(value)
+        self.infos[id(rescaled)] = _Tensor(factor, None, info.grad_factor)
+        return rescaled
+
+    def inputs_at(self, args, kwargs, factors, name):
+        """`args` and `kwargs` with their tensors brought to `factors` (in `node.input_tensors` order)."""
+        tensors = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
+        fixed = {id(t): self.at(t, factor, name) for t, factor in zip(tensors, factors)}
+        return keras.tree.map_structure(
+            lambda t: fixed.get(id(t), t) if isinstance(t, keras.KerasTensor) else t, (args, kwargs)
+        )
 
     # --- one operation ----------------------------------------------------
 
@@ -296,9 +316,12 @@ class _Converter:
             equation = _PROJECTION.match(layer.equation)
             plain = equation and layer.bias_axes in (None, "", equation.group(3)) and len(layer.kernel.shape) == 2
             return self.einsum_dense if plain and self._activation_ok(layer) else None
+        if type(layer) is keras.layers.LayerNormalization and layer.get_config().get("rms_scaling"):
+            return None  # Keras's deprecated variant divides by the standard deviation, without centring.
         simple = {
             keras.layers.Embedding: self.embedding,
             keras.layers.LayerNormalization: self.layer_norm,
+            getattr(keras.layers, "RMSNormalization", keras.layers.LayerNormalization): self.layer_norm,
             keras.layers.Activation: self.activation,
             keras.layers.Dropout: self.dropout,
             keras.layers.Add: self.add,
@@ -331,8 +354,7 @@ class _Converter:
     def reuse(self, original, cached, args, kwargs, inputs):
         """A shared layer's later call: the same converted layer, so its inputs must come at the same factors."""
         new, factors = cached
-        for info, factor in zip(inputs, factors):
-            self.require(info, factor, original.name, "a shared layer")
+        args, kwargs = self.inputs_at(args, kwargs, factors, original.name)
         out = new(*args, **kwargs)
         grad_factor = inputs[0].grad_factor if inputs else 1.0
         return out, [_Tensor(f, grad_factor=grad_factor) for f in self.out_factors[id(original)]]
@@ -341,8 +363,7 @@ class _Converter:
         """A copy of `layer` with its weights; its floating-point inputs must come at their original scale."""
         if not known:
             self.unknown.append((layer.name, type(layer).__name__))
-        for info in inputs:
-            self.require(info, 1.0, layer.name, "a layer kept as it is")
+        args, kwargs = self.inputs_at(args, kwargs, [1.0] * len(inputs), layer.name)
         try:
             new = type(layer).from_config(layer.get_config())
         except (NotImplementedError, TypeError, ValueError):
@@ -435,19 +456,19 @@ class _Converter:
         # Normalising c·x with epsilon c²·ε is normalising x with ε.
         common = dict(axis=config["axis"], epsilon=config["epsilon"] * factor**2, name=layer.name,
                       dtype=layer.dtype_policy)
-        if config.get("rms_scaling"):
-            new = L.RMSNormalization(scale=config["scale"], **common)
-        else:
+        if isinstance(layer, keras.layers.LayerNormalization):
             new = L.LayerNormalization(center=config["center"], scale=config["scale"], **common)
+        else:
+            new = L.RMSNormalization(**common)
         out = new(*args, **kwargs)
         self.record(layer, new, inputs)
         if not self.equivalent:
             return out, [_Tensor()]
-        for variable in _own_weights(new):
-            variable.assign(ops.convert_to_numpy(getattr(layer, variable.name)))
+        for variable, original in zip(_own_weights(new), layer.weights):
+            variable.assign(ops.convert_to_numpy(original))
             new.set_lr_multiplier(variable.name, 1.0)
         names = [v.name for v in _own_weights(new)]
-        rescale = self._rescaler(new, names) if new.scale and (not config["center"] or "beta" in names) else None
+        rescale = self._rescaler(new, names) if "gamma" in names else None
         return out, [_Tensor(1.0, rescale, inputs[0].grad_factor)]
 
     def activation(self, layer, args, kwargs, inputs, readout=False):
@@ -459,12 +480,13 @@ class _Converter:
         if factor is None:
             return self.keep(layer, args, kwargs, inputs, known=False)
         new = L.Activation(name, name=layer.name, dtype=layer.dtype_policy)
+        info = inputs[0]
+        if name not in ("linear", "relu"):
+            args, kwargs = self.inputs_at(args, kwargs, [1.0], layer.name)
         out = new(*args, **kwargs)
         self.record(layer, new, inputs)
-        info = inputs[0]
         if name in ("linear", "relu"):  # positively homogeneous: the factor passes through
             return out, [_Tensor(info.factor * factor, info.rescale, info.grad_factor)]
-        self.require(info, 1.0, layer.name, f"a {name} activation")
         return out, [_Tensor(factor, None, info.grad_factor)]
 
     def dropout(self, layer, args, kwargs, inputs, readout=False):
@@ -480,14 +502,15 @@ class _Converter:
         if len(inputs) != 2:
             return self.keep(layer, args, kwargs, inputs, known=False)
         first, second = inputs
-        if self.equivalent and not self.require(second, first.factor, layer.name, "an add"):
-            self.require(first, second.factor, layer.name, "an add")
+        # Both at one factor: the first's, unless only the first can be rescaled.
+        target = second.factor if second.rescale is None and first.rescale is not None else first.factor
+        args, kwargs = self.inputs_at(args, kwargs, [target, target], layer.name)
         if not math.isclose(first.grad_factor, second.grad_factor, rel_tol=1e-6):
             self.note(layer.name, "its two inputs' gradients are scaled differently, so training differs")
         new = L.Add(name=layer.name, dtype=layer.dtype_policy)
         out = new(*args, **kwargs)
         self.record(layer, new, inputs)
-        return out, [_Tensor(first.factor * 0.5**0.5, None, first.grad_factor)]
+        return out, [_Tensor(target * 0.5**0.5, None, first.grad_factor)]
 
     def residual_add(self, layer, branch_value, skip_value, branch, skip, split, tau):
         """`skip + branch` as `ResidualAdd(tau)`, after `ResidualSplit` at the skip's fork."""
@@ -495,13 +518,11 @@ class _Converter:
         # skip's, as the add's forward weights do; a branch whose ops scale
         # its gradient by g (attention does) needs tau/g there.
         split.tau = tau * skip.grad_factor / branch.grad_factor if self.equivalent else tau
-        split.tau_set = True
+        weight_branch, weight_skip = tau / (1 + tau**2) ** 0.5, 1 / (1 + tau**2) ** 0.5
+        branch_value = self.at(branch_value, weight_skip * skip.factor / weight_branch, layer.name)
         new = L.ResidualAdd(tau, name=layer.name, dtype=layer.dtype_policy)
         out = new([branch_value, skip_value])
         self.record(layer, new, [branch, skip])
-        weight_branch, weight_skip = tau / (1 + tau**2) ** 0.5, 1 / (1 + tau**2) ** 0.5
-        if self.equivalent:
-            self.require(branch, weight_skip * skip.factor / weight_branch, layer.name, "a residual add")
         return out, [_Tensor(weight_skip * skip.factor, None, skip.grad_factor)]
 
     def lstm(self, layer, args, kwargs, inputs, readout=False):

@@ -69,6 +69,7 @@ def test_equivalent_conversion_predicts_and_trains_as_the_original(case):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # everything in these models converts exactly
         twin = unit_scale(model)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), original_weights))  # untouched
     assert twin.unit_scale_notes == []
     assert all(type(layer).__module__.startswith("keras_unitscale") or isinstance(layer, keras.layers.Dropout)
                for layer in twin.layers if not isinstance(layer, keras.layers.InputLayer)), twin.layers
@@ -86,8 +87,6 @@ def test_equivalent_conversion_predicts_and_trains_as_the_original(case):
     converted = np.array([twin.train_on_batch(x, y) for _ in range(20)])
     np.testing.assert_allclose(converted, original, rtol=1e-4)
     assert original[-1] < original[0]
-    # The original was trained above by its own optimizer only: the twin shares nothing with it.
-    assert not all(np.array_equal(a, b) for a, b in zip(model.get_weights(), original_weights))
 
 
 def test_reinit_conversion_starts_at_unit_scale(case):
@@ -149,14 +148,29 @@ def test_an_unknown_layer_is_kept_and_named_in_one_warning():
     np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
 
 
-def test_what_cannot_be_made_equivalent_is_reported():
-    # Our tanh is 1.59·tanh: nothing after a tanh layer can take that factor
-    # back before a layer kept as it is.
+def test_a_factor_nothing_can_absorb_gets_a_rescaling_layer():
+    # Our tanh is 1.59·tanh, and nothing between it and a layer kept as it is
+    # can take the factor back: a constant Rescaling does, exactly.
+    keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="squash"),
                               Doubler(name="doubler"), keras.layers.Dense(4)])
-    with pytest.warns(UserWarning, match="could not make these exactly equivalent: 'doubler'"):
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
+    with pytest.warns(UserWarning, match="'doubler' \\(Doubler\\)"):
         twin = unit_scale(model)
-    assert [name for name, _ in twin.unit_scale_notes] == ["doubler"]
+    assert [type(layer).__name__ for layer in twin.layers] == ["Dense", "Rescaling", "Doubler", "Dense"]
+    assert twin.unit_scale_notes == []
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_what_cannot_be_made_equivalent_is_reported():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,), dtype="int32"), keras.layers.Embedding(20, 8),
+                              keras.layers.LSTM(8, dropout=0.1, name="noisy"), keras.layers.Dense(2)])
+    with pytest.warns(UserWarning, match="could not make these exactly equivalent: 'noisy': its dropout"):
+        twin = unit_scale(model)
+    assert [name for name, _ in twin.unit_scale_notes] == ["noisy"]
+    x = np.random.default_rng(0).integers(0, 20, (3, 6))
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
 
 
 def test_shared_layers_and_several_inputs_and_outputs():
@@ -199,3 +213,28 @@ def test_what_it_refuses():
         unit_scale(_seed_000_model(), mode="exact")
     with pytest.raises(ValueError, match="residual_rule.*Received: residual_rule=-1"):
         unit_scale(_seed_000_model(), residual_rule=-1)
+
+
+def test_a_residual_on_the_model_input_around_attention_without_a_norm():
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((6, 16))
+    attended = keras.layers.MultiHeadAttention(2, 8)(x_in, x_in)
+    h = keras.layers.Add()([x_in, attended])
+    model = keras.Model(x_in, keras.layers.Dense(3)(keras.layers.LayerNormalization()(h)))
+    x = np.random.default_rng(0).normal(size=(4, 6, 16)).astype("float32")
+    twin = unit_scale(model)
+    assert any(isinstance(layer, L.ResidualSplit) for layer in twin.layers)
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(keras.layers, "RMSNormalization"), reason="Keras < 3.9 has no RMSNormalization")
+def test_einsum_projections_and_rms_norms_convert():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 12))
+    h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 20), bias_axes="d", activation="relu")(inputs)
+    h = keras.layers.RMSNormalization()(h)
+    model = keras.Model(inputs, keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 4))(h))
+    x = np.random.default_rng(0).normal(size=(3, 5, 12)).astype("float32")
+    twin = unit_scale(model)
+    assert [type(layer).__name__ for layer in twin.layers[1:]] == ["Dense", "RMSNormalization", "Dense"]
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5, rtol=1e-5)

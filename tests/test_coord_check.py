@@ -8,6 +8,7 @@ import pytest
 
 import keras_unitscale
 from keras_unitscale import layers as L
+from keras_unitscale import models
 from keras_unitscale.coord_check import CoordCheck
 from keras_unitscale.coord_check import coord_check
 from keras_unitscale.coord_check import plot_coord_check
@@ -29,30 +30,11 @@ def _data():
 
 
 def _umup_transformer(width):
-    inputs = keras.Input((SEQ,), dtype="int32")
-    h = L.Embedding(VOCAB, width, name="embed")(inputs)
-    for i in range(DEPTH):
-        h = L.TransformerBlock(num_heads=width // 16, key_dim=16, index=i, depth=DEPTH, name=f"block{i}")(h)
-    h = L.LayerNormalization(name="final_norm")(h)
-    return keras.Model(inputs, L.Dense(VOCAB, role="output", name="readout")(h))
+    return models.transformer_lm(VOCAB, width, DEPTH, head_dim=16, seq_len=SEQ, parametrization="u-mup")
 
 
 def _standard_transformer(width):
-    inputs = keras.Input((SEQ,), dtype="int32")
-    h = keras.layers.Embedding(VOCAB, width, name="embed")(inputs)
-    for i in range(DEPTH):
-        n = keras.layers.LayerNormalization(name=f"block{i}_attention_norm")(h)
-        a = keras.layers.MultiHeadAttention(num_heads=width // 16, key_dim=16, name=f"block{i}_attention")(
-            n, n, use_causal_mask=True
-        )
-        h = keras.layers.Add(name=f"block{i}_attention_add")([h, a])
-        n = keras.layers.LayerNormalization(name=f"block{i}_mlp_norm")(h)
-        m = keras.layers.Dense(4 * width, activation="gelu", name=f"block{i}_mlp_up")(n)
-        m = keras.layers.Dense(width, name=f"block{i}_mlp_down")(m)
-        # Named as the u-μP block is: the block's output.
-        h = keras.layers.Add(name=f"block{i}")([h, m])
-    h = keras.layers.LayerNormalization(name="final_norm")(h)
-    return keras.Model(inputs, keras.layers.Dense(VOCAB, name="readout")(h))
+    return models.transformer_lm(VOCAB, width, DEPTH, head_dim=16, seq_len=SEQ, parametrization="standard")
 
 
 # Each check trains two transformers: run once, shared by the tests below.

@@ -1,0 +1,140 @@
+"""Reference models, in u-μP and in standard parametrization, for the demo, benchmarks and notebooks.
+
+Each builder takes `parametrization="u-mup"` (built from
+`keras_unitscale.layers`: unit-scaled ops, unit-variance weights, u-μP's
+roles and residual weights; train with `keras_unitscale.optimizers` and a
+unit-scaled loss) or `"standard"` (the same architecture from `keras.layers`
+with Keras's defaults; train with Keras's optimizers). The layers of both
+carry the same names, so their scale reports and coordinate checks line up.
+Language models return logits.
+"""
+
+import keras
+
+from keras_unitscale import checks
+from keras_unitscale import layers as L
+
+__all__ = ["PARAMETRIZATIONS", "mlp", "lstm_lm", "transformer_lm"]
+
+PARAMETRIZATIONS = ("u-mup", "standard")
+
+
+def _unit_scaled(parametrization):
+    return checks.one_of("parametrization", parametrization, PARAMETRIZATIONS) == "u-mup"
+
+
+def mlp(input_dim, width=128, depth=2, output_dim=1, activation="relu", output_activation="sigmoid",
+        parametrization="u-mup", name="mlp"):
+    """Seed 000's model, generalised: `depth` hidden `Dense(width, activation)` layers and a readout.
+
+    Example:
+
+    >>> model = mlp(30, width=64)
+    >>> [layer.name for layer in model.layers], model.layers[-1].role
+    (['hidden0', 'hidden1', 'readout'], 'output')
+    """
+    checks.positive_int("input_dim", input_dim)
+    checks.positive_int("depth", depth)
+    if _unit_scaled(parametrization):
+        readout = L.Dense(output_dim, activation=output_activation, role="output", name="readout")
+        dense = L.Dense
+    else:
+        readout = keras.layers.Dense(output_dim, activation=output_activation, name="readout")
+        dense = keras.layers.Dense
+    hidden = [dense(width, activation=activation, name=f"hidden{i}") for i in range(depth)]
+    return keras.Sequential([keras.Input((input_dim,)), *hidden, readout], name=name)
+
+
+def lstm_lm(vocab_size, width=256, depth=1, embedding_dim=None, seq_len=None, parametrization="u-mup",
+            name="lstm_lm"):
+    """A character-level LSTM language model (seeds 003/004): Embedding → `depth` LSTMs → readout logits.
+
+    Example:
+
+    >>> model = lstm_lm(vocab_size=50, width=32, seq_len=16)
+    >>> tuple(model.outputs[0].shape)
+    (None, 16, 50)
+    """
+    checks.positive_int("vocab_size", vocab_size)
+    checks.positive_int("depth", depth)
+    unit_scaled = _unit_scaled(parametrization)
+    lib = L if unit_scaled else keras.layers
+    stack = [keras.Input((seq_len,), dtype="int32"), lib.Embedding(vocab_size, embedding_dim or width, name="embed")]
+    stack += [lib.LSTM(width, return_sequences=True, name=f"lstm{i}") for i in range(depth)]
+    stack.append(L.Dense(vocab_size, role="output", name="readout") if unit_scaled
+                 else keras.layers.Dense(vocab_size, name="readout"))
+    return keras.Sequential(stack, name=name)
+
+
+def transformer_lm(vocab_size, width, depth, num_heads=None, head_dim=None, seq_len=128, mlp_ratio=4,
+                   parametrization="u-mup", name="transformer_lm"):
+    """A pre-norm causal transformer language model: Embedding → `depth` blocks → LayerNorm → readout logits.
+
+    Args:
+        vocab_size: tokens in and logits out.
+        width: the residual stream's size.
+        depth: the number of blocks (each an attention and an MLP branch).
+        num_heads, head_dim: give one (the other follows from `width`);
+            with neither, heads of 16. Fixing `head_dim` keeps a width sweep
+            to the one axis μP scales.
+        seq_len: the sequence length (None for any).
+        mlp_ratio: the MLP's hidden size over `width`.
+        parametrization: "u-mup" (`layers.TransformerBlock`: u-μP's
+            residual weights for `depth` blocks, no biases) or "standard"
+            (`keras.layers`, Keras's defaults: biases, plain residual adds).
+
+    Example:
+
+    >>> model = transformer_lm(vocab_size=64, width=32, depth=2, head_dim=16, seq_len=8)
+    >>> [layer.name for layer in model.layers[1:]]
+    ['embed', 'block0', 'block1', 'final_norm', 'readout']
+    """
+    checks.positive_int("vocab_size", vocab_size)
+    checks.positive_int("width", width)
+    checks.positive_int("depth", depth)
+    checks.positive_int("mlp_ratio", mlp_ratio)
+    num_heads, head_dim = _heads(width, num_heads, head_dim)
+    tokens = keras.Input((seq_len,), dtype="int32", name="tokens")
+    if _unit_scaled(parametrization):
+        h = L.Embedding(vocab_size, width, name="embed")(tokens)
+        for i in range(depth):
+            h = L.TransformerBlock(num_heads=num_heads, key_dim=head_dim, mlp_ratio=mlp_ratio, index=i, depth=depth,
+                                   name=f"block{i}")(h)
+        h = L.LayerNormalization(name="final_norm")(h)
+        logits = L.Dense(vocab_size, role="output", name="readout")(h)
+    else:
+        h = keras.layers.Embedding(vocab_size, width, name="embed")(tokens)
+        for i in range(depth):
+            h = _standard_block(h, width, num_heads, head_dim, mlp_ratio, f"block{i}")
+        h = keras.layers.LayerNormalization(name="final_norm")(h)
+        logits = keras.layers.Dense(vocab_size, name="readout")(h)
+    return keras.Model(tokens, logits, name=name)
+
+
+def _heads(width, num_heads, head_dim):
+    if num_heads is not None and head_dim is not None:
+        raise ValueError(
+            f"Give `num_heads` or `head_dim`, not both. Received: num_heads={num_heads}, head_dim={head_dim}"
+        )
+    if num_heads is None:
+        head_dim = 16 if head_dim is None else checks.positive_int("head_dim", head_dim)
+        if width % head_dim:
+            raise ValueError(f"`width` must be a multiple of `head_dim`. Received: width={width}, head_dim={head_dim}")
+        return width // head_dim, head_dim
+    num_heads = checks.positive_int("num_heads", num_heads)
+    if width % num_heads:
+        raise ValueError(f"`width` must be a multiple of `num_heads`. Received: width={width}, num_heads={num_heads}")
+    return num_heads, width // num_heads
+
+
+def _standard_block(h, width, num_heads, head_dim, mlp_ratio, name):
+    """The pre-norm block from `keras.layers`; its output layer is named as the u-μP block is."""
+    n = keras.layers.LayerNormalization(name=f"{name}_attention_norm")(h)
+    a = keras.layers.MultiHeadAttention(num_heads=num_heads, key_dim=head_dim, name=f"{name}_attention")(
+        n, n, use_causal_mask=True
+    )
+    h = keras.layers.Add(name=f"{name}_attention_add")([h, a])
+    n = keras.layers.LayerNormalization(name=f"{name}_mlp_norm")(h)
+    m = keras.layers.Dense(mlp_ratio * width, activation="gelu", name=f"{name}_mlp_up")(n)
+    m = keras.layers.Dense(width, name=f"{name}_mlp_down")(m)
+    return keras.layers.Add(name=name)([h, m])
