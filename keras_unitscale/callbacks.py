@@ -132,8 +132,18 @@ class UnitScaleCallback(keras.callbacks.Callback):
         self.include = checks.patterns("include", include)
         self.exclude = checks.patterns("exclude", exclude)
         self.verbose = checks.one_of("verbose", verbose, (0, 1))
+        self._config = {"mode": mode, "weight_scale": weight_scale, "lr_scale": lr_scale, "include": include,
+                        "exclude": exclude, "verbose": verbose}
         self.record = None
         self._acted = False
+
+    def get_config(self):
+        """The constructor's arguments: `UnitScaleCallback.from_config(config)` makes the same callback."""
+        return dict(self._config)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
     # Choosing what to rescale.
 
@@ -352,7 +362,10 @@ class ScaleTracker(keras.callbacks.Callback):
 
     The first tensor that is not finite is reported by name, once
     (`tracker.first_non_finite`); with `stop_on_non_finite=True` training
-    stops there.
+    stops there. The loss is watched at every step: when it turns
+    non-finite (bad data, an exploding learning rate) the report is taken
+    at once, and names the first layer whose weights or outputs the
+    update has made non-finite.
 
     Args:
         every: steps between reports (a positive integer).
@@ -383,6 +396,15 @@ class ScaleTracker(keras.callbacks.Callback):
         self._writer = None
         self._reporter = None
 
+    def get_config(self):
+        """The constructor's arguments (the batch `x`, `y` as given): `from_config` makes the same tracker."""
+        return {"every": self.every, "log_dir": self.log_dir, "x": self.x, "y": self.y,
+                "stop_on_non_finite": self.stop_on_non_finite}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
     def on_train_begin(self, logs=None):
         # Traced afresh for each fit: callbacks before it may have changed the layers.
         self._reporter = None
@@ -398,8 +420,20 @@ class ScaleTracker(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
-        if self._step == 1 or self._step % self.every == 0:
+        loss = (logs or {}).get("loss")
+        # A non-finite loss (bad data, an exploding learning rate) is reported at once, not at the next interval.
+        diverged = self.first_non_finite is None and loss is not None and not math.isfinite(float(loss))
+        if diverged or self._step == 1 or self._step % self.every == 0:
             self._measure()
+        if diverged and self.first_non_finite is None:
+            self.first_non_finite = {"step": self._step, "layer": None, "tensor": "loss"}
+            warnings.warn(
+                f"ScaleTracker: at step {self._step} the loss is {float(loss)}, but every tracked "
+                "tensor is finite (the bad values are in this step's batch).",
+                stacklevel=2,
+            )
+            if self.stop_on_non_finite:
+                self.model.stop_training = True
 
     def _report(self, model):
         if self.x is None:

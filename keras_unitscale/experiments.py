@@ -120,7 +120,8 @@ def lr_sweep(build_model, learning_rates, train, validation, steps=200, batch_si
     x, y = (np.asarray(a) for a in train)
     order = np.resize(np.arange(len(x)), steps * batch_size)
     x, y = x[order], y[order]
-    progress = keras.utils.Progbar(len(learning_rates), unit_name="run") if verbose else None
+    progress = (keras.utils.Progbar(len(learning_rates), unit_name="run", stateful_metrics=["log2 lr", "val loss"])
+                if verbose else None)
     rows = []
     for learning_rate in learning_rates:
         keras.utils.set_random_seed(seed)
@@ -137,7 +138,7 @@ def lr_sweep(build_model, learning_rates, train, validation, steps=200, batch_si
             "parameters": int(model.count_params()),
         })
         if progress is not None:
-            progress.add(1, values=[("lr", learning_rate)])
+            progress.add(1, values=[("log2 lr", math.log2(learning_rate)), ("val loss", validation_loss)])
     return SweepResult(rows)
 
 

@@ -33,6 +33,7 @@ from keras_unitscale.sizes import is_static
 from keras_unitscale.sizes import log
 from keras_unitscale.sizes import numel
 from keras_unitscale.sizes import power
+from keras_unitscale.sizes import replicas
 from keras_unitscale.sizes import shape as shape_of
 
 __all__ = [
@@ -283,7 +284,7 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=(0.5, 
         _check_rank("bias", bias, 1, 1)
         _check_dims_match("Bias and kernel", "bias.shape[0]", shape_of(bias)[0], "kernel.shape[1]", fan_out)
 
-    batch = numel(x) / as_float(fan_in)
+    batch = numel(x) / as_float(fan_in) * replicas()  # the global batch (see `sizes.replicas`)
     output_scale, grad_input_scale = constraints_lib.apply_constraint(
         constraint,
         power(fan_in, -scale_power[0]),
@@ -696,7 +697,7 @@ def embedding(ids, table):
             f"`ids` must have an integer dtype. Received: ids.dtype={_dtype(ids)}"
         )
     vocab = shape_of(table)[0]
-    grad_scale = power(as_float(vocab) / as_float(numel(ids)), 0.5)
+    grad_scale = power(as_float(vocab) / as_float(numel(ids) * replicas()), 0.5)
     return ops.take(scale_bwd(table, grad_scale), ids, axis=0)
 
 
@@ -764,7 +765,7 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5):
     checks.non_negative("epsilon", epsilon)
     x = _to_tensor(x, "x")
     axes = _normalized_axes(x, axis)
-    grad_scale = power(as_float(numel(x, axes)) / as_float(numel(x)), 0.5)
+    grad_scale = power(as_float(numel(x, axes)) / as_float(numel(x) * replicas()), 0.5)
     x32 = _in_float32(x)
     mean, variance = ops.moments(x32, axes=axes, keepdims=True)
     y = ops.cast((x32 - mean) * ops.rsqrt(variance + epsilon), x.dtype)
@@ -805,7 +806,7 @@ def rms_norm(x, gamma=None, axis=-1, epsilon=1e-5):
     mean_square = ops.mean(ops.square(x32), axis=axes, keepdims=True)
     y = ops.cast(x32 * ops.rsqrt(mean_square + epsilon), x.dtype)
     if gamma is not None:
-        grad_scale = power(as_float(numel(x, axes)) / as_float(numel(x)), 0.5)
+        grad_scale = power(as_float(numel(x, axes)) / as_float(numel(x) * replicas()), 0.5)
         y = y * _as_compute_dtype(_affine_param(gamma, "gamma", x, axes, grad_scale), y)
     return y
 
@@ -1484,7 +1485,7 @@ def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forge
     _check_units("recurrent_kernel", recurrent_kernel, units, "units")
     rule = lstm_rule(forget_bias)
     grad_steps = steps if return_sequences else 1
-    base = power(batch * grad_steps, -0.5) / rule.preactivation_grad_rms
+    base = power(batch * replicas() * grad_steps, -0.5) / rule.preactivation_grad_rms
     kernel = scaled(_as_compute_dtype(kernel, x), power(features, -0.5), base)
     recurrent_kernel = scaled(
         _as_compute_dtype(recurrent_kernel, x),

@@ -22,6 +22,7 @@ from keras_unitscale import functional as U
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.sizes import as_float
 from keras_unitscale.sizes import numel
+from keras_unitscale.sizes import replicas
 from keras_unitscale.sizes import shape
 
 __all__ = [
@@ -52,7 +53,9 @@ class _UnitScaledLoss:
         # float32 first: the scale can exceed float16's range; the gradient it
         # produces is unit-scaled and casts back to the model's dtype safely.
         y_pred = ops.cast(y_pred, "float32")
-        return super().call(y_true, scale_bwd(y_pred, self.grad_scale(y_pred)))
+        # grad_scale undoes the mean over the local batch; under tf.distribute
+        # Keras also divides by the replica count, so undo the global mean.
+        return super().call(y_true, scale_bwd(y_pred, self.grad_scale(y_pred) * replicas()))
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")

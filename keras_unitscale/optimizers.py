@@ -82,6 +82,8 @@ class UnitScaledOptimizer:
         self._lr_patterns = list(zip(checks.patterns("lr_multipliers keys", list(self.lr_multipliers)),
                                      self.lr_multipliers.values()))
         self.independent_weight_decay = bool(independent_weight_decay)
+        if self.weight_decay is not None:
+            checks.non_negative("weight_decay", self.weight_decay)
         self.readout_constraint = checks.one_of(
             "readout_constraint", readout_constraint, P.READOUT_CONSTRAINTS
         )
@@ -128,6 +130,17 @@ class UnitScaledOptimizer:
                 self.family, self.readout_constraint
             )
         return factor / P.weight_multiplier_of(variable)
+
+    def load_own_variables(self, store):
+        # Keras skips a mismatched optimizer state with a warning; resuming
+        # without it would silently restart Adam's moments and our factors.
+        if self.built and len(store.keys()) != len(self.variables):
+            raise ValueError(
+                f"The saved state of optimizer '{self.name}' does not match it: it has "
+                f"{len(self.variables)} variables and the file holds {len(store.keys())}. The file is "
+                "corrupted, or was saved from a different model or optimizer."
+            )
+        super().load_own_variables(store)
 
     def build(self, variables):
         if self.built:

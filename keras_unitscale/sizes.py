@@ -7,6 +7,7 @@ Python arithmetic whenever possible keeps every scale a compile-time constant.
 
 import math
 
+import keras
 from keras import ops
 
 
@@ -28,6 +29,25 @@ def numel(x, axes=None):
     for dim in dims:
         size = size * dim
     return size
+
+
+def replicas():
+    """How many replicas each hold one slice of the batch here: 1 outside a data-parallel replica.
+
+    Under `tf.distribute` (MirroredStrategy, ...) every replica traces the
+    model on its own slice, so a batch size read from a shape is the local
+    one. The scales that depend on the batch (a weight gradient's
+    `batch^-1/2`, a loss's `1/batch`) must use the global batch, the local
+    one times this, to match training on one device. JAX's
+    `keras.distribution` traces the global batch, sharded, so it needs no
+    correction.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else int(context.num_replicas_in_sync)
 
 
 def as_float(size):

@@ -216,6 +216,30 @@ def test_scale_tracker_names_the_first_non_finite_tensor():
     assert len(history.history["loss"]) == 1
 
 
+@pytest.mark.parametrize("cause", ["data", "learning rate"])
+def test_scale_tracker_names_where_a_bad_batch_or_learning_rate_first_breaks_our_layers(cause):
+    from keras_unitscale import optimizers
+    from keras_unitscale.callbacks import ScaleTracker
+
+    x, y = _data()
+    model = _mlp(L.Dense)
+    x_train = x.copy()
+    if cause == "data":
+        x_train[20, 3] = np.nan  # in the second batch of 16
+        optimizer = optimizers.Adam(1e-2)
+    else:
+        optimizer = optimizers.SGD(1e30)
+    model.compile(optimizer, losses.BinaryCrossentropy())
+    tracker = ScaleTracker(every=100, x=x[:8], y=y[:8], stop_on_non_finite=True)
+    with pytest.warns(UserWarning, match="non-finite"):
+        model.fit(x_train, y, batch_size=16, epochs=5, shuffle=False, verbose=0, callbacks=[tracker])
+    found = tracker.first_non_finite
+    assert found is not None and found["layer"] == "a", found
+    if cause == "data":
+        assert found["step"] == 2
+    assert tracker._step < 20  # stopped, not 5 epochs of NaN
+
+
 def test_scale_tracker_without_data_tracks_the_weights():
     from keras_unitscale.callbacks import ScaleTracker
 

@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_unitscale import checks
+from keras_unitscale import constraints
 from keras_unitscale import functional as U
 
 # Each name maps to the unit-scaled op of `keras_unitscale.functional`.
@@ -55,7 +57,8 @@ class Activation(keras.layers.Layer):
     def __init__(self, activation, mult=1.0, constraint="to_output_scale", **kwargs):
         super().__init__(**kwargs)
         self.activation = check(activation)
-        self.mult = mult
+        self.mult = float(checks.positive("mult", mult))
+        constraints.get(constraint)  # an unknown name fails here, not at the first call
         self.constraint = constraint
         self.supports_masking = True
         self.built = True

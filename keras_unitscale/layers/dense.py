@@ -4,6 +4,7 @@ import keras
 
 from keras_unitscale import functional as U
 from keras_unitscale import checks
+from keras_unitscale import constraints
 from keras_unitscale.layers import activation as activations
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
@@ -89,8 +90,9 @@ class Dense(WeightMultipliers, keras.layers.Layer):
         self.role = checks.one_of("role", role, ROLES)
         if constraint == "default":
             constraint = None if self.role == "output" else "to_output_scale"
+        constraints.get(constraint)  # an unknown name fails here, not at the first call
         self.constraint = constraint
-        self.mult = mult
+        self.mult = float(checks.positive("mult", mult))
         self.kernel_initializer = keras.initializers.get(kernel_initializer or unit_normal())
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)

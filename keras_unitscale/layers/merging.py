@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_unitscale import constraints
 from keras_unitscale import functional as U
 
 
@@ -29,6 +30,7 @@ class Add(keras.layers.Layer):
 
     def __init__(self, constraint="to_output_scale", **kwargs):
         super().__init__(**kwargs)
+        constraints.get(constraint)  # an unknown name fails here, not at the first call
         self.constraint = constraint
         self.supports_masking = True
         self.built = True
