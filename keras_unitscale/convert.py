@@ -315,7 +315,7 @@ class _Converter:
         if isinstance(layer, keras.layers.EinsumDense):
             equation = _PROJECTION.match(layer.equation)
             plain = equation and layer.bias_axes in (None, "", equation.group(3)) and len(layer.kernel.shape) == 2
-            return self.einsum_dense if plain and self._activation_ok(layer) else None
+            return self.dense if plain and self._activation_ok(layer) else None
         if type(layer) is keras.layers.LayerNormalization and layer.get_config().get("rms_scaling"):
             return None  # Keras's deprecated variant divides by the standard deviation, without centring.
         simple = {
@@ -393,15 +393,8 @@ class _Converter:
     # --- the conversions -------------------------------------------------
 
     def dense(self, layer, args, kwargs, inputs, readout=False):
-        kernel = layer.kernel
-        return self._dense_from(layer, kernel, layer.bias, int(kernel.shape[-1]), args, kwargs, inputs, readout)
-
-    def einsum_dense(self, layer, args, kwargs, inputs, readout=False):
-        return self._dense_from(
-            layer, layer.kernel, layer.bias, int(layer.kernel.shape[-1]), args, kwargs, inputs, readout
-        )
-
-    def _dense_from(self, layer, kernel, bias, units, args, kwargs, inputs, readout):
+        """A `Dense`, or an `EinsumDense` that is a plain projection: the same kernel and bias layout."""
+        kernel, bias, units = layer.kernel, layer.bias, int(layer.kernel.shape[-1])
         name = _activation_name(layer.activation)
         new = L.Dense(
             units, activation=None if name == "linear" else name, use_bias=bias is not None,
@@ -413,7 +406,7 @@ class _Converter:
             return out, [_Tensor()]
         fan_in = int(kernel.shape[0])
         op_scale = 1.0 / fan_in if new.role == "output" else fan_in**-0.5
-        values = [layer.kernel] + ([bias] if bias is not None else [])
+        values = [kernel] + ([bias] if bias is not None else [])
         multipliers = self._carry(new, values, [op_scale * inputs[0].factor] + [op_scale] * (len(values) - 1))
         plain = new.role == "output" or name in activations.PROBABILITIES
         factor = 1.0 if plain else _activation_factor(name)
