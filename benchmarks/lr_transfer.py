@@ -54,6 +54,15 @@ def _sweep(parametrization, width, depth, label, data, vocabulary, args):
     )
 
 
+def _plot(result, parametrization, stem):
+    for axis in ("width", "depth"):
+        rows = [r for r in result.rows if r["label"].startswith(axis)]
+        experiments.SweepResult(rows).plot(
+            f"{stem}_{axis}_{parametrization}.png",
+            title=f"{parametrization}: validation loss by learning rate and {axis}",
+        )
+
+
 def _drift(result, labels):
     """How far the optimum moves across `labels`, in grid steps (factors of 2)."""
     log2 = [math.log2(result.best(label)["learning_rate"]) for label in labels]
@@ -71,7 +80,16 @@ def main():
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--parametrizations", nargs="+", default=list(models.PARAMETRIZATIONS))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--replot", action="store_true", help="redraw the plots from the saved JSON, run nothing")
     args = parser.parse_args()
+    stem = os.path.join(args.out, f"lr_transfer_{keras.backend.backend()}_{timing.device_name()}")
+    if args.replot:
+        with open(stem + ".json") as f:
+            rows = json.load(f)["rows"]
+        for parametrization in dict.fromkeys(r["parametrization"] for r in rows):
+            _plot(experiments.SweepResult([r for r in rows if r["parametrization"] == parametrization]),
+                  parametrization, stem)
+        return
     train, validation, vocabulary = experiments.char_lm_data(args.seq, args.steps * args.batch, 256)
     data = (train, validation)
     start = time.perf_counter()
@@ -91,7 +109,6 @@ def main():
         results[parametrization] = sum(sweeps.values(), experiments.SweepResult([]))
 
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"lr_transfer_{keras.backend.backend()}_{timing.device_name()}")
     lines = [
         f"u-μP learning-rate transfer: character transformer LM on pydoc_data.topics, {keras.backend.backend()} "
         f"{timing.device_name()}, {args.steps} steps × {args.batch} × {args.seq} characters, heads of 16; "
@@ -119,10 +136,7 @@ def main():
             "validation loss at each width's optimum: " + ", ".join(f"{v:.4f}" for v in at_optimum)
             + (" (falls with width)" if facts["wider_is_better"] else " (does not fall monotonically)"),
         ]
-        width_result.plot(f"{stem}_width_{parametrization}.png",
-                          title=f"{parametrization}: validation loss by learning rate and width")
-        depth_result.plot(f"{stem}_depth_{parametrization}.png",
-                          title=f"{parametrization}: validation loss by learning rate and depth")
+        _plot(result, parametrization, stem)
     rows = [{**r, "parametrization": p} for p, result in results.items() for r in result.rows]
     experiments.SweepResult(rows).to_csv(stem + ".csv")
     with open(stem + ".json", "w") as f:

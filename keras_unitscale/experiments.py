@@ -220,8 +220,9 @@ class SweepResult:
                           color=line.get_color())
         finite = [r["validation_loss"] for r in self.rows if math.isfinite(r["validation_loss"])]
         if finite:
-            # Runs far off their optimum would flatten the curves that matter.
-            axes.set_ylim(top=min(max(finite), 1.5 * min(finite)) * 1.02)
+            # Runs far off their optimum (or diverged) would flatten the curves that matter.
+            low, high = min(finite), min(max(finite), 1.5 * min(finite))
+            axes.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         axes.set_xlabel("log2 learning rate")
         axes.set_ylabel("validation loss")
         axes.set_title(title)
