@@ -55,6 +55,8 @@ def test_char_lm_data_splits_the_text_and_shifts_the_targets():
     assert text in experiments.pydoc_text()[int(0.9 * len(experiments.pydoc_text())) - 1:]
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="backend-independent Keras code; CI's time is spent on the models above")
 def test_a_sweep_returns_a_well_formed_table_and_plot(tmp_path):
     (x, y), validation, vocabulary = experiments.char_lm_data(16, 64, 16)
 
