@@ -32,7 +32,7 @@ def losses_of(optimizer, scope):
         model.compile(OPTIMIZERS[optimizer](), losses.SparseCategoricalCrossentropy(from_logits=True))
     seen = []
     record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(float(logs["loss"])))
-    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
               callbacks=[callbacks.UnitScaleCallback(verbose=0), record])
     return seen
 """
@@ -94,7 +94,7 @@ def _run(script, backend, tmp_path, **env):
 def _assert_same_losses(result):
     for optimizer in ("sgd", "adam"):
         one_device, two_replicas = (np.array(losses) for losses in result[optimizer])
-        assert len(one_device) == 8 and np.isfinite(one_device).all()
+        assert len(one_device) == 4 and np.isfinite(one_device).all()
         # SGD is not invariant to a gradient's scale: it checks the global-batch rule.
         np.testing.assert_allclose(two_replicas, one_device, rtol=1e-5, err_msg=optimizer)
 
