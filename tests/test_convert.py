@@ -78,8 +78,6 @@ def test_equivalent_conversion_predicts_and_trains_as_the_original(case):
         assert rms == pytest.approx(1.0, rel=1e-4) or rms == 0.0, variable.path  # zero biases stay zero
     np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5, rtol=1e-5)
 
-    if keras.backend.backend() == "jax":
-        return  # CI's time: the trajectory is checked on TensorFlow and PyTorch
     # The per-weight learning-rate factors it fixes make our Adam follow Keras's.
     # Adam's epsilon is the one thing that sees the gradients' absolute scale,
     # which unit scaling changes: it is set small enough not to matter.
