@@ -140,21 +140,28 @@ class ScaleReporter:
 
     def __call__(self, x, y=None, formats=F.FORMATS):
         """The `ScaleReport` of one pass on `x` (and `y`); see `scale_report`."""
-        if y is not None and self._loss_fn is None:
-            self._loss_fn = self._loss_function()
-        inputs = [ops.convert_to_tensor(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
-        outputs, output, output_grads, weight_grads = self._pass(
-            inputs if len(inputs) > 1 else inputs[0],
-            None if y is None else ops.convert_to_tensor(y),
-            [v.value for v in self.trainable],
-            [v.value for v in self.non_trainable],
-        )
+        outputs, output, output_grads, weight_grads = self._run(x, y)
         numpy = ops.convert_to_numpy
         return self._rows_to_report(
             [(layer, numpy(out), numpy(grad)) for layer, out, grad in zip(self.layers, outputs, output_grads)],
             numpy(output),
             {id(v): numpy(grad) for v, grad in zip(self.trainable, weight_grads)},
             formats,
+        )
+
+    def weight_gradients(self, x, y=None):
+        """The gradients of the model's trainable variables (NumPy arrays, in their order) from one pass."""
+        return [ops.convert_to_numpy(grad) for grad in self._run(x, y)[3]]
+
+    def _run(self, x, y):
+        if y is not None and self._loss_fn is None:
+            self._loss_fn = self._loss_function()
+        inputs = [ops.convert_to_tensor(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
+        return self._pass(
+            inputs if len(inputs) > 1 else inputs[0],
+            None if y is None else ops.convert_to_tensor(y),
+            [v.value for v in self.trainable],
+            [v.value for v in self.non_trainable],
         )
 
     def _loss_function(self):

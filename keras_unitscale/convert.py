@@ -18,7 +18,8 @@ multipliers of the layer that produced them; where that layer cannot take
 it either (it feeds other layers too, or its output is not linear in its
 weights), a `keras.layers.Rescaling` by the constant does. Each weight also gets a fixed learning-rate factor
 `1/rms` (its layer's `lr_multipliers`), so `keras_unitscale.optimizers`
-move the converted model along the original's Adam trajectory.
+move the converted model along the original's Adam trajectory;
+`match_epsilon` makes Adam's epsilon act as it did on the original too.
 
 `mode="reinit"` builds the same architecture with fresh unit-scaled / u-μP
 initialisation.
@@ -37,12 +38,14 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_unitscale import analysis
 from keras_unitscale import functional as U
+from keras_unitscale import optimizers
 from keras_unitscale import parametrization as P
 from keras_unitscale import layers as L
 from keras_unitscale.layers import activation as activations
 
-__all__ = ["unit_scale", "MODES"]
+__all__ = ["unit_scale", "match_epsilon", "MODES"]
 
 MODES = ("equivalent", "reinit")
 
@@ -78,14 +81,16 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
             (nested ones and shared layers included).
         mode: "equivalent" (carry the weights over: the converted model's
             predictions equal the original's, and with `keras_unitscale.optimizers`
-            its training follows the original's Adam trajectory) or "reinit"
+            its training follows the original's Adam trajectory, epsilon
+            included after `match_epsilon`) or "reinit"
             (fresh unit-scaled initialisation; train it with u-μP's rules).
         residual_rule: tau of the residual adds: "depth" (u-μP's depth rule,
             `functional.transformer_residual_scaling_rule`, over the residual
             adds in graph order) or a number for all.
 
     Returns:
-        A new model of the same kind. Its `unit_scale_notes` lists
+        A new model of the same kind. Its `unit_scale_sources` maps each
+        converted variable's path to the original's. Its `unit_scale_notes` lists
         `(layer, why)` for what could not be made exactly equivalent (also
         warned): dropout inside an LSTM or attention (training rescales
         differently), an LSTM given initial states, attention over keys of
@@ -136,7 +141,68 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
             stacklevel=2,
         )
     converted.unit_scale_notes = list(converter.notes)
+    # Paths, not variables: a model tracks the variables it holds in attributes.
+    converted.unit_scale_sources = dict(converter.sources)
     return converted
+
+
+def match_epsilon(converted, original, x, y):
+    """Scales Adam's `epsilon` per weight of `converted` so that it trains exactly as `original` does.
+
+    The learning-rate factors `unit_scale` fixes make our Adam follow the
+    original's trajectory up to `epsilon`, the one term of Adam's update that
+    sees a gradient's absolute scale, which unit scaling changes (that is its
+    point). The converted model's gradient for each weight is a constant
+    multiple `r` of the original's; `r` depends on the batch size (the
+    unit-scaled ops' batch rules) and the two losses. This measures `r` on
+    one batch, as the ratio of the two gradients' RMS, and sets
+    `epsilon_multiplier = r` on `converted`'s optimizer. Call it once, after
+    compiling both models and before training, on a batch of the training
+    batch size. Weights whose gradient is zero in either model keep factor 1.
+
+    Args:
+        converted: a compiled model from `unit_scale(original, mode="equivalent")`,
+            with `keras_unitscale.optimizers.Adam` or `AdamW`.
+        original: the compiled model it was converted from.
+        x, y: a batch of inputs and targets; each model is differentiated
+            with its own compiled loss.
+
+    Returns:
+        {converted variable path: r}, for the weights it set.
+    """
+    sources = getattr(converted, "unit_scale_sources", None)
+    if sources is None:
+        raise ValueError(
+            "`match_epsilon` needs a model made by `unit_scale(original)`, which records where each weight "
+            f"came from. Received: converted={converted.name!r}, which has no `unit_scale_sources`."
+        )
+    optimizer = optimizers.unwrap(getattr(converted, "optimizer", None))
+    if not isinstance(optimizer, optimizers.UnitScaledOptimizer) or optimizer.family != "adam":
+        raise ValueError(
+            "`match_epsilon` sets the epsilon of `keras_unitscale.optimizers.Adam` or `AdamW`: compile "
+            f"`converted` with one first. Received: optimizer={type(optimizer).__name__}"
+        )
+    for name, model in (("converted", converted), ("original", original)):
+        if getattr(model, "loss", None) is None:
+            raise ValueError(f"`match_epsilon` differentiates each model's compiled loss; compile `{name}` first.")
+    if not optimizer.built:
+        optimizer.build(converted.trainable_variables)
+    converted_grads = analysis.ScaleReporter(converted, jit_compile=False).weight_gradients(x, y)
+    original_grads = dict(zip(
+        (v.path for v in original.trainable_variables),
+        analysis.ScaleReporter(original, jit_compile=False).weight_gradients(x, y),
+    ))
+    ratios = {}
+    for variable, grad in zip(converted.trainable_variables, converted_grads):
+        source = original_grads.get(sources.get(variable.path))
+        if source is None:
+            continue
+        rms, source_rms = np.sqrt(np.mean(np.square(grad, dtype="float64"))), np.sqrt(
+            np.mean(np.square(source, dtype="float64")))
+        if rms > 0 and source_rms > 0:
+            ratios[variable.path] = float(rms / source_rms)
+            optimizer.set_epsilon_multiplier(variable, ratios[variable.path])
+    return ratios
 
 
 def _graph_of(model):
@@ -195,6 +261,7 @@ class _Converter:
         self.out_factors = {}  # id(original layer) -> output factors of its first call
         self.infos = {}  # id(converted tensor) -> _Tensor
         self.unknown, self.notes = [], []
+        self.sources = {}  # converted variable's path -> the original variable's path
         self._depth_rule = U.transformer_residual_scaling_rule()
 
     def note(self, name, why):
@@ -372,6 +439,7 @@ class _Converter:
         out = new(*args, **kwargs)
         if new is not layer and self.equivalent and layer.weights:
             new.set_weights(layer.get_weights())
+            self._sources(new.weights, layer.weights)
         self.record(layer, new, inputs)
         return out, [_Tensor() for _ in keras.tree.flatten(out)]
 
@@ -422,9 +490,13 @@ class _Converter:
             variable.assign(unit)
             multipliers[variable.name] = rms / op_scale
             new.set_lr_multiplier(variable.name, 1.0 / rms)
+        self._sources(_own_weights(new), originals)
         for name, value in multipliers.items():
             new.set_weight_multiplier(name, value)
         return multipliers
+
+    def _sources(self, variables, originals):
+        self.sources.update((v.path, o.path) for v, o in zip(variables, originals))
 
     @staticmethod
     def _rescaler(new, names):
@@ -460,6 +532,7 @@ class _Converter:
         for variable, original in zip(_own_weights(new), layer.weights):
             variable.assign(ops.convert_to_numpy(original))
             new.set_lr_multiplier(variable.name, 1.0)
+        self._sources(_own_weights(new), layer.weights)
         names = [v.name for v in _own_weights(new)]
         rescale = self._rescaler(new, names) if "gamma" in names else None
         return out, [_Tensor(1.0, rescale, inputs[0].grad_factor)]

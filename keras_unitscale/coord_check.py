@@ -96,7 +96,7 @@ class CoordCheck:
         for layer, by_width in self.table.items():
             if width_a in by_width and width_b in by_width:
                 ratios[layer] = [
-                    b / a if a != 0 else math.inf
+                    b / a if a != 0 else (1.0 if b == 0 else math.inf)
                     for a, b in zip(by_width[width_a], by_width[width_b])
                 ]
         return ratios

@@ -67,7 +67,7 @@ def lstm_lm(vocab_size, width=256, depth=1, embedding_dim=None, seq_len=None, pa
 
 
 def transformer_lm(vocab_size, width, depth, num_heads=None, head_dim=None, seq_len=128, mlp_ratio=4,
-                   parametrization="u-mup", name="transformer_lm"):
+                   parametrization="u-mup", readout_zero_init=False, name="transformer_lm"):
     """A pre-norm causal transformer language model: Embedding → `depth` blocks → LayerNorm → readout logits.
 
     Args:
@@ -82,6 +82,10 @@ def transformer_lm(vocab_size, width, depth, num_heads=None, head_dim=None, seq_
         parametrization: "u-mup" (`layers.TransformerBlock`: u-μP's
             residual weights for `depth` blocks, no biases) or "standard"
             (`keras.layers`, Keras's defaults: biases, plain residual adds).
+        readout_zero_init: start the readout's kernel at zero, as μP
+            suggests (and `mup`'s coordinate check does): the logits start
+            at zero at every width instead of at μP's `fan_in^-1/2`, and the
+            first update gives them their width-independent size.
 
     Example:
 
@@ -95,19 +99,21 @@ def transformer_lm(vocab_size, width, depth, num_heads=None, head_dim=None, seq_
     checks.positive_int("mlp_ratio", mlp_ratio)
     num_heads, head_dim = _heads(width, num_heads, head_dim)
     tokens = keras.Input((seq_len,), dtype="int32", name="tokens")
+    readout_initializer = "zeros" if readout_zero_init else None
     if _unit_scaled(parametrization):
         h = L.Embedding(vocab_size, width, name="embed")(tokens)
         for i in range(depth):
             h = L.TransformerBlock(num_heads=num_heads, key_dim=head_dim, mlp_ratio=mlp_ratio, index=i, depth=depth,
                                    name=f"block{i}")(h)
         h = L.LayerNormalization(name="final_norm")(h)
-        logits = L.Dense(vocab_size, role="output", name="readout")(h)
+        logits = L.Dense(vocab_size, role="output", kernel_initializer=readout_initializer, name="readout")(h)
     else:
         h = keras.layers.Embedding(vocab_size, width, name="embed")(tokens)
         for i in range(depth):
             h = _standard_block(h, width, num_heads, head_dim, mlp_ratio, f"block{i}")
         h = keras.layers.LayerNormalization(name="final_norm")(h)
-        logits = keras.layers.Dense(vocab_size, name="readout")(h)
+        logits = keras.layers.Dense(vocab_size, kernel_initializer=readout_initializer or "glorot_uniform",
+                                    name="readout")(h)
     return keras.Model(tokens, logits, name=name)
 
 

@@ -23,6 +23,13 @@ rate nor the variable's factor, so sweeping the learning rate leaves the decay
 alone. With `independent_weight_decay=False` the decay is Keras's,
 `weight_decay · η_t`, times the variable's factor.
 
+Adam and AdamW also keep a factor on `epsilon` per variable (1 by default).
+Adam's update sees the gradient's absolute scale only through `epsilon`;
+a model whose gradients are in other units than another's (a unit-scaled
+twin from `unit_scale`) follows the other's trajectory exactly when each
+variable's `epsilon` is scaled by the ratio of the gradients:
+`convert.match_epsilon` measures and sets it.
+
 They are subclasses of the Keras optimizers, so they work wherever those do:
 `compile`, `LossScaleOptimizer`, `jit_compile`, learning-rate schedules and
 callbacks, TensorFlow, JAX and PyTorch (on PyTorch Keras swaps its own exact
@@ -157,20 +164,46 @@ class UnitScaledOptimizer:
             for variable in variables
         ]
 
-    def _lr_factor(self, variable):
+        if self.family == "adam":
+            self._epsilon_factors = [
+                self.add_variable(
+                    shape=(), initializer="ones", dtype="float32", aggregation="only_first_replica",
+                    name=variable.path.replace("/", "_") + "_epsilon_multiplier",
+                )
+                for variable in variables
+            ]
+
+    def _factor(self, attribute, variable, what):
         if not self.built:
             raise ValueError(
-                f"The optimizer '{self.name}' is not built yet, so it has no learning-rate "
+                f"The optimizer '{self.name}' is not built yet, so it has no {what} "
                 "factors. It builds at the start of `fit`, or call "
                 "`optimizer.build(model.trainable_variables)`."
             )
         try:
-            return self._lr_factors[self._get_variable_index(variable)]
+            return getattr(self, attribute)[self._get_variable_index(variable)]
         except KeyError:
             raise ValueError(
                 f"The optimizer '{self.name}' does not train this variable. "
                 f"Received: variable.path={variable.path!r}"
             ) from None
+
+    def _lr_factor(self, variable):
+        return self._factor("_lr_factors", variable, "learning-rate")
+
+    def _epsilon_factor(self, variable):
+        if self.family != "adam":
+            raise ValueError(f"The optimizer '{self.name}' has no `epsilon`; Adam and AdamW have.")
+        return self._factor("_epsilon_factors", variable, "epsilon")
+
+    def epsilon_multiplier(self, variable):
+        """The factor on `epsilon` for `variable` (a Python float; Adam and AdamW)."""
+        return float(ops.convert_to_numpy(self._epsilon_factor(variable)))
+
+    def set_epsilon_multiplier(self, variable, value):
+        """Sets the factor on `epsilon` for `variable`; set it before training (the moments keep its units)."""
+        checks.positive("value", value)
+        self._epsilon_factor(variable).assign(float(value))
 
     def lr_multiplier(self, variable):
         """The factor on the base learning rate for `variable` (a Python float)."""
@@ -202,7 +235,19 @@ class UnitScaledOptimizer:
             else:
                 decay = self.weight_decay * learning_rate * factor
             variable.assign(variable - variable * ops.cast(decay, variable.dtype))
-        super().update_step(gradient, variable, learning_rate * factor)
+        if self.family != "adam":
+            super().update_step(gradient, variable, learning_rate * factor)
+            return
+        # Keras's update reads `self.epsilon` as it is traced, once per
+        # variable. (Scaling the gradient instead would be the same maths, but
+        # turns an embedding's sparse gradient dense, and Keras's Adam treats
+        # those differently.)
+        epsilon = self.epsilon
+        self.epsilon = epsilon * ops.cast(self._epsilon_factor(variable), "float32")
+        try:
+            super().update_step(gradient, variable, learning_rate * factor)
+        finally:
+            self.epsilon = epsilon
 
     def get_config(self):
         return {

@@ -10,6 +10,7 @@ from keras_unitscale import analysis
 from keras_unitscale import layers as L
 from keras_unitscale import optimizers
 from keras_unitscale import unit_scale
+from keras_unitscale.convert import match_epsilon
 
 
 def _seed_000_model():
@@ -78,15 +79,37 @@ def test_equivalent_conversion_predicts_and_trains_as_the_original(case):
         assert rms == pytest.approx(1.0, rel=1e-4) or rms == 0.0, variable.path  # zero biases stay zero
     np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5, rtol=1e-5)
 
-    # The per-weight learning-rate factors it fixes make our Adam follow Keras's.
-    # Adam's epsilon is the one thing that sees the gradients' absolute scale,
-    # which unit scaling changes: it is set small enough not to matter.
-    model.compile(keras.optimizers.Adam(1e-3, epsilon=1e-12), loss())
-    twin.compile(optimizers.Adam(1e-3, epsilon=1e-12), loss())
+    # The learning-rate factors it fixes, and epsilon scaled per weight by
+    # the ratio of the two models' gradients, make our Adam follow Keras's
+    # (both at Keras's default epsilon).
+    model.compile(keras.optimizers.Adam(1e-3), loss())
+    twin.compile(optimizers.Adam(1e-3), loss())
+    ratios = match_epsilon(twin, model, x, y)
+    assert set(ratios) == {v.path for v in twin.trainable_variables if v.path in ratios}
+    assert len(ratios) >= len(twin.trainable_variables) - 2, ratios  # zero-gradient weights keep factor 1
     original = np.array([model.train_on_batch(x, y) for _ in range(20)])
     converted = np.array([twin.train_on_batch(x, y) for _ in range(20)])
     np.testing.assert_allclose(converted, original, rtol=1e-4)
     assert original[-1] < original[0]
+
+
+def test_match_epsilon_needs_a_compiled_twin_with_our_adam():
+    keras.utils.set_random_seed(0)
+    model = _seed_000_model()
+    x = np.ones((4, 30), "float32")
+    y = np.ones((4, 1), "float32")
+    twin = unit_scale(model)
+    with pytest.raises(ValueError, match="no `unit_scale_sources`"):
+        match_epsilon(model, model, x, y)
+    twin.compile(keras.optimizers.Adam(), "binary_crossentropy")
+    with pytest.raises(ValueError, match="optimizer=Adam"):
+        match_epsilon(twin, model, x, y)
+    twin.compile(optimizers.SGD(), "binary_crossentropy")
+    with pytest.raises(ValueError, match="optimizer=SGD"):
+        match_epsilon(twin, model, x, y)
+    twin.compile(optimizers.Adam(), "binary_crossentropy")
+    with pytest.raises(ValueError, match="compile `original`"):
+        match_epsilon(twin, model, x, y)
 
 
 def test_reinit_conversion_starts_at_unit_scale(case):

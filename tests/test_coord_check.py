@@ -13,8 +13,12 @@ from keras_unitscale.coord_check import CoordCheck
 from keras_unitscale.coord_check import coord_check
 from keras_unitscale.coord_check import plot_coord_check
 
-VOCAB, SEQ, BATCH, DEPTH = 64, 16, 16, 2
-NARROW, WIDE = 32, 128
+# Widths large against the batch's 64 tokens, as in `mup`'s own check
+# (widths 1000 and 4000, batches of 32): after the first update, the readout's
+# logits are a part aligned with the batch's features, Θ(1) at every width,
+# plus a width^-1/2 remainder that at widths 32 and 128 still shows (ratio 0.7).
+VOCAB, SEQ, BATCH, DEPTH = 64, 16, 4, 2
+NARROW, WIDE = 128, 512
 STEPS = 3
 # The issue's band for the ratio of a layer's mean |output| at widths 4× apart.
 BAND = (1 / 1.2, 1.2)
@@ -29,8 +33,10 @@ def _data():
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _umup_transformer(width):
-    return models.transformer_lm(VOCAB, width, DEPTH, head_dim=16, seq_len=SEQ, parametrization="u-mup")
+def _umup_transformer(width, readout_zero_init=True):
+    # As in `mup`'s own coordinate check: the readout starts at zero.
+    return models.transformer_lm(VOCAB, width, DEPTH, head_dim=16, seq_len=SEQ, parametrization="u-mup",
+                                 readout_zero_init=readout_zero_init)
 
 
 def _standard_transformer(width):
@@ -68,26 +74,29 @@ def _outside_band(ratios):
     }
 
 
-def test_umup_transformer_hidden_layers_stay_in_band_for_three_steps(umup_check):
+def test_umup_transformer_stays_in_band_for_three_steps(umup_check):
     ratios = umup_check.ratios(NARROW, WIDE)
     assert list(ratios) == ["embed", "block0", "block1", "final_norm", "readout"]
     assert all(len(values) == STEPS + 1 for values in ratios.values())
-    # The readout is checked on its own below: see there.
-    hidden = {layer: values for layer, values in ratios.items() if layer != "readout"}
-    assert _outside_band(hidden) == {}, ratios
+    # The zero readout gives zero logits at both widths before the first
+    # step (ratio 1 by definition, as `mup`'s test asserts both are 0).
+    assert umup_check.table["readout"][NARROW][0] == umup_check.table["readout"][WIDE][0] == 0.0
+    assert _outside_band(ratios) == {}, ratios
 
 
-def test_umup_readout_starts_below_band_as_mup_prescribes_and_climbs(umup_check):
-    # The one u-μP layer outside the issue's band: the readout multiplies by
-    # 1/fan_in a unit-variance kernel that is not yet aligned with its input,
-    # so its initial logits shrink as fan_in^-1/2 (μP's logits → 0 at init),
-    # a ratio of sqrt(32/128) = 0.5. Adam's updates do align with the input
-    # and are Θ(1) at every width, so the ratio climbs towards 1; it never
-    # exceeds the band's top, which is what the check guards against.
-    readout = umup_check.ratios(NARROW, WIDE)["readout"]
-    assert readout[0] == pytest.approx(math.sqrt(NARROW / WIDE), rel=0.1), readout
-    assert readout[-1] > readout[0] + 0.1, readout
-    assert max(readout) <= BAND[1], readout
+def test_umup_readout_without_zero_init_starts_at_mup_logit_scale():
+    # u-μP's table alone (a unit-variance kernel times 1/fan_in) starts the
+    # logits at fan_in^-1/2: widths 4x apart give a ratio of 1/2 at step 0.
+    keras.config.set_dtype_policy("float32")
+    x, y = _data()
+    check = coord_check(
+        lambda width: _umup_transformer(width, readout_zero_init=False), [NARROW, WIDE], x, y, steps=0,
+        optimizer_fn=lambda: keras_unitscale.optimizers.Adam(UMUP_LR),
+        loss=keras_unitscale.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    ratios = check.ratios(NARROW, WIDE)
+    assert ratios["readout"][0] == pytest.approx(math.sqrt(NARROW / WIDE), rel=0.1), ratios
+    assert _outside_band({k: v for k, v in ratios.items() if k != "readout"}) == {}, ratios
 
 
 def test_standard_transformer_leaves_band_within_three_steps(standard_check):
@@ -105,7 +114,8 @@ def test_table_and_rows(umup_check):
     rows = umup_check.to_dicts()
     assert len(rows) == len(umup_check.table) * 2 * (STEPS + 1)
     assert set(rows[0]) == {"layer", "width", "step", "mean_abs"}
-    assert all(row["mean_abs"] > 0 and math.isfinite(row["mean_abs"]) for row in rows)
+    assert all(row["mean_abs"] > 0 and math.isfinite(row["mean_abs"]) for row in rows
+               if (row["layer"], row["step"]) != ("readout", 0))
     row = rows[-1]
     assert umup_check.table[row["layer"]][row["width"]][row["step"]] == row["mean_abs"]
     assert "CoordCheck" in repr(umup_check)
@@ -146,6 +156,8 @@ def test_uncompiled_model_without_optimizer():
 def test_ratios_of_a_width_not_checked_and_plot_of_a_non_result():
     result = CoordCheck([8, 32], 0, {"d": {8: [1.0], 32: [1.0]}})
     assert result.ratios(8, 32) == {"d": [1.0]}
+    zeros = CoordCheck([8, 32], 1, {"d": {8: [0.0, 1.0], 32: [0.0, 0.0]}, "e": {8: [0.0], 32: [2.0]}})
+    assert zeros.ratios(8, 32) == {"d": [1.0, 0.0], "e": [math.inf]}
     with pytest.raises(ValueError, match=r"width_b=64"):
         result.ratios(8, 64)
     with pytest.raises(ValueError, match=r"result=\{"):

@@ -173,6 +173,32 @@ def test_config_round_trip():
     assert type(restored) is O.Adam
 
 
+@pytest.mark.parametrize("make", [O.Adam, O.AdamW], ids=["adam", "adamw"])
+def test_an_epsilon_multiplier_is_keras_adam_with_that_epsilon(make):
+    # Gradients of 1e-7, Keras's default epsilon: the one place epsilon shows.
+    variables = [keras.Variable(np.zeros(3, "float32"), name="a"), keras.Variable(np.zeros(3, "float32"), name="b")]
+    optimizer = make(0.01, parametrization=None, weight_decay=0.0)
+    optimizer.build(variables)
+    assert optimizer.epsilon_multiplier(variables[0]) == 1.0
+    optimizer.set_epsilon_multiplier(variables[1], 10.0)
+    grads = [ops.convert_to_tensor(np.full(3, 1e-7, "float32"))] * 2
+    for _ in range(2):
+        optimizer.apply(grads, variables)
+    for variable, epsilon in zip(variables, (1e-7, 1e-6)):
+        reference = keras.Variable(np.zeros(3, "float32"))
+        plain = keras.optimizers.Adam(0.01, epsilon=epsilon)
+        for _ in range(2):
+            plain.apply([grads[0]], [reference])
+        np.testing.assert_allclose(ops.convert_to_numpy(variable), ops.convert_to_numpy(reference), rtol=1e-5)
+    assert optimizer.epsilon == 1e-7  # the per-variable value is lent for the update only
+    with pytest.raises(ValueError, match="value=0"):
+        optimizer.set_epsilon_multiplier(variables[0], 0)
+    sgd = O.SGD(0.1)
+    sgd.build(variables)
+    with pytest.raises(ValueError, match="no `epsilon`"):
+        sgd.epsilon_multiplier(variables[0])
+
+
 def test_factors_are_saved_with_the_model(tmp_path):
     x, y = _data()
     model = _model()
@@ -181,10 +207,12 @@ def test_factors_are_saved_with_the_model(tmp_path):
     model.fit(x, y, epochs=1, batch_size=16, verbose=0)
     hidden = model.get_layer("hidden").kernel
     optimizer.set_lr_multiplier(hidden, 0.3)
+    optimizer.set_epsilon_multiplier(hidden, 5.0)
     model.save(tmp_path / "model.keras")
     reloaded = keras.saving.load_model(tmp_path / "model.keras")
     assert type(reloaded.optimizer) is O.Adam
     assert reloaded.optimizer.lr_multiplier(reloaded.get_layer("hidden").kernel) == pytest.approx(0.3)
+    assert reloaded.optimizer.epsilon_multiplier(reloaded.get_layer("hidden").kernel) == pytest.approx(5.0)
     # Training goes on from the same state in both.
     np.testing.assert_allclose(
         model.train_on_batch(x[:16], y[:16]), reloaded.train_on_batch(x[:16], y[:16]), rtol=1e-5
