@@ -25,6 +25,7 @@ from keras import random
 
 from keras_unitscale import checks
 from keras_unitscale import constraints as constraints_lib
+from keras_unitscale import precision
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 from keras_unitscale.scale import scaled
@@ -242,7 +243,7 @@ def _check_scale_power(scale_power):
         )
 
 
-def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=(0.5, 0.5, 0.5)):
+def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=(0.5, 0.5, 0.5), fp8=False):
     """A unit-scaled dense (linear) layer: `(x @ kernel + bias) * scale`.
 
     Rule, for a kernel of shape `(fan_in, fan_out)` and
@@ -259,6 +260,8 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=(0.5, 
         bias: optional, shape `(fan_out,)`.
         constraint: see `keras_unitscale.constraints`.
         scale_power: the powers `(p0, p1, p2)` above.
+        fp8: a scale-free FP8 matmul: `x` and `kernel` cast to E4M3, the
+            gradient of the product to E5M2 (`keras_unitscale.precision`).
 
     Returns:
         The output, shape `(..., fan_out)`.
@@ -294,13 +297,21 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=(0.5, 
 
     x = scale_bwd(x, grad_input_scale)
     kernel = scale_bwd(_as_compute_dtype(kernel, x), grad_weight_scale)
-    y = ops.matmul(x, kernel)
+    y = _matmul(x, kernel, fp8)
     if bias is not None:
         y = ops.add(y, scale_bwd(_as_compute_dtype(bias, x), grad_weight_scale))
     return scale_fwd(y, output_scale)
 
 
-def dense_readout(x, kernel, bias=None, constraint=None):
+def _matmul(a, b, fp8):
+    """`a @ b`; with `fp8`, on E4M3 inputs and with an E5M2 output gradient (no scales: the ops keep unit scale)."""
+    if not fp8:
+        return ops.matmul(a, b)
+    a, b = precision.cast_inputs(a, b)
+    return precision.cast_output_gradient(ops.matmul(a, b))
+
+
+def dense_readout(x, kernel, bias=None, constraint=None, fp8=False):
     """A unit-scaled readout: the final dense layer, scaled by `1/fan_in`.
 
     Rule: as `dense` with `scale_power=(1, 1/2, 1/2)`: output × `fan_in^-1`
@@ -314,6 +325,7 @@ def dense_readout(x, kernel, bias=None, constraint=None):
         kernel: weights, shape `(fan_in, fan_out)`.
         bias: optional, shape `(fan_out,)`.
         constraint: see `keras_unitscale.constraints`.
+        fp8: as for `dense`.
 
     Returns:
         The output, shape `(..., fan_out)`.
@@ -325,7 +337,7 @@ def dense_readout(x, kernel, bias=None, constraint=None):
     >>> keras.ops.convert_to_numpy(dense_readout(x, np.ones((4, 1), "float32"))).tolist()
     [[1.0], [1.0]]
     """
-    return dense(x, kernel, bias, constraint=constraint, scale_power=(1.0, 0.5, 0.5))
+    return dense(x, kernel, bias, constraint=constraint, scale_power=(1.0, 0.5, 0.5), fp8=fp8)
 
 
 def _broadcast_factor(shape, other_shape):
@@ -1442,7 +1454,7 @@ def _check_units(kernel_name, kernel, rows, rows_name):
     return dims[1] // 4 if is_static(dims[1]) else dims[1] / 4.0
 
 
-def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forget_bias=1.0):
+def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forget_bias=1.0, fp8=False):
     """The LSTM's weights with their unit-scaling factors, for one sequence `x`.
 
     Rule (see `lstm_rule`), with `n = batch·m`, `m = T` if the upstream
@@ -1462,6 +1474,8 @@ def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forge
             counted as T = 1); only its sizes and dtype are used.
         return_sequences: whether the upstream gradient reaches every step.
         forget_bias: the forget-gate bias the rule is derived for.
+        fp8: cast the two kernels to E4M3 at unit scale, before their
+            scales (for `lstm_cell(..., fp8=True)`).
 
     Returns:
         `(kernel, recurrent_kernel, bias)`, scaled, in `x`'s dtype (`bias`
@@ -1486,9 +1500,12 @@ def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forge
     rule = lstm_rule(forget_bias)
     grad_steps = steps if return_sequences else 1
     base = power(batch * replicas() * grad_steps, -0.5) / rule.preactivation_grad_rms
-    kernel = scaled(_as_compute_dtype(kernel, x), power(features, -0.5), base)
+    kernel, recurrent_kernel = _as_compute_dtype(kernel, x), _as_compute_dtype(recurrent_kernel, x)
+    if fp8:
+        kernel, recurrent_kernel = precision.cast_inputs(kernel, recurrent_kernel)
+    kernel = scaled(kernel, power(features, -0.5), base)
     recurrent_kernel = scaled(
-        _as_compute_dtype(recurrent_kernel, x),
+        recurrent_kernel,
         power(units, -0.5),
         base / (rule.hidden_rms * rule.recurrent_grad_correlation),
     )
@@ -1589,7 +1606,7 @@ def lstm_dropout(x, mask, rate):
     return scaled(x * ops.cast(mask, x.dtype), scale, scale)
 
 
-def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0):
+def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8=False):
     """One step of the unit-scaled LSTM, given the weights from `lstm_weights`.
 
     `z = x·kernel + h̃·recurrent_kernel + bias` with `h̃ = lstm_hidden_in(h)`;
@@ -1604,6 +1621,9 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0):
         c: `(batch, H)`, the cell state.
         kernel, recurrent_kernel, bias: from `lstm_weights`.
         forget_bias: the forget-gate bias the rule is derived for.
+        fp8: the two matmuls in scale-free FP8: `x` and h̃ cast to E4M3, the
+            gradient of `z` to E5M2 (the kernels come cast from
+            `lstm_weights(..., fp8=True)`).
 
     Returns:
         `(h', c')`.
@@ -1620,7 +1640,11 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0):
     """
     x = _to_tensor(x, "x")
     h_plain = lstm_hidden_in(_to_tensor(h, "h"), forget_bias)
+    if fp8:
+        x, h_plain = precision.cast_inputs(x, h_plain)
     z = ops.add(ops.matmul(x, kernel), ops.matmul(h_plain, recurrent_kernel))
+    if fp8:
+        z = precision.cast_output_gradient(z)
     if bias is not None:
         z = ops.add(z, bias)
     z_i, z_f, z_g, z_o = ops.split(z, 4, axis=-1)

@@ -30,6 +30,11 @@ twin from `unit_scale`) follows the other's trajectory exactly when each
 variable's `epsilon` is scaled by the ratio of the gradients:
 `convert.match_epsilon` measures and sets it.
 
+Models of our layers need no loss scaling in FP16: their gradients are near
+unit scale. Keras wraps the optimizer of a `mixed_float16` model in a
+`LossScaleOptimizer` unless `compile(..., auto_scale_loss=False)`; ours warn
+when that happens to them over unit-scaled layers.
+
 They are subclasses of the Keras optimizers, so they work wherever those do:
 `compile`, `LossScaleOptimizer`, `jit_compile`, learning-rate schedules and
 callbacks, TensorFlow, JAX and PyTorch (on PyTorch Keras swaps its own exact
@@ -37,6 +42,7 @@ callbacks, TensorFlow, JAX and PyTorch (on PyTorch Keras swaps its own exact
 """
 
 import math
+import warnings
 
 import keras
 from keras import ops
@@ -149,9 +155,23 @@ class UnitScaledOptimizer:
             )
         super().load_own_variables(store)
 
+    def __setattr__(self, name, value):
+        # A `LossScaleOptimizer` sets its inner optimizer's `loss_scale_factor`
+        # to None as it wraps it: the one sign of being wrapped we get.
+        if name == "loss_scale_factor" and value is None and hasattr(self, "parametrization"):
+            super().__setattr__("_wrapped_for_loss_scaling", True)
+        super().__setattr__(name, value)
+
     def build(self, variables):
         if self.built:
             return
+        if getattr(self, "_wrapped_for_loss_scaling", False) and any(P.is_unit_scaled(v) for v in variables):
+            warnings.warn(
+                f"A LossScaleOptimizer wraps '{self.name}', but the model's layers are unit-scaled: their "
+                "gradients are near 1 and fit FP16 as they are. Loss scaling only adds its bookkeeping and "
+                "skips the steps it overflows; compile with `auto_scale_loss=False` to train without it.",
+                stacklevel=2,
+            )
         super().build(variables)
         self._lr_factors = [
             self.add_variable(

@@ -149,6 +149,11 @@ def role_of(variable):
     return getattr(variable, _IN_MODEL, None) or getattr(variable, _DECLARED, None)
 
 
+def is_unit_scaled(variable):
+    """Whether `variable` belongs to a layer of `keras_unitscale.layers` (its role declared by the layer)."""
+    return getattr(variable, _DECLARED, None) is not None
+
+
 def weight_multiplier_of(variable):
     """The fixed forward multiplier the layer holding `variable` applies to it (1 for plain layers)."""
     owner = getattr(variable, _OWNER, lambda: None)()

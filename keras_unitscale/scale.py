@@ -14,7 +14,7 @@ import threading
 import keras
 from keras import ops
 
-__all__ = ["scaled", "scale_fwd", "scale_bwd", "scaling_disabled"]
+__all__ = ["scaled", "scale_fwd", "scale_bwd", "scaling_disabled", "with_gradient"]
 
 _state = threading.local()
 
@@ -66,6 +66,13 @@ def _check_scale(name, scale):
     )
 
 
+def _as_tensor(x):
+    """`x` as a tensor; a `keras.Variable` is read through `.value`, so mixed-precision autocasting applies."""
+    if isinstance(x, keras.Variable):
+        x = x.value
+    return ops.convert_to_tensor(x)
+
+
 def _is_one(scale):
     return isinstance(scale, float) and scale == 1.0
 
@@ -105,29 +112,49 @@ def scaled(x, fwd=1.0, bwd=1.0):
     """
     fwd = _check_scale("fwd", fwd)
     bwd = _check_scale("bwd", bwd)
-    if isinstance(x, keras.Variable):
-        x = x.value
-    x = ops.convert_to_tensor(x)
+    x = _as_tensor(x)
     if getattr(_state, "disabled", False):
         return x
     if fwd is bwd or (isinstance(fwd, float) and isinstance(bwd, float) and fwd == bwd):
         return _multiply_in_dtype(x, fwd)
 
+    return with_gradient(x, lambda v: _multiply_in_dtype(v, fwd), lambda g: _multiply_in_dtype(g, bwd))
+
+
+def with_gradient(x, forward, backward):
+    """`forward(x)`, whose gradient with respect to `x` is `backward(upstream)`.
+
+    The custom gradient under `scaled` and under `formats.quantize_fwd` /
+    `quantize_bwd`: a function of the value in the forward pass, another of
+    the gradient in the backward pass, each elementwise and shape-keeping.
+
+    Args:
+        x: a tensor.
+        forward: tensor -> tensor, applied to `x`.
+        backward: tensor -> tensor, applied to the incoming gradient.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = with_gradient(np.ones((2,), "float32"), lambda v: v + 1, lambda g: g)
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [2.0, 2.0]
+    """
     # The gradient function takes `*args` and an optional `upstream` keyword
     # because PyTorch calls it as `grad(*saved_inputs, upstream=g)` while
     # TensorFlow and JAX call it as `grad(g)`. Nothing but `x` is passed into
     # the custom-gradient function: keyword arguments and non-tensor
     # arguments are not supported there on every backend.
     @ops.custom_gradient
-    def _scaled(inputs):
+    def _with_gradient(inputs):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            return _multiply_in_dtype(upstream, bwd)
+            return backward(upstream)
 
-        return _multiply_in_dtype(inputs, fwd), grad
+        return forward(inputs), grad
 
-    return _scaled(x)
+    return _with_gradient(_as_tensor(x))
 
 
 def scale_fwd(x, scale):

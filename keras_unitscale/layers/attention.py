@@ -5,7 +5,9 @@ from keras import ops
 
 from keras_unitscale import functional as U
 from keras_unitscale import checks
+from keras_unitscale import precision
 from keras_unitscale.layers.common import WeightMultipliers
+from keras_unitscale.layers.common import check_fp8
 from keras_unitscale.layers.common import unit_normal
 
 
@@ -37,6 +39,10 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
             variable name (see `common.WeightMultipliers`).
         lr_multipliers: fixed learning-rate factors, by variable name (set
             by `unit_scale`; see `common.WeightMultipliers`).
+        fp8: the four projections in scale-free FP8: None follows
+            `keras_unitscale.precision`'s setting (the output projection,
+            u-μP's critical matmul, only with `critical=True`), True or
+            False decide for all four.
         **kwargs: base layer arguments.
 
     Call arguments: `query`, `value`, `key=None`, `attention_mask=None`
@@ -71,10 +77,12 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
         seed=None,
         weight_multipliers=None,
         lr_multipliers=None,
+        fp8=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self._init_weight_multipliers(weight_multipliers, lr_multipliers)
+        self.fp8 = check_fp8(fp8)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         if key_dim is None:
             raise ValueError(
@@ -163,7 +171,7 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
         fan_in, heads, head_dim = kernel.shape
         kernel, bias = self.multiplied(kernel), self.multiplied(bias)
         flat_bias = None if bias is None else ops.reshape(bias, (heads * head_dim,))
-        y = U.dense(x, ops.reshape(kernel, (fan_in, heads * head_dim)), flat_bias)
+        y = U.dense(x, ops.reshape(kernel, (fan_in, heads * head_dim)), flat_bias, fp8=precision.uses_fp8(self.fp8))
         return ops.reshape(y, tuple(ops.shape(x)[:-1]) + (heads, head_dim))
 
     def _mask(self, query_mask, value_mask, key_mask, attention_mask):
@@ -215,7 +223,8 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
         heads, value_dim, output_dim = self.output_kernel.shape
         merged = ops.reshape(attended, tuple(ops.shape(attended)[:-2]) + (heads * value_dim,))
         output_kernel = ops.reshape(self.multiplied(self.output_kernel), (heads * value_dim, output_dim))
-        output = U.dense(merged, output_kernel, self.multiplied(self.output_bias))
+        output = U.dense(merged, output_kernel, self.multiplied(self.output_bias),
+                         fp8=precision.uses_fp8(self.fp8, critical=True))
         return (output, scores) if return_attention_scores else output
 
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):
@@ -241,5 +250,6 @@ class MultiHeadAttention(WeightMultipliers, keras.layers.Layer):
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
             "seed": self.seed,
+            "fp8": self.fp8,
             **self.multiplier_config(),
         }

@@ -13,6 +13,13 @@ def unit_normal(seed=None):
     return keras.initializers.RandomNormal(mean=0.0, stddev=1.0, seed=seed)
 
 
+def check_fp8(fp8):
+    """A layer's `fp8` switch: None (follow `keras_unitscale.precision`'s setting), True or False."""
+    if fp8 is None or fp8 is True or fp8 is False:
+        return fp8
+    raise ValueError(f"`fp8` must be None (follow the global setting), True or False. Received: fp8={fp8!r}")
+
+
 def check_weight_multipliers(weight_multipliers, argument="weight_multipliers"):
     """A dict {variable name: positive finite float}, or a `ValueError` naming the value."""
     if weight_multipliers is None:

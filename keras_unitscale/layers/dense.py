@@ -5,8 +5,10 @@ import keras
 from keras_unitscale import functional as U
 from keras_unitscale import checks
 from keras_unitscale import constraints
+from keras_unitscale import precision
 from keras_unitscale.layers import activation as activations
 from keras_unitscale.layers.common import WeightMultipliers
+from keras_unitscale.layers.common import check_fp8
 from keras_unitscale.layers.common import unit_normal
 
 # The roles of a kernel (biases and gains have their own).
@@ -51,6 +53,11 @@ class Dense(WeightMultipliers, keras.layers.Layer):
             by `UnitScaleCallback` and `unit_scale`, rarely by hand.
         lr_multipliers: fixed learning-rate factors, by variable name (set
             by `unit_scale`; see `common.WeightMultipliers`).
+        fp8: the matmul in scale-free FP8: None follows
+            `keras_unitscale.precision`'s setting, True or False decide.
+        fp8_critical: whether this is one of u-μP's critical matmuls (an
+            MLP's down projection), which the global setting leaves in
+            higher precision unless told otherwise.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -78,11 +85,15 @@ class Dense(WeightMultipliers, keras.layers.Layer):
         bias_constraint=None,
         weight_multipliers=None,
         lr_multipliers=None,
+        fp8=None,
+        fp8_critical=False,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self._init_weight_multipliers(weight_multipliers, lr_multipliers)
         self.units = checks.positive_int("units", units)
+        self.fp8 = check_fp8(fp8)
+        self.fp8_critical = bool(fp8_critical)
         self.activation = activations.check(activation)
         self.use_bias = bool(use_bias)
         if role is None:
@@ -131,7 +142,8 @@ class Dense(WeightMultipliers, keras.layers.Layer):
 
     def call(self, inputs):
         op = U.dense_readout if self.role == "output" else U.dense
-        x = op(inputs, self.multiplied(self.kernel), self.multiplied(self.bias), constraint=self.constraint)
+        x = op(inputs, self.multiplied(self.kernel), self.multiplied(self.bias), constraint=self.constraint,
+               fp8=precision.uses_fp8(self.fp8, self.fp8_critical))
         if self.role == "output" or self.activation in activations.PROBABILITIES:
             # A readout's activation gives the prediction (a probability, say),
             # whose values mean something: it stays Keras's plain function.
@@ -150,6 +162,8 @@ class Dense(WeightMultipliers, keras.layers.Layer):
             "role": self.role,
             "constraint": self.constraint,
             "mult": self.mult,
+            "fp8": self.fp8,
+            "fp8_critical": self.fp8_critical,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),

@@ -16,7 +16,9 @@ from keras.src import backend as keras_backend
 
 from keras_unitscale import checks
 from keras_unitscale import functional as U
+from keras_unitscale import precision
 from keras_unitscale.layers.common import WeightMultipliers
+from keras_unitscale.layers.common import check_fp8
 from keras_unitscale.layers.common import unit_normal
 
 __all__ = ["LSTM", "LSTMCell"]
@@ -85,6 +87,8 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             variable name (see `common.WeightMultipliers`).
         lr_multipliers: fixed learning-rate factors, by variable name (set
             by `unit_scale`; see `common.WeightMultipliers`).
+        fp8: the kernels' matmuls in scale-free FP8: None follows
+            `keras_unitscale.precision`'s setting, True or False decide.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -115,9 +119,11 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
         seed=None,
         weight_multipliers=None,
         lr_multipliers=None,
+        fp8=None,
         **kwargs,
     ):
         checks.positive_int("units", units)
+        fp8 = check_fp8(fp8)
         dropout = checks.rate("dropout", dropout)
         recurrent_dropout = checks.rate("recurrent_dropout", recurrent_dropout)
         activation = _check_activation("activation", activation, "tanh")
@@ -146,6 +152,7 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             **kwargs,
         )
         self._init_weight_multipliers(weight_multipliers, lr_multipliers)
+        self.fp8 = fp8
         # One fused step (Keras's implementation 2) with one dropout mask
         # per tensor, whatever the recurrent dropout.
         self.implementation = 2
@@ -172,10 +179,15 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             inputs,
             return_sequences,
             self.forget_bias,
+            fp8=self.uses_fp8(),
         )
 
+    def uses_fp8(self):
+        """Whether the kernels' matmuls run in FP8 now (see `keras_unitscale.precision`)."""
+        return precision.uses_fp8(self.fp8)
+
     def get_config(self):
-        return {**super().get_config(), **self.multiplier_config()}
+        return {**super().get_config(), "fp8": self.fp8, **self.multiplier_config()}
 
     @property
     def forget_bias(self):
@@ -203,7 +215,7 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             h = U.lstm_dropout(
                 h, self.get_recurrent_dropout_mask(h), self.recurrent_dropout
             )
-        h, c = U.lstm_cell(inputs, h, c, *weights, forget_bias=self.forget_bias)
+        h, c = U.lstm_cell(inputs, h, c, *weights, forget_bias=self.forget_bias, fp8=self.uses_fp8())
         return h, [h, c]
 
 
@@ -252,8 +264,9 @@ class LSTM(keras.layers.RNN):
             reversed, as Keras does).
         stateful: carry the final states of a batch into the next.
         unroll: unroll the loop.
-        use_cudnn: "auto" (use the fused kernel where the backend has one),
-            True (require it) or False.
+        use_cudnn: "auto" (use the fused kernel where the backend has one,
+            and the matmuls are not in FP8), True (require it) or False.
+        fp8: as for `LSTMCell`.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -293,6 +306,7 @@ class LSTM(keras.layers.RNN):
         stateful=False,
         unroll=False,
         use_cudnn="auto",
+        fp8=None,
         **kwargs,
     ):
         use_cudnn = _check_use_cudnn(use_cudnn)
@@ -317,6 +331,7 @@ class LSTM(keras.layers.RNN):
             seed=seed,
             weight_multipliers=weight_multipliers,
             lr_multipliers=lr_multipliers,
+            fp8=fp8,
             dtype=kwargs.get("dtype", None),
             trainable=kwargs.get("trainable", True),
             name="lstm_cell",
@@ -375,7 +390,8 @@ class LSTM(keras.layers.RNN):
         # once for the whole sequence.
         sequences = U.lstm_inputs(sequences, cell.units, self.return_sequences, forget_bias)
         weights = cell.scaled_weights(sequences, self.return_sequences)
-        if self.use_cudnn in ("auto", True) and not cell.recurrent_dropout:
+        # The fused kernel has no FP8 casts inside its loop.
+        if self.use_cudnn in ("auto", True) and not cell.recurrent_dropout and not cell.uses_fp8():
             try:
                 return self._fused_loop(sequences, initial_state, mask, training, weights)
             except NotImplementedError:
@@ -458,6 +474,7 @@ class LSTM(keras.layers.RNN):
         "seed",
         "weight_multipliers",
         "lr_multipliers",
+        "fp8",
     )
 
     def get_config(self):

@@ -7,6 +7,7 @@ from keras_unitscale import functional as U
 from keras_unitscale import parametrization
 from keras_unitscale.layers import activation as activations
 from keras_unitscale.layers.attention import MultiHeadAttention
+from keras_unitscale.layers.common import check_fp8
 from keras_unitscale.layers.common import check_weight_multipliers
 from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.dropout import Dropout
@@ -44,6 +45,10 @@ class TransformerBlock(keras.layers.Layer):
         weight_multipliers: fixed forward multipliers on the weights of the
             block's layers, by "layer/variable" name, e.g.
             `{"mlp_up/kernel": 0.5}` (see `common.WeightMultipliers`).
+        fp8: the block's matmuls in scale-free FP8: None follows
+            `keras_unitscale.precision`'s setting (which leaves the attention
+            output and MLP down projections, u-μP's critical matmuls, in
+            higher precision unless `critical=True`), True or False decide for all.
         **kwargs: base layer arguments.
 
     Its variables belong to a residual stack of `depth` blocks: u-μP gives
@@ -74,10 +79,12 @@ class TransformerBlock(keras.layers.Layer):
         residual_attn_ratio=1.0,
         use_bias=False,
         weight_multipliers=None,
+        fp8=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self._initial_weight_multipliers = check_weight_multipliers(weight_multipliers)
+        self.fp8 = check_fp8(fp8)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         self.key_dim = None if key_dim is None else checks.positive_int("key_dim", key_dim)
         self.mlp_ratio = checks.positive("mlp_ratio", mlp_ratio)
@@ -115,14 +122,16 @@ class TransformerBlock(keras.layers.Layer):
         self.attention = MultiHeadAttention(
             self.num_heads, key_dim, dropout=self.dropout, mult=self.attention_mult,
             use_bias=self.use_bias, name="attention", weight_multipliers=_part(multipliers, "attention"),
+            fp8=self.fp8,
         )
         self.mlp_norm = _NORMS[self.norm](
             center=False, name="mlp_norm", weight_multipliers=_part(multipliers, "mlp_norm")
         )
         self.mlp_up = Dense(int(self.mlp_ratio * width), activation=self.activation, mult=self.activation_mult,
-                            use_bias=self.use_bias, name="mlp_up", weight_multipliers=_part(multipliers, "mlp_up"))
+                            use_bias=self.use_bias, name="mlp_up", weight_multipliers=_part(multipliers, "mlp_up"),
+                            fp8=self.fp8)
         self.mlp_down = Dense(width, use_bias=self.use_bias, name="mlp_down",
-                              weight_multipliers=_part(multipliers, "mlp_down"))
+                              weight_multipliers=_part(multipliers, "mlp_down"), fp8=self.fp8, fp8_critical=True)
         self.branch_dropout = Dropout(self.dropout, name="branch_dropout")
         self.attention_norm.build(input_shape)
         self.attention.build(input_shape, input_shape)
@@ -177,6 +186,7 @@ class TransformerBlock(keras.layers.Layer):
             "residual_attn_ratio": self.residual_attn_ratio,
             "use_bias": self.use_bias,
             "weight_multipliers": self.weight_multipliers,
+            "fp8": self.fp8,
         }
 
 

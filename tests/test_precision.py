@@ -1,0 +1,215 @@
+"""Scale-free FP8 matmuls and FP16 without loss scaling."""
+
+import warnings
+
+import keras
+import ml_dtypes
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_unitscale
+from keras_unitscale import experiments
+from keras_unitscale import formats as F
+from keras_unitscale import functional as U
+from keras_unitscale import layers as L
+from keras_unitscale import models
+from keras_unitscale import precision
+from tests.helpers import BACKEND
+from tests.helpers import unit_normal
+
+
+@pytest.fixture(autouse=True)
+def _float32_and_fp8_off():
+    keras.config.set_dtype_policy("float32")
+    precision.set_fp8(False)
+    yield
+    keras.config.set_dtype_policy("float32")
+    precision.set_fp8(False)
+
+
+def _e4m3(x):
+    return np.asarray(x, "float32").astype(ml_dtypes.float8_e4m3fn).astype("float32")
+
+
+def _e5m2(x):
+    return np.asarray(x, "float32").astype(ml_dtypes.float8_e5m2).astype("float32")
+
+
+def _value_and_input_grad(fn, x, upstream):
+    """fn(x) and d(sum(fn(x) * upstream))/dx, on any backend."""
+    if BACKEND == "jax":
+        import jax
+
+        value, vjp = jax.vjp(fn, x)
+        return np.asarray(value), np.asarray(vjp(upstream)[0])
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = fn(x)
+        return value.numpy(), tape.gradient(value, x, output_gradients=tf.constant(upstream)).numpy()
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    value = fn(x)
+    value.backward(torch.tensor(upstream))
+    return value.detach().numpy(), x.grad.numpy()
+
+
+def test_fp8_dense_is_float32_on_pre_quantised_values_forward_and_backward():
+    x, kernel = unit_normal(16, 32, seed=0) * 3, unit_normal(32, 8, seed=1)
+    upstream = unit_normal(16, 8, seed=2) * 1e-3  # E5M2 rounds it coarsely, and flushes nothing
+    fp8_value, fp8_grad = _value_and_input_grad(lambda v: U.dense(v, kernel, fp8=True), x, upstream)
+    value, _ = _value_and_input_grad(lambda v: U.dense(v, _e4m3(kernel)), _e4m3(x), upstream)
+    np.testing.assert_allclose(fp8_value, value, rtol=1e-6, atol=1e-6)
+    # The gradient reaching the matmul is E5M2 (the output scale is forward-only),
+    # and it multiplies the E4M3 kernel.
+    _, grad = _value_and_input_grad(lambda v: U.dense(v, _e4m3(kernel)), _e4m3(x), _e5m2(upstream))
+    np.testing.assert_allclose(fp8_grad, grad, rtol=1e-6, atol=1e-9)
+    _, float32_grad = _value_and_input_grad(lambda v: U.dense(v, kernel), x, upstream)
+    assert not np.allclose(fp8_grad, float32_grad, rtol=1e-3)  # the switch does something
+
+
+def test_the_output_gradient_cast_gives_e5m2_values():
+    upstream = unit_normal(64, seed=3) * np.logspace(-6, 5, 64).astype("float32")
+    _, grad = _value_and_input_grad(precision.cast_output_gradient, unit_normal(64, seed=4), upstream)
+    np.testing.assert_array_equal(grad, _e5m2(np.clip(upstream, -F.E5M2.max, F.E5M2.max)))
+
+
+def test_the_global_setting_and_the_layer_switch():
+    x = unit_normal(4, 8, seed=0) * 1.7
+    plain, critical, forced_off = L.Dense(8), L.Dense(8, fp8_critical=True), L.Dense(8, fp8=False)
+    forced_on = L.Dense(8, fp8=True)
+    layers = (plain, critical, forced_off, forced_on)
+    outside = [ops.convert_to_numpy(layer(x)) for layer in layers]
+    with precision.fp8():
+        inside = [ops.convert_to_numpy(layer(x)) for layer in layers]
+    with precision.fp8(critical=True):
+        with_critical = [ops.convert_to_numpy(layer(x)) for layer in layers]
+    changed = lambda a, b: [not np.array_equal(u, v) for u, v in zip(a, b)]  # noqa: E731
+    assert changed(outside, inside) == [True, False, False, False]
+    assert changed(outside, with_critical) == [True, True, False, False]
+    np.testing.assert_array_equal(outside[3], ops.convert_to_numpy(U.dense(_e4m3(x), _e4m3(forced_on.kernel))))
+    assert precision.fp8_setting() == {"enabled": False, "critical": False}
+
+
+def test_attention_keeps_its_output_projection_critical():
+    keras.utils.set_random_seed(0)
+    x = unit_normal(2, 8, 16, seed=0) * 1.7
+    layer = L.MultiHeadAttention(2, 8)
+    layer(x, x)
+    calls = []
+    original = U.dense
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("fp8"))
+        return original(*args, **kwargs)
+
+    U.dense = recording
+    try:
+        with precision.fp8():
+            layer(x, x)
+        with precision.fp8(critical=True):
+            layer(x, x)
+    finally:
+        U.dense = original
+    assert calls == [True, True, True, False, True, True, True, True]
+
+
+def test_fp8_lstm_runs_its_own_loop_and_stays_close():
+    keras.utils.set_random_seed(0)
+    x = unit_normal(4, 12, 16, seed=0)
+    layer = L.LSTM(32, return_sequences=True)
+    reference = ops.convert_to_numpy(layer(x))
+    with precision.fp8():
+        fp8 = ops.convert_to_numpy(layer(x))
+    assert not np.array_equal(fp8, reference)
+    assert np.sqrt(np.mean((fp8 - reference) ** 2)) < 0.1 * np.sqrt(np.mean(reference**2))
+    # E4M3-representable weights and inputs change nothing but the hidden
+    # state's rounding: the first step, from h = 0, is exact.
+    for variable in (layer.cell.kernel, layer.cell.recurrent_kernel):
+        variable.assign(_e4m3(variable))
+    first = ops.convert_to_numpy(layer(_e4m3(x)))[:, 0]
+    with precision.fp8():
+        first_fp8 = ops.convert_to_numpy(layer(_e4m3(x)))[:, 0]
+    np.testing.assert_allclose(first_fp8, first, rtol=1e-6, atol=1e-6)
+
+
+def test_config_round_trip_and_saving(tmp_path):
+    keras.utils.set_random_seed(0)
+    block = L.TransformerBlock(num_heads=2, fp8=True)
+    model = keras.Sequential([keras.Input((8, 16)), block, L.Dense(4, fp8=False, fp8_critical=True),
+                              L.LSTM(8, fp8=True)])
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.layers[0].fp8 is True and loaded.layers[0].mlp_down.fp8_critical is True
+    assert loaded.layers[1].fp8 is False and loaded.layers[1].fp8_critical is True
+    assert loaded.layers[2].cell.fp8 is True
+    x = unit_normal(2, 8, 16)
+    np.testing.assert_allclose(ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(model(x)), atol=1e-6)
+    with pytest.raises(ValueError, match="fp8='yes'"):
+        L.Dense(4, fp8="yes")
+
+
+def _char_lm_losses(fp8, steps=40):
+    train, _, vocabulary = experiments.char_lm_data(32, steps * 16, 1)
+    keras.utils.set_random_seed(0)
+    model = models.transformer_lm(len(vocabulary), 64, 2, head_dim=16, seq_len=32)
+    with precision.fp8(enabled=fp8, critical=True):
+        model.compile(keras_unitscale.optimizers.Adam(2.0**-3),
+                      keras_unitscale.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(*train, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    return history.history["loss"][-1]
+
+
+@pytest.mark.slow
+def test_a_short_fp8_run_lands_near_float32():
+    float32, fp8 = _char_lm_losses(False), _char_lm_losses(True)
+    assert abs(fp8 - float32) <= 0.05 * float32, (float32, fp8)
+
+
+def test_fp16_without_loss_scaling_trains_and_wrapping_ours_warns():
+    keras.config.set_dtype_policy("mixed_float16")
+    keras.utils.set_random_seed(0)
+    x = unit_normal(64, 8, seed=0)
+    y = x[:, :1] * x[:, 1:2]
+    model = keras.Sequential([keras.Input((8,)), L.Dense(32, activation="relu"), L.Dense(1, role="output")])
+    with pytest.warns(UserWarning, match="auto_scale_loss=False"):
+        model.compile(keras_unitscale.optimizers.Adam(0.05), "mse")
+        model.optimizer.build(model.trainable_variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.compile(keras_unitscale.optimizers.Adam(0.05), "mse", auto_scale_loss=False)
+        losses = model.fit(x, y, batch_size=16, epochs=5, verbose=0).history["loss"]
+    assert type(model.optimizer) is keras_unitscale.optimizers.Adam
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert keras.backend.standardize_dtype(model.layers[0].compute_dtype) == "float16"
+    # A plain Keras model is left alone: its gradients may well need scaling.
+    plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        plain.compile(keras_unitscale.optimizers.Adam(0.05), "mse")
+        plain.optimizer.build(plain.trainable_variables)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the compiled HLO is read through JAX")
+def test_fp8_casts_sit_on_both_passes_of_the_dot():
+    import jax
+
+    x, kernel = unit_normal(32, 64, seed=0), unit_normal(64, 16, seed=1)
+
+    def loss(x, kernel):
+        return (U.dense(x, kernel, fp8=True) ** 2).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).as_text()
+    assert text.count("f8E4M3FN") >= 2 and "f8E5M2" in text, text[:2000]
+    devices = [d for d in jax.devices() if d.platform == "gpu"]
+    if not devices or "H100" not in devices[0].device_kind and "H200" not in devices[0].device_kind:
+        return
+    # On an FP8 GPU, XLA turns the cast-then-dot into cuBLASLt FP8 GEMMs: the
+    # forward one and the two of the backward pass.
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+    assert compiled.count("__cublas$lt$matmul$f8") >= 3, compiled
