@@ -18,14 +18,20 @@ layer's dtype under the global setting unless `critical=True`; a layer's own
 
 The setting is read when a layer is traced, so compile (or first call) the
 model under it: `compile` starts Keras's step functions afresh.
+
+`simulate_fp8(model)` is the same casts on a model of plain Keras layers:
+what a scale-free FP8 cast does to a model that is not unit-scaled.
 """
 
 import contextlib
 
+import keras
+from keras import ops
+
 from keras_unitscale import formats as F
 
 __all__ = ["FORWARD_FORMAT", "BACKWARD_FORMAT", "fp8", "set_fp8", "fp8_setting", "uses_fp8", "cast_inputs",
-           "cast_output_gradient"]
+           "cast_output_gradient", "simulate_fp8"]
 
 # OCP FP8 as the hardware uses it: more mantissa forward, more range backward.
 FORWARD_FORMAT = F.E4M3
@@ -91,3 +97,94 @@ def cast_inputs(*tensors):
 def cast_output_gradient(y):
     """`y` unchanged, with the gradient that reaches it rounded to E5M2 (saturating)."""
     return F.quantize_bwd(y, BACKWARD_FORMAT)
+
+
+# Keras's own layers with the casts around their matmuls: the maths is Keras's.
+
+
+class _FP8Dense(keras.layers.Dense):
+    def call(self, inputs, training=None):
+        x, kernel = cast_inputs(inputs, self.kernel)
+        y = cast_output_gradient(ops.matmul(x, kernel))
+        if self.bias is not None:
+            y = ops.add(y, self.bias)
+        return y if self.activation is None else self.activation(y)
+
+
+class _FP8EinsumDense(keras.layers.EinsumDense):
+    def call(self, inputs, training=None):
+        x, kernel = cast_inputs(inputs, self.kernel)
+        y = cast_output_gradient(ops.einsum(self.equation, x, kernel))
+        if self.bias is not None:
+            y = ops.add(y, self.bias)
+        return y if self.activation is None else self.activation(y)
+
+
+class _FP8MultiHeadAttention(keras.layers.MultiHeadAttention):
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        # Keras builds its projections as `EinsumDense`s inside `build`; the
+        # FP8 subclass differs only in `call`.
+        for projection in (self._query_dense, self._key_dense, self._value_dense, self._output_dense):
+            projection.__class__ = _FP8EinsumDense
+
+
+class _FP8LSTMCell(keras.layers.LSTMCell):
+    def call(self, inputs, states, training=False):
+        h, c = states[0], states[1]
+        x, h_cast, kernel, recurrent_kernel = cast_inputs(inputs, h, self.kernel, self.recurrent_kernel)
+        z = cast_output_gradient(ops.add(ops.matmul(x, kernel), ops.matmul(h_cast, recurrent_kernel)))
+        if self.use_bias:
+            z = ops.add(z, self.bias)
+        z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
+        c = self.recurrent_activation(z_f) * c + self.recurrent_activation(z_i) * self.activation(z_c)
+        h = self.recurrent_activation(z_o) * self.activation(c)
+        return h, [h, c]
+
+
+class _FP8LSTM(keras.layers.LSTM):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "use_cudnn": False})  # the fused kernel has no casts inside
+        if self.cell.dropout or self.cell.recurrent_dropout:
+            raise ValueError(
+                "`simulate_fp8` runs an LSTM's cell step by step without dropout. Received: "
+                f"dropout={self.cell.dropout}, recurrent_dropout={self.cell.recurrent_dropout}"
+            )
+        self.cell.__class__ = _FP8LSTMCell
+
+
+_SIMULATED = {keras.layers.Dense: _FP8Dense, keras.layers.EinsumDense: _FP8EinsumDense,
+              keras.layers.MultiHeadAttention: _FP8MultiHeadAttention, keras.layers.LSTM: _FP8LSTM}
+
+
+def simulate_fp8(model):
+    """A copy of a plain Keras model whose matmuls cast as scale-free FP8 ones do, and nothing else changed.
+
+    Every `keras.layers.Dense`, `EinsumDense`, `MultiHeadAttention` projection
+    and `LSTM` kernel casts its matmul's inputs to E4M3 and the gradient of
+    its output to E5M2 (`cast_inputs`, `cast_output_gradient`), with no
+    per-tensor scales: the baseline that shows what unit scaling adds. The
+    copy has `model`'s weights; other layers are copied as they are.
+
+    Args:
+        model: a built Sequential or functional Keras model.
+
+    Returns:
+        The new model (not compiled).
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> twin = simulate_fp8(model)
+    >>> x = np.full((1, 4), 1.05, "float32")  # E4M3 holds 1.0, not 1.05
+    >>> expected = F.quantize(x, "E4M3") @ F.quantize(model.layers[0].kernel, "E4M3")
+    >>> bool(np.allclose(keras.ops.convert_to_numpy(twin(x)), keras.ops.convert_to_numpy(expected)))
+    True
+    """
+    def clone(layer):
+        fp8_class = _SIMULATED.get(type(layer), type(layer))
+        return fp8_class.from_config(layer.get_config())
+
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights(model.get_weights())
+    return twin

@@ -138,6 +138,35 @@ def test_fp8_lstm_runs_its_own_loop_and_stays_close():
     np.testing.assert_allclose(first_fp8, first, rtol=1e-6, atol=1e-6)
 
 
+def test_simulate_fp8_casts_plain_keras_matmuls():
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((8,), dtype="int32")
+    h = keras.layers.Embedding(20, 16)(tokens)
+    h = keras.layers.LSTM(16, return_sequences=True)(h)
+    h = h + keras.layers.MultiHeadAttention(2, 8)(h, h, use_causal_mask=True)
+    logits = keras.layers.Dense(20, name="readout")(keras.layers.EinsumDense("btd,dv->btv", (None, 20))(h))
+    model = keras.Model(tokens, logits)
+    twin = precision.simulate_fp8(model)
+    assert all(isinstance(new, type(old)) for new, old in zip(twin.layers, model.layers))
+    replaced = [type(old).__name__ for new, old in zip(twin.layers, model.layers) if type(new) is not type(old)]
+    assert replaced == ["LSTM", "MultiHeadAttention", "EinsumDense", "Dense"]
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).integers(0, 20, (4, 8))
+    original, fp8 = ops.convert_to_numpy(model(x)), ops.convert_to_numpy(twin(x))
+    # Keras's small initial scales (logits of RMS ~0.01) sit low in E4M3's
+    # range: the casts cost this model some 15% of its output, not all of it.
+    relative_error = np.sqrt(np.mean((fp8 - original) ** 2) / np.mean(original**2))
+    assert 0.01 < relative_error < 0.5, relative_error
+    # The readout's output is the float32 product of its E4M3-cast input and kernel.
+    readout = twin.get_layer("readout")
+    features = keras.Model(twin.inputs, readout.input)(x)
+    expected = _e4m3(ops.convert_to_numpy(features)) @ _e4m3(readout.kernel) + ops.convert_to_numpy(readout.bias)
+    np.testing.assert_allclose(fp8, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dropout=0.5"):
+        precision.simulate_fp8(keras.Sequential([keras.Input((3, 4)), keras.layers.LSTM(4, dropout=0.5)]))
+
+
 def test_config_round_trip_and_saving(tmp_path):
     keras.utils.set_random_seed(0)
     block = L.TransformerBlock(num_heads=2, fp8=True)
