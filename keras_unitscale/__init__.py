@@ -12,8 +12,10 @@ from keras_unitscale import formats
 from keras_unitscale import functional
 from keras_unitscale import layers
 from keras_unitscale import losses
+from keras_unitscale import models
 from keras_unitscale import optimizers
 from keras_unitscale import parametrization
+from keras_unitscale import precision
 from keras_unitscale.callbacks import UnitScaleCallback
 from keras_unitscale.convert import unit_scale
 from keras_unitscale.scale import scale_bwd
@@ -33,8 +35,10 @@ __all__ = [
     "functional",
     "layers",
     "losses",
+    "models",
     "optimizers",
     "parametrization",
+    "precision",
     "scaled",
     "scale_fwd",
     "scale_bwd",

@@ -195,6 +195,7 @@ def _char_lm_losses(fp8, steps=40):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="two training runs: once, on the default backend (CI time)")
 def test_a_short_fp8_run_lands_near_float32():
     float32, fp8 = _char_lm_losses(False), _char_lm_losses(True)
     assert abs(fp8 - float32) <= 0.05 * float32, (float32, fp8)
