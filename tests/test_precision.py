@@ -183,7 +183,7 @@ def test_config_round_trip_and_saving(tmp_path):
         L.Dense(4, fp8="yes")
 
 
-def _char_lm_losses(fp8, steps=40):
+def _char_lm_losses(fp8, steps=30):
     train, _, vocabulary = experiments.char_lm_data(32, steps * 16, 1)
     keras.utils.set_random_seed(0)
     model = models.transformer_lm(len(vocabulary), 64, 2, head_dim=16, seq_len=32)
