@@ -84,8 +84,8 @@ def _mean_prediction(y_true, y_pred):
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_primitive_on_a_variable_inside_fit(policy, jit_compile):
-    if jit_compile and BACKEND == "torch" and policy != "float32":
-        pytest.skip("torch.compile takes ~20 s a model on CPU: float32 stands for the rest")
+    if jit_compile and BACKEND == "torch":
+        pytest.skip("torch.compile takes ~30 s a model on CPU (CI time); XLA is what jit means elsewhere")
     keras.config.set_dtype_policy(policy)
     layer = _ScaledWeight(fwd=2.0, bwd=0.25)
     model = keras.Sequential([keras.Input((4,)), layer])
