@@ -100,11 +100,9 @@ def _fractions(build, layers, mode, weights, x, y):
     report = analysis.scale_report(reference, x, y, loss=_loss(layers))
     result = {}
     for kind, fmt in zip((analysis.ACTIVATION, analysis.GRADIENT), RUN_FORMATS[mode]):
-        rows = [row for row in report.rows if row["kind"] == kind]
-        key = fmt.name.lower()
         result[f"{kind}_format"] = fmt.name
-        result[f"{kind}_underflow"] = float(np.mean([row[f"{key}_underflow"] for row in rows]))
-        result[f"{kind}_saturation"] = float(np.mean([row[f"{key}_saturation"] for row in rows]))
+        for what in ("underflow", "saturation"):
+            result[f"{kind}_{what}"] = report.mean_fraction(fmt, what, kind)
     return result
 
 

@@ -80,7 +80,17 @@ class SparseCategoricalCrossentropy(_UnitScaledLoss, keras.losses.SparseCategori
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
 class CategoricalCrossentropy(_UnitScaledLoss, keras.losses.CategoricalCrossentropy):
-    """Unit-scaled `keras.losses.CategoricalCrossentropy` (one-hot or probability targets)."""
+    """Unit-scaled `keras.losses.CategoricalCrossentropy` (one-hot or probability targets).
+
+    Its value is Keras's; only its gradient is scaled.
+
+    Example:
+
+    >>> y, logits = np.eye(4, dtype="float32")[[0, 2]], np.zeros((2, 4), "float32")
+    >>> loss = CategoricalCrossentropy(from_logits=True)
+    >>> round(float(loss(y, logits)), 4)  # ln 4
+    1.3863
+    """
 
     def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", **kwargs):
         _check_reduction(reduction)

@@ -342,6 +342,15 @@ class AdamW(UnitScaledOptimizer, keras.optimizers.AdamW):
     `weight_decay` by the learning rate, an independent decay does not.
 """
         + _ARGS.replace("{keras_args}", "beta_1, beta_2, epsilon, amsgrad, clipnorm, ...")
+        + """
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden")])
+    >>> optimizer = AdamW(learning_rate=0.01)
+    >>> optimizer.build(model.trainable_variables)
+    >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel), optimizer.weight_decay
+    (0.25, 4e-06)
+    """
     )
 
     def __init__(
@@ -371,7 +380,18 @@ class SGD(UnitScaledOptimizer, keras.optimizers.SGD):
 """
         + _ARGS.replace("{keras_args}", "momentum, nesterov, clipnorm, ...")
         + """        readout_constraint: None or "to_output_scale", as the readout's.
-"""
+
+    Example:
+
+    >>> layers = keras_unitscale.layers
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)), layers.Dense(64, name="hidden"),
+    ...     layers.Dense(1, role="output", constraint="to_output_scale", name="readout")])
+    >>> optimizer = SGD(0.1, momentum=0.9, readout_constraint="to_output_scale")
+    >>> optimizer.build(model.trainable_variables)
+    >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)  # fan_in ** 0.5
+    4.0
+    """
     )
 
     family = "sgd"

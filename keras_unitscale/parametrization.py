@@ -150,7 +150,15 @@ def role_of(variable):
 
 
 def is_unit_scaled(variable):
-    """Whether `variable` belongs to a layer of `keras_unitscale.layers` (its role declared by the layer)."""
+    """Whether `variable` belongs to a layer of `keras_unitscale.layers` (its role declared by the layer).
+
+    Example:
+
+    >>> ours, plain = keras_unitscale.layers.Dense(4), keras.layers.Dense(4)
+    >>> ours.build((None, 8)); plain.build((None, 8))
+    >>> is_unit_scaled(ours.kernel), is_unit_scaled(plain.kernel)
+    (True, False)
+    """
     return getattr(variable, _DECLARED, None) is not None
 
 

@@ -83,19 +83,42 @@ def fp8(enabled=True, critical=False):
 
 
 def uses_fp8(layer_fp8, critical=False):
-    """Whether a matmul runs in FP8, given its layer's `fp8` (None, True or False) and whether it is critical."""
+    """Whether a matmul runs in FP8, given its layer's `fp8` (None, True or False) and whether it is critical.
+
+    Example:
+
+    >>> with fp8():
+    ...     uses_fp8(None), uses_fp8(None, critical=True), uses_fp8(False)
+    (True, False, False)
+    """
     if layer_fp8 is not None:
         return bool(layer_fp8)
     return _setting["enabled"] and (_setting["critical"] or not critical)
 
 
 def cast_inputs(*tensors):
-    """The matmul's inputs rounded to E4M3 (saturating), with straight-through gradients."""
+    """The matmul's inputs rounded to E4M3 (saturating), with straight-through gradients.
+
+    Example:
+
+    >>> x, w = cast_inputs(np.array([0.1, 1000.0], "float32"), np.array([3.3], "float32"))
+    >>> keras.ops.convert_to_numpy(x).tolist(), keras.ops.convert_to_numpy(w).tolist()
+    ([0.1015625, 448.0], [3.25])
+    """
     return [F.quantize_fwd(t, FORWARD_FORMAT) for t in tensors]
 
 
 def cast_output_gradient(y):
-    """`y` unchanged, with the gradient that reaches it rounded to E5M2 (saturating)."""
+    """`y` unchanged, with the gradient that reaches it rounded to E5M2 (saturating).
+
+    Example:
+
+    >>> from keras_unitscale.autodiff import vjp
+    >>> y = np.array([1.0, 1.0], "float32")
+    >>> _, (grad,) = vjp(lambda t: cast_output_gradient(t), [y], np.array([0.3, 1e-9], "float32"))
+    >>> np.asarray(grad).tolist()  # 0.3 to E5M2's grid; 1e-9 below its smallest subnormal
+    [0.3125, 0.0]
+    """
     return F.quantize_bwd(y, BACKWARD_FORMAT)
 
 

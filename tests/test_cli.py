@@ -20,18 +20,36 @@ def _run(*args, cwd=None):
     )
 
 
-def test_demo_prints_the_table_and_writes_json(tmp_path):
+def test_quick_demo_writes_its_table_plots_and_json(tmp_path):
     out = tmp_path / "demo"
-    result = _run("demo", "--out", str(out))
+    result = _run("demo", "--quick", "--steps", "30", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "plain Keras" in result.stdout and "unit-scaled" in result.stdout
-    record = json.loads((out / "scales.json").read_text())
-    rows = {row["tensor"]: row for row in record["rows"]}
-    assert len(rows) == 12
-    # The point of the demo: plain gradients far below 1, unit-scaled ones near it.
-    for name in ("dense output grad", "dense_1 output grad"):
-        assert rows[name]["plain_rms"] < 2**-8
-        assert 0.25 < rows[name]["unit_scaled_rms"] < 4
+    record = json.loads((out / "results.json").read_text())
+    assert record["settings"]["steps"] == 30 and record["backend"] == "tensorflow"
+    rows = {(row["task"], row["variant"], row["precision"]): row for row in record["rows"]}
+    assert len(rows) == 15 and all(row["finite"] for row in rows.values())
+    # --steps is the LM's training; the MLP keeps its own.
+    assert rows["transformer", "plain", "float32"]["curve"]["step"][-1] == 30
+    assert rows["mlp", "plain", "float32"]["curve"]["step"][-1] == record["settings"]["mlp_steps"]
+    for name in ("loss_curves.png", "scales.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in rows.values():
+        assert row["label"] in result.stdout
+    assert "unit-scaled runs within 2% of their float32 loss" in result.stdout
+    # Scale-free FP8 flushes the plain LM's small gradients; the unit-scaled LM's sit near 1.
+    plain, ours = rows["transformer", "plain", "fp8"], rows["transformer", "ours", "fp8"]
+    assert plain["gradient_format"] == "E5M2"
+    assert plain["gradient_underflow"] > 10 * ours["gradient_underflow"]
+    assert abs(ours["vs_float32"]) < 0.02 and abs(rows["transformer", "ours", "fp16"]["vs_float32"]) < 0.02
+    assert len(record["scale_reports"]) == 5
+    assert all(title.endswith("trained, float32") for title in record["scale_reports"])
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "many"])
+def test_steps_must_be_a_positive_integer(steps):
+    result = _run("demo", "--steps", steps)
+    assert result.returncode == 2
+    assert f"must be a positive integer. Received: {steps!r}" in result.stderr
 
 
 def test_bad_option_exits_non_zero_with_a_message():

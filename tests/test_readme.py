@@ -17,5 +17,5 @@ def test_readme_python_examples_run(index, capsys):
 
 def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
     commands = re.findall(r"```bash\n(.*?)\n```", README.split("## Quickstart")[1].split("\n## ")[0], flags=re.S)
-    assert commands == ['pip install -e ".[demo]" && keras-unitscale demo', 'pip install -e ".[test]" && python -m pytest']
+    assert commands == ['pip install -e ".[demo]" && keras-unitscale demo', 'pip install -e ".[test]" && python -m pytest -n auto']
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
