@@ -19,7 +19,7 @@ def _parser():
     demo = commands.add_parser(
         "demo",
         help="seed 000's MLP and a character transformer LM, plain Keras beside unit-scaled, "
-             "in float32, FP16 and FP8 (about 5 minutes on 2 CPU cores; --quick: under a minute)",
+             "in float32, FP16 and FP8 (about 3 minutes on 2 CPU cores; --quick: under a minute)",
     )
     demo.add_argument("--out", default="unitscale-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="smaller models and fewer steps: a check, not a result")
