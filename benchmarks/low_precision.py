@@ -97,13 +97,7 @@ def _fractions(build, layers, mode, weights, x, y):
     keras.config.set_dtype_policy("float32")
     reference = build("u-mup" if layers == "ours" else "standard")
     reference.set_weights(weights)
-    report = analysis.scale_report(reference, x, y, loss=_loss(layers))
-    result = {}
-    for kind, fmt in zip((analysis.ACTIVATION, analysis.GRADIENT), RUN_FORMATS[mode]):
-        result[f"{kind}_format"] = fmt.name
-        for what in ("underflow", "saturation"):
-            result[f"{kind}_{what}"] = report.mean_fraction(fmt, what, kind)
-    return result
+    return analysis.scale_report(reference, x, y, loss=_loss(layers)).lost_fractions(*RUN_FORMATS[mode])
 
 
 def run(name, build, layers, mode, data, args, fp8_critical):

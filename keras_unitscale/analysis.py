@@ -306,6 +306,9 @@ class ScaleReport:
     >>> report = scale_report(model, np.full((4, 16), 1e-5, "float32"))
     >>> report.mean_fraction("E4M3", kind=ACTIVATION)  # outputs near 1e-5: below E4M3's smallest subnormal
     1.0
+    >>> losses = report.lost_fractions("E4M3", "E5M2")
+    >>> losses["activation_format"], losses["activation_underflow"], losses["gradient_format"]
+    ('E4M3', 1.0, 'E5M2')
     """
 
     def __init__(self, rows, formats, model_name=""):
@@ -356,6 +359,18 @@ class ScaleReport:
         key = f"{getattr(fmt, 'name', fmt).lower()}_{what}"
         values = [row[key] for row in self.rows if kind is None or row["kind"] == kind]
         return float(np.mean(values)) if values else 0.0
+
+    def lost_fractions(self, activation_format, gradient_format):
+        """`mean_fraction` of the layer outputs in one format and of their gradients in another, as a flat dict.
+
+        Keys: `activation_format`, `activation_underflow`, `activation_saturation`, and the same for `gradient`.
+        """
+        result = {}
+        for kind, fmt in ((ACTIVATION, activation_format), (GRADIENT, gradient_format)):
+            result[f"{kind}_format"] = getattr(fmt, "name", fmt)
+            for what in ("underflow", "saturation"):
+                result[f"{kind}_{what}"] = self.mean_fraction(fmt, what, kind)
+        return result
 
     def __str__(self):
         layer_width = max([len("layer")] + [len(r["layer"]) for r in self.rows])

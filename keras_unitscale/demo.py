@@ -239,7 +239,7 @@ def _train(task, variant, mode, settings, bar):
                 warnings.catch_warnings():
             # UnitScaleCallback's warnings (a plain layer's function changes; one global learning
             # rate for several factors) are the README's subject, not the demo's.
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", message="UnitScaleCallback", category=UserWarning)
             compile_args = task.compile_args(variant)
             model.compile(**compile_args, auto_scale_loss=False)
             # Built here, not inside the first trace of the step, which would make TensorFlow trace it twice.
@@ -274,20 +274,6 @@ def _scale_report(task, variant, weights, x, y):
     model = task.build(variant)
     model.set_weights(weights)
     return analysis.scale_report(model, x, y, loss=task.compile_args(variant)["loss"])
-
-
-def _lost_fractions(report, mode):
-    if mode not in RUN_FORMATS:
-        return {}
-    activation_format, gradient_format = RUN_FORMATS[mode]
-    return {
-        "gradient_format": gradient_format.name,
-        "gradient_underflow": report.mean_fraction(gradient_format, "underflow", analysis.GRADIENT),
-        "gradient_saturation": report.mean_fraction(gradient_format, "saturation", analysis.GRADIENT),
-        "activation_format": activation_format.name,
-        "activation_underflow": report.mean_fraction(activation_format, "underflow", analysis.ACTIVATION),
-        "activation_saturation": report.mean_fraction(activation_format, "saturation", analysis.ACTIVATION),
-    }
 
 
 # -- results -----------------------------------------------------------------------------------------------------
@@ -402,7 +388,8 @@ def run(out_dir="unitscale-demo", settings=DEFAULT, seed=0, print_fn=print):
             continue
         x, y = (part[: settings.report_batch] for part in task.validation)
         report = _scale_report(task, variant, weights, x, y)
-        row.update(_lost_fractions(report, mode))
+        if mode in RUN_FORMATS:
+            row.update(report.lost_fractions(*RUN_FORMATS[mode]))
         if mode == "float32":
             reports[f"{task.title}: {task.variants[variant]}, trained, float32"] = report
         rows.append(row)
