@@ -12,7 +12,7 @@ from keras_unitscale import analysis
 from keras_unitscale import checks
 from keras_unitscale import optimizers
 from keras_unitscale import parametrization as P
-from keras_unitscale.layers.common import WeightMultipliers
+from keras_unitscale import weights
 
 __all__ = ["UnitScaleCallback", "ScaleTracker"]
 
@@ -42,8 +42,9 @@ class UnitScaleCallback(keras.callbacks.Callback):
     - `mode="factor"`: `α = weight_scale`, the parameter scaling of `θ = α·θ₀`.
     - `mode="l2"`: `α = 1/‖w‖₂`, each selected tensor has unit L2 norm.
 
-    In a `keras_unitscale` layer the factor moves into the layer's fixed
-    forward multiplier (`m → m/α`), so the model computes the same function.
+    In a `keras_unitscale` layer the factor moves into the weight's weight
+    multiplier (`m → m/α`, in its record, `keras_unitscale.weights`), so the
+    model computes the same function.
     The weight's gradient is fixed by the layer's backward rule, not by the
     multiplier, so it is unchanged too; an update `Δw` then moves the
     effective weight `m·w` by `(m/α)·Δw`. Adam's update does not depend on
@@ -56,10 +57,10 @@ class UnitScaleCallback(keras.callbacks.Callback):
     (Independent weight decay, the default of our optimizers, is exact too:
     it shrinks `w` and `m·w` by the same fraction.)
 
-    A plain Keras layer has no multiplier: rescaling its weights changes the
-    function the model computes. The callback says so once. (Unit RMS in a
-    plain `Dense` would grow the activations by `sqrt(fan_in)` a layer: on
-    seed 000's model the logits reach the hundreds, and under
+    A plain Keras layer has no weight multiplier: rescaling its weights
+    changes the function the model computes. The callback says so once.
+    (Unit RMS in a plain `Dense` would grow the activations by `sqrt(fan_in)`
+    a layer: on a Dense 128-64-1 MLP the logits reach the hundreds, and under
     `mixed_float16` the saturated sigmoid stops training at 59% accuracy.)
 
     Args:
@@ -77,9 +78,9 @@ class UnitScaleCallback(keras.callbacks.Callback):
             0 prints nothing.
 
     With `keras_unitscale.optimizers`, the learning rate is adjusted per
-    variable (in the optimizer's per-variable factors, saved with it); with
-    a plain Keras optimizer it is adjusted globally: a float learning rate
-    is multiplied, a schedule wrapped in `optimizers.ScaledSchedule`. When
+    variable (in the optimizer's learning-rate multipliers, saved with it);
+    with a plain Keras optimizer it is adjusted globally: a float learning
+    rate is multiplied, a schedule wrapped in `optimizers.ScaledSchedule`. When
     the factors differ between variables, a global learning rate cannot
     follow them all: the callback applies their geometric mean and says so.
 
@@ -88,9 +89,9 @@ class UnitScaleCallback(keras.callbacks.Callback):
     saved after training and loaded with its optimizer, or restored by
     `BackupAndRestore`), nor on a model whose layers already hold weight
     multipliers (rescaled before, and saved with them; our optimizers then
-    rebuild the learning rates from the multipliers). What it did is in `callback.record`, and the mean
-    factors are in the `History` logs as `unit_scale_weight_factor` and
-    `unit_scale_lr_factor`.
+    rebuild the learning-rate multipliers from the weight multipliers).
+    What it did is in `callback.record`, and the mean factors are in the
+    `History` logs as `unit_scale_weight_factor` and `unit_scale_lr_factor`.
 
     Example:
 
@@ -222,7 +223,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             )
             return
         P.check_built(model)
-        multiplied = [v.path for v in model.trainable_variables if P.weight_multiplier_of(v) != 1.0]
+        multiplied = [v.path for v in model.trainable_variables if weights.multiplier(v) != 1.0]
         if multiplied:
             self._say(
                 "UnitScaleCallback: the model's layers already hold weight multipliers (for "
@@ -263,7 +264,8 @@ class UnitScaleCallback(keras.callbacks.Callback):
             values = ops.convert_to_numpy(variable).astype("float64")
             old_rms = float(np.sqrt(np.mean(values**2)))
             layer = owners.get(id(variable))
-            function_kept = isinstance(layer, WeightMultipliers)
+            # Our layers declare their weights' roles, and apply their weight multipliers.
+            function_kept = weights.is_declared(variable)
             # A plain layer computes with its stored weight, so that weight
             # takes the scale u-μP gives the effective weight.
             target_rms = 1.0 if function_kept else roles[variable.path].forward_multiplier()
@@ -279,7 +281,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             variable.assign(ops.cast(values * alpha, variable.dtype))
             row["new_rms"] = old_rms * alpha
             if row["function_kept"]:
-                layer.set_weight_multiplier(variable.name, layer.weight_multiplier(variable.name) / alpha)
+                weights.set_multiplier(variable, weights.multiplier(variable) / alpha)
             beta = self._beta(alpha)
             row["lr_factor"] = beta
             if per_variable:

@@ -57,3 +57,23 @@ def patterns(name, value):
         raise ValueError(
             f"`{name}` must be a regular expression or a list of them. Received: {name}={value!r} ({error})"
         ) from None
+
+
+def built(model, what=None):
+    """Raises a `ValueError` saying how to build `model` if its variables do not exist yet.
+
+    Args:
+        model: a Keras model (or layer).
+        what: the function that needs the variables, named first in the message.
+
+    Returns:
+        `model`.
+    """
+    if not model.built:
+        asking = f"`{what}` needs a built model. " if what else ""
+        raise ValueError(
+            f"{asking}The model '{model.name}' is not built, so its variables do not exist yet. "
+            "Build it first: start it with `keras.Input(shape)`, call `model.build(input_shape)`, "
+            "or call it on a batch of data."
+        )
+    return model

@@ -2,7 +2,7 @@
 
 Two tasks, on data that ships with the installed packages:
 
-- seed 000's model (Dense 128 relu → Dense 64 relu → Dense 1 sigmoid) on
+- a Sequential MLP (Dense 128 relu → Dense 64 relu → Dense 1 sigmoid) on
   scikit-learn's breast-cancer data, 80% training and 20% validation,
   trained as written ("plain Keras"), with `UnitScaleCallback` added to its
   `fit`, and built from `keras_unitscale.layers`;
@@ -57,7 +57,7 @@ TOLERANCE = 0.02
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """How much each task trains: `steps` is the transformer LM's, `mlp_steps` seed 000's model's.
+    """How much each task trains: `steps` is the transformer LM's, `mlp_steps` the MLP's.
 
     Example:
 
@@ -145,7 +145,7 @@ class _SeedMLP(_Task):
         (x, y), validation = _breast_cancer_split(seed)
         super().__init__(
             name="mlp",
-            title="seed 000's MLP on breast-cancer data",
+            title="MLP (Dense 128-64-1) on breast-cancer data",
             variants={"plain": "plain Keras", "callback": "+ UnitScaleCallback", "ours": "keras_unitscale.layers"},
             steps=settings.mlp_steps,
             train=_repeat_epochs(x, y, settings.mlp_steps * settings.batch, seed),

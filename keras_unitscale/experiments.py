@@ -131,24 +131,29 @@ def lr_sweep(build_model, learning_rates, train, validation, steps=200, batch_si
                 if verbose else None)
     rows = []
     for learning_rate in learning_rates:
-        keras.utils.set_random_seed(seed)
-        model = build_model()
-        model.compile(optimizer=optimizer(learning_rate), loss=loss)
-        # Built here, not inside the first trace of the step, which would make TensorFlow trace it twice.
-        model.optimizer.build(model.trainable_variables)
-        history = model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
-        validation_loss = float(model.evaluate(*validation, batch_size=batch_size, verbose=0))
         rows.append({
-            "label": label,
-            "learning_rate": learning_rate,
-            "log2_learning_rate": math.log2(learning_rate),
-            "validation_loss": validation_loss if math.isfinite(validation_loss) else math.nan,
-            "train_loss": float(history.history["loss"][-1]),
-            "parameters": int(model.count_params()),
+            "label": label, "learning_rate": learning_rate, "log2_learning_rate": math.log2(learning_rate),
+            **_one_run(build_model, optimizer(learning_rate), loss, (x, y), validation, batch_size, seed),
         })
         if progress is not None:
-            progress.add(1, values=[("log2 lr", math.log2(learning_rate)), ("val loss", validation_loss)])
+            progress.add(1, values=[("log2 lr", math.log2(learning_rate)), ("val loss", rows[-1]["validation_loss"])])
     return SweepResult(rows)
+
+
+def _one_run(build_model, optimizer, loss, train, validation, batch_size, seed):
+    """One run of a sweep: a fresh model from `seed`, one pass over `train`, then the validation loss."""
+    keras.utils.set_random_seed(seed)
+    model = build_model()
+    model.compile(optimizer=optimizer, loss=loss)
+    # Built here, not inside the first trace of the step, which would make TensorFlow trace it twice.
+    model.optimizer.build(model.trainable_variables)
+    history = model.fit(*train, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    validation_loss = float(model.evaluate(*validation, batch_size=batch_size, verbose=0))
+    return {
+        "validation_loss": validation_loss if math.isfinite(validation_loss) else math.nan,
+        "train_loss": float(history.history["loss"][-1]),
+        "parameters": int(model.count_params()),
+    }
 
 
 class SweepResult:

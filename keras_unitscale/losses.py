@@ -2,7 +2,7 @@
 
 Each is the Keras loss of the same name: it reports the same value (the usual
 mean), but its gradient follows the unit-scaled rule of
-`keras_unitscale.functional`: it is *not* divided by the number of examples
+`keras_unitscale.rules.losses`: it is *not* divided by the number of examples
 averaged over, and it carries the loss's own backward scale (`V/sqrt(V-1)`
 on the logits of a `V`-class cross-entropy, 2 for a binary one, `8^-1/2` for
 the squared error). With unit-scaled layers, whose weight-gradient rules
@@ -18,7 +18,7 @@ division.
 import keras
 from keras import ops
 
-from keras_unitscale import functional as U
+from keras_unitscale import rules
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.sizes import as_float
 from keras_unitscale.sizes import numel
@@ -35,7 +35,7 @@ __all__ = [
 _AVERAGING = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
-def _check_reduction(reduction):
+def _check_averaging(reduction):
     if reduction not in _AVERAGING:
         raise ValueError(
             f"Unit-scaled losses support the averaging reductions {list(_AVERAGING)}. "
@@ -70,12 +70,12 @@ class SparseCategoricalCrossentropy(_UnitScaledLoss, keras.losses.SparseCategori
     """
 
     def __init__(self, from_logits=False, reduction="sum_over_batch_size", **kwargs):
-        _check_reduction(reduction)
+        _check_averaging(reduction)
         super().__init__(from_logits=from_logits, reduction=reduction, **kwargs)
 
     def grad_scale(self, y_pred):
         classes = shape(y_pred)[-1]
-        return numel(y_pred) / as_float(classes) * U.cross_entropy_grad_scale(classes)
+        return numel(y_pred) / as_float(classes) * rules.losses.cross_entropy_grad(classes)
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -93,7 +93,7 @@ class CategoricalCrossentropy(_UnitScaledLoss, keras.losses.CategoricalCrossentr
     """
 
     def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", **kwargs):
-        _check_reduction(reduction)
+        _check_averaging(reduction)
         super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, reduction=reduction, **kwargs)
 
     grad_scale = SparseCategoricalCrossentropy.grad_scale
@@ -111,12 +111,12 @@ class BinaryCrossentropy(_UnitScaledLoss, keras.losses.BinaryCrossentropy):
     """
 
     def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", **kwargs):
-        _check_reduction(reduction)
+        _check_averaging(reduction)
         super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, reduction=reduction, **kwargs)
 
     def grad_scale(self, y_pred):
         # Keras averages over every element (the last axis, then the batch).
-        return as_float(numel(y_pred)) * U.cross_entropy_grad_scale(2)
+        return as_float(numel(y_pred)) * rules.losses.cross_entropy_grad(2)
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -131,8 +131,8 @@ class MeanSquaredError(_UnitScaledLoss, keras.losses.MeanSquaredError):
     """
 
     def __init__(self, reduction="sum_over_batch_size", **kwargs):
-        _check_reduction(reduction)
+        _check_averaging(reduction)
         super().__init__(reduction=reduction, **kwargs)
 
     def grad_scale(self, y_pred):
-        return as_float(numel(y_pred)) * U.MSE_GRAD_SCALE
+        return as_float(numel(y_pred)) * rules.losses.MSE_GRAD

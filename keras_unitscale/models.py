@@ -25,7 +25,7 @@ def _unit_scaled(parametrization):
 
 def mlp(input_dim, width=128, depth=2, output_dim=1, activation="relu", output_activation="sigmoid",
         parametrization="u-mup", name="mlp"):
-    """Seed 000's model, generalised: `depth` hidden `Dense(width, activation)` layers and a readout.
+    """The Keras Sequential MLP (Dense 128 relu → 64 relu → 1), generalised: `depth` hidden `Dense(width, activation)` layers and a readout.
 
     Example:
 

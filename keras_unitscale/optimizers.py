@@ -1,29 +1,32 @@
 """u-μP optimizers: Keras's `Adam`, `AdamW` and `SGD` with a learning rate per variable.
 
 Each optimizer keeps, beside its usual state, one scalar per trained variable:
-the factor on the base learning rate for that variable. By default it is the
-u-μP factor of `keras_unitscale.parametrization` for the variable's role,
-width and depth (`lr_multipliers` overrides it by variable path), divided by
-the forward multiplier `m` the variable's layer applies to it, so that the
-effective weight `m·w` moves as an unmultiplied weight would. The factors
-are optimizer variables, so they are saved and restored with the optimizer's
-state (`model.save`, `BackupAndRestore`), and they are read at run time, so
+its learning-rate multiplier, the factor on the base learning rate for that
+variable. By default it is u-μP's learning-rate multiplier for the
+variable's role, width and depth (`keras_unitscale.parametrization`), or the
+fixed one in the variable's record (`keras_unitscale.weights`, set by
+`unit_scale`); the optimizer's `lr_multipliers` patterns override both. All
+but the fixed one are divided by the weight multiplier `m` the variable's
+layer applies to it, so that the effective weight `m·w` moves as an
+unmultiplied weight would. The learning-rate multipliers are optimizer
+variables, so they are saved and restored with the optimizer's state
+(`model.save`, `BackupAndRestore`), and they are read at run time, so
 changing one (`set_lr_multiplier`, as `UnitScaleCallback` does) needs no
 retrace.
 
 Roles come from our layers, which declare them. Variables of plain Keras
 layers have none until `parametrization.tag_model(model)` infers them
-(`UnitScaleCallback` does this itself); until then they take factor 1, as in
-the Keras optimizer.
+(`UnitScaleCallback` does this itself); until then their learning-rate
+multiplier is 1, as in the Keras optimizer.
 
 Weight decay is decoupled and, by default, *independent* (as u-μP has it):
 each step multiplies a variable by `1 - weight_decay · η_t/η_peak`, where
 `η_t/η_peak` follows the learning-rate schedule but neither the base learning
-rate nor the variable's factor, so sweeping the learning rate leaves the decay
+rate nor the variable's learning-rate multiplier, so sweeping the learning rate leaves the decay
 alone. With `independent_weight_decay=False` the decay is Keras's,
-`weight_decay · η_t`, times the variable's factor.
+`weight_decay · η_t`, times the variable's learning-rate multiplier.
 
-Adam and AdamW also keep a factor on `epsilon` per variable (1 by default).
+Adam and AdamW also keep an epsilon multiplier per variable (1 by default).
 Adam's update sees the gradient's absolute scale only through `epsilon`;
 a model whose gradients are in other units than another's (a unit-scaled
 twin from `unit_scale`) follows the other's trajectory exactly when each
@@ -49,6 +52,7 @@ from keras import ops
 
 from keras_unitscale import checks
 from keras_unitscale import parametrization as P
+from keras_unitscale import weights
 
 __all__ = ["Adam", "AdamW", "SGD", "ScaledSchedule", "unwrap"]
 
@@ -58,19 +62,6 @@ PARAMETRIZATIONS = ("u-mup", None)
 def unwrap(optimizer):
     """The optimizer that updates the variables: `optimizer`, or the one a `LossScaleOptimizer` wraps."""
     return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-def _check_lr_multipliers(lr_multipliers):
-    if lr_multipliers is None:
-        return {}
-    if not isinstance(lr_multipliers, dict):
-        raise ValueError(
-            "`lr_multipliers` must be a dict mapping a regular expression over variable "
-            f"paths to a factor > 0. Received: lr_multipliers={lr_multipliers!r}"
-        )
-    for pattern, value in lr_multipliers.items():
-        checks.positive(f"lr_multipliers[{pattern!r}]", value)
-    return {pattern: float(value) for pattern, value in lr_multipliers.items()}
 
 
 def _schedule_peak(schedule):
@@ -91,7 +82,9 @@ class UnitScaledOptimizer:
         readout_constraint=None,
     ):
         self.parametrization = checks.one_of("parametrization", parametrization, PARAMETRIZATIONS)
-        self.lr_multipliers = _check_lr_multipliers(lr_multipliers)
+        self.lr_multipliers = weights.check_multipliers(
+            "lr_multipliers", lr_multipliers, keys="regular expressions over variable paths"
+        )
         self._lr_patterns = list(zip(checks.patterns("lr_multipliers keys", list(self.lr_multipliers)),
                                      self.lr_multipliers.values()))
         self.independent_weight_decay = bool(independent_weight_decay)
@@ -119,34 +112,34 @@ class UnitScaledOptimizer:
             )
         self.peak_learning_rate = None if peak_learning_rate is None else float(peak_learning_rate)
 
-    # The learning-rate factors.
+    # The learning-rate multipliers.
 
     def default_lr_multiplier(self, variable):
-        """The factor `variable` starts with.
+        """The learning-rate multiplier `variable` starts with.
 
-        An `lr_multipliers` match, else the factor its layer fixes for it (a
-        model from `unit_scale`), else its u-μP factor, else 1; all but the
-        fixed factor divided by the forward multiplier `m` its layer applies
-        to it, so that the effective weight `m·w` moves as an unmultiplied
+        An `lr_multipliers` match, else the fixed one in its record (a model
+        from `unit_scale`), else u-μP's for its role, else 1; all but the
+        fixed one divided by the weight multiplier `m` its layer applies to
+        it, so that the effective weight `m·w` moves as an unmultiplied
         weight would.
         """
-        factor = None
-        for pattern, value in self._lr_patterns:
-            if pattern.search(variable.path):
-                factor = value
-                break
-        if factor is None and P.fixed_lr_multiplier_of(variable) is not None:
-            return P.fixed_lr_multiplier_of(variable)
+        matched = next((value for pattern, value in self._lr_patterns if pattern.search(variable.path)), None)
+        fixed = weights.lr_multiplier(variable)
+        if matched is None and fixed is not None:
+            return fixed
         role = P.role_of(variable)
-        if factor is None:
-            factor = 1.0 if self.parametrization is None or role is None else role.lr_multiplier(
-                self.family, self.readout_constraint
-            )
-        return factor / P.weight_multiplier_of(variable)
+        if matched is not None:
+            lr_multiplier = matched
+        elif self.parametrization is None or role is None:
+            lr_multiplier = 1.0
+        else:
+            lr_multiplier = role.lr_multiplier(self.family, self.readout_constraint)
+        return lr_multiplier / weights.multiplier(variable)
 
     def load_own_variables(self, store):
         # Keras skips a mismatched optimizer state with a warning; resuming
-        # without it would silently restart Adam's moments and our factors.
+        # without it would silently restart Adam's moments and our
+        # learning-rate multipliers.
         if self.built and len(store.keys()) != len(self.variables):
             raise ValueError(
                 f"The saved state of optimizer '{self.name}' does not match it: it has "
@@ -165,7 +158,7 @@ class UnitScaledOptimizer:
     def build(self, variables):
         if self.built:
             return
-        if getattr(self, "_wrapped_for_loss_scaling", False) and any(P.is_unit_scaled(v) for v in variables):
+        if getattr(self, "_wrapped_for_loss_scaling", False) and any(weights.is_declared(v) for v in variables):
             warnings.warn(
                 f"A LossScaleOptimizer wraps '{self.name}', but the model's layers are unit-scaled: their "
                 "gradients are near 1 and fit FP16 as they are. Loss scaling only adds its bookkeeping and "
@@ -173,7 +166,7 @@ class UnitScaledOptimizer:
                 stacklevel=2,
             )
         super().build(variables)
-        self._lr_factors = [
+        self._lr_multiplier_variables = [
             self.add_variable(
                 shape=(),
                 initializer=keras.initializers.Constant(self.default_lr_multiplier(variable)),
@@ -185,7 +178,7 @@ class UnitScaledOptimizer:
         ]
 
         if self.family == "adam":
-            self._epsilon_factors = [
+            self._epsilon_multiplier_variables = [
                 self.add_variable(
                     shape=(), initializer="ones", dtype="float32", aggregation="only_first_replica",
                     name=variable.path.replace("/", "_") + "_epsilon_multiplier",
@@ -193,11 +186,11 @@ class UnitScaledOptimizer:
                 for variable in variables
             ]
 
-    def _factor(self, attribute, variable, what):
+    def _multiplier_variable(self, attribute, variable, what):
         if not self.built:
             raise ValueError(
                 f"The optimizer '{self.name}' is not built yet, so it has no {what} "
-                "factors. It builds at the start of `fit`, or call "
+                "multipliers. It builds at the start of `fit`, or call "
                 "`optimizer.build(model.trainable_variables)`."
             )
         try:
@@ -208,34 +201,34 @@ class UnitScaledOptimizer:
                 f"Received: variable.path={variable.path!r}"
             ) from None
 
-    def _lr_factor(self, variable):
-        return self._factor("_lr_factors", variable, "learning-rate")
+    def _lr_multiplier_variable(self, variable):
+        return self._multiplier_variable("_lr_multiplier_variables", variable, "learning-rate")
 
-    def _epsilon_factor(self, variable):
+    def _epsilon_multiplier_variable(self, variable):
         if self.family != "adam":
             raise ValueError(f"The optimizer '{self.name}' has no `epsilon`; Adam and AdamW have.")
-        return self._factor("_epsilon_factors", variable, "epsilon")
+        return self._multiplier_variable("_epsilon_multiplier_variables", variable, "epsilon")
 
     def epsilon_multiplier(self, variable):
-        """The factor on `epsilon` for `variable` (a Python float; Adam and AdamW)."""
-        return float(ops.convert_to_numpy(self._epsilon_factor(variable)))
+        """The epsilon multiplier of `variable`, the factor on `epsilon` (a Python float; Adam and AdamW)."""
+        return float(ops.convert_to_numpy(self._epsilon_multiplier_variable(variable)))
 
     def set_epsilon_multiplier(self, variable, value):
-        """Sets the factor on `epsilon` for `variable`; set it before training (the moments keep its units)."""
+        """Sets the epsilon multiplier of `variable`; set it before training (the moments keep its units)."""
         checks.positive("value", value)
-        self._epsilon_factor(variable).assign(float(value))
+        self._epsilon_multiplier_variable(variable).assign(float(value))
 
     def lr_multiplier(self, variable):
-        """The factor on the base learning rate for `variable` (a Python float)."""
-        return float(ops.convert_to_numpy(self._lr_factor(variable)))
+        """The learning-rate multiplier of `variable`, the factor on the base learning rate (a Python float)."""
+        return float(ops.convert_to_numpy(self._lr_multiplier_variable(variable)))
 
     def set_lr_multiplier(self, variable, value):
-        """Sets the factor on the base learning rate for `variable`."""
+        """Sets the learning-rate multiplier of `variable`."""
         checks.positive("value", value)
-        self._lr_factor(variable).assign(float(value))
+        self._lr_multiplier_variable(variable).assign(float(value))
 
     def reset_lr_multipliers(self):
-        """Sets every factor back to its default, e.g. after `parametrization.tag_model` gave roles."""
+        """Sets every learning-rate multiplier back to its default (after `parametrization.tag_model`, say)."""
         for variable in self._trainable_variables:
             self.set_lr_multiplier(variable, self.default_lr_multiplier(variable))
 
@@ -247,25 +240,25 @@ class UnitScaledOptimizer:
         return
 
     def update_step(self, gradient, variable, learning_rate):
-        factor = ops.cast(self._lr_factor(variable), "float32")
+        lr_multiplier = ops.cast(self._lr_multiplier_variable(variable), "float32")
         learning_rate = ops.cast(learning_rate, "float32")
         if self.weight_decay and self._use_weight_decay(variable):
             if self.independent_weight_decay:
                 decay = self.weight_decay * learning_rate / self.peak_learning_rate
             else:
-                decay = self.weight_decay * learning_rate * factor
+                decay = self.weight_decay * learning_rate * lr_multiplier
             variable.assign(variable - variable * ops.cast(decay, variable.dtype))
         if self.family != "adam":
-            super().update_step(gradient, variable, learning_rate * factor)
+            super().update_step(gradient, variable, learning_rate * lr_multiplier)
             return
         # Keras's update reads `self.epsilon` as it is traced, once per
         # variable. (Scaling the gradient instead would be the same maths, but
         # turns an embedding's sparse gradient dense, and Keras's Adam treats
         # those differently.)
         epsilon = self.epsilon
-        self.epsilon = epsilon * ops.cast(self._epsilon_factor(variable), "float32")
+        self.epsilon = epsilon * ops.cast(self._epsilon_multiplier_variable(variable), "float32")
         try:
-            super().update_step(gradient, variable, learning_rate * factor)
+            super().update_step(gradient, variable, learning_rate * lr_multiplier)
         finally:
             self.epsilon = epsilon
 
@@ -283,11 +276,12 @@ _ARGS = """
     Args:
         learning_rate: the base learning rate: a float or a
             `keras.optimizers.schedules.LearningRateSchedule`.
-        parametrization: "u-mup" (each variable's factor from its role, see
-            `keras_unitscale.parametrization`) or None (factor 1, as Keras).
-        lr_multipliers: {regular expression over variable paths: factor},
-            overriding the u-μP factor of the variables it matches (the
-            first matching pattern wins).
+        parametrization: "u-mup" (each variable's learning-rate multiplier
+            from its role, see `keras_unitscale.parametrization`) or None
+            (learning-rate multiplier 1, as Keras).
+        lr_multipliers: {regular expression over variable paths:
+            learning-rate multiplier}, overriding the default one of the
+            variables it matches (the first matching pattern wins).
         weight_decay: decoupled weight decay, None or a float.
         independent_weight_decay: decay independent of the learning rate's
             value (see the module docstring).
@@ -372,11 +366,11 @@ class SGD(UnitScaledOptimizer, keras.optimizers.SGD):
     __doc__ = (
         """SGD (momentum, Nesterov) with u-μP's learning rate per variable: the drop-in for `keras.optimizers.SGD`.
 
-    The factors follow u-μP's SGD column when the readout's backward scale is
+    The learning-rate multipliers follow u-μP's SGD column when the readout's backward scale is
     constrained to its forward one (`readout_constraint="to_output_scale"`,
     matching `layers.Dense(role="output", constraint="to_output_scale")`);
     with the default unconstrained readout, gradients are unit-scaled and the
-    factors are Adam's (see `keras_unitscale.parametrization`).
+    learning-rate multipliers are Adam's (see `keras_unitscale.parametrization`).
 """
         + _ARGS.replace("{keras_args}", "momentum, nesterov, clipnorm, ...")
         + """        readout_constraint: None or "to_output_scale", as the readout's.

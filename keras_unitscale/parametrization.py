@@ -2,151 +2,68 @@
 
 u-μP gives every trainable variable a role, and from the role and the
 variable's width (and, inside a residual stack, its depth) a forward
-multiplier and a learning-rate multiplier:
+multiplier and a learning-rate multiplier. The table of these rules, with
+`WeightRole`, `ROLES`, `FAMILIES` and `READOUT_CONSTRAINTS`, lives in
+`keras_unitscale.rules.mup` (re-exported here): the ops of
+`keras_unitscale.functional` apply the forward multipliers (the tests check
+that the two agree), `keras_unitscale.optimizers` the learning-rate
+multipliers.
 
-| role   | init    | forward multiplier | Adam LR        | SGD LR (constrained readout) |
-|--------|---------|--------------------|----------------|------------------------------|
-| input  | N(0, 1) | fan_in^-1/2 *      | fan_out^-1/2   | fan_out^1/2                  |
-| hidden | N(0, 1) | fan_in^-1/2        | fan_in^-1/2    | fan_in^1/2                   |
-| output | N(0, 1) | fan_in^-1          | 1              | 1                            |
-| bias   | 0       | 1                  | 1              | size                         |
-| norm   | 1       | 1                  | 1              | size                         |
-
-Variables inside a stack of `depth` residual blocks take a further learning
-rate × `depth^-1/2`. (*) An embedding looks one row up, so its fan-in is 1
-and its forward multiplier 1, as u-μP has it for the input weight; an input
-`Dense` sums over its input features. `_TABLE` below is the one place these
-rules live: the forward multipliers are applied by the ops of
-`keras_unitscale.functional` (the tests check that the two agree), the
-learning-rate multipliers by `keras_unitscale.optimizers`.
-
-The SGD column is the reference implementation's rule for a readout whose
-backward scale is constrained to its forward one
-(`readout_constraint="to_output_scale"`), which leaves the gradients below
-unit scale. With an unconstrained readout (the default of
-`layers.Dense(role="output")`) gradients are unit-scaled, an SGD step is as
-large as an Adam step, and SGD takes the Adam column, as the reference does.
-
-Our layers tag their variables when they are built (`tag`). For a model of
-plain Keras layers, `tag_model` infers the roles: every `Embedding` is an
-input; without one, the first layer with a kernel is the input; the last
-`Dense` is the output; 1-D gains are norms and other 1-D variables biases.
+A variable's role, its weight multiplier and its fixed learning-rate
+multiplier are kept in its one record (`keras_unitscale.weights`); this
+module reads and writes them there. Our layers declare their variables'
+roles when they are built (`tag`). For a model of plain Keras layers,
+`tag_model` infers the roles: every `Embedding` is an input; without one,
+the first layer with a kernel is the input; the last `Dense` is the output;
+1-D gains are norms and other 1-D variables biases.
 """
 
-import dataclasses
 import math
 import re
-import weakref
 
 import keras
 
 from keras_unitscale import checks
+from keras_unitscale import weights
+from keras_unitscale.rules.mup import FAMILIES
+from keras_unitscale.rules.mup import READOUT_CONSTRAINTS
+from keras_unitscale.rules.mup import ROLES
+from keras_unitscale.rules.mup import WeightRole
 
-ROLES = ("input", "hidden", "output", "bias", "norm")
-FAMILIES = ("adam", "sgd")
-READOUT_CONSTRAINTS = (None, "to_output_scale")
+__all__ = [
+    "WeightRole", "ROLES", "FAMILIES", "READOUT_CONSTRAINTS", "tag", "role_of", "is_unit_scaled",
+    "weight_multiplier_of", "fixed_lr_multiplier_of", "set_depth", "tag_model", "lr_multipliers",
+    "check_built", "owned_variables", "weighted_layers", "variable_owners",
+]
 
-# role: (forward multiplier, Adam learning rate, constrained-readout SGD
-# learning rate), each as (the size it depends on, its exponent).
-FORWARD, ADAM_LR, CONSTRAINED_SGD_LR = range(3)
-_TABLE = {
-    "input": (("fan_in", -0.5), ("fan_out", -0.5), ("fan_out", 0.5)),
-    "hidden": (("fan_in", -0.5), ("fan_in", -0.5), ("fan_in", 0.5)),
-    "output": (("fan_in", -1.0), ("fan_in", 0.0), ("fan_in", 0.0)),
-    "bias": ((None, 0.0), (None, 0.0), ("fan_out", 1.0)),
-    "norm": ((None, 0.0), (None, 0.0), ("fan_out", 1.0)),
-}
-
-# The role a layer of ours declares for its variable, and the role
-# `tag_model` gives it within a model (recomputed on every call).
-_DECLARED = "_keras_unitscale_role"
-_IN_MODEL = "_keras_unitscale_model_role"
-_OWNER = "_keras_unitscale_owner"
 _NORM_NAMES = re.compile(r"(gamma|scale)$")
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightRole:
-    """A variable's u-μP role and the sizes its rules depend on.
+def tag(variable, role, fan_in=None, fan_out=None, depth=None):
+    """Declares `variable`'s `WeightRole` in its record (our layers call this when they build).
 
     Args:
-        role: one of "input", "hidden", "output", "bias", "norm".
-        fan_in: the number of inputs each output sums over (1 for an
-            embedding, which looks one row up).
-        fan_out: the number of outputs (the size of a bias or gain).
-        depth: the number of residual blocks in the stack the variable
-            belongs to, or None outside one.
+        variable: a Keras variable.
+        role: a `WeightRole`, or one of `ROLES` with the sizes below.
+        fan_in, fan_out, depth: the sizes, as for `WeightRole`.
+
+    Returns:
+        The `WeightRole`.
 
     Example:
 
-    >>> role = WeightRole("hidden", fan_in=256, fan_out=64)
-    >>> role.forward_multiplier(), role.lr_multiplier("adam")
-    (0.0625, 0.0625)
-    >>> WeightRole("hidden", fan_in=256, fan_out=64, depth=4).lr_multiplier("adam")
-    0.03125
-    """
-
-    role: str
-    fan_in: int | None = None
-    fan_out: int | None = None
-    depth: int | None = None
-
-    def __post_init__(self):
-        checks.one_of("role", self.role, ROLES)
-        for name in ("fan_in", "fan_out", "depth"):
-            value = getattr(self, name)
-            if value is not None:
-                checks.positive_int(name, value)
-        needed = {size for size, _ in _TABLE[self.role] if size is not None}
-        missing = sorted(name for name in needed if getattr(self, name) is None)
-        if missing:
-            raise ValueError(
-                f"A variable with role '{self.role}' needs {missing}. Received: {self!r}"
-            )
-
-    def _rule(self, column):
-        size, exponent = _TABLE[self.role][column]
-        return 1.0 if size is None else float(getattr(self, size) ** exponent)
-
-    def forward_multiplier(self):
-        """The factor u-μP applies to this weight in the forward pass."""
-        return self._rule(FORWARD)
-
-    def lr_multiplier(self, family="adam", readout_constraint=None):
-        """The factor on the base learning rate for this variable.
-
-        Args:
-            family: "adam" (Adam, AdamW and other scale-invariant updates) or
-                "sgd".
-            readout_constraint: the readout's constraint, None or
-                "to_output_scale"; only SGD depends on it.
-        """
-        checks.one_of("family", family, FAMILIES)
-        checks.one_of("readout_constraint", readout_constraint, READOUT_CONSTRAINTS)
-        constrained_sgd = family == "sgd" and readout_constraint is not None
-        depth_factor = 1.0 if self.depth is None else self.depth**-0.5
-        return self._rule(CONSTRAINED_SGD_LR if constrained_sgd else ADAM_LR) * depth_factor
-
-    def with_depth(self, depth):
-        return dataclasses.replace(self, depth=depth)
-
-
-def tag(variable, role, fan_in=None, fan_out=None, depth=None, owner=None):
-    """Declares `variable`'s `WeightRole` (our layers call this when they build).
-
-    `owner`, the layer holding the variable, is where its forward multiplier
-    is read from (see `weight_multiplier_of`).
+    >>> kernel = keras.Variable(np.ones((8, 4)), name="kernel")
+    >>> tag(kernel, "hidden", fan_in=8, fan_out=4).lr_multiplier("adam") == 8**-0.5
+    True
     """
     weight_role = role if isinstance(role, WeightRole) else WeightRole(role, fan_in, fan_out, depth)
-    setattr(variable, _DECLARED, weight_role)
-    if owner is not None:
-        setattr(variable, _OWNER, weakref.ref(owner))
+    weights.declare(variable, weight_role)
     return weight_role
 
 
 def role_of(variable):
     """`variable`'s `WeightRole`: as `tag_model` last gave it, else as its layer declared it, else None."""
-    return getattr(variable, _IN_MODEL, None) or getattr(variable, _DECLARED, None)
+    return weights.model_role(variable) or weights.role(variable)
 
 
 def is_unit_scaled(variable):
@@ -159,27 +76,25 @@ def is_unit_scaled(variable):
     >>> is_unit_scaled(ours.kernel), is_unit_scaled(plain.kernel)
     (True, False)
     """
-    return getattr(variable, _DECLARED, None) is not None
+    return weights.is_declared(variable)
 
 
 def weight_multiplier_of(variable):
-    """The fixed forward multiplier the layer holding `variable` applies to it (1 for plain layers)."""
-    owner = getattr(variable, _OWNER, lambda: None)()
-    return owner.weight_multiplier(variable.name) if owner is not None else 1.0
+    """The weight multiplier the layer holding `variable` applies to it (1 for plain layers)."""
+    return weights.multiplier(variable)
 
 
 def fixed_lr_multiplier_of(variable):
-    """The learning-rate factor the layer holding `variable` fixes for it (`unit_scale` sets them), or None."""
-    owner = getattr(variable, _OWNER, lambda: None)()
-    return owner.lr_multiplier(variable.name) if owner is not None else None
+    """The fixed learning-rate multiplier of `variable` (`unit_scale` sets them), or None."""
+    return weights.lr_multiplier(variable)
 
 
 def set_depth(variables, depth):
     """Marks `variables` as belonging to a residual stack of `depth` blocks."""
     for variable in variables:
-        role = getattr(variable, _DECLARED, None)
-        if role is not None:
-            setattr(variable, _DECLARED, role.with_depth(depth))
+        weight_role = weights.role(variable)
+        if weight_role is not None:
+            weights.declare(variable, weight_role.with_depth(depth))
 
 
 def _contracted_size(layer, kernel):
@@ -268,12 +183,7 @@ def _override(overrides, variable, inferred):
 
 def check_built(model):
     """Raises a `ValueError` saying how to build `model` if its variables do not exist yet."""
-    if not model.built:
-        raise ValueError(
-            f"The model '{model.name}' is not built, so its variables do not exist yet. "
-            "Build it first: start it with `keras.Input(shape)`, call `model.build(input_shape)`, "
-            "or call it on a batch of data."
-        )
+    checks.built(model)
 
 
 def tag_model(model, overrides=None):
@@ -302,7 +212,7 @@ def tag_model(model, overrides=None):
     overrides = _check_overrides(overrides)
     check_built(model)
     layers = weighted_layers(model)
-    declared = {id(v): getattr(v, _DECLARED, None) for layer in layers for v in owned_variables(layer)}
+    declared = {id(v): weights.role(v) for layer in layers for v in owned_variables(layer)}
     declared_roles = {role.role for role in declared.values() if role is not None}
     kernel_layers = [layer for layer in layers if any(len(v.shape) >= 2 for v in owned_variables(layer))]
     # A plain layer is the input if it comes first and the model has no
@@ -317,7 +227,7 @@ def tag_model(model, overrides=None):
             role = declared[id(variable)] or _inferred_role(
                 layer, variable, is_input=layer is first and layer is not last, is_output=layer is last
             )
-            setattr(variable, _IN_MODEL, _override(overrides, variable, role))
+            weights.set_model_role(variable, _override(overrides, variable, role))
     return {v.path: role_of(v) for v in model.trainable_variables}
 
 

@@ -62,3 +62,12 @@ def power(size, exponent):
 
 def log(value):
     return math.log(value) if is_static(value) else ops.log(ops.cast(value, "float32"))
+
+
+def exp(value):
+    return math.exp(value) if is_static(value) else ops.exp(ops.cast(value, "float32"))
+
+
+def global_numel(x, axes=None):
+    """`numel(x)` over the whole data-parallel batch: the local size times `replicas()`."""
+    return numel(x, axes) * replicas()

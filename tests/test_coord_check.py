@@ -9,9 +9,9 @@ import pytest
 import keras_unitscale
 from keras_unitscale import layers as L
 from keras_unitscale import models
-from keras_unitscale.coord_check import CoordCheck
-from keras_unitscale.coord_check import coord_check
-from keras_unitscale.coord_check import plot_coord_check
+from keras_unitscale.analysis import CoordCheck
+from keras_unitscale.analysis import coord_check
+from keras_unitscale.analysis import plot_coord_check
 
 # Widths large against the batch's 64 tokens, as in `mup`'s own check
 # (widths 1000 and 4000, batches of 32): after the first update, the readout's

@@ -4,13 +4,10 @@ import keras
 
 from keras_unitscale import checks
 from keras_unitscale import constraints
-from keras_unitscale import functional as U
+from keras_unitscale import rules
+from keras_unitscale.ops.activations import apply
 
-# Each name maps to the unit-scaled op of `keras_unitscale.functional`.
-# `mult` applies where the op has one (gelu, silu, softmax).
-_WITH_MULT = {"gelu": U.gelu, "silu": U.silu, "swish": U.silu, "softmax": U.softmax}
-_WITHOUT_MULT = {"relu": U.relu, "tanh": U.tanh, "sigmoid": U.sigmoid}
-NAMES = ("linear", *sorted(_WITH_MULT), *sorted(_WITHOUT_MULT))
+NAMES = rules.activations.NAMES
 PROBABILITIES = ("sigmoid", "softmax")  # on a Dense, these give predictions: see Dense
 
 
@@ -24,15 +21,6 @@ def check(name, argument="activation"):
             f"Received: {argument}={name!r}"
         )
     return name
-
-
-def apply(x, name, mult=1.0, constraint="to_output_scale"):
-    """Applies the unit-scaled activation `name` (see `NAMES`) to `x`."""
-    if name == "linear":
-        return x
-    if name in _WITH_MULT:
-        return _WITH_MULT[name](x, mult=mult, constraint=constraint)
-    return _WITHOUT_MULT[name](x, constraint=constraint)
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")

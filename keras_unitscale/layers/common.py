@@ -1,10 +1,9 @@
 """What every unit-scaled layer shares."""
 
-import math
-
 import keras
 
 from keras_unitscale import parametrization
+from keras_unitscale import weights
 from keras_unitscale.scale import scale_fwd
 
 
@@ -20,90 +19,101 @@ def check_fp8(fp8):
     raise ValueError(f"`fp8` must be None (follow the global setting), True or False. Received: fp8={fp8!r}")
 
 
-def check_weight_multipliers(weight_multipliers, argument="weight_multipliers"):
-    """A dict {variable name: positive finite float}, or a `ValueError` naming the value."""
-    if weight_multipliers is None:
-        return {}
-    if not isinstance(weight_multipliers, dict) or not all(
-        isinstance(name, str)
-        and isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and value > 0
-        and math.isfinite(value)
-        for name, value in weight_multipliers.items()
-    ):
-        raise ValueError(
-            f"`{argument}` must be a dict mapping variable names to finite "
-            f"numbers > 0. Received: {argument}={weight_multipliers!r}"
-        )
-    return {name: float(value) for name, value in weight_multipliers.items()}
-
-
 class WeightMultipliers:
-    """Fixed forward multipliers on a layer's own weights.
+    """Weight multipliers and fixed learning-rate multipliers on a layer's own weights.
 
-    A multiplier `m` on a weight `w` makes the layer compute with `m·w` in
-    the forward pass while `w`'s gradient stays what the backward rule makes
-    it (`scale_fwd`). This is where `UnitScaleCallback` moves a weight's
-    scale when it brings the stored weight to unit scale: the function is
-    unchanged, and since `keras_unitscale.optimizers` give the weight a
-    learning rate × `1/m`, so is the training trajectory. Multipliers are
-    part of the layer's config, so they are saved with the model.
+    A weight multiplier `m` on a weight `w` makes the layer compute with
+    `m·w` in the forward pass while `w`'s gradient stays what the backward
+    rule makes it (`scale_fwd`). This is where `UnitScaleCallback` moves a
+    weight's scale when it brings the stored weight to unit scale: the
+    function is unchanged, and since `keras_unitscale.optimizers` give the
+    weight a learning-rate multiplier × `1/m`, so is the training trajectory.
 
-    A weight may also carry a fixed learning-rate factor (`lr_multipliers`):
-    `unit_scale` sets one where it moves a weight to unit scale, so that
-    `keras_unitscale.optimizers` step the converted model along the original
-    model's trajectory. It replaces the parametrization's factor (and is not
-    divided by `m`); an optimizer's own `lr_multipliers` patterns still win.
+    A weight may also carry a fixed learning-rate multiplier
+    (`lr_multipliers`): `unit_scale` sets one where it moves a weight to unit
+    scale, so that `keras_unitscale.optimizers` step the converted model
+    along the original model's trajectory. It replaces u-μP's learning-rate
+    multiplier from the role (and is not divided by `m`); an optimizer's own
+    `lr_multipliers` patterns still win.
+
+    Both live in the weights' records (`keras_unitscale.weights`), which this
+    mixin reads and writes by variable name. Values given before the layer
+    is built (the constructor's `weight_multipliers=` and `lr_multipliers=`,
+    from a config too) wait here until the layer declares its weights' roles
+    (`declare_role`), which writes them into the records. `get_config` reads
+    them back, so they are saved with the model.
     """
 
     def _init_weight_multipliers(self, weight_multipliers, lr_multipliers=None):
-        # Plain dicts, kept out of Keras's attribute tracking.
-        object.__setattr__(self, "_weight_multipliers", check_weight_multipliers(weight_multipliers))
+        # Plain dicts, kept out of Keras's attribute tracking: the values
+        # that wait for their weights (emptied as the layer builds).
         object.__setattr__(
-            self, "_lr_multipliers", check_weight_multipliers(lr_multipliers, "lr_multipliers")
+            self, "_waiting_multipliers", weights.check_multipliers("weight_multipliers", weight_multipliers)
+        )
+        object.__setattr__(
+            self, "_waiting_lr_multipliers", weights.check_multipliers("lr_multipliers", lr_multipliers)
         )
 
     def multiplier_config(self):
-        """The config entries of the multipliers, for `get_config`."""
+        """The config entries of the weight and learning-rate multipliers, for `get_config`."""
         return {"weight_multipliers": self.weight_multipliers, "lr_multipliers": self.lr_multipliers}
+
+    def _own_weights(self):
+        return self._trainable_variables + self._non_trainable_variables
+
+    def _declared_weight(self, name):
+        """The layer's weight called `name` once its role is declared (its record holds the values), else None."""
+        return next((v for v in self._own_weights() if v.name == name and weights.is_declared(v)), None)
 
     @property
     def lr_multipliers(self):
-        """{variable name: fixed learning-rate factor}, for the weights that have one."""
-        return dict(self._lr_multipliers)
+        """{variable name: fixed learning-rate multiplier}, for the weights that have one."""
+        recorded = {v.name: weights.lr_multiplier(v) for v in self._own_weights() if weights.is_declared(v)}
+        recorded = {name: value for name, value in recorded.items() if value is not None}
+        return {**recorded, **self._waiting_lr_multipliers}
 
     def lr_multiplier(self, name):
-        """The fixed learning-rate factor of the weight called `name`, or None."""
-        return self._lr_multipliers.get(name)
+        """The fixed learning-rate multiplier of the weight called `name`, or None."""
+        variable = self._declared_weight(name)
+        return self._waiting_lr_multipliers.get(name) if variable is None else weights.lr_multiplier(variable)
 
     def set_lr_multiplier(self, name, value):
-        """Fixes the learning-rate factor of the weight called `name` (None removes it)."""
+        """Fixes the learning-rate multiplier of the weight called `name` (None removes it)."""
         self._check_weight_name(name)
-        if value is None:
-            self._lr_multipliers.pop(name, None)
+        if value is not None:
+            value = weights.check_multipliers("lr_multipliers", {name: value})[name]
+        variable = self._declared_weight(name)
+        if variable is not None:
+            weights.set_lr_multiplier(variable, value)
+        elif value is None:
+            self._waiting_lr_multipliers.pop(name, None)
         else:
-            self._lr_multipliers[name] = check_weight_multipliers({name: value}, "lr_multipliers")[name]
+            self._waiting_lr_multipliers[name] = value
 
     @property
     def weight_multipliers(self):
-        """{variable name: multiplier} for the weights whose multiplier is not 1."""
-        return dict(self._weight_multipliers)
+        """{variable name: weight multiplier} for the weights whose weight multiplier is not 1."""
+        recorded = {v.name: weights.multiplier(v) for v in self._own_weights() if weights.is_declared(v)}
+        merged = {**recorded, **self._waiting_multipliers}
+        return {name: value for name, value in merged.items() if value != 1.0}
 
     def weight_multiplier(self, name):
-        return self._weight_multipliers.get(name, 1.0)
+        """The weight multiplier of the weight called `name` (1 unless one was set)."""
+        variable = self._declared_weight(name)
+        return self._waiting_multipliers.get(name, 1.0) if variable is None else weights.multiplier(variable)
 
     def set_weight_multiplier(self, name, value):
-        """Sets the multiplier of the weight called `name` (functions traced before keep the old one)."""
+        """Sets the weight multiplier of the weight called `name` (functions traced before keep the old one)."""
         self._check_weight_name(name)
-        value = check_weight_multipliers({name: value})[name]
-        if value == 1.0:
-            self._weight_multipliers.pop(name, None)
+        value = weights.check_multipliers("weight_multipliers", {name: value})[name]
+        variable = self._declared_weight(name)
+        if variable is not None:
+            weights.set_multiplier(variable, value)
         else:
-            self._weight_multipliers[name] = value
+            self._waiting_multipliers[name] = value
 
     def _check_weight_name(self, name):
-        names = [v.name for v in self._trainable_variables + self._non_trainable_variables]
+        names = [v.name for v in self._own_weights()]
         if self.built and name not in names:
             raise ValueError(
                 f"Layer '{self.name}' has no weight called '{name}'. Its weights are {names}. "
@@ -111,12 +121,16 @@ class WeightMultipliers:
             )
 
     def multiplied(self, variable):
-        """`variable` times its multiplier, in the forward pass only (None stays None)."""
+        """`variable` times its weight multiplier, in the forward pass only (None stays None)."""
         if variable is None:
             return None
         multiplier = self.weight_multiplier(variable.name)
         return variable if multiplier == 1.0 else scale_fwd(variable, multiplier)
 
     def declare_role(self, variable, role, **sizes):
-        """Tags `variable` with its u-μP role, and this layer as where its multiplier lives."""
-        parametrization.tag(variable, role, owner=self, **sizes)
+        """Declares `variable`'s u-μP role in its record, with the values that waited for it."""
+        parametrization.tag(variable, role, **sizes)
+        if variable.name in self._waiting_multipliers:
+            weights.set_multiplier(variable, self._waiting_multipliers.pop(variable.name))
+        if variable.name in self._waiting_lr_multipliers:
+            weights.set_lr_multiplier(variable, self._waiting_lr_multipliers.pop(variable.name))

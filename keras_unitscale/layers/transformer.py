@@ -4,11 +4,12 @@ import keras
 
 from keras_unitscale import checks
 from keras_unitscale import functional as U
+from keras_unitscale import rules
 from keras_unitscale import parametrization
+from keras_unitscale import weights
 from keras_unitscale.layers import activation as activations
 from keras_unitscale.layers.attention import MultiHeadAttention
 from keras_unitscale.layers.common import check_fp8
-from keras_unitscale.layers.common import check_weight_multipliers
 from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.dropout import Dropout
 from keras_unitscale.layers.normalization import LayerNormalization
@@ -23,7 +24,7 @@ class TransformerBlock(keras.layers.Layer):
 
     `x → x + attention(norm(x))` then `x → x + mlp(norm(x))`, each join a
     unit-scaled residual (`functional.residual_split`/`residual_add`) whose
-    branch weight `tau` comes from `functional.transformer_residual_scaling_rule`
+    branch weight `tau` comes from `rules.residual.transformer_residual_scaling_rule`
     given this block's `index` in a stack of `depth` blocks: attention is
     branch `2·index`, the MLP `2·index + 1`, of `2·depth`.
 
@@ -83,7 +84,7 @@ class TransformerBlock(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self._initial_weight_multipliers = check_weight_multipliers(weight_multipliers)
+        self._initial_weight_multipliers = weights.check_multipliers("weight_multipliers", weight_multipliers)
         self.fp8 = check_fp8(fp8)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         self.key_dim = None if key_dim is None else checks.positive_int("key_dim", key_dim)
@@ -99,7 +100,7 @@ class TransformerBlock(keras.layers.Layer):
         self.residual_mult = residual_mult
         self.residual_attn_ratio = residual_attn_ratio
         self.use_bias = bool(use_bias)
-        rule = U.transformer_residual_scaling_rule(residual_mult, residual_attn_ratio)
+        rule = rules.residual.transformer_residual_scaling_rule(residual_mult, residual_attn_ratio)
         self.attention_tau = rule(2 * index, 2 * depth)
         self.mlp_tau = rule(2 * index + 1, 2 * depth)
         self.supports_masking = True

@@ -161,42 +161,55 @@ def coord_check(build_model, widths, x, y, steps=3, optimizer_fn=None, loss=None
     steps = _check_steps(steps)
     table = {}
     for width in widths:
-        keras.utils.set_random_seed(seed)
-        model = build_model(width)
-        if optimizer_fn is not None:
-            model.compile(optimizer=optimizer_fn(), loss=loss)
-        elif not getattr(model, "compiled", False):
-            raise ValueError(
-                "`coord_check` trains the model: pass `optimizer_fn` (and `loss`) or return a "
-                f"compiled model from `build_model`. Received: optimizer_fn=None and an uncompiled "
-                f"model at width={width}"
-            )
-        try:
-            inputs = model.inputs
-        except (AttributeError, ValueError):
-            inputs = None
-        if not inputs:
-            raise ValueError(
-                "`coord_check` reads the layers' outputs from the model's graph: `build_model` must "
-                "return a functional or Sequential model that starts with `keras.Input`. "
-                f"Received: {model!r} at width={width}"
-            )
-        outputs = _probed_outputs(model)
-        # One model sharing the trained model's variables reads every layer's
-        # output in one pass, and sees each update as it happens.
-        probe = keras.Model(inputs[0] if len(inputs) == 1 else inputs, list(outputs.values()))
-        for step in range(steps + 1):
-            if step > 0:
-                model.train_on_batch(x, y)
-            # Compiled once per width (`predict_on_batch`): an eager pass
-            # costs more than the tracing on JAX.
-            values = probe.predict_on_batch(x)
-            if len(outputs) == 1:
-                values = [values]
-            for name, value in zip(outputs, values):
-                mean_abs = float(np.mean(np.abs(np.asarray(value, "float64"))))
-                table.setdefault(name, {}).setdefault(width, []).append(mean_abs)
+        model = _compiled_model(build_model, width, seed, optimizer_fn, loss)
+        for name, values in _mean_abs_per_step(model, width, x, y, steps).items():
+            table.setdefault(name, {})[width] = values
     return CoordCheck(widths, steps, table)
+
+
+def _compiled_model(build_model, width, seed, optimizer_fn, loss):
+    """`build_model(width)` built from `seed`'s random state, compiled with a fresh optimizer if one is given."""
+    keras.utils.set_random_seed(seed)
+    model = build_model(width)
+    if optimizer_fn is not None:
+        model.compile(optimizer=optimizer_fn(), loss=loss)
+    elif not getattr(model, "compiled", False):
+        raise ValueError(
+            "`coord_check` trains the model: pass `optimizer_fn` (and `loss`) or return a "
+            f"compiled model from `build_model`. Received: optimizer_fn=None and an uncompiled "
+            f"model at width={width}"
+        )
+    return model
+
+
+def _mean_abs_per_step(model, width, x, y, steps):
+    """{layer name: [mean |output| on `x` before training, after step 1, ..., after `steps`]}."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            "`coord_check` reads the layers' outputs from the model's graph: `build_model` must "
+            "return a functional or Sequential model that starts with `keras.Input`. "
+            f"Received: {model!r} at width={width}"
+        )
+    outputs = _probed_outputs(model)
+    # One model sharing the trained model's variables reads every layer's
+    # output in one pass, and sees each update as it happens.
+    probe = keras.Model(inputs[0] if len(inputs) == 1 else inputs, list(outputs.values()))
+    curves = {name: [] for name in outputs}
+    for step in range(steps + 1):
+        if step > 0:
+            model.train_on_batch(x, y)
+        # Compiled once per width (`predict_on_batch`): an eager pass
+        # costs more than the tracing on JAX.
+        values = probe.predict_on_batch(x)
+        if len(outputs) == 1:
+            values = [values]
+        for name, value in zip(outputs, values):
+            curves[name].append(float(np.mean(np.abs(np.asarray(value, "float64")))))
+    return curves
 
 
 def plot_coord_check(result, path=None):

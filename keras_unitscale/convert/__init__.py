@@ -1,0 +1,140 @@
+"""`unit_scale(model)`: an existing Keras model's unit-scaled twin, in one call.
+
+`unit_scale` walks a Sequential or functional model's graph (Keras's own
+nodes, nested models included) and builds the same graph from
+`keras_unitscale.layers`, looking each layer's converter up in a public
+registry (`register_converter`), so that users can add their own.
+
+`mode="equivalent"` carries the weights over. Each weight is stored at unit
+RMS and its old scale, over the unit-scaled op's own constant (read from
+`keras_unitscale.rules`), goes into the weight's multiplier, so the model
+computes what it computed before. Our ops multiply some tensors by constants
+the original did not (a relu's √2, an LSTM's output scale, a residual add's
+weights): the walk tracks each tensor's *ratio* (converted = ratio ×
+original) and absorbs it in the next layer that can take it — a dense
+kernel's multiplier, a layer norm's epsilon — or, where the next op needs
+its operands at given ratios (a residual add, a model output, a layer kept as
+it is), in the multipliers of the layer that produced them; where that layer
+cannot take it either (it feeds other layers too, or its output is not linear
+in its weights), a `keras.layers.Rescaling` by the constant does. Each weight
+also gets a fixed learning-rate multiplier `1/rms`, so
+`keras_unitscale.optimizers` move the converted model along the original's
+Adam trajectory; `match_epsilon` makes Adam's epsilon act as it did on the
+original too.
+
+`mode="reinit"` builds the same architecture with fresh unit-scaled / u-μP
+initialisation.
+
+Residual adds — a Keras `Add` of a tensor and a branch computed from it —
+become `ResidualSplit` + `ResidualAdd` with u-μP's depth rule for tau;
+another `Add` of two tensors becomes the unit-scaled `Add`. The final
+`Dense` becomes a readout (`role="output"`).
+"""
+
+import warnings
+
+import keras
+
+from keras_unitscale import checks
+from keras_unitscale.convert import converters
+from keras_unitscale.convert.epsilon import match_epsilon
+from keras_unitscale.convert.registry import Call
+from keras_unitscale.convert.registry import converter_for
+from keras_unitscale.convert.registry import register_converter
+from keras_unitscale.convert.walk import Conversion
+from keras_unitscale.convert.walk import TensorRatio
+from keras_unitscale.graph import functional_graph
+
+__all__ = [
+    "unit_scale", "match_epsilon", "MODES", "register_converter", "converter_for", "Call", "Conversion",
+    "TensorRatio",
+]
+
+MODES = ("equivalent", "reinit")
+
+converters.register_defaults()
+
+
+def _check_arguments(model, mode, residual_rule):
+    checks.one_of("mode", mode, MODES)
+    if not (residual_rule == "depth" or (
+        isinstance(residual_rule, (int, float)) and not isinstance(residual_rule, bool) and residual_rule >= 0
+    )):
+        raise ValueError(
+            f"`residual_rule` must be 'depth' or a number >= 0 (tau). Received: residual_rule={residual_rule!r}"
+        )
+    if not isinstance(model, keras.Model) or functional_graph(model) is None:
+        raise ValueError(
+            "`unit_scale` converts Sequential and functional Keras models; it cannot see inside a "
+            f"subclassed model's `call`. Received: a {type(model).__name__}. Build the model from "
+            "`keras_unitscale.layers` instead, or convert its functional parts and call them from yours."
+        )
+    checks.built(model, "unit_scale")
+
+
+def unit_scale(model, mode="equivalent", residual_rule="depth"):
+    """Returns the unit-scaled twin of a Keras model; `model` is left untouched.
+
+    Converts the layers that have a registered converter (`Dense`,
+    `EinsumDense` where it is a plain projection, `Embedding`, `LSTM`,
+    `MultiHeadAttention`, `LayerNormalization`, `RMSNormalization`,
+    `Activation` and activations named inside layers, `Dropout`, `Add`).
+    Weightless layers that commute with a scale (`Flatten`, pooling, ...)
+    are kept. Any other layer is kept unchanged (a copy, with its weights)
+    and named in one warning.
+
+    Args:
+        model: a built `keras.Sequential` or functional `keras.Model`
+            (nested ones and shared layers included).
+        mode: "equivalent" (carry the weights over: the converted model's
+            predictions equal the original's, and with `keras_unitscale.optimizers`
+            its training follows the original's Adam trajectory, epsilon
+            included after `match_epsilon`) or "reinit"
+            (fresh unit-scaled initialisation; train it with u-μP's rules).
+        residual_rule: tau of the residual adds: "depth" (u-μP's depth rule,
+            `rules.residual.transformer_residual_scaling_rule`, over the
+            residual adds in graph order) or a number for all.
+
+    Returns:
+        A new model of the same kind. Its `unit_scale_sources` maps each
+        converted variable's path to the original's. Its `unit_scale_notes`
+        lists `(layer, why)` for what could not be made exactly equivalent
+        (also warned): dropout inside an LSTM or attention (training rescales
+        differently), an LSTM given initial states, attention over keys of
+        unfixed length.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(64, activation="relu"),
+    ...                           keras.layers.Dense(1, activation="sigmoid")])
+    >>> twin = unit_scale(model)
+    >>> x = np.random.default_rng(0).normal(size=(8, 30)).astype("float32")
+    >>> bool(np.allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5))
+    True
+    >>> [type(layer).__name__ for layer in twin.layers], twin.layers[-1].role
+    (['Dense', 'Dense'], 'output')
+    """
+    _check_arguments(model, mode, residual_rule)
+    conversion = Conversion(mode, residual_rule)
+    converted, _ = conversion.model(model, None, top_level=True)
+    _warn(conversion)
+    converted.unit_scale_notes = list(conversion.notes)
+    # Paths, not variables: a model tracks the variables it holds in attributes.
+    converted.unit_scale_sources = dict(conversion.sources)
+    return converted
+
+
+def _warn(conversion):
+    """One warning for the layers kept, one for what could not be made exact."""
+    if conversion.unknown:
+        warnings.warn(
+            "unit_scale kept these layers unchanged (no unit-scaled counterpart): "
+            + ", ".join(f"'{name}' ({kind})" for name, kind in conversion.unknown),
+            stacklevel=3,
+        )
+    if conversion.notes:
+        warnings.warn(
+            "unit_scale could not make these exactly equivalent: "
+            + "; ".join(f"'{name}': {why}" for name, why in conversion.notes),
+            stacklevel=3,
+        )

@@ -1,0 +1,278 @@
+"""The default converters: one per Keras layer that has a unit-scaled counterpart.
+
+Each is `fn(conversion, layer, call) -> (outputs, ratios)` (see
+`keras_unitscale.convert.registry`). In equivalent mode a converter carries
+the weights over at unit RMS and puts the rest of each weight's scale, over
+the constant the unit-scaled op applies (read from `keras_unitscale.rules`),
+into the weight's multiplier, so that the twin computes what the original
+did.
+"""
+
+import math
+import re
+
+import keras
+
+from keras_unitscale import layers as L
+from keras_unitscale import rules
+from keras_unitscale.convert.registry import register_converter
+from keras_unitscale.convert.walk import TensorRatio
+from keras_unitscale.convert.walk import own_weights
+from keras_unitscale.layers import activation as activations
+
+# An einsum that is a plain dense projection of the last axis: "ab,bc->ac", "...b,bc->...c".
+_PROJECTION = re.compile(r"^(\.\.\.|[a-z]*)([a-z]),\2([a-z])->\1\3$")
+# Activations that commute with a positive factor, f(c·x) = c·f(x): a ratio passes through them.
+_HOMOGENEOUS = ("linear", "relu")
+
+
+def activation_name(layer_activation):
+    name = keras.activations.serialize(layer_activation)
+    if isinstance(name, dict):
+        name = name.get("config", name.get("class_name"))
+    return "linear" if name in (None, "linear") else name
+
+
+def _activation_ratio(name, layer):
+    """The constant by which our unit-scaled activation `name`, as `layer` applies it, multiplies Keras's."""
+    return rules.activations.by_name(name, layer.mult, layer.constraint).output
+
+
+def dense(conversion, layer, call):
+    """A `Dense`, or an `EinsumDense` that is a plain projection: the same kernel and bias layout."""
+    kernel, bias, units = layer.kernel, layer.bias, int(layer.kernel.shape[-1])
+    name = activation_name(layer.activation)
+    new = L.Dense(
+        units, activation=None if name == "linear" else name, use_bias=bias is not None,
+        role="output" if call.readout else None, name=layer.name, dtype=layer.dtype_policy,
+    )
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    if not conversion.equivalent:
+        return out, [TensorRatio()]
+    fan_in = int(kernel.shape[0])
+    rule = rules.linear.readout if new.role == "output" else rules.linear.dense
+    op_scale = rule(fan_in, units, constraint=new.constraint).output
+    values = [kernel] + ([bias] if bias is not None else [])
+    multipliers = conversion.carry(new, values, [op_scale * call.inputs[0].value] + [op_scale] * (len(values) - 1))
+    plain = new.role == "output" or name in activations.PROBABILITIES
+    ratio = 1.0 if plain else _activation_ratio(name, new)
+    # Outputs of homogeneous activations scale with the multipliers; the others do not.
+    rescale = conversion.rescaler(new, multipliers) if name in _HOMOGENEOUS else None
+    return out, [TensorRatio(ratio, rescale, call.inputs[0].grad_ratio)]
+
+
+def embedding(conversion, layer, call):
+    new = L.Embedding(layer.input_dim, layer.output_dim, mask_zero=layer.mask_zero, name=layer.name,
+                      dtype=layer.dtype_policy)
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    if not conversion.equivalent:
+        return out, [TensorRatio()]
+    # The lookup applies no forward scale (`rules.linear.embedding_grad` scales only the gradient).
+    multipliers = conversion.carry(new, [layer.embeddings], [1.0])
+    return out, [TensorRatio(1.0, conversion.rescaler(new, multipliers))]
+
+
+def layer_norm(conversion, layer, call):
+    config = layer.get_config()
+    ratio = call.inputs[0].value if conversion.equivalent else 1.0
+    # Normalising c·x with epsilon c²·ε is normalising x with ε.
+    common = dict(axis=config["axis"], epsilon=config["epsilon"] * ratio**2, name=layer.name,
+                  dtype=layer.dtype_policy)
+    if isinstance(layer, keras.layers.LayerNormalization):
+        new = L.LayerNormalization(center=config["center"], scale=config["scale"], **common)
+    else:
+        new = L.RMSNormalization(**common)
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    if not conversion.equivalent:
+        return out, [TensorRatio()]
+    for variable, original in zip(own_weights(new), layer.weights):
+        variable.assign(keras.ops.convert_to_numpy(original))
+        new.set_lr_multiplier(variable.name, 1.0)
+    conversion.add_sources(own_weights(new), layer.weights)
+    names = [v.name for v in own_weights(new)]
+    rescale = conversion.rescaler(new, names) if "gamma" in names else None
+    return out, [TensorRatio(1.0, rescale, call.inputs[0].grad_ratio)]
+
+
+def activation(conversion, layer, call):
+    name = activation_name(layer.activation)
+    if name in activations.PROBABILITIES or name not in activations.NAMES:
+        # A prediction head (probabilities), or a function we have no unit-scaled version of.
+        return conversion.keep(layer, call, known=name in activations.NAMES)
+    new = L.Activation(name, name=layer.name, dtype=layer.dtype_policy)
+    ratio = _activation_ratio(name, new)
+    source = call.inputs[0]
+    if name not in _HOMOGENEOUS:
+        call = conversion.inputs_at(call, [1.0], layer.name)
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    if name in _HOMOGENEOUS:  # the input's ratio passes through
+        return out, [TensorRatio(source.value * ratio, source.rescale, source.grad_ratio)]
+    return out, [TensorRatio(ratio, None, source.grad_ratio)]
+
+
+def dropout(conversion, layer, call):
+    if conversion.equivalent:
+        # Keras's dropout, kept: ours rescales by sqrt(1 - rate) in training only.
+        return conversion.transparent(layer, call)
+    new = L.Dropout(layer.rate, noise_shape=layer.noise_shape, seed=layer.seed, name=layer.name)
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    return out, [TensorRatio()]
+
+
+def add(conversion, layer, call):
+    if len(call.inputs) != 2:
+        return conversion.keep(layer, call, known=False)
+    first, second = call.inputs
+    # Both at one ratio: the first's, unless only the first can be rescaled.
+    target = second.value if second.rescale is None and first.rescale is not None else first.value
+    call = conversion.inputs_at(call, [target, target], layer.name)
+    if not math.isclose(first.grad_ratio, second.grad_ratio, rel_tol=1e-6):
+        conversion.note(layer.name, "its two inputs' gradients are scaled differently, so training differs")
+    new = L.Add(name=layer.name, dtype=layer.dtype_policy)
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    shapes = [tuple(t.shape) for t in keras.tree.flatten(call.args) if isinstance(t, keras.KerasTensor)]
+    return out, [TensorRatio(target * rules.linear.add_output(*shapes), None, first.grad_ratio)]
+
+
+def lstm(conversion, layer, call):
+    cell = layer.cell
+    if len(call.inputs) > 1:
+        conversion.note(layer.name, "it is given initial states, which are not rescaled to the unit-scaled state")
+    new = L.LSTM(
+        cell.units, use_bias=cell.use_bias, unit_forget_bias=cell.unit_forget_bias, dropout=cell.dropout,
+        recurrent_dropout=cell.recurrent_dropout, return_sequences=layer.return_sequences,
+        return_state=layer.return_state, go_backwards=layer.go_backwards, stateful=layer.stateful,
+        unroll=layer.unroll, name=layer.name, dtype=layer.dtype_policy,
+    )
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    hidden_scale = rules.lstm.lstm_rule(new.cell.forget_bias).output_scale
+    ratios = [hidden_scale] + ([hidden_scale, 1.0] if layer.return_state else [])
+    if not conversion.equivalent:
+        return out, [TensorRatio() for _ in ratios]
+    if cell.dropout or cell.recurrent_dropout:
+        conversion.note(layer.name, "its dropout rescales differently in training (predictions are equal)")
+    scales = rules.lstm.weights(int(cell.kernel.shape[0]), cell.units, forget_bias=new.cell.forget_bias)
+    originals = [cell.kernel, cell.recurrent_kernel] + ([cell.bias] if cell.use_bias else [])
+    op_scales = [scales.kernel.forward * call.inputs[0].value, scales.recurrent_kernel.forward, scales.bias.forward]
+    conversion.carry(new.cell, originals, op_scales[: len(originals)])
+    return out, [TensorRatio(r) for r in ratios]
+
+
+def _attention_parts(layer, call, conversion):
+    """The ratios of the query, key and value tensors, and the key length."""
+    query_value = call.args[0]
+    value_value = call.args[1] if len(call.args) > 1 else call.kwargs["value"]
+    key_value = call.args[2] if len(call.args) > 2 else call.kwargs.get("key")
+    key_value = value_value if key_value is None else key_value
+    query, value, key = (conversion.ratios[id(v)] for v in (query_value, value_value, key_value))
+    key_length = key_value.shape[1]
+    if key_length is None:
+        conversion.note(layer.name, "its key length is not fixed, and our attention's output scale depends on it")
+        key_length = 1
+    return query, key, value, key_length
+
+
+def attention(conversion, layer, call):
+    config = layer.get_config()
+    key_dim, use_bias = config["key_dim"], config["use_bias"]
+    # Keras's logits are q·k/sqrt(key_dim); ours q·k·mult/key_dim (`rules.attention`).
+    mult = key_dim**-0.5 / rules.attention.attention(key_dim, 1).logits if conversion.equivalent else 1.0
+    new = L.MultiHeadAttention(
+        config["num_heads"], key_dim, value_dim=config.get("value_dim"), dropout=config["dropout"],
+        use_bias=use_bias, output_shape=config.get("output_shape"), mult=mult, name=layer.name,
+        dtype=layer.dtype_policy,
+    )
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    if not conversion.equivalent:
+        return out, [TensorRatio() for _ in keras.tree.flatten(out)]
+    if config["dropout"]:
+        conversion.note(layer.name, "its attention dropout rescales differently in training (predictions are equal)")
+    query, key, value, key_length = _attention_parts(layer, call, conversion)
+    causal = bool(call.kwargs.get("use_causal_mask"))
+    attention_scale = rules.attention.attention(key_dim, key_length, new.mult, causal).output
+    originals, op_scales = [], []
+    projections = [(layer._query_dense, query.value), (layer._key_dense, key.value), (layer._value_dense, value.value),
+                   (layer._output_dense, attention_scale)]
+    for dense_layer, input_ratio in projections:
+        fan_in = math.prod(dense_layer.kernel.shape[:-1]) if dense_layer is layer._output_dense else int(
+            dense_layer.kernel.shape[0])
+        op_scale = rules.linear.dense(fan_in, 1).output
+        originals += [dense_layer.kernel] + ([dense_layer.bias] if use_bias else [])
+        op_scales += [op_scale * input_ratio] + ([op_scale] if use_bias else [])
+    conversion.carry(new, originals, op_scales)
+    output_names = ["output_kernel"] + (["output_bias"] if use_bias else [])
+    ratios = [TensorRatio(1.0, conversion.rescaler(new, output_names), query.grad_ratio)]
+    return out, ratios + [TensorRatio() for _ in keras.tree.flatten(out)[1:]]
+
+
+def ours(conversion, layer, call):
+    """A layer of `keras_unitscale.layers`: already unit-scaled, kept."""
+    return conversion.keep(layer, call, known=True)
+
+
+def _dense_activation_ok(layer):
+    return activation_name(layer.activation) in activations.NAMES
+
+
+def _plain_projection(layer):
+    equation = _PROJECTION.match(layer.equation)
+    plain = equation and layer.bias_axes in (None, "", equation.group(3)) and len(layer.kernel.shape) == 2
+    return bool(plain) and _dense_activation_ok(layer)
+
+
+def _lstm_ok(layer):
+    return (activation_name(layer.cell.activation) == "tanh"
+            and activation_name(layer.cell.recurrent_activation) == "sigmoid")
+
+
+def _attention_ok(layer):
+    return layer.get_config().get("attention_axes") in (None, (1,), [1])
+
+
+def _layer_norm_ok(layer):
+    # Keras's deprecated `rms_scaling` divides by the standard deviation, without centring.
+    return not layer.get_config().get("rms_scaling")
+
+
+# Weightless layers that commute with a positive factor: kept as they are, and the ratio passes through.
+_TRANSPARENT = [
+    getattr(keras.layers, name)
+    for name in (
+        "Flatten", "Reshape", "Permute", "RepeatVector", "Identity", "Cropping1D", "Cropping2D",
+        "ZeroPadding1D", "ZeroPadding2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
+        "GlobalMaxPooling1D", "GlobalMaxPooling2D", "AveragePooling1D", "AveragePooling2D",
+        "MaxPooling1D", "MaxPooling2D", "SpatialDropout1D",
+    )
+    if hasattr(keras.layers, name)
+]
+
+
+def _transparent(conversion, layer, call):
+    return conversion.transparent(layer, call)
+
+
+def register_defaults():
+    """Registers the converters above (done once, when `keras_unitscale.convert` loads)."""
+    for layer_class in _TRANSPARENT:
+        register_converter(layer_class, _transparent, subclasses=True)
+    register_converter(keras.layers.Dense, dense, subclasses=True, accepts=_dense_activation_ok)
+    register_converter(keras.layers.EinsumDense, dense, subclasses=True, accepts=_plain_projection)
+    register_converter(keras.layers.Embedding, embedding)
+    register_converter(keras.layers.LayerNormalization, layer_norm, accepts=_layer_norm_ok)
+    if hasattr(keras.layers, "RMSNormalization"):
+        register_converter(keras.layers.RMSNormalization, layer_norm)
+    register_converter(keras.layers.Activation, activation)
+    register_converter(keras.layers.Dropout, dropout)
+    register_converter(keras.layers.Add, add)
+    register_converter(keras.layers.LSTM, lstm, accepts=_lstm_ok)
+    register_converter(keras.layers.MultiHeadAttention, attention, accepts=_attention_ok)
+    for name in L.__all__:
+        register_converter(getattr(L, name), ours)

@@ -1,0 +1,249 @@
+"""Unit-scaled elementwise ops: the activations and dropout (rules in `keras_unitscale.rules.activations`)."""
+
+from keras import ops
+from keras import random
+
+from keras_unitscale import rules
+from keras_unitscale.ops.common import check_rank
+from keras_unitscale.ops.common import elementwise
+from keras_unitscale.ops.common import to_tensor
+from keras_unitscale.scale import scale_bwd
+from keras_unitscale.scale import scale_fwd
+from keras_unitscale.scale import scaled
+from keras_unitscale.sizes import shape as shape_of
+
+__all__ = ["relu", "gelu", "silu", "silu_glu", "tanh", "sigmoid", "softmax", "dropout", "apply"]
+
+
+def dropout(x, rate, training=True, seed=None, noise_shape=None):
+    """Unit-scaled dropout: the kept elements are scaled so the output stays at unit scale.
+
+    Rule (`rules.activations.dropout`): plain (inverted) dropout, which
+    divides by `1 - rate`, then × `(1 - rate)^1/2` in both passes, so that
+    the output and gradient keep unit variance rather than unit mean.
+
+    Args:
+        x: inputs.
+        rate: the fraction dropped, in [0, 1).
+        training: apply dropout (`True`) or return `x` unchanged.
+        seed: a `keras.random.SeedGenerator` or an int, as for
+            `keras.random.dropout`.
+        noise_shape: as for `keras.random.dropout`.
+
+    Returns:
+        The tensor with dropped elements zeroed and the rest rescaled.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = dropout(np.ones((4,), "float32"), 0.5, training=False)
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    scale = rules.activations.dropout(rate)
+    x = to_tensor(x, "x")
+    if not training or rate == 0:
+        return x
+    return scaled(random.dropout(x, rate, noise_shape=noise_shape, seed=seed), scale, scale)
+
+
+def relu(x, constraint="to_output_scale"):
+    """A unit-scaled ReLU: `sqrt(2) * relu(x)` (`rules.activations.relu`).
+
+    For x ~ N(0, 1), `RMS(relu(x)) = RMS(relu'(x)) = 1/sqrt(2)`, so both the
+    output and the gradient come out at unit RMS: He initialisation's factor.
+
+    Args:
+        x: inputs.
+        constraint: see `keras_unitscale.constraints` (both scales are equal,
+            so every constraint gives the same result).
+
+    Returns:
+        `sqrt(2) * relu(x)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = relu(np.array([-1.0, 2.0], "float32"))
+    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
+    [0.0, 2.8284]
+    """
+    return elementwise(ops.relu, to_tensor(x, "x"), rules.activations.relu(constraint))
+
+
+def gelu(x, mult=1.0, constraint="to_output_scale", approximate=False):
+    """A unit-scaled GELU, `gelu(mult * x) / mult` (`rules.activations.gelu`, ≈ 1.767 and 1.516 at `mult = 1`).
+
+    Args:
+        x: inputs.
+        mult: the u-μP multiplier inside the nonlinearity, > 0.
+        constraint: see `keras_unitscale.constraints`.
+        approximate: use the tanh approximation (the reference's default is
+            the exact form, as here).
+
+    Returns:
+        The scaled activation.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = gelu(np.array([0.0], "float32"))
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [0.0]
+    """
+    scales = rules.activations.gelu(mult, constraint)
+
+    def _gelu(inputs):
+        if mult == 1:
+            return ops.gelu(inputs, approximate=approximate)
+        return ops.gelu(inputs * mult, approximate=approximate) / mult
+
+    return elementwise(_gelu, to_tensor(x, "x"), scales)
+
+
+def _silu(x, mult):
+    return x * ops.sigmoid(x * mult) if mult != 1 else ops.silu(x)
+
+
+def silu(x, mult=1.0, constraint="to_output_scale"):
+    """A unit-scaled SiLU (swish), `x * sigmoid(mult * x)` (`rules.activations.silu`).
+
+    Args:
+        x: inputs.
+        mult: the u-μP multiplier inside the nonlinearity, > 0.
+        constraint: see `keras_unitscale.constraints`.
+
+    Returns:
+        The scaled activation.
+
+    Example:
+
+    >>> import numpy as np
+    >>> keras.ops.convert_to_numpy(silu(np.array([0.0], "float32"))).tolist()
+    [0.0]
+    """
+    scales = rules.activations.silu(mult, constraint)
+    return elementwise(lambda inputs: _silu(inputs, mult), to_tensor(x, "x"), scales)
+
+
+def silu_glu(x, gate, mult=1.0):
+    """A unit-scaled gated linear unit `x * silu(gate)` (SwiGLU's nonlinearity).
+
+    Rule (`rules.activations.silu_glu`, the reference's): both inputs'
+    gradients and the output × `L(sigmoid(ln m²), 2, sqrt(2))`.
+
+    Args:
+        x: the linear input.
+        gate: the gate, same shape as `x`.
+        mult: the u-μP multiplier inside the sigmoid, > 0.
+
+    Returns:
+        The scaled product, shape of `x`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = silu_glu(np.ones((1,), "float32"), np.zeros((1,), "float32"))
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [0.0]
+    """
+    scale = rules.activations.silu_glu(mult)
+    x = scale_bwd(to_tensor(x, "x"), scale)
+    gate = scale_bwd(to_tensor(gate, "gate"), scale)
+    return scale_fwd(x * _silu(gate, mult), scale)
+
+
+def tanh(x, constraint="to_output_scale"):
+    """A unit-scaled tanh (`rules.activations.tanh`).
+
+    Output × `1/RMS(tanh(z))` ≈ 1.593 and gradient × `1/RMS(1 - tanh²(z))`
+    ≈ 1.467, for z ~ N(0, 1). With the default constraint both are 1.593,
+    and the gradient's RMS is ≈ 1.09.
+
+    Args:
+        x: inputs.
+        constraint: see `keras_unitscale.constraints`.
+
+    Returns:
+        The scaled activation.
+
+    Example:
+
+    >>> import numpy as np
+    >>> keras.ops.convert_to_numpy(tanh(np.array([0.0], "float32"))).tolist()
+    [0.0]
+    """
+    return elementwise(ops.tanh, to_tensor(x, "x"), rules.activations.tanh(constraint))
+
+
+def sigmoid(x, constraint="to_output_scale"):
+    """A unit-scaled logistic sigmoid (`rules.activations.sigmoid`).
+
+    Output × `1/RMS(σ(z))` ≈ 1.846 and gradient × `1/RMS(σ'(z))` ≈ 4.723
+    for z ~ N(0, 1). With the default constraint both are 1.846: pass
+    `constraint=None` where the edge is cut (an LSTM's gates).
+
+    Args:
+        x: inputs.
+        constraint: see `keras_unitscale.constraints`.
+
+    Returns:
+        The scaled activation.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = sigmoid(np.array([0.0], "float32"))
+    >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y).tolist()]
+    [0.923]
+    """
+    return elementwise(ops.sigmoid, to_tensor(x, "x"), rules.activations.sigmoid(constraint))
+
+
+def softmax(x, axis=-1, mult=1.0, constraint="to_output_scale"):
+    """A unit-scaled softmax, `softmax(mult * x)`, whose output lies in [0, n].
+
+    Rule (`rules.activations.softmax`, the reference's), with
+    `n = x.shape[axis]` and `a = 1 / (1 + 4/mult²)`: output ×
+    `L(a, n, sqrt(n))`; gradient × `L(a, n/mult, sqrt(n/mult))`.
+
+    Args:
+        x: logits.
+        axis: the axis to normalise over.
+        mult: the u-μP multiplier of the logits, > 0.
+        constraint: see `keras_unitscale.constraints`.
+
+    Returns:
+        The scaled probabilities.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = softmax(np.zeros((4,), "float32"))  # 1/4 each, × 4^0.9
+    >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y).tolist()]
+    [0.871, 0.871, 0.871, 0.871]
+    """
+    x = to_tensor(x, "x")
+    check_rank("x", x, 1)
+    scales = rules.activations.softmax(shape_of(x)[axis], mult, constraint)
+    return elementwise(lambda logits: ops.softmax(logits * mult if mult != 1 else logits, axis=axis), x, scales)
+
+
+_BY_NAME = {"relu": relu, "tanh": tanh, "sigmoid": sigmoid}
+_WITH_MULT = {"gelu": gelu, "silu": silu, "swish": silu, "softmax": softmax}
+
+
+def apply(x, name, mult=1.0, constraint="to_output_scale"):
+    """Applies the unit-scaled activation called `name` (one of `rules.activations.NAMES`) to `x`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> [round(v, 3) for v in keras.ops.convert_to_numpy(apply(np.array([4.0], "float32"), "relu")).tolist()]
+    [5.657]
+    """
+    if name == "linear":
+        return x
+    if name in _WITH_MULT:
+        return _WITH_MULT[name](x, mult=mult, constraint=constraint)
+    return _BY_NAME[name](x, constraint=constraint)

@@ -1,0 +1,96 @@
+"""What several rules share: tying scales, logarithmic interpolation, Gaussian quadrature."""
+
+import math
+
+import numpy as np
+
+from keras_unitscale import constraints as constraints_lib
+from keras_unitscale.sizes import exp
+from keras_unitscale.sizes import is_static
+from keras_unitscale.sizes import log
+
+__all__ = ["tie", "logarithmic_interpolation", "gaussian_mean", "gaussian_rms", "gaussian_nodes"]
+
+# 201 Gauss-Hermite nodes integrate the smooth functions of a unit normal
+# that the LSTM's mean field needs (products of tanh, sigmoid and their
+# derivatives) to about 1e-12, in a few hundred evaluations.
+_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(201)
+_WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
+# An activation may have a kink or a step (relu, relu6, hard_sigmoid), where
+# Gauss-Hermite is off by percents (relu's derivative: 5%). Gaussian-weighted
+# sums on a fine uniform grid are as exact for smooth functions (1e-15 for
+# tanh and sigmoid) and within 1e-4 at a step.
+_GRID = np.linspace(-10.0, 10.0, 100_001)
+_GRID_WEIGHTS = np.exp(-0.5 * _GRID**2)
+_GRID_WEIGHTS = _GRID_WEIGHTS / _GRID_WEIGHTS.sum()
+
+
+def tie(constraint, *scales):
+    """The scales an op applies: its ideal `(output, *gradients)` tied by `constraint`.
+
+    See `keras_unitscale.constraints`: a name, a callable, or None (each
+    scale kept, on a cut edge).
+
+    Example:
+
+    >>> tie("to_output_scale", 0.5, 0.25)
+    (0.5, 0.5)
+    >>> tie(None, 0.5, 0.25)
+    (0.5, 0.25)
+    """
+    return constraints_lib.apply_constraint(constraint, *scales)
+
+
+def logarithmic_interpolation(alpha, lower, upper):
+    """Interpolates between `lower` and `upper` at a constant ratio.
+
+    `exp(alpha * ln(upper) + (1 - alpha) * ln(lower))`: `lower` at
+    `alpha = 0`, `upper` at `alpha = 1`. The calibrated rules of `gelu`,
+    `silu`, `softmax` and attention use it to move between two analytic
+    limits as their `mult` changes.
+
+    Args:
+        alpha: interpolation weight in [0, 1].
+        lower: the value at `alpha = 0`, > 0.
+        upper: the value at `alpha = 1`, > 0.
+
+    Returns:
+        The interpolated value (a float, or a scalar tensor when an input is
+        one: a size known only at run time).
+
+    Example:
+
+    >>> round(logarithmic_interpolation(0.5, 1 / 1000, 1 / 10), 6)
+    0.01
+    """
+    if is_static(alpha, lower, upper):
+        return math.exp(alpha * math.log(upper) + (1 - alpha) * math.log(lower))
+    return exp(alpha * log(upper) + (1 - alpha) * log(lower))
+
+
+def gaussian_nodes():
+    """Gauss-Hermite nodes `z` for expectations of smooth functions over z ~ N(0, 1) (see `gaussian_mean`)."""
+    return _NODES
+
+
+def gaussian_mean(values):
+    """E[v(z)] for z ~ N(0, 1), given `values = v(gaussian_nodes())`.
+
+    Example:
+
+    >>> z = gaussian_nodes()
+    >>> round(gaussian_mean(z**2), 10)
+    1.0
+    """
+    return float(np.sum(_WEIGHTS * values))
+
+
+def gaussian_rms(fn):
+    """RMS of `fn(z)` for z ~ N(0, 1), on a fine grid (exact to 1e-15 for smooth `fn`, 1e-4 at a step).
+
+    Example:
+
+    >>> round(gaussian_rms(lambda z: np.maximum(z, 0.0)) ** 2, 10)  # relu: 1/2
+    0.5
+    """
+    return math.sqrt(float(np.sum(_GRID_WEIGHTS * fn(_GRID) ** 2)))

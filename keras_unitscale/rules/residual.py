@@ -1,0 +1,63 @@
+"""Rules of residual connections: the branch weights of one join, and u-μP's depth rule."""
+
+from keras_unitscale import checks
+
+__all__ = ["branch_weights", "transformer_residual_scaling_rule"]
+
+
+def branch_weights(tau):
+    """`(residual, skip)` weights of a residual join: `tau / sqrt(1 + tau²)` and `1 / sqrt(1 + tau²)`.
+
+    A join applies them forward (`residual_add`), its split backward
+    (`residual_split`), so that unit scale in gives unit scale out both ways.
+
+    Example:
+
+    >>> branch_weights(0.75)
+    (0.6, 0.8)
+    """
+    checks.non_negative("tau", tau)
+    denominator = (1.0 + tau**2) ** 0.5
+    return tau / denominator, 1.0 / denominator
+
+
+def transformer_residual_scaling_rule(residual_mult=1.0, residual_attn_ratio=1.0):
+    """u-μP's depth rule: the `tau` of each residual branch of a pre-norm transformer.
+
+    For a stack that starts with an embedding and alternates attention and
+    MLP branches (branch `index` 0, 2, 4, … attention; 1, 3, 5, … MLP; `layers`
+    branches, two per block), it makes every attention branch contribute the
+    same variance, every MLP branch the same, their totals relative to the
+    embedding `residual_mult`, and attention relative to MLP
+    `residual_attn_ratio`. With `α_mlp = residual_mult·sqrt(2 / (1 + ratio²))`,
+    `α_attn = ratio·α_mlp` and `n_attn`, `n_mlp` the branches before `index`:
+    `tau = α / sqrt(layers/2 + n_attn·α_attn² + n_mlp·α_mlp²)`.
+
+    Args:
+        residual_mult: contribution of the residual branches relative to the
+            embedding, > 0.
+        residual_attn_ratio: contribution of attention relative to MLP, > 0.
+
+    Returns:
+        `tau(index, layers)`, for `0 <= index < layers`.
+
+    Example:
+
+    >>> rule = transformer_residual_scaling_rule()
+    >>> [round(rule(i, 8), 3) for i in range(3)]
+    [0.5, 0.447, 0.408]
+    """
+    checks.positive("residual_mult", residual_mult)
+    checks.positive("residual_attn_ratio", residual_attn_ratio)
+    alpha_mlp = residual_mult * (2.0 / (1.0 + residual_attn_ratio**2)) ** 0.5
+    alpha_attn = residual_attn_ratio * alpha_mlp
+
+    def tau(index, layers):
+        checks.positive_int("layers", layers)
+        checks.index("index", index, layers, "layers")
+        n_attn = (index + 1) // 2
+        n_mlp = index // 2
+        alpha = alpha_attn if index % 2 == 0 else alpha_mlp
+        return alpha / (layers / 2 + n_attn * alpha_attn**2 + n_mlp * alpha_mlp**2) ** 0.5
+
+    return tau
