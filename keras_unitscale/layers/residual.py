@@ -6,12 +6,21 @@ from keras_unitscale import checks
 from keras_unitscale import functional as U
 
 
-def _check_tau(tau):
-    return float(checks.non_negative("tau", tau))
+class _Join(keras.layers.Layer):
+    """A weightless layer with a residual branch weight `tau`: the split and the add share it."""
+
+    def __init__(self, tau=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.tau = float(checks.non_negative("tau", tau))
+        self.supports_masking = True
+        self.built = True
+
+    def get_config(self):
+        return {**super().get_config(), "tau": self.tau}
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class ResidualSplit(keras.layers.Layer):
+class ResidualSplit(_Join):
     """Splits a tensor into `[residual, skip]` before a residual branch.
 
     Forward both equal the input; backward they weight their gradients
@@ -26,12 +35,6 @@ class ResidualSplit(keras.layers.Layer):
     [[1.0, 1.0]]
     """
 
-    def __init__(self, tau=1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.tau = _check_tau(tau)
-        self.supports_masking = True
-        self.built = True
-
     def call(self, inputs):
         return list(U.residual_split(inputs, self.tau))
 
@@ -41,12 +44,8 @@ class ResidualSplit(keras.layers.Layer):
     def compute_mask(self, inputs, mask=None):
         return [mask, mask]
 
-    def get_config(self):
-        return {**super().get_config(), "tau": self.tau}
-
-
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class ResidualAdd(keras.layers.Layer):
+class ResidualAdd(_Join):
     """Joins `[residual, skip]`: `(tau·residual + skip) / sqrt(1 + tau²)`.
 
     See `functional.residual_add`. Takes a list of two tensors, the
@@ -58,12 +57,6 @@ class ResidualAdd(keras.layers.Layer):
     >>> keras.ops.convert_to_numpy(ResidualAdd(tau=1.0)([x, x])).astype("float64").round(4).tolist()
     [[1.4142, 1.4142]]
     """
-
-    def __init__(self, tau=1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.tau = _check_tau(tau)
-        self.supports_masking = True
-        self.built = True
 
     def call(self, inputs):
         if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
@@ -80,10 +73,6 @@ class ResidualAdd(keras.layers.Layer):
 
     def compute_mask(self, inputs, mask=None):
         return None if mask is None else mask[1]
-
-    def get_config(self):
-        return {**super().get_config(), "tau": self.tau}
-
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
 class Residual(keras.layers.Layer):
@@ -110,7 +99,7 @@ class Residual(keras.layers.Layer):
         if not isinstance(layer, keras.layers.Layer):
             raise ValueError(f"`layer` must be a Keras layer. Received: layer={layer!r}")
         self.layer = layer
-        self.tau = _check_tau(tau)
+        self.tau = float(checks.non_negative("tau", tau))
         self.supports_masking = True
 
     def build(self, input_shape):
