@@ -115,6 +115,14 @@ def scaled(x, fwd=1.0, bwd=1.0):
     x = _as_tensor(x)
     if getattr(_state, "disabled", False):
         return x
+    if _is_one(fwd) and _is_one(bwd):
+        return x
+    if "float" not in keras.backend.standardize_dtype(x.dtype):
+        # A non-integer scale in an integer dtype rounds: a silently wrong number.
+        raise ValueError(
+            "`scaled` scales floating-point tensors; cast the tensor first. "
+            f"Received: x.dtype={keras.backend.standardize_dtype(x.dtype)}, fwd={fwd!r}, bwd={bwd!r}"
+        )
     if fwd is bwd or (isinstance(fwd, float) and isinstance(bwd, float) and fwd == bwd):
         return _multiply_in_dtype(x, fwd)
 

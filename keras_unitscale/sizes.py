@@ -64,6 +64,16 @@ def log(value):
     return math.log(value) if is_static(value) else ops.log(ops.cast(value, "float32"))
 
 
+def at_least_one(count):
+    """`max(count, 1)`: the count a rule divides by.
+
+    An empty batch (a replica's share of a short last batch under
+    `tf.distribute`, say) has a zero gradient; any finite scale keeps it
+    zero, where `0^-1/2` would make it `0·inf = NaN` (or raise, eagerly).
+    """
+    return max(count, 1) if is_static(count) else ops.maximum(ops.cast(count, "float32"), 1.0)
+
+
 def exp(value):
     return math.exp(value) if is_static(value) else ops.exp(ops.cast(value, "float32"))
 

@@ -6,7 +6,7 @@ from keras import random
 from keras_unitscale import rules
 from keras_unitscale.ops.common import check_rank
 from keras_unitscale.ops.common import elementwise
-from keras_unitscale.ops.common import to_tensor
+from keras_unitscale.ops.common import to_float
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 from keras_unitscale.scale import scaled
@@ -41,7 +41,7 @@ def dropout(x, rate, training=True, seed=None, noise_shape=None):
     [1.0, 1.0, 1.0, 1.0]
     """
     scale = rules.activations.dropout(rate)
-    x = to_tensor(x, "x")
+    x = to_float(x, "x")
     if not training or rate == 0:
         return x
     return scaled(random.dropout(x, rate, noise_shape=noise_shape, seed=seed), scale, scale)
@@ -68,7 +68,7 @@ def relu(x, constraint="to_output_scale"):
     >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
     [0.0, 2.8284]
     """
-    return elementwise(ops.relu, to_tensor(x, "x"), rules.activations.relu(constraint))
+    return elementwise(ops.relu, to_float(x, "x"), rules.activations.relu(constraint))
 
 
 def gelu(x, mult=1.0, constraint="to_output_scale", approximate=False):
@@ -98,7 +98,7 @@ def gelu(x, mult=1.0, constraint="to_output_scale", approximate=False):
             return ops.gelu(inputs, approximate=approximate)
         return ops.gelu(inputs * mult, approximate=approximate) / mult
 
-    return elementwise(_gelu, to_tensor(x, "x"), scales)
+    return elementwise(_gelu, to_float(x, "x"), scales)
 
 
 def _silu(x, mult):
@@ -123,7 +123,7 @@ def silu(x, mult=1.0, constraint="to_output_scale"):
     [0.0]
     """
     scales = rules.activations.silu(mult, constraint)
-    return elementwise(lambda inputs: _silu(inputs, mult), to_tensor(x, "x"), scales)
+    return elementwise(lambda inputs: _silu(inputs, mult), to_float(x, "x"), scales)
 
 
 def silu_glu(x, gate, mult=1.0):
@@ -148,8 +148,8 @@ def silu_glu(x, gate, mult=1.0):
     [0.0]
     """
     scale = rules.activations.silu_glu(mult)
-    x = scale_bwd(to_tensor(x, "x"), scale)
-    gate = scale_bwd(to_tensor(gate, "gate"), scale)
+    x = scale_bwd(to_float(x, "x"), scale)
+    gate = scale_bwd(to_float(gate, "gate"), scale)
     return scale_fwd(x * _silu(gate, mult), scale)
 
 
@@ -173,7 +173,7 @@ def tanh(x, constraint="to_output_scale"):
     >>> keras.ops.convert_to_numpy(tanh(np.array([0.0], "float32"))).tolist()
     [0.0]
     """
-    return elementwise(ops.tanh, to_tensor(x, "x"), rules.activations.tanh(constraint))
+    return elementwise(ops.tanh, to_float(x, "x"), rules.activations.tanh(constraint))
 
 
 def sigmoid(x, constraint="to_output_scale"):
@@ -197,7 +197,7 @@ def sigmoid(x, constraint="to_output_scale"):
     >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y).tolist()]
     [0.923]
     """
-    return elementwise(ops.sigmoid, to_tensor(x, "x"), rules.activations.sigmoid(constraint))
+    return elementwise(ops.sigmoid, to_float(x, "x"), rules.activations.sigmoid(constraint))
 
 
 def softmax(x, axis=-1, mult=1.0, constraint="to_output_scale"):
@@ -223,7 +223,7 @@ def softmax(x, axis=-1, mult=1.0, constraint="to_output_scale"):
     >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y).tolist()]
     [0.871, 0.871, 0.871, 0.871]
     """
-    x = to_tensor(x, "x")
+    x = to_float(x, "x")
     check_rank("x", x, 1)
     scales = rules.activations.softmax(shape_of(x)[axis], mult, constraint)
     return elementwise(lambda logits: ops.softmax(logits * mult if mult != 1 else logits, axis=axis), x, scales)

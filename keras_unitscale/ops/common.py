@@ -48,6 +48,25 @@ def to_tensor(x, name):
     return ops.convert_to_tensor(x)
 
 
+def to_float(x, name, like=None):
+    """`x` as a floating-point tensor: integer and boolean inputs are cast to `like`'s dtype, else floatx.
+
+    A unit-scaled op multiplies by non-integer scales; in an integer dtype
+    those would round to 0 or 1 (a silently wrong number). Keras's own
+    layers return floats for integer inputs too (a `Dense` computes
+    `int @ float` in float).
+    """
+    x = to_tensor(x, name)
+    if is_floating(x):
+        return x
+    target = dtype(like) if like is not None and is_floating(like) else backend.floatx()
+    return ops.cast(x, target)
+
+
+def is_floating(x):
+    return "float" in dtype(x)
+
+
 def as_compute_dtype(weight, x):
     """Casts a weight to `x`'s dtype, as Keras autocasting would inside a layer."""
     weight = ops.convert_to_tensor(weight)

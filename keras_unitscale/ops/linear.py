@@ -13,6 +13,7 @@ from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import check_dims_match
 from keras_unitscale.ops.common import check_rank
 from keras_unitscale.ops.common import dtype
+from keras_unitscale.ops.common import to_float
 from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
@@ -49,8 +50,8 @@ def matmul(a, b, constraint="to_output_scale"):
     >>> bool(0.9 < y.std() < 1.1)
     True
     """
-    a = to_tensor(a, "a")
-    b = to_tensor(b, "b")
+    a, b = to_tensor(a, "a"), to_tensor(b, "b")
+    a, b = to_float(a, "a", like=b), to_float(b, "b", like=a)
     check_rank("a", a, 2)
     check_rank("b", b, 2)
     m, k = shape_of(a)[-2:]
@@ -94,8 +95,8 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.
     >>> y.shape, bool(0.9 < y.std() < 1.1)
     ((128, 64), True)
     """
-    x = to_tensor(x, "x")
-    kernel = to_tensor(kernel, "kernel")
+    kernel = to_float(kernel, "kernel")
+    x = to_float(x, "x", like=kernel)
     check_rank("x", x, 1)
     check_rank("kernel", kernel, 2, 2)
     fan_in, fan_out = shape_of(kernel)
@@ -181,8 +182,8 @@ def add(a, b, constraint="to_output_scale"):
     """
     if isinstance(a, (int, float)) or isinstance(b, (int, float)):
         return ops.add(a, b)
-    a = to_tensor(a, "a")
-    b = to_tensor(b, "b")
+    a, b = to_tensor(a, "a"), to_tensor(b, "b")
+    a, b = to_float(a, "a", like=b), to_float(b, "b", like=a)
     a_shape, b_shape = shape_of(a), shape_of(b)
     try:
         if is_static(*a_shape, *b_shape):

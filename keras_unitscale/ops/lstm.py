@@ -11,6 +11,7 @@ from keras_unitscale import rules
 from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import check_dims_match
 from keras_unitscale.ops.common import check_rank
+from keras_unitscale.ops.common import to_float
 from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scaled
@@ -76,8 +77,8 @@ def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forge
     >>> float(keras.ops.convert_to_numpy(k)[0, 0]), b is None
     (0.5, True)
     """
-    x = to_tensor(x, "x")
-    kernel = to_tensor(kernel, "kernel")
+    kernel = to_float(kernel, "kernel")
+    x = to_float(x, "x", like=kernel)
     recurrent_kernel = to_tensor(recurrent_kernel, "recurrent_kernel")
     check_rank("kernel", kernel, 2, 2)
     check_rank("recurrent_kernel", recurrent_kernel, 2, 2)
@@ -121,7 +122,7 @@ def lstm_inputs(x, units, return_sequences=True, forget_bias=1.0):
     >>> keras.ops.convert_to_numpy(y).shape
     (2, 3, 4)
     """
-    x = to_tensor(x, "x")
+    x = to_float(x, "x")
     checks.positive_int("units", units)
     _, steps, features = _sizes(x)
     return scale_bwd(x, rules.lstm.input_grad(features, units, steps, return_sequences, forget_bias))
@@ -219,7 +220,7 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8
     >>> tuple(h.shape), tuple(c.shape)
     ((2, 3), (2, 3))
     """
-    x = to_tensor(x, "x")
+    x = to_float(x, "x", like=kernel)
     h_plain = lstm_hidden_in(to_tensor(h, "h"), forget_bias)
     if fp8:
         x, h_plain = precision.cast_inputs(x, h_plain)

@@ -8,6 +8,7 @@ from keras_unitscale import checks
 from keras_unitscale import rules
 from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import in_float32
+from keras_unitscale.ops.common import to_float
 from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.sizes import global_numel
@@ -73,7 +74,7 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5):
     [-1.0, 1.0]
     """
     checks.non_negative("epsilon", epsilon)
-    x = to_tensor(x, "x")
+    x = to_float(x, "x")
     axes = _normalized_axes(x, axis)
     x32 = in_float32(x)
     mean, variance = ops.moments(x32, axes=axes, keepdims=True)
@@ -109,7 +110,7 @@ def rms_norm(x, gamma=None, axis=-1, epsilon=1e-5):
     [0.8485, 1.1314]
     """
     checks.non_negative("epsilon", epsilon)
-    x = to_tensor(x, "x")
+    x = to_float(x, "x")
     axes = _normalized_axes(x, axis)
     x32 = in_float32(x)
     mean_square = ops.mean(ops.square(x32), axis=axes, keepdims=True)

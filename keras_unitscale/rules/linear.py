@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from keras_unitscale.rules.common import tie
 from keras_unitscale.sizes import as_float
+from keras_unitscale.sizes import at_least_one
 from keras_unitscale.sizes import is_static
 from keras_unitscale.sizes import power
 
@@ -85,7 +86,8 @@ def dense(fan_in, fan_out, batch=None, constraint="to_output_scale", powers=DENS
     Output × `fan_in^-p0` and input gradient × `fan_out^-p1`, tied by the
     constraint; kernel and bias gradients × `batch^-p2` (free: the weights
     are leaves, their gradients meet no other path). `batch` is the global
-    number of rows (`size(x) / fan_in` over all replicas).
+    number of rows (`size(x) / fan_in` over all replicas); an empty batch
+    counts as one row (`sizes.at_least_one`).
 
     Example:
 
@@ -95,7 +97,7 @@ def dense(fan_in, fan_out, batch=None, constraint="to_output_scale", powers=DENS
     DenseScales(output=0.0625, grad_input=0.125, grad_weight=0.25)
     """
     output, grad_input = tie(constraint, forward_scale(fan_in, powers), power(fan_out, -powers[1]))
-    grad_weight = None if batch is None else power(batch, -powers[2])
+    grad_weight = None if batch is None else power(at_least_one(batch), -powers[2])
     return DenseScales(output, grad_input, grad_weight)
 
 
@@ -177,4 +179,4 @@ def embedding_grad(vocab, tokens):
     >>> embedding_grad(100, 25)
     2.0
     """
-    return power(as_float(vocab) / as_float(tokens), 0.5)
+    return power(as_float(vocab) / as_float(at_least_one(tokens)), 0.5)

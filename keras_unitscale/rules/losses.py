@@ -1,6 +1,7 @@
 """Rules of the losses: cross-entropy and mean squared error."""
 
 from keras_unitscale.sizes import as_float
+from keras_unitscale.sizes import at_least_one
 from keras_unitscale.sizes import power
 
 __all__ = ["cross_entropy_grad", "MSE_GRAD", "mean"]
@@ -28,11 +29,11 @@ def mean(count):
     """A reduction's forward-only scale: the loss is summed, then × `1/count` for the usual mean.
 
     Its gradient is not divided by the count: the weight-gradient rules
-    divide by `sqrt(batch)` instead.
+    divide by `sqrt(batch)` instead. An empty batch's mean is 0, as Keras's.
 
     Example:
 
     >>> mean(4)
     0.25
     """
-    return 1.0 / as_float(count)
+    return 1.0 / as_float(at_least_one(count))

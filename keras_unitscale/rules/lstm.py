@@ -65,6 +65,7 @@ import numpy as np
 from keras_unitscale.rules.common import gaussian_mean as mean
 from keras_unitscale.rules.common import gaussian_nodes
 from keras_unitscale.sizes import as_float
+from keras_unitscale.sizes import at_least_one
 from keras_unitscale.sizes import power
 
 __all__ = ["LSTMRule", "lstm_rule", "WeightScales", "LSTMWeightScales", "weights", "input_grad"]
@@ -304,7 +305,7 @@ def weights(features, units, batch=None, steps=1, return_sequences=True, forget_
     rule = lstm_rule(forget_bias)
     base = None
     if batch is not None:
-        base = power(batch * (steps if return_sequences else 1), -0.5) / rule.preactivation_grad_rms
+        base = power(at_least_one(batch * (steps if return_sequences else 1)), -0.5) / rule.preactivation_grad_rms
     recurrent = None if base is None else base / (rule.hidden_rms * rule.recurrent_grad_correlation)
     return LSTMWeightScales(
         WeightScales(power(features, -0.5), base),

@@ -1,6 +1,7 @@
 """Rules of the normalisations (layer norm, RMS norm)."""
 
 from keras_unitscale.sizes import as_float
+from keras_unitscale.sizes import at_least_one
 from keras_unitscale.sizes import power
 
 __all__ = ["affine_grad"]
@@ -18,4 +19,4 @@ def affine_grad(norm_size, size):
     >>> affine_grad(64, 64 * 16)
     0.25
     """
-    return power(as_float(norm_size) / as_float(size), 0.5)
+    return power(as_float(norm_size) / as_float(at_least_one(size)), 0.5)
