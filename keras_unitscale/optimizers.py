@@ -12,7 +12,9 @@ unmultiplied weight would. The learning-rate multipliers are optimizer
 variables, so they are saved and restored with the optimizer's state
 (`model.save`, `BackupAndRestore`), and they are read at run time, so
 changing one (`set_lr_multiplier`, as `UnitScaleCallback` does) needs no
-retrace.
+retrace. A state loaded before the optimizer is built (`load_weights` before
+the first `fit`, which Keras would skip with a warning) waits, and is
+restored when the optimizer builds.
 
 Roles come from our layers, which declare them. Variables of plain Keras
 layers have none until `parametrization.tag_model(model)` infers them
@@ -44,10 +46,12 @@ callbacks, TensorFlow, JAX and PyTorch (on PyTorch Keras swaps its own exact
 `Adam`/`SGD` for fused versions; it leaves subclasses alone).
 """
 
+import contextlib
 import math
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_unitscale import checks
@@ -62,6 +66,21 @@ PARAMETRIZATIONS = ("u-mup", None)
 def unwrap(optimizer):
     """The optimizer that updates the variables: `optimizer`, or the one a `LossScaleOptimizer` wraps."""
     return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def _eagerly():
+    """A context that runs now, outside any function being traced.
+
+    TensorFlow builds an optimizer inside the first trace of the training
+    step: a restore there would become part of the step and reset the state
+    at every step. `tf.init_scope` lifts it out, as TensorFlow lifts variable
+    initialisers; the other backends build eagerly.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.init_scope()
+    return contextlib.nullcontext()
 
 
 def _schedule_peak(schedule):
@@ -137,10 +156,18 @@ class UnitScaledOptimizer:
         return lr_multiplier / weights.multiplier(variable)
 
     def load_own_variables(self, store):
+        # Keras skips the state of an optimizer not built yet, with a warning:
+        # a model given `load_weights` before its first `fit` would restart
+        # Adam's moments, the step count and our learning-rate multipliers.
+        # The state waits for `build` instead (`fit` builds the optimizer
+        # before the first step).
+        if not self.built:
+            object.__setattr__(self, "_waiting_state", {key: np.array(store[key]) for key in store.keys()})
+            return
         # Keras skips a mismatched optimizer state with a warning; resuming
         # without it would silently restart Adam's moments and our
         # learning-rate multipliers.
-        if self.built and len(store.keys()) != len(self.variables):
+        if len(store.keys()) != len(self.variables):
             raise ValueError(
                 f"The saved state of optimizer '{self.name}' does not match it: it has "
                 f"{len(self.variables)} variables and the file holds {len(store.keys())}. The file is "
@@ -185,6 +212,11 @@ class UnitScaledOptimizer:
                 )
                 for variable in variables
             ]
+        waiting = getattr(self, "_waiting_state", None)
+        if waiting is not None:
+            object.__setattr__(self, "_waiting_state", None)
+            with _eagerly():
+                self.load_own_variables(waiting)
 
     def _multiplier_variable(self, attribute, variable, what):
         if not self.built:

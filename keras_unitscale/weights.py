@@ -17,9 +17,10 @@ Every fact the package keeps about a trainable variable lives in one
 Layers write the record (`declare`, `set_multiplier`, `set_lr_multiplier`),
 and the optimizers, `UnitScaleCallback`, conversion and the parametrization
 read it through the functions below; no one reads it through the layer.
-The record is not saved with the variable: a layer's config holds the
-values (`weight_multipliers=`, `lr_multipliers=`) and writes them back into
-the records when it builds.
+The record is saved twice, both read back into it: in the layer's config
+(`weight_multipliers=`, `lr_multipliers=`, written into the records when the
+layer builds) and with the weights themselves (`saved_state`,
+`restore_state`), so that a weights-only checkpoint restores it too.
 
 Example:
 
@@ -32,6 +33,9 @@ Example:
 """
 
 import dataclasses
+import math
+
+import numpy as np
 
 from keras_unitscale import checks
 from keras_unitscale.rules.mup import WeightRole
@@ -39,6 +43,7 @@ from keras_unitscale.rules.mup import WeightRole
 __all__ = [
     "WeightRecord", "record", "declare", "is_declared", "role", "model_role", "set_model_role",
     "multiplier", "set_multiplier", "lr_multiplier", "set_lr_multiplier", "check_multipliers",
+    "SAVED_KEYS", "saved_state", "restore_state",
 ]
 
 # The one attribute the record is stored in, on the Keras variable.
@@ -203,3 +208,52 @@ def check_multipliers(argument, values, keys="variable names"):
         return {key: float(checks.positive(f"{argument}[{key!r}]", value)) for key, value in values.items()}
     except ValueError as error:
         raise ValueError(f"{error}, in {argument}={values!r}") from None
+
+
+# The keys, beside Keras's "0", "1", ..., under which a layer saves its
+# weights' multipliers with the weights themselves.
+SAVED_KEYS = ("weight_multipliers", "lr_multipliers")
+
+
+def saved_state(variables):
+    """The multipliers of `variables`, as arrays to save beside their values (see `restore_state`).
+
+    A weight file (`save_weights`, `ModelCheckpoint(save_weights_only=True)`,
+    `BackupAndRestore`) then restores a model that trains as the saved one
+    did, not only one that holds the same values. A fixed learning-rate
+    multiplier that is not set is saved as NaN.
+
+    Example:
+
+    >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
+    >>> set_multiplier(kernel, 0.5)
+    >>> {key: value.tolist() for key, value in saved_state([kernel]).items()}
+    {'weight_multipliers': [0.5], 'lr_multipliers': [nan]}
+    """
+    lr_multipliers = [lr_multiplier(v) for v in variables]
+    return {
+        "weight_multipliers": np.array([multiplier(v) for v in variables], "float64"),
+        "lr_multipliers": np.array([math.nan if m is None else m for m in lr_multipliers], "float64"),
+    }
+
+
+def restore_state(variables, saved):
+    """Writes multipliers saved by `saved_state` back into the records of `variables` (the same order).
+
+    Example:
+
+    >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
+    >>> restore_state([kernel], {"weight_multipliers": np.array([2.0]), "lr_multipliers": np.array([0.5])})
+    >>> multiplier(kernel), lr_multiplier(kernel)
+    (2.0, 0.5)
+    """
+    multipliers = np.asarray(saved["weight_multipliers"], "float64").reshape(-1)
+    lr_multipliers = np.asarray(saved["lr_multipliers"], "float64").reshape(-1)
+    if not len(multipliers) == len(lr_multipliers) == len(variables):
+        raise ValueError(
+            f"The saved multipliers are for {len(multipliers)} weights, but there are {len(variables)}: "
+            f"{[v.path for v in variables]}. The file was saved from a different layer."
+        )
+    for variable, value, lr_value in zip(variables, multipliers, lr_multipliers):
+        set_multiplier(variable, float(value))
+        set_lr_multiplier(variable, None if math.isnan(lr_value) else float(lr_value))

@@ -127,6 +127,22 @@ class WeightMultipliers:
         multiplier = self.weight_multiplier(variable.name)
         return variable if multiplier == 1.0 else scale_fwd(variable, multiplier)
 
+    def save_own_variables(self, store):
+        # Beside the values, the multipliers: a weights-only checkpoint then
+        # restores a layer that computes and trains as the saved one did.
+        super().save_own_variables(store)
+        if self.built:
+            for key, value in weights.saved_state(self._own_weights()).items():
+                store[key] = value
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        if all(key in keys for key in weights.SAVED_KEYS):
+            weights.restore_state(self._own_weights(), {key: store[key] for key in weights.SAVED_KEYS})
+            store = {key: store[key] for key in keys if key not in weights.SAVED_KEYS}
+        # A file saved before the multipliers were saved with the weights has Keras's keys alone.
+        super().load_own_variables(store)
+
     def declare_role(self, variable, role, **sizes):
         """Declares `variable`'s u-μP role in its record, with the values that waited for it."""
         parametrization.tag(variable, role, **sizes)
