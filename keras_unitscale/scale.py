@@ -73,6 +73,11 @@ def _as_tensor(x):
     return ops.convert_to_tensor(x)
 
 
+def _is_sparse(x):
+    # Keras's sparse tensors: TensorFlow's `SparseTensor` and JAX's `BCOO`.
+    return type(x).__name__ in ("SparseTensor", "BCOO")
+
+
 def _is_one(scale):
     return isinstance(scale, float) and scale == 1.0
 
@@ -123,7 +128,9 @@ def scaled(x, fwd=1.0, bwd=1.0):
             "`scaled` scales floating-point tensors; cast the tensor first. "
             f"Received: x.dtype={keras.backend.standardize_dtype(x.dtype)}, fwd={fwd!r}, bwd={bwd!r}"
         )
-    if fwd is bwd or (isinstance(fwd, float) and isinstance(bwd, float) and fwd == bwd):
+    if fwd is bwd or (isinstance(fwd, float) and isinstance(bwd, float) and fwd == bwd) or _is_sparse(x):
+        # A sparse tensor takes no gradient (Keras's sparse inputs are data):
+        # only its forward scale applies.
         return _multiply_in_dtype(x, fwd)
 
     return with_gradient(x, lambda v: _multiply_in_dtype(v, fwd), lambda g: _multiply_in_dtype(g, bwd))

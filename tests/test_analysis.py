@@ -65,7 +65,7 @@ def test_rows_cover_every_layer_output_gradient_and_weight():
     weights = [row for row in report.rows if row["kind"] == analysis.WEIGHT]
     assert len(weights) == len(model.trainable_variables)
     for block in ("block0", "block1"):
-        assert any(row["layer"].startswith(block) and row["tensor"] == "query_kernel" for row in weights)
+        assert any(row["layer"] == f"{block}/attention/query" and row["tensor"] == "kernel" for row in weights)
     # Without targets a unit-normal gradient comes back from the output.
     (readout_grad,) = [r for r in report.rows if r["layer"] == "readout" and r["tensor"] == "output gradient"]
     assert readout_grad["rms"] == pytest.approx(1.0, rel=0.1)

@@ -103,9 +103,10 @@ def test_unit_mode_moves_every_layer_type_to_unit_scale_and_keeps_the_function()
     x = L.Embedding(30, 16, embeddings_initializer=init, name="embed")(inputs)
     x = L.TransformerBlock(num_heads=2, index=0, depth=1, name="block")(x)
     x = L.LSTM(12, return_sequences=True, kernel_initializer=init, recurrent_initializer=init, name="lstm")(x)
-    x = L.RMSNormalization(gamma_initializer=keras.initializers.Constant(0.3), name="rms")(x)
+    x = L.RMSNormalization(name="rms")(x)
     outputs = L.Dense(30, role="output", kernel_initializer=init, name="readout")(x)
     model = keras.Model(inputs, outputs)
+    model.get_layer("rms").scale.assign(np.full((12,), 0.3, "float32"))  # a gain off unit scale
     for variable in model.get_layer("block").trainable_variables:  # off unit scale, too
         variable.assign(ops.convert_to_numpy(variable) * 0.3)
     tokens = np.random.default_rng(0).integers(0, 30, size=(32, 10))

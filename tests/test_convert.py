@@ -123,7 +123,7 @@ def test_reinit_conversion_starts_at_unit_scale(case):
     # A unit gradient sent back through a probability head (seed 000's
     # sigmoid) shrinks by sigmoid' <= 1/4 before any layer of ours sees it:
     # there only the activations are checked.
-    kinds = (analysis.ACTIVATION,) if readout.activation == "sigmoid" else (analysis.ACTIVATION, analysis.GRADIENT)
+    kinds = (analysis.ACTIVATION,) if keras.activations.serialize(readout.activation) == "sigmoid" else (analysis.ACTIVATION, analysis.GRADIENT)
     checked = 0
     for row in report.rows:
         if row["kind"] not in kinds:

@@ -21,7 +21,8 @@ LONG_FUNCTIONS = {
 # ops below layers; layers below models, conversion, analysis and the rest).
 LOW_LEVELS = {
     "rules": {"rules", "checks", "constraints", "sizes"},
-    "ops": {"ops", "rules", "checks", "constraints", "sizes", "scale", "precision", "formats"},
+    # `autodiff` imports nothing of the package: the general activation rule differentiates with it.
+    "ops": {"ops", "rules", "checks", "constraints", "sizes", "scale", "precision", "formats", "autodiff"},
     "weights": {"checks", "rules"},
 }
 

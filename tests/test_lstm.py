@@ -1,5 +1,10 @@
 """The unit-scaled LSTM: its scale, Keras's behaviour, the fused path, saving, precision, errors."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import keras.src.backend as keras_backend
 import numpy as np
@@ -14,6 +19,7 @@ from keras_unitscale.autodiff import vjp
 from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.lstm import LSTM
 from keras_unitscale.layers.lstm import LSTMCell
+from keras_unitscale.scale import scaling_disabled
 
 UNIT = (0.5, 2.0)
 
@@ -236,6 +242,225 @@ def test_bidirectional_runs_each_direction_through_this_layer(monkeypatch):
     _assert_in("output", rms(out))
 
 
+def test_bidirectional_copies_keep_this_layers_fused_kernel_choice():
+    """`Bidirectional` copies `use_cudnn` (None here) into its copies; each keeps the choice from its config."""
+    for choice in ("auto", True, False):
+        layer = keras.layers.Bidirectional(LSTM(3, use_cudnn=choice))
+        for direction in (layer.forward_layer, layer.backward_layer):
+            assert type(direction) is LSTM and direction.fused_kernel is choice and direction.use_cudnn is None
+        layer.build((None, 4, 2))
+        assert not layer._can_attempt_fused_lstm(mask=None)
+    layer = LSTM(3)
+    layer.use_cudnn = False  # setting it sets the choice
+    assert layer.fused_kernel is False and layer.get_config()["use_cudnn"] is False
+    with pytest.raises(ValueError, match="Received: use_cudnn='no'"):
+        layer.use_cudnn = "no"
+
+
+# --- Keras's LSTM, with the rule on top ---------------------------------------------
+
+OURS_ONLY = ("fp8", "weight_multipliers", "lr_multipliers")
+
+
+def test_is_keras_lstm_with_keras_variable_paths():
+    layer, theirs = LSTM(4, name="lstm"), keras.layers.LSTM(4, name="lstm")
+    assert isinstance(layer, keras.layers.LSTM) and isinstance(layer.cell, keras.layers.LSTMCell)
+    for each in (layer, theirs):
+        each.build((2, 3, 5))
+    assert [v.path for v in layer.weights] == [v.path for v in theirs.weights]
+    assert [v.path for v in layer.weights][:3] == ["lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel",
+                                                   "lstm/lstm_cell/bias"]
+
+
+def _keras_twin(layer, input_shape, scaled):
+    """Keras's own LSTM made from `layer`'s config, with its weights (× the rule's forward scales if `scaled`)."""
+    config = {key: value for key, value in layer.get_config().items() if key not in OURS_ONLY}
+    twin = keras.layers.LSTM.from_config(config)
+    weights = layer.get_weights()
+    if scaled:
+        input_dim = weights[0].shape[0]
+        weights = [weights[0] * input_dim**-0.5, weights[1] * layer.units**-0.5, *weights[2:]]
+    twin.build(input_shape)
+    twin.set_weights(weights)
+    return twin
+
+
+MASK = np.array([[True, True, False, True, True, False], [True, False, True, True, False, False]])
+KERAS_CASES = {
+    "sequences-mask": (dict(return_sequences=True), dict(mask=MASK)),
+    "zero-output-for-mask": (dict(return_sequences=True, zero_output_for_mask=True), dict(mask=MASK)),
+    "backwards-mask": (dict(go_backwards=True, return_sequences=True), dict(mask=MASK[:, ::-1])),
+    "state-initial-state": (dict(return_state=True), dict(initial_state=True)),
+    "everything": (dict(return_sequences=True, return_state=True, go_backwards=True),
+                   dict(mask=MASK, initial_state=True)),
+    "unroll-mask": (dict(return_sequences=True, unroll=True), dict(mask=MASK)),
+    "no-forget-bias": (dict(return_sequences=True, unit_forget_bias=False), {}),
+    "no-bias": (dict(use_bias=False, return_state=True), {}),
+    "stateful": (dict(stateful=True, return_sequences=True), dict(calls=2)),
+}
+
+
+@pytest.mark.parametrize("config, call", KERAS_CASES.values(), ids=KERAS_CASES.keys())
+def test_keras_lstm_behaviour_with_the_rule_on_top(config, call):
+    """Keras's own LSTM, built from our config, computes what ours does: without the scale ops the
+    same numbers; with them, the rule's weights and hidden scale around Keras's recurrence
+    (masks, `zero_output_for_mask`, `go_backwards`, initial states, `stateful`, `unroll`)."""
+    x = unit_normal(2, 6, 3)
+    kwargs = {"mask": call["mask"]} if "mask" in call else {}
+    layer = LSTM(5, **config)
+    layer.build(x.shape)
+    layer.set_weights([unit_normal(*w.shape, seed=i) for i, w in enumerate(layer.get_weights())])
+    initial = [unit_normal(2, 5, seed=7), unit_normal(2, 5, seed=8)] if "initial_state" in call else None
+    rule = U.lstm_rule(layer.cell.forget_bias)
+
+    def run(model, **extra):
+        if model.stateful:
+            model.reset_state()
+        outs = [model(x, **kwargs, **extra) for _ in range(call.get("calls", 1))]
+        return [ops.convert_to_numpy(o) for o in keras.tree.flatten(outs)]
+
+    def compare(ours, theirs, scale):
+        assert len(ours) == len(theirs)
+        n_outputs = len(ours) // call.get("calls", 1)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            # The last state of `return_state` is the cell state c, which the rule does not scale.
+            is_c = config.get("return_state") and i % n_outputs == n_outputs - 1
+            np.testing.assert_allclose(a, b * (1.0 if is_c else scale), rtol=1e-5, atol=1e-5)
+
+    # Without the scale ops: Keras's numbers.
+    with scaling_disabled():
+        theirs = run(_keras_twin(layer, x.shape, scaled=False), **({"initial_state": initial} if initial else {}))
+        ours = run(layer, **({"initial_state": initial} if initial else {}))
+    compare(ours, theirs, 1.0)
+    # With them: s · Keras's LSTM with the scaled weights, from h0 / s (ours carries h = s·h̃).
+    twin_initial = {"initial_state": [initial[0] * rule.hidden_rms, initial[1]]} if initial else {}
+    theirs = run(_keras_twin(layer, x.shape, scaled=True), **twin_initial)
+    ours = run(layer, **({"initial_state": initial} if initial else {}))
+    compare(ours, theirs, rule.output_scale)
+
+
+def test_from_config_takes_the_config_keras_writes():
+    theirs = keras.layers.LSTM(
+        6, return_sequences=True, go_backwards=True, zero_output_for_mask=True, dropout=0.25,
+        recurrent_dropout=0.5, seed=3, unit_forget_bias=False, kernel_regularizer="l2", name="from_keras",
+    )
+    config = theirs.get_config()
+    layer = LSTM.from_config(config)
+    ours = layer.get_config()
+    assert {key: ours[key] for key in config} == config
+    extras = (ours["use_cudnn"], ours["fp8"], ours["weight_multipliers"], ours["lr_multipliers"])
+    assert extras == ("auto", None, {}, {})
+    # And back: Keras's LSTM takes ours, less what only we have.
+    back = keras.layers.LSTM.from_config({key: value for key, value in ours.items() if key not in OURS_ONLY})
+    assert back.get_config() == config
+    # The cell, alone and in Keras's RNN (deserialised through its registered name).
+    cell_config = keras.layers.LSTMCell(4, dropout=0.5, use_bias=False).get_config()
+    cell = LSTMCell.from_config(cell_config)
+    assert {key: cell.get_config()[key] for key in cell_config} == cell_config
+    rnn = keras.layers.RNN(LSTMCell(4, weight_multipliers={"kernel": 2.0}), return_sequences=True)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(rnn))
+    assert type(clone.cell) is LSTMCell and clone.get_config() == rnn.get_config()
+    assert clone.cell.weight_multipliers == {"kernel": 2.0}
+
+
+@pytest.mark.parametrize("dtype", ["bool", "int32"])
+def test_bool_and_int_inputs_compute_in_the_compute_dtype(dtype):
+    """As in Keras: non-float sequences give float outputs, here those of the same sequence as floats."""
+    x = unit_normal(2, 5, 3) > 0 if dtype == "bool" else np.round(unit_normal(2, 5, 3) * 2)
+    x = x.astype(dtype)
+    layer = LSTM(4, return_sequences=True)
+    expected = ops.convert_to_numpy(layer(x.astype("float32")))
+    out = layer(x)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    np.testing.assert_allclose(ops.convert_to_numpy(out), expected, rtol=1e-6)
+    # In a functional model taking that dtype, and in the standalone cell.
+    model = keras.Sequential([keras.Input((5, 3), dtype=dtype), layer])
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    rnn = keras.layers.RNN(LSTMCell(4), return_sequences=True)
+    rnn_out = rnn(x)
+    assert keras.backend.standardize_dtype(rnn_out.dtype) == "float32"
+    np.testing.assert_allclose(ops.convert_to_numpy(rnn_out), ops.convert_to_numpy(rnn(x.astype("float32"))),
+                               rtol=1e-6)
+    # Mixed precision: the compute dtype, as Keras's LSTM gives.
+    half = LSTM(4, dtype="mixed_float16")
+    assert keras.backend.standardize_dtype(half(x).dtype) == "float16"
+    assert keras.backend.standardize_dtype(keras.layers.LSTM(4, dtype="mixed_float16")(x).dtype) == "float16"
+
+
+@pytest.mark.parametrize("return_sequences", [True, False], ids=["sequences", "last"])
+def test_empty_batch_gives_empty_outputs_and_zero_gradients(return_sequences):
+    """A replica's empty share of a short last batch: no error, zero (finite) weight gradients."""
+    layer = LSTM(4, return_sequences=return_sequences, return_state=True)
+    x = np.zeros((0, 5, 3), "float32")
+    output, h, c = layer(x)
+    assert tuple(output.shape) == ((0, 5, 4) if return_sequences else (0, 4))
+    assert tuple(h.shape) == tuple(c.shape) == (0, 4)
+    out, grads = _layer_vjp(layer, x, np.zeros((0, 5, 4) if return_sequences else (0, 4), "float32"))
+    assert out.shape[0] == 0 and grads[0].shape == (0, 5, 3)
+    for name, grad in zip(["kernel", "recurrent", "bias"], grads[1:]):
+        np.testing.assert_array_equal(np.asarray(grad), 0.0, err_msg=name)
+    # The standalone cell too.
+    assert tuple(keras.layers.RNN(LSTMCell(4))(x).shape) == (0, 4)
+
+
+MIRRORED = """
+import json, warnings
+warnings.simplefilter("ignore")
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from keras_unitscale.layers import LSTM, Dense
+
+keras.utils.set_random_seed(0)
+x = np.random.default_rng(0).normal(size=(5, 6, 3)).astype("float32")
+y = np.random.default_rng(1).normal(size=(5, 1)).astype("float32")
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    model = keras.Sequential([keras.Input((6, 3)), LSTM(8, return_sequences=True), LSTM(8), Dense(1, role="output")])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+# 5 examples in batches of 4: the last batch has one, so one replica gets none.
+history = model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+print(json.dumps({"losses": history.history["loss"],
+                  "finite": all(bool(np.all(np.isfinite(w))) for w in model.get_weights())}))
+"""
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="MirroredStrategy is TensorFlow's")
+def test_mirrored_strategy_with_an_empty_replica_stays_finite():
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["finite"] and all(np.isfinite(measured["losses"])), measured
+
+
+def test_output_mask_is_keras_s():
+    mask = np.array([[True, True, False]])
+    assert LSTM(2).compute_mask(None, mask) is None
+    np.testing.assert_array_equal(ops.convert_to_numpy(LSTM(2, return_sequences=True).compute_mask(None, mask)), mask)
+    model = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(5, 3, mask_zero=True),
+                              LSTM(2, return_sequences=True)])
+    assert model.layers[-1].supports_masking and model.outputs[0]._keras_mask is not None
+
+
+def test_unit_scale_converts_keras_lstm_keeping_its_settings():
+    """`unit_scale` makes our LSTM from Keras's, with its loop settings, and the same predictions."""
+    from keras_unitscale import unit_scale
+
+    keras.utils.set_random_seed(0)
+    original = keras.layers.LSTM(6, return_sequences=True, go_backwards=True, zero_output_for_mask=True,
+                                 use_cudnn=False, seed=5, name="lstm")
+    model = keras.Sequential([keras.Input((5, 3)), original, keras.layers.LSTM(4, name="last")])
+    twin = unit_scale(model)
+    converted = twin.get_layer("lstm")
+    assert type(converted) is LSTM
+    assert (converted.go_backwards, converted.zero_output_for_mask, converted.fused_kernel, converted.cell.seed) == (
+        True, True, False, 5)
+    x = unit_normal(3, 5, 3)
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
 # --- the fused path ----------------------------------------------------------------
 
 
@@ -438,7 +663,7 @@ def test_config_round_trip():
     config = layer.get_config()
     clone = LSTM.from_config(config)
     assert clone.get_config() == config
-    assert (clone.units, clone.use_cudnn, clone.dropout, clone.unit_forget_bias) == (7, False, 0.25, False)
+    assert (clone.units, clone.fused_kernel, clone.dropout, clone.unit_forget_bias) == (7, False, 0.25, False)
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert type(restored) is LSTM and restored.get_config() == config
     cell = LSTMCell(5, recurrent_dropout=0.5)

@@ -61,11 +61,14 @@ def test_the_primitive_refuses_to_scale_integers():
         (lambda: L.LayerNormalization(), (0, 4), "float32"),
         (lambda: L.RMSNormalization(), (0, 4), "float32"),
         (lambda: L.TransformerBlock(num_heads=2, index=0, depth=1), (0, 3, 8), "float32"),
+        (lambda: L.EinsumDense("abc,cd->abd", (3, 5)), (0, 3, 4), "float32"),
+        # (Keras's own LSTM cannot run an empty batch on TensorFlow, where a sum of two empty tensors is taken for
+        # a BiasAdd and refused; ours adds them so that it can.)
+        (lambda: L.LSTM(6, return_sequences=True), (0, 3, 4), "float32"),
     ],
-    ids=["dense", "readout", "embedding", "layer_norm", "rms_norm", "transformer"],
+    ids=["dense", "readout", "embedding", "layer_norm", "rms_norm", "transformer", "einsum_dense", "lstm"],
 )
 def test_an_empty_batch_has_zero_gradients(make, shape, dtype):
-    # (Keras's own LSTM cannot run an empty batch on TensorFlow: its BiasAdd refuses it; so neither can ours.)
     layer = make()
     layer.build((None,) + shape[1:])
     x = np.zeros(shape, dtype)

@@ -272,10 +272,10 @@ def test_every_transformer_variable_gets_the_table_value(width, depth):
     stack = depth**-0.5
     expected_by_name = {
         "embed/embeddings": width**-0.5,
-        "query_kernel": width**-0.5 * stack,
-        "key_kernel": width**-0.5 * stack,
-        "value_kernel": width**-0.5 * stack,
-        "output_kernel": width**-0.5 * stack,  # fan-in: heads × key_dim = width
+        "attention/query/kernel": width**-0.5 * stack,
+        "attention/key/kernel": width**-0.5 * stack,
+        "attention/value/kernel": width**-0.5 * stack,
+        "attention/attention_output/kernel": width**-0.5 * stack,  # fan-in: heads × key_dim = width
         "attention_norm/gamma": stack,
         "mlp_norm/gamma": stack,
         "mlp_up/kernel": width**-0.5 * stack,

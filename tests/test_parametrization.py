@@ -79,8 +79,8 @@ def test_our_layers_tag_their_variables():
     roles = _roles(keras.Model(inputs, outputs))
 
     assert roles["embed/embeddings"] == P.WeightRole("input", fan_in=1, fan_out=32)
-    assert roles["block0/attention/query_kernel"] == P.WeightRole("hidden", 32, 32, depth=2)
-    assert roles["block1/attention/output_kernel"] == P.WeightRole("hidden", 32, 32, depth=2)
+    assert roles["block0/attention/query/kernel"] == P.WeightRole("hidden", 32, 32, depth=2)
+    assert roles["block1/attention/attention_output/kernel"] == P.WeightRole("hidden", 32, 32, depth=2)
     assert roles["block0/attention_norm/gamma"] == P.WeightRole("norm", fan_out=32, depth=2)
     assert roles["block0/mlp_up/kernel"] == P.WeightRole("hidden", 32, 128, depth=2)
     assert roles["block1/mlp_down/kernel"] == P.WeightRole("hidden", 128, 32, depth=2)
@@ -175,9 +175,9 @@ def test_lr_multipliers_follow_width_and_depth():
     assert narrow["block1/attention_norm/gamma"] == pytest.approx(2**-0.5)
     assert narrow["readout/kernel"] == 1.0
     # 4× the width: hidden and input weights' learning rates halve.
-    for path in ("embed/embeddings", "block0/attention/query_kernel", "block1/mlp_up/kernel"):
+    for path in ("embed/embeddings", "block0/attention/query/kernel", "block1/mlp_up/kernel"):
         assert wide[path] == pytest.approx(narrow[path] / 2)
     assert wide["readout/kernel"] == narrow["readout/kernel"]
     # 4× the depth: everything inside the stack halves, the rest stays.
-    assert deep["block0/attention/key_kernel"] == pytest.approx(narrow["block0/attention/key_kernel"] / 2)
+    assert deep["block0/attention/key/kernel"] == pytest.approx(narrow["block0/attention/key/kernel"] / 2)
     assert deep["embed/embeddings"] == narrow["embed/embeddings"]

@@ -15,6 +15,7 @@ from keras_unitscale import functional as U
 from keras_unitscale import layers as L
 from keras_unitscale import models
 from keras_unitscale import precision
+from keras_unitscale.ops import linear as linear_ops
 from tests.helpers import BACKEND
 from tests.helpers import unit_normal
 
@@ -102,20 +103,20 @@ def test_attention_keeps_its_output_projection_critical():
     layer = L.MultiHeadAttention(2, 8)
     layer(x, x)
     calls = []
-    original = U.dense
+    original = linear_ops.einsum_dense
 
     def recording(*args, **kwargs):
         calls.append(kwargs.get("fp8"))
         return original(*args, **kwargs)
 
-    U.dense = recording
+    linear_ops.einsum_dense = recording
     try:
         with precision.fp8():
             layer(x, x)
         with precision.fp8(critical=True):
             layer(x, x)
     finally:
-        U.dense = original
+        linear_ops.einsum_dense = original
     assert calls == [True, True, True, False, True, True, True, True]
 
 

@@ -95,6 +95,47 @@ def test_relu_is_the_exact_general_rule():
     assert activations.relu() == (math.sqrt(2),) * 2
 
 
+def test_the_general_rule_from_sampled_values_is_the_quadrature():
+    grid = rules.common.gaussian_grid()
+    tanh_values, tanh_derivatives = np.tanh(grid), 1 - np.tanh(grid) ** 2
+    assert activations.general(tanh_values, tanh_derivatives, None) == activations.tanh(constraint=None)
+    assert activations.general(tanh_values, tanh_derivatives) == activations.tanh()
+    # A step: hard_sigmoid's kinks and its gradient's jumps, against the closed form.
+    values, derivatives = np.clip(grid / 6 + 0.5, 0, 1), ((grid > -3) & (grid < 3)) / 6.0
+    scales = activations.general(values, derivatives, None)
+    assert np.sqrt(np.mean((np.clip(Z / 6 + 0.5, 0, 1) * scales.output) ** 2)) == pytest.approx(1.0, rel=0.01)
+    assert scales.grad == pytest.approx(6 / math.sqrt(math.erf(3 / math.sqrt(2))), rel=1e-4)
+    with pytest.raises(ValueError, match="gaussian_grid"):
+        activations.general(np.ones(7), np.ones(7))
+
+
+def test_the_general_rule_keeps_unit_scales_for_zero_and_refuses_infinite_rms():
+    grid = rules.common.gaussian_grid()
+    assert activations.general(np.sign(grid), np.zeros_like(grid), None).grad == 1.0
+    with pytest.raises(ValueError, match="no finite RMS"):
+        activations.general(np.where(grid > 9, np.inf, grid), np.ones_like(grid))
+
+
+def test_monte_carlo_rule_is_one_over_the_sample_rms():
+    outputs, grads = 3.0 * Z[:1000].reshape(10, 100), 0.5 * Z[:2000].reshape(10, 200)
+    scales = activations.monte_carlo(outputs, grads, None)
+    assert scales == pytest.approx((1 / np.sqrt(np.mean(outputs**2)), 1 / np.sqrt(np.mean(grads**2))))
+    assert activations.monte_carlo(outputs, grads).grad == scales.output  # tied to the output
+
+
+def test_the_tie_is_judged_by_the_ratio_of_the_untied_scales():
+    for name, keeps in [("relu", True), ("tanh", True), ("gelu", True), ("sigmoid", False)]:
+        untied = activations.by_name(name, constraint=None)
+        assert activations.tied_gradient_rms(untied) == untied.output / untied.grad
+        assert activations.tie_keeps_gradient(untied) is keeps, name
+    # sigmoid's tied gradient: RMS(σ') × 1/RMS(σ), measured on samples.
+    sig = 1 / (1 + np.exp(-Z))
+    tied = np.sqrt(np.mean((sig * (1 - sig)) ** 2)) * activations.sigmoid().grad
+    assert activations.tied_gradient_rms(activations.sigmoid(constraint=None)) == pytest.approx(tied, rel=0.01)
+    assert activations.tie_keeps_gradient(activations.ElementwiseScales(1.0, 0.8))
+    assert not activations.tie_keeps_gradient(activations.ElementwiseScales(1.0, 0.79))
+
+
 def test_calibrated_rules_match_the_reference_values():
     # u-μP paper / unit-scaling 0.3.5 at mult = 1: gelu ≈ 1.767 forward, 1.516 backward.
     assert activations.gelu(constraint=None) == pytest.approx((1.767, 1.516), abs=1e-3)

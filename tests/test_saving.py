@@ -20,10 +20,11 @@ def _every_layer_model():
     tokens = keras.Input((SEQ,), dtype="int32")
     h = L.Embedding(VOCAB, WIDTH, weight_multipliers={"embeddings": 0.5}, name="embed")(tokens)
     h = L.TransformerBlock(num_heads=2, index=0, depth=2, norm="rms", name="block")(h)
-    a = L.MultiHeadAttention(2, 8, lr_multipliers={"query_kernel": 0.25}, name="attention")(h, h)
+    a = L.MultiHeadAttention(2, 8, lr_multipliers={"query/kernel": 0.25}, name="attention")(h, h)
     residual, skip = L.ResidualSplit(tau=0.5, name="split")(h)
     h = L.ResidualAdd(tau=0.5, name="join")([L.Dropout(0.0, name="drop")(residual + a), skip])
     h = L.Residual(L.Dense(WIDTH, activation="gelu", name="inner"), tau=0.4, name="wrapped")(h)
+    h = L.EinsumDense("btd,de->bte", (SEQ, WIDTH), bias_axes="e", weight_multipliers={"kernel": 0.5}, name="einsum")(h)
     h = L.LayerNormalization(name="norm")(h)
     h = L.RMSNormalization(name="rms")(h)
     h = L.LSTM(WIDTH, return_sequences=True, weight_multipliers={"kernel": 2.0}, name="lstm")(h)
@@ -58,7 +59,8 @@ def test_a_file_saved_by_this_version_loads_bit_identical(trained):
     assert np.array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     # Multipliers and learning-rate factors are in the configs, the optimizer's state in the file.
     assert loaded.get_layer("embed").weight_multipliers == {"embeddings": 0.5}
-    assert loaded.get_layer("attention").lr_multipliers == {"query_kernel": 0.25}
+    assert loaded.get_layer("attention").lr_multipliers == {"query/kernel": 0.25}
+    assert loaded.get_layer("einsum").weight_multipliers == {"kernel": 0.5}
     assert loaded.get_layer("lstm").cell.weight_multipliers == {"kernel": 2.0}
     assert loaded.get_layer("split").tau == 0.5 and loaded.get_layer("wrapped").tau == 0.4
     assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2

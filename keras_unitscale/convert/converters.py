@@ -15,10 +15,12 @@ import keras
 
 from keras_unitscale import layers as L
 from keras_unitscale import rules
+from keras_unitscale import weights
 from keras_unitscale.convert.registry import register_converter
 from keras_unitscale.convert.walk import TensorRatio
 from keras_unitscale.convert.walk import own_weights
 from keras_unitscale.layers import activation as activations
+from keras_unitscale.ops import activations as ops_activations
 
 # An einsum that is a plain dense projection of the last axis: "ab,bc->ac", "...b,bc->...c".
 _PROJECTION = re.compile(r"^(\.\.\.|[a-z]*)([a-z]),\2([a-z])->\1\3$")
@@ -81,7 +83,8 @@ def layer_norm(conversion, layer, call):
     common = dict(axis=config["axis"], epsilon=config["epsilon"] * ratio**2, name=layer.name,
                   dtype=layer.dtype_policy)
     if isinstance(layer, keras.layers.LayerNormalization):
-        new = L.LayerNormalization(center=config["center"], scale=config["scale"], **common)
+        new = L.LayerNormalization(center=config["center"], scale=config["scale"],
+                                   rms_scaling=config.get("rms_scaling", False), **common)
     else:
         new = L.RMSNormalization(**common)
     out = new(*call.args, **call.kwargs)
@@ -92,15 +95,17 @@ def layer_norm(conversion, layer, call):
         variable.assign(keras.ops.convert_to_numpy(original))
         new.set_lr_multiplier(variable.name, 1.0)
     conversion.add_sources(own_weights(new), layer.weights)
-    names = [v.name for v in own_weights(new)]
-    rescale = conversion.rescaler(new, names) if "gamma" in names else None
+    gain = new.gamma if isinstance(new, L.LayerNormalization) else new.scale
+    rescale = None if gain is None else conversion.rescaler(new, [v.name for v in own_weights(new)])
     return out, [TensorRatio(1.0, rescale, call.inputs[0].grad_ratio)]
 
 
 def activation(conversion, layer, call):
     name = activation_name(layer.activation)
-    if name in activations.PROBABILITIES or name not in activations.NAMES:
-        # A prediction head (probabilities), or a function we have no unit-scaled version of.
+    if name in activations.PROBABILITIES or not _elementwise_rule(name):
+        # A prediction head (probabilities), or a function we have no unit-scaled
+        # version of, or one that acts along an axis (log_softmax, glu): its
+        # output does not scale with its input, so no ratio passes through it.
         return conversion.keep(layer, call, known=name in activations.NAMES)
     new = L.Activation(name, name=layer.name, dtype=layer.dtype_policy)
     ratio = _activation_ratio(name, new)
@@ -148,7 +153,8 @@ def lstm(conversion, layer, call):
         cell.units, use_bias=cell.use_bias, unit_forget_bias=cell.unit_forget_bias, dropout=cell.dropout,
         recurrent_dropout=cell.recurrent_dropout, return_sequences=layer.return_sequences,
         return_state=layer.return_state, go_backwards=layer.go_backwards, stateful=layer.stateful,
-        unroll=layer.unroll, name=layer.name, dtype=layer.dtype_policy,
+        unroll=layer.unroll, zero_output_for_mask=layer.zero_output_for_mask, seed=cell.seed,
+        use_cudnn=layer.use_cudnn, name=layer.name, dtype=layer.dtype_policy,
     )
     out = new(*call.args, **call.kwargs)
     conversion.record(layer, new, call.inputs)
@@ -166,28 +172,36 @@ def lstm(conversion, layer, call):
 
 
 def _attention_parts(layer, call, conversion):
-    """The ratios of the query, key and value tensors, and the key length."""
+    """The ratios of the query, key and value tensors, and the key length: the product of the attention axes."""
     query_value = call.args[0]
     value_value = call.args[1] if len(call.args) > 1 else call.kwargs["value"]
     key_value = call.args[2] if len(call.args) > 2 else call.kwargs.get("key")
     key_value = value_value if key_value is None else key_value
     query, value, key = (conversion.ratios[id(v)] for v in (query_value, value_value, key_value))
-    key_length = key_value.shape[1]
-    if key_length is None:
+    # After building, Keras keeps the attention axes as non-negative indices
+    # of the projected tensors, which are the input's own indices too.
+    sizes = [key_value.shape[axis] for axis in layer._attention_axes]
+    if any(size is None for size in sizes):
         conversion.note(layer.name, "its key length is not fixed, and our attention's output scale depends on it")
-        key_length = 1
-    return query, key, value, key_length
+        sizes = [1]
+    if call.kwargs.get("attention_mask") is not None:
+        conversion.note(layer.name, "it is given an attention_mask: where the mask is causal, our attention "
+                                    "applies the causal scale, and the conversion is exact for non-causal masks only")
+    return query, key, value, math.prod(sizes)
 
 
 def attention(conversion, layer, call):
+    """A `MultiHeadAttention`: each projection carried as a dense layer is, the attention scale into the output's."""
     config = layer.get_config()
-    key_dim, use_bias = config["key_dim"], config["use_bias"]
+    key_dim, use_gate = config["key_dim"], bool(config.get("use_gate"))
     # Keras's logits are q·k/sqrt(key_dim); ours q·k·mult/key_dim (`rules.attention`).
     mult = key_dim**-0.5 / rules.attention.attention(key_dim, 1).logits if conversion.equivalent else 1.0
     new = L.MultiHeadAttention(
         config["num_heads"], key_dim, value_dim=config.get("value_dim"), dropout=config["dropout"],
-        use_bias=use_bias, output_shape=config.get("output_shape"), mult=mult, name=layer.name,
-        dtype=layer.dtype_policy,
+        use_bias=config["use_bias"], output_shape=config.get("output_shape"),
+        attention_axes=config.get("attention_axes"), sliding_window=config.get("sliding_window"),
+        flash_attention=getattr(layer, "_flash_attention", None), use_gate=use_gate, seed=config.get("seed"),
+        mult=mult, name=layer.name, dtype=layer.dtype_policy,
     )
     out = new(*call.args, **call.kwargs)
     conversion.record(layer, new, call.inputs)
@@ -197,19 +211,21 @@ def attention(conversion, layer, call):
         conversion.note(layer.name, "its attention dropout rescales differently in training (predictions are equal)")
     query, key, value, key_length = _attention_parts(layer, call, conversion)
     causal = bool(call.kwargs.get("use_causal_mask"))
-    attention_scale = rules.attention.attention(key_dim, key_length, new.mult, causal).output
-    originals, op_scales = [], []
-    projections = [(layer._query_dense, query.value), (layer._key_dense, key.value), (layer._value_dense, value.value),
-                   (layer._output_dense, attention_scale)]
-    for dense_layer, input_ratio in projections:
-        fan_in = math.prod(dense_layer.kernel.shape[:-1]) if dense_layer is layer._output_dense else int(
-            dense_layer.kernel.shape[0])
-        op_scale = rules.linear.dense(fan_in, 1).output
-        originals += [dense_layer.kernel] + ([dense_layer.bias] if use_bias else [])
-        op_scales += [op_scale * input_ratio] + ([op_scale] if use_bias else [])
-    conversion.carry(new, originals, op_scales)
-    output_names = ["output_kernel"] + (["output_bias"] if use_bias else [])
-    ratios = [TensorRatio(1.0, conversion.rescaler(new, output_names), query.grad_ratio)]
+    # The output projection's input: attention × the rule's scale, times our
+    # gate's over Keras's plain sigmoid (the gate's pre-activation is Keras's).
+    output_ratio = rules.attention.attention(key_dim, key_length, new.mult, causal).output
+    projections = [("query_dense", query.value), ("key_dense", key.value), ("value_dense", value.value)]
+    if use_gate:
+        projections.append(("_gate_dense", query.value))
+        output_ratio *= _activation_ratio("sigmoid", new._gate_dense)
+    projections.append(("output_dense", output_ratio))
+    for attribute, input_ratio in projections:
+        original, projection = getattr(layer, attribute), getattr(new, attribute)
+        op_scale = rules.linear.dense(weights.role(projection._kernel).fan_in, 1).output
+        values = [original.kernel] + ([original.bias] if original.bias is not None else [])
+        conversion.carry(projection, values, [op_scale * input_ratio] + [op_scale] * (len(values) - 1))
+    output_names = [v.name for v in own_weights(new.output_dense)]
+    ratios = [TensorRatio(1.0, conversion.rescaler(new.output_dense, output_names), query.grad_ratio)]
     return out, ratios + [TensorRatio() for _ in keras.tree.flatten(out)[1:]]
 
 
@@ -218,8 +234,13 @@ def ours(conversion, layer, call):
     return conversion.keep(layer, call, known=True)
 
 
+def _elementwise_rule(name):
+    return name in activations.NAMES and ops_activations.is_elementwise(name)
+
+
 def _dense_activation_ok(layer):
-    return activation_name(layer.activation) in activations.NAMES
+    name = activation_name(layer.activation)
+    return name in activations.PROBABILITIES or _elementwise_rule(name)
 
 
 def _plain_projection(layer):
@@ -231,15 +252,6 @@ def _plain_projection(layer):
 def _lstm_ok(layer):
     return (activation_name(layer.cell.activation) == "tanh"
             and activation_name(layer.cell.recurrent_activation) == "sigmoid")
-
-
-def _attention_ok(layer):
-    return layer.get_config().get("attention_axes") in (None, (1,), [1])
-
-
-def _layer_norm_ok(layer):
-    # Keras's deprecated `rms_scaling` divides by the standard deviation, without centring.
-    return not layer.get_config().get("rms_scaling")
 
 
 # Weightless layers that commute with a positive factor: kept as they are, and the ratio passes through.
@@ -266,13 +278,13 @@ def register_defaults():
     register_converter(keras.layers.Dense, dense, subclasses=True, accepts=_dense_activation_ok)
     register_converter(keras.layers.EinsumDense, dense, subclasses=True, accepts=_plain_projection)
     register_converter(keras.layers.Embedding, embedding)
-    register_converter(keras.layers.LayerNormalization, layer_norm, accepts=_layer_norm_ok)
+    register_converter(keras.layers.LayerNormalization, layer_norm)
     if hasattr(keras.layers, "RMSNormalization"):
         register_converter(keras.layers.RMSNormalization, layer_norm)
     register_converter(keras.layers.Activation, activation)
     register_converter(keras.layers.Dropout, dropout)
     register_converter(keras.layers.Add, add)
     register_converter(keras.layers.LSTM, lstm, accepts=_lstm_ok)
-    register_converter(keras.layers.MultiHeadAttention, attention, accepts=_attention_ok)
+    register_converter(keras.layers.MultiHeadAttention, attention)
     for name in L.__all__:
         register_converter(getattr(L, name), ours)

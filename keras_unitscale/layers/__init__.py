@@ -4,6 +4,7 @@ from keras_unitscale.layers.activation import Activation
 from keras_unitscale.layers.attention import MultiHeadAttention
 from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.dropout import Dropout
+from keras_unitscale.layers.einsum_dense import EinsumDense
 from keras_unitscale.layers.embedding import Embedding
 from keras_unitscale.layers.lstm import LSTM
 from keras_unitscale.layers.lstm import LSTMCell
@@ -20,6 +21,7 @@ __all__ = [
     "Add",
     "Dense",
     "Dropout",
+    "EinsumDense",
     "Embedding",
     "LayerNormalization",
     "LSTM",

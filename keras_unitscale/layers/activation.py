@@ -6,6 +6,7 @@ from keras_unitscale import checks
 from keras_unitscale import constraints
 from keras_unitscale import rules
 from keras_unitscale.ops.activations import apply
+from keras_unitscale.ops.activations import resolve
 
 NAMES = rules.activations.NAMES
 PROBABILITIES = ("sigmoid", "softmax")  # on a Dense, these give predictions: see Dense
@@ -23,17 +24,28 @@ def check(name, argument="activation"):
     return name
 
 
+def check_constraint(constraint):
+    """Fails early for an unknown constraint (not at the first call); returns it."""
+    constraints.get(constraint)
+    return constraint
+
+
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class Activation(keras.layers.Layer):
-    """Applies a unit-scaled activation: the drop-in for `keras.layers.Activation`.
+class Activation(keras.layers.Activation):
+    """A unit-scaled activation: `keras.layers.Activation` with the unit-scaled op.
+
+    Any activation Keras accepts, by name or as a function: the derived rule
+    where there is one (relu, gelu, silu, tanh, sigmoid, softmax), else the
+    general one (`keras_unitscale.ops.activations.apply`): output ×
+    `1/RMS(f(z))`, input gradient × `1/RMS(f'(z))` for z ~ N(0, 1), tied by
+    the constraint.
 
     Args:
-        activation: one of "linear", "relu", "gelu", "silu" ("swish"),
-            "tanh", "sigmoid", "softmax" (the unit-scaled ops of
-            `keras_unitscale.functional`).
+        activation: a name in `keras.activations`, a function, or None.
         mult: the u-μP multiplier inside gelu, silu and softmax.
         constraint: how the op's forward and backward scales are tied (see
             `keras_unitscale.constraints`).
+        **kwargs: base layer arguments.
 
     Example:
 
@@ -43,24 +55,17 @@ class Activation(keras.layers.Layer):
     """
 
     def __init__(self, activation, mult=1.0, constraint="to_output_scale", **kwargs):
-        super().__init__(**kwargs)
-        self.activation = check(activation)
+        super().__init__(resolve(activation), **kwargs)
         self.mult = float(checks.positive("mult", mult))
-        constraints.get(constraint)  # an unknown name fails here, not at the first call
-        self.constraint = constraint
-        self.supports_masking = True
-        self.built = True
+        self.constraint = check_constraint(constraint)
 
     def call(self, inputs):
         return apply(inputs, self.activation, self.mult, self.constraint)
 
     def compute_output_shape(self, input_shape):
+        if resolve(self.activation) == "glu":  # halves the last axis: the value times the gate
+            return (*input_shape[:-1], None if input_shape[-1] is None else input_shape[-1] // 2)
         return input_shape
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "activation": self.activation,
-            "mult": self.mult,
-            "constraint": self.constraint,
-        }
+        return {**super().get_config(), "mult": self.mult, "constraint": self.constraint}

@@ -1,8 +1,11 @@
 """What every unit-scaled layer shares."""
 
+import contextlib
+
 import keras
 
 from keras_unitscale import parametrization
+from keras_unitscale import rules
 from keras_unitscale import weights
 from keras_unitscale.scale import scale_fwd
 
@@ -120,25 +123,34 @@ class WeightMultipliers:
                 f"Received: name={name!r}"
             )
 
-    def multiplied(self, variable):
-        """`variable` times its weight multiplier, in the forward pass only (None stays None)."""
+    def multiplied(self, variable, value=None):
+        """`value` (by default `variable`) times `variable`'s weight multiplier, in the forward pass only.
+
+        `value` is what the layer computes with in `variable`'s place: Keras's
+        effective kernel, LoRA's update included. None stays None.
+        """
         if variable is None:
             return None
+        value = variable if value is None else value
         multiplier = self.weight_multiplier(variable.name)
-        return variable if multiplier == 1.0 else scale_fwd(variable, multiplier)
+        return value if multiplier == 1.0 else scale_fwd(value, multiplier)
+
+    def _checkpointed_weights(self):
+        """The weights whose values Keras's `save_own_variables` writes: their multipliers are saved beside them."""
+        return self._own_weights()
 
     def save_own_variables(self, store):
         # Beside the values, the multipliers: a weights-only checkpoint then
         # restores a layer that computes and trains as the saved one did.
         super().save_own_variables(store)
         if self.built:
-            for key, value in weights.saved_state(self._own_weights()).items():
+            for key, value in weights.saved_state(self._checkpointed_weights()).items():
                 store[key] = value
 
     def load_own_variables(self, store):
         keys = list(store.keys())
         if all(key in keys for key in weights.SAVED_KEYS):
-            weights.restore_state(self._own_weights(), {key: store[key] for key in weights.SAVED_KEYS})
+            weights.restore_state(self._checkpointed_weights(), {key: store[key] for key in weights.SAVED_KEYS})
             store = {key: store[key] for key in keys if key not in weights.SAVED_KEYS}
         # A file saved before the multipliers were saved with the weights has Keras's keys alone.
         super().load_own_variables(store)
@@ -150,3 +162,96 @@ class WeightMultipliers:
             weights.set_multiplier(variable, self._waiting_multipliers.pop(variable.name))
         if variable.name in self._waiting_lr_multipliers:
             weights.set_lr_multiplier(variable, self._waiting_lr_multipliers.pop(variable.name))
+
+
+@contextlib.contextmanager
+def without_activation(layer):
+    """Within this context `layer.activation` is None.
+
+    Keras's quantized calls end with `self.activation(...)`; a unit-scaled
+    layer applies its own activation after the dense rule's output scale,
+    so it runs Keras's quantized call with none.
+    """
+    activation = layer.activation
+    layer.activation = None
+    try:
+        yield
+    finally:
+        layer.activation = activation
+
+
+class LowRankAdapters:
+    """LoRA for the layers whose Keras class has it (Dense, EinsumDense, Embedding).
+
+    Keras adds `(lora_alpha / lora_rank) · A·B` to the kernel; that stays.
+    Unit scaling changes two defaults: `A` starts unit-normal (like every
+    weight here) and `lora_alpha` defaults to `rules.linear.lora_alpha(rank)
+    = rank^1/2`, so the low-rank path is two unit-scaled matmuls and its
+    scale does not depend on the rank. u-μP's roles: `A` as the layer's
+    kernel (its fan-in), `B` a hidden weight of fan-in `rank`, so the
+    optimizers step each by its own learning-rate rule. The kernel's weight
+    multiplier multiplies the whole effective kernel, LoRA included, so that
+    Keras's merged kernel (saved by `save_own_variables`) reloads exactly.
+    """
+
+    def _default_lora_alpha(self, lora_rank, lora_alpha):
+        if lora_alpha is None and lora_rank:
+            return rules.linear.lora_alpha(lora_rank)
+        return lora_alpha
+
+    def enable_lora(self, rank, lora_alpha=None, a_initializer=None, b_initializer="zeros"):
+        if lora_alpha is None:
+            # Keras's `build` calls `enable_lora(lora_rank)` alone: keep the configured alpha.
+            configured = self.lora_alpha if getattr(self, "lora_rank", None) == rank else None
+            lora_alpha = configured or rules.linear.lora_alpha(rank)
+        super().enable_lora(rank, lora_alpha=lora_alpha, a_initializer=a_initializer or unit_normal(),
+                            b_initializer=b_initializer)
+        base, factor_a, factor_b = self._lora_variables()
+        base_role = weights.role(base)
+        role_a, fan_in = ("hidden", int(factor_a.shape[0])) if base_role is None else (base_role.role, base_role.fan_in)
+        self.declare_role(factor_a, role_a, fan_in=fan_in, fan_out=rank)
+        self.declare_role(factor_b, "hidden", fan_in=rank, fan_out=int(factor_b.shape[-1]))
+
+    def _lora_variables(self):
+        """The variable LoRA adapts and its two factors `A` and `B`."""
+        return self._kernel, self.lora_kernel_a, self.lora_kernel_b
+
+    def _checkpointed_weights(self):
+        # Keras saves the kernel with LoRA's update merged into it, and not the
+        # factors (which it zeroes on loading): a file then loads into a layer
+        # with or without LoRA enabled.
+        checkpointed = super()._checkpointed_weights()
+        if not self.lora_enabled:
+            return checkpointed
+        factors = [id(v) for v in self._lora_variables()[1:]]
+        return [v for v in checkpointed if id(v) not in factors]
+
+
+class FoldedQuantization:
+    """Quantizes a layer after folding its weight multipliers into the stored weights.
+
+    Keras quantizes the stored kernel; a weight multiplier would then be
+    applied to a quantized copy of the weight without it. Folding keeps the
+    function exact: each multiplied weight is assigned `m·w` and its
+    multiplier set to 1 (a quantized kernel no longer trains, so the
+    learning-rate factor the multiplier implied has nothing left to do).
+    """
+
+    # The unit-scaled layers this mixin quantizes: a user's subclass of one
+    # may change its call, so, as Keras does for its own layers, it is
+    # quantized only when `type_check=False` says it is safe.
+    def quantize(self, mode=None, type_check=True, config=None):
+        if type_check and type(self).__module__.split(".")[0] != "keras_unitscale":
+            raise self._not_implemented_error(self.quantize)
+        if self.built:
+            for variable in self._own_weights():
+                multiplier = self.weight_multiplier(variable.name)
+                if multiplier != 1.0 and weights.is_declared(variable):
+                    variable.assign(variable * multiplier)
+                    weights.set_multiplier(variable, 1.0)
+        # Keras refuses to quantize a subclass unless told it is safe: this
+        # one is, as its `quantized_call` applies the unit-scaling rule
+        # around Keras's quantized computation.
+        super().quantize(mode, type_check=False, config=config)
+        # Quantizing replaces the kernel variable: its role is declared again.
+        self.declare_roles()

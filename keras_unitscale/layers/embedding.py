@@ -3,27 +3,31 @@
 import keras
 from keras import ops
 
-from keras_unitscale import functional as U
-from keras_unitscale import checks
+from keras_unitscale.layers.common import FoldedQuantization
+from keras_unitscale.layers.common import LowRankAdapters
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
+from keras_unitscale.ops import linear
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class Embedding(WeightMultipliers, keras.layers.Layer):
-    """A unit-scaled embedding: the drop-in for `keras.layers.Embedding`.
+class Embedding(FoldedQuantization, LowRankAdapters, WeightMultipliers, keras.layers.Embedding):
+    """A unit-scaled embedding: `keras.layers.Embedding` with the unit-scaled lookup.
 
     Rows start at unit variance and are returned as they are; the table's
-    gradient is scaled by `sqrt(input_dim / tokens)` (see
-    `functional.embedding`). In u-μP this is the model's input weight.
+    gradient is scaled by `sqrt(input_dim / tokens)` (`ops.linear.embedding`).
+    In u-μP this is the model's input weight. Everything else is Keras's:
+    masking, ragged ids, `weights=`, LoRA (`common.LowRankAdapters`: `A` is
+    looked up like the table, an input weight), quantization (a quantized
+    lookup is Keras's: the forward scale is 1 and the table no longer
+    trains), configs.
 
     Args:
-        input_dim: vocabulary size, a positive integer.
-        output_dim: embedding size, a positive integer.
-        mask_zero: whether id 0 is padding, to be masked downstream (as in
-            Keras; `input_dim` then counts it).
+        input_dim, output_dim, embeddings_regularizer,
+        embeddings_constraint, mask_zero, weights, lora_rank,
+        quantization_config: as for `keras.layers.Embedding`.
         embeddings_initializer: defaults to unit-variance normal.
-        embeddings_regularizer, embeddings_constraint: as for Keras.
+        lora_alpha: as for Keras; defaults to `rank^1/2`.
         weight_multipliers: fixed forward multipliers on the weights, by
             variable name (see `common.WeightMultipliers`).
         lr_multipliers: fixed learning-rate factors, by variable name (set
@@ -43,57 +47,56 @@ class Embedding(WeightMultipliers, keras.layers.Layer):
         self,
         input_dim,
         output_dim,
-        mask_zero=False,
         embeddings_initializer=None,
         embeddings_regularizer=None,
         embeddings_constraint=None,
+        mask_zero=False,
+        weights=None,
+        lora_rank=None,
+        lora_alpha=None,
+        quantization_config=None,
         weight_multipliers=None,
         lr_multipliers=None,
         **kwargs,
     ):
-        kwargs.setdefault("autocast", False)
-        super().__init__(**kwargs)
+        # Before Keras's constructor, which builds the layer when given `weights`.
         self._init_weight_multipliers(weight_multipliers, lr_multipliers)
-        self.input_dim = checks.positive_int("input_dim", input_dim)
-        self.output_dim = checks.positive_int("output_dim", output_dim)
-        self.mask_zero = bool(mask_zero)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer or unit_normal())
-        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
-        self.embeddings_constraint = keras.constraints.get(embeddings_constraint)
-        self.supports_masking = self.mask_zero
+        super().__init__(
+            input_dim,
+            output_dim,
+            embeddings_initializer=embeddings_initializer or unit_normal(),
+            embeddings_regularizer=embeddings_regularizer,
+            embeddings_constraint=embeddings_constraint,
+            mask_zero=mask_zero,
+            weights=weights,
+            lora_rank=lora_rank,
+            lora_alpha=self._default_lora_alpha(lora_rank, lora_alpha),
+            quantization_config=quantization_config,
+            **kwargs,
+        )
 
     def build(self, input_shape=None):
-        self.embeddings = self.add_weight(
-            name="embeddings",
-            shape=(self.input_dim, self.output_dim),
-            initializer=self.embeddings_initializer,
-            regularizer=self.embeddings_regularizer,
-            constraint=self.embeddings_constraint,
-        )
+        if self.built:
+            return
+        super().build(input_shape)
+        self.declare_roles()
+
+    def declare_roles(self):
+        """Declares the table's u-μP role (after building, and again after quantizing)."""
         # A lookup reads one row: its fan-in is 1.
-        self.declare_role(self.embeddings, "input", fan_in=1, fan_out=self.output_dim)
+        self.declare_role(self._embeddings, "input", fan_in=1, fan_out=self.output_dim)
+
+    def _lora_variables(self):
+        return self._embeddings, self.lora_embeddings_a, self.lora_embeddings_b
 
     def call(self, inputs):
+        if hasattr(inputs, "flat_values"):  # a ragged batch: the lookup is the same on its values
+            return inputs.with_flat_values(self.call(inputs.flat_values))
         if "int" not in keras.backend.standardize_dtype(inputs.dtype):
             inputs = ops.cast(inputs, "int32")
-        return ops.cast(U.embedding(inputs, self.multiplied(self.embeddings)), self.compute_dtype)
-
-    def compute_mask(self, inputs, mask=None):
-        if not self.mask_zero:
-            return None
-        return ops.not_equal(inputs, 0)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
+        # Keras's `embeddings` is the effective table, LoRA's low-rank update included.
+        table = self.multiplied(self._embeddings, self.embeddings)
+        return ops.cast(linear.embedding(inputs, table), self.compute_dtype)
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "input_dim": self.input_dim,
-            "output_dim": self.output_dim,
-            "mask_zero": self.mask_zero,
-            "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
-            "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
-            "embeddings_constraint": keras.constraints.serialize(self.embeddings_constraint),
-            **self.multiplier_config(),
-        }
+        return {**super().get_config(), **self.multiplier_config()}

@@ -1,11 +1,14 @@
-"""The unit-scaled `LSTM` layer and its cell.
+"""The unit-scaled `LSTM` layer and its cell: Keras's `LSTM` and `LSTMCell` with the unit-scaled ops.
 
-The scaling rule and its derivation live in `keras_unitscale.functional`
-(the "recurrent" section: `lstm_rule`, `lstm_weights`, `lstm_inputs`,
-`lstm_hidden_in`, `lstm_hidden_out`, `lstm_dropout`, `lstm_cell`). This
-module only wires them into Keras's recurrent machinery: the cell steps
-`functional.lstm_cell`, and the layer hands the *scaled* weights to the
-backend's fused LSTM (cuDNN) where plain `keras.layers.LSTM` would call it.
+The scaling rule and its derivation live in `keras_unitscale.rules.lstm`,
+the ops that apply it in `keras_unitscale.ops.lstm` (`lstm_weights`,
+`lstm_inputs`, `lstm_hidden_in`, `lstm_hidden_out`, `lstm_dropout`,
+`lstm_cell`). This module only wires them into Keras's recurrent machinery:
+the cell steps `lstm_cell`, and the layer hands the *scaled* weights to the
+backend's fused LSTM (cuDNN) where plain `keras.layers.LSTM` would hand it
+the raw ones. Everything else (sequences, states, masking, `go_backwards`,
+`stateful`, `unroll`, dropout masks, configs, shapes, dtype policies,
+variable names and paths) is Keras's.
 """
 
 import contextlib
@@ -15,11 +18,11 @@ from keras import ops
 from keras.src import backend as keras_backend
 
 from keras_unitscale import checks
-from keras_unitscale import functional as U
 from keras_unitscale import precision
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import check_fp8
 from keras_unitscale.layers.common import unit_normal
+from keras_unitscale.ops import lstm as lstm_ops
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -51,16 +54,30 @@ def _check_use_cudnn(use_cudnn):
     )
 
 
+def _as_compute_dtype(x, dtype):
+    """Casts `x` to the compute dtype unless it is already there.
+
+    Floats: `__call__` autocasts them, `stateless_call` does not. Booleans
+    and integers: Keras's `__call__` leaves them, and Keras's LSTM computes
+    with them as its matmuls promote them, in the compute dtype.
+    """
+    x = ops.convert_to_tensor(x)
+    if keras.backend.standardize_dtype(x.dtype) != dtype:
+        x = ops.cast(x, dtype)
+    return x
+
+
 @keras.saving.register_keras_serializable(package="keras_unitscale")
 class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
-    """A unit-scaled LSTM cell: the drop-in for `keras.layers.LSTMCell`.
+    """A unit-scaled LSTM cell: `keras.layers.LSTMCell` with the unit-scaled step.
 
-    Weights start at unit variance; `keras_unitscale.functional.lstm_weights`
+    Weights start at unit variance; `keras_unitscale.ops.lstm_weights`
     scales them (input projection × `input_dim^-1/2`, recurrent projection ×
-    `units^-1/2` on the plain hidden state) and `functional.lstm_cell`
-    steps the recurrence with plain sigmoid/tanh gates, scaling the hidden
-    state (the output and what is carried) to unit RMS. The cell's state is
-    `[h, c]` with `h` the unit-scaled output.
+    `units^-1/2` on the plain hidden state) and `ops.lstm_cell` steps the
+    recurrence with plain sigmoid/tanh gates, scaling the hidden state (the
+    output and what is carried) to unit RMS. The cell's state is `[h, c]`
+    with `h` the unit-scaled output. Everything else (weights, their names,
+    dropout masks, initial states, configs) is Keras's `LSTMCell`.
 
     Driven by `LSTM`, the weights are scaled once per sequence, for its
     length. Standalone in `keras.layers.RNN`, each step is scaled as a
@@ -82,6 +99,9 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             `keras.layers.LSTMCell`.
         dropout: fraction of the inputs dropped, in [0, 1).
         recurrent_dropout: fraction of the recurrent state dropped, in [0, 1).
+            One mask for the whole recurrent projection (Keras draws one
+            per gate when `recurrent_dropout` is set); either is rescaled by
+            `ops.lstm_dropout` to keep unit RMS.
         seed: random seed for dropout.
         weight_multipliers: fixed forward multipliers on the weights, by
             variable name (see `common.WeightMultipliers`).
@@ -89,7 +109,9 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             by `unit_scale`; see `common.WeightMultipliers`).
         fp8: the kernels' matmuls in scale-free FP8: None follows
             `keras_unitscale.precision`'s setting, True or False decide.
-        **kwargs: base layer arguments (`name`, `dtype`, ...).
+        **kwargs: base layer arguments (`name`, `dtype`, ...). Keras's
+            `implementation` is accepted and ignored: the cell always runs
+            one fused step (Keras's implementation 2).
 
     Example:
 
@@ -171,8 +193,8 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             self.declare_role(self.bias, "bias", fan_out=gates)
 
     def scaled_weights(self, inputs, return_sequences=True):
-        """The weights for one sequence: multiplied, then scaled by `functional.lstm_weights`."""
-        return U.lstm_weights(
+        """The weights for one sequence: multiplied, then scaled by `ops.lstm_weights`."""
+        return lstm_ops.lstm_weights(
             self.multiplied(self.kernel),
             self.multiplied(self.recurrent_kernel),
             self.multiplied(self.bias),
@@ -207,43 +229,45 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
         h, c = states[0], states[1]
         weights = self._sequence_weights
         if weights is None:
-            inputs = U.lstm_inputs(inputs, self.units, forget_bias=self.forget_bias)
+            # Standalone (in `keras.layers.RNN`): nothing cast the step yet.
+            inputs = _as_compute_dtype(inputs, self.compute_dtype)
+            inputs = lstm_ops.lstm_inputs(inputs, self.units, forget_bias=self.forget_bias)
             weights = self.scaled_weights(inputs)
         if training and self.dropout > 0:
-            inputs = U.lstm_dropout(inputs, self.get_dropout_mask(inputs), self.dropout)
+            inputs = lstm_ops.lstm_dropout(inputs, self.get_dropout_mask(inputs), self.dropout)
         if training and self.recurrent_dropout > 0:
-            h = U.lstm_dropout(
-                h, self.get_recurrent_dropout_mask(h), self.recurrent_dropout
-            )
-        h, c = U.lstm_cell(inputs, h, c, *weights, forget_bias=self.forget_bias, fp8=self.uses_fp8())
+            h = lstm_ops.lstm_dropout(h, self.get_recurrent_dropout_mask(h), self.recurrent_dropout)
+        h, c = lstm_ops.lstm_cell(inputs, h, c, *weights, forget_bias=self.forget_bias, fp8=self.uses_fp8())
         return h, [h, c]
 
 
-def _cell_property(name):
-    return property(lambda self: getattr(self.cell, name))
-
-
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class LSTM(keras.layers.RNN):
-    """A unit-scaled LSTM layer: the drop-in for `keras.layers.LSTM`.
+class LSTM(keras.layers.LSTM):
+    """A unit-scaled LSTM layer: `keras.layers.LSTM` with the unit-scaled cell and fused call.
 
     Same arguments and behaviour as `keras.layers.LSTM` (sequences, states,
-    `go_backwards`, `stateful`, masking, dropout, `unroll`, `use_cudnn`),
-    with unit-variance weights and the unit-scaling rule of
-    `keras_unitscale.functional.lstm_rule`: for unit-scaled inputs the
-    output, the input gradient and the kernel, recurrent-kernel and bias
-    gradients are all near unit RMS at initialisation, for any width and
-    sequence length. The carried state `h` is the (unit-scaled) output, as
-    in Keras.
+    `go_backwards`, `stateful`, masking, dropout, `unroll`, `use_cudnn`,
+    configs: `from_config` takes the config Keras's LSTM writes), with
+    unit-variance weights and the unit-scaling rule of
+    `keras_unitscale.rules.lstm`: for unit-scaled inputs the output, the
+    input gradient and the kernel, recurrent-kernel and bias gradients are
+    all near unit RMS at initialisation, for any width and sequence length.
+    The carried state `h` is the (unit-scaled) output, as in Keras; an
+    `initial_state` is in that scale too.
 
     Where `keras.layers.LSTM` calls the backend's fused LSTM (cuDNN on GPU),
-    this layer does too, with the scaled weights; elsewhere it steps
-    `LSTMCell`.
+    this layer does too, with the scaled weights (`ops.lstm_weights`) and
+    the plain hidden state (`ops.lstm_hidden_in` / `lstm_hidden_out`);
+    elsewhere it steps `LSTMCell`.
 
-    It subclasses `keras.layers.RNN`, not `keras.layers.LSTM`, so that
-    `keras.layers.Bidirectional` does not send its raw weights to the fused
-    bidirectional kernel; wrapped in `Bidirectional`, each direction runs
-    this layer.
+    `use_cudnn`: the constructor's choice is `fused_kernel` (saved in the
+    config as `use_cudnn`). The attribute `use_cudnn` reads None: Keras
+    reads it in `keras.layers.Bidirectional`, which hands both directions'
+    *raw* weights to the backend's fused bidirectional kernel (a plain LSTM,
+    without this layer's scales) when both say True or "auto". Saying
+    neither, wrapped in `Bidirectional`, each direction runs this layer (and
+    its own fused kernel). Setting `use_cudnn` to "auto", True or False sets
+    `fused_kernel`.
 
     Args:
         units: positive integer, the output size.
@@ -253,7 +277,7 @@ class LSTM(keras.layers.RNN):
         bias_initializer, unit_forget_bias, kernel_regularizer,
         recurrent_regularizer, bias_regularizer, activity_regularizer,
         kernel_constraint, recurrent_constraint, bias_constraint, dropout,
-        recurrent_dropout, seed, weight_multipliers: as for `LSTMCell` (and
+        recurrent_dropout, seed: as for `LSTMCell` (and
             `keras.layers.LSTM`); the initialisers default to unit-variance
             normal.
         return_sequences: return the whole output sequence, not only the
@@ -266,8 +290,10 @@ class LSTM(keras.layers.RNN):
         unroll: unroll the loop.
         use_cudnn: "auto" (use the fused kernel where the backend has one,
             and the matmuls are not in FP8), True (require it) or False.
-        fp8: as for `LSTMCell`.
-        **kwargs: base layer arguments (`name`, `dtype`, ...).
+        weight_multipliers, lr_multipliers, fp8: as for `LSTMCell`.
+        **kwargs: base layer and `keras.layers.RNN` arguments (`name`,
+            `dtype`, `zero_output_for_mask`, ...). Keras's `implementation`
+            is accepted and ignored, as in `LSTMCell`.
 
     Example:
 
@@ -298,14 +324,14 @@ class LSTM(keras.layers.RNN):
         dropout=0.0,
         recurrent_dropout=0.0,
         seed=None,
-        weight_multipliers=None,
-        lr_multipliers=None,
         return_sequences=False,
         return_state=False,
         go_backwards=False,
         stateful=False,
         unroll=False,
         use_cudnn="auto",
+        weight_multipliers=None,
+        lr_multipliers=None,
         fp8=None,
         **kwargs,
     ):
@@ -336,7 +362,11 @@ class LSTM(keras.layers.RNN):
             trainable=kwargs.get("trainable", True),
             name="lstm_cell",
         )
-        super().__init__(
+        # `keras.layers.LSTM.__init__` makes Keras's own cell and then
+        # `RNN.__init__`; this is that, with our cell, and the rest of it
+        # below. Its `input_spec` (ndim=3) is left out: the rank check in
+        # `build` and `call` says more (the shape received).
+        super(keras.layers.LSTM, self).__init__(
             cell,
             return_sequences=return_sequences,
             return_state=return_state,
@@ -346,7 +376,7 @@ class LSTM(keras.layers.RNN):
             activity_regularizer=activity_regularizer,
             **kwargs,
         )
-        self.use_cudnn = use_cudnn
+        self.fused_kernel = use_cudnn
         if (
             keras.backend.backend() == "tensorflow"
             and use_cudnn in (True, "auto")
@@ -356,6 +386,18 @@ class LSTM(keras.layers.RNN):
         ):
             # cuDNN ops are not XLA-compatible (as for keras.layers.LSTM).
             self.supports_jit = False
+
+    @property
+    def use_cudnn(self):
+        """None: Keras's own fused kernels never get this layer's raw weights (see the class docstring)."""
+        return None
+
+    @use_cudnn.setter
+    def use_cudnn(self, value):
+        # `Bidirectional` copies the wrapped layer's value (None) into its two
+        # copies, which keep the choice their config gave them.
+        if value is not None:
+            self.fused_kernel = _check_use_cudnn(value)
 
     @staticmethod
     def _check_rank(sequences_shape):
@@ -371,15 +413,8 @@ class LSTM(keras.layers.RNN):
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         self._check_rank(sequences.shape)
-        # `__call__` casts the inputs to the compute dtype; `stateless_call`
-        # does not.
-        sequences = ops.convert_to_tensor(sequences)
-        dtype = keras.backend.standardize_dtype(sequences.dtype)
-        if "float" in dtype and dtype != self.compute_dtype:
-            sequences = ops.cast(sequences, self.compute_dtype)
-        return super().call(
-            sequences, mask=mask, training=training, initial_state=initial_state
-        )
+        sequences = _as_compute_dtype(sequences, self.compute_dtype)
+        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if keras.tree.is_nested(mask):
@@ -388,15 +423,15 @@ class LSTM(keras.layers.RNN):
         forget_bias = cell.forget_bias
         # The input's gradient scale (a cut edge) and the scaled weights,
         # once for the whole sequence.
-        sequences = U.lstm_inputs(sequences, cell.units, self.return_sequences, forget_bias)
+        sequences = lstm_ops.lstm_inputs(sequences, cell.units, self.return_sequences, forget_bias)
         weights = cell.scaled_weights(sequences, self.return_sequences)
         # The fused kernel has no FP8 casts inside its loop.
-        if self.use_cudnn in ("auto", True) and not cell.recurrent_dropout and not cell.uses_fp8():
+        if self.fused_kernel in ("auto", True) and not cell.recurrent_dropout and not cell.uses_fp8():
             try:
                 return self._fused_loop(sequences, initial_state, mask, training, weights)
             except NotImplementedError:
                 pass
-        if self.use_cudnn is True:
+        if self.fused_kernel is True:
             raise ValueError(
                 "use_cudnn=True was specified, but the fused (cuDNN) LSTM is not "
                 "available for this layer configuration on this backend and "
@@ -404,7 +439,10 @@ class LSTM(keras.layers.RNN):
                 "implementation. Received: use_cudnn=True"
             )
         with cell.sequence_weights(weights):
-            return super().inner_loop(sequences, initial_state, mask=mask, training=training)
+            # `RNN.inner_loop`: Keras's step loop over our cell.
+            return super(keras.layers.LSTM, self).inner_loop(
+                sequences, initial_state, mask=mask, training=training
+            )
 
     def _fused_loop(self, sequences, initial_state, mask, training, weights):
         """The backend's fused LSTM on the plain hidden state, with the scaled weights."""
@@ -412,11 +450,11 @@ class LSTM(keras.layers.RNN):
         forget_bias = cell.forget_bias
         if training and cell.dropout:
             mask_step = cell.get_dropout_mask(sequences[:, 0, :])
-            sequences = U.lstm_dropout(sequences, ops.expand_dims(mask_step, 1), cell.dropout)
+            sequences = lstm_ops.lstm_dropout(sequences, ops.expand_dims(mask_step, 1), cell.dropout)
         kernel, recurrent_kernel, bias = weights
         last_output, outputs, states = keras_backend.lstm(
             sequences,
-            U.lstm_hidden_in(initial_state[0], forget_bias),
+            lstm_ops.lstm_hidden_in(initial_state[0], forget_bias),
             initial_state[1],
             mask,
             kernel=kernel,
@@ -432,62 +470,15 @@ class LSTM(keras.layers.RNN):
             # cuDNN ops are not XLA-compatible (as for keras.layers.LSTM).
             self.supports_jit = False
         return (
-            U.lstm_hidden_out(last_output, forget_bias),
-            U.lstm_hidden_out(outputs, forget_bias),
-            [U.lstm_hidden_out(states[0], forget_bias), states[1]],
+            lstm_ops.lstm_hidden_out(last_output, forget_bias),
+            lstm_ops.lstm_hidden_out(outputs, forget_bias),
+            [lstm_ops.lstm_hidden_out(states[0], forget_bias), states[1]],
         )
-
-    units = _cell_property("units")
-    activation = _cell_property("activation")
-    recurrent_activation = _cell_property("recurrent_activation")
-    use_bias = _cell_property("use_bias")
-    unit_forget_bias = _cell_property("unit_forget_bias")
-    kernel_initializer = _cell_property("kernel_initializer")
-    recurrent_initializer = _cell_property("recurrent_initializer")
-    bias_initializer = _cell_property("bias_initializer")
-    kernel_regularizer = _cell_property("kernel_regularizer")
-    recurrent_regularizer = _cell_property("recurrent_regularizer")
-    bias_regularizer = _cell_property("bias_regularizer")
-    kernel_constraint = _cell_property("kernel_constraint")
-    recurrent_constraint = _cell_property("recurrent_constraint")
-    bias_constraint = _cell_property("bias_constraint")
-    dropout = _cell_property("dropout")
-    recurrent_dropout = _cell_property("recurrent_dropout")
-
-    _CELL_CONFIG_KEYS = (
-        "units",
-        "activation",
-        "recurrent_activation",
-        "use_bias",
-        "kernel_initializer",
-        "recurrent_initializer",
-        "bias_initializer",
-        "unit_forget_bias",
-        "kernel_regularizer",
-        "recurrent_regularizer",
-        "bias_regularizer",
-        "kernel_constraint",
-        "recurrent_constraint",
-        "bias_constraint",
-        "dropout",
-        "recurrent_dropout",
-        "seed",
-        "weight_multipliers",
-        "lr_multipliers",
-        "fp8",
-    )
 
     def get_config(self):
-        cell_config = self.cell.get_config()
-        config = {key: cell_config[key] for key in self._CELL_CONFIG_KEYS}
-        config["activity_regularizer"] = keras.regularizers.serialize(
-            self.activity_regularizer
-        )
-        config["use_cudnn"] = self.use_cudnn
-        base_config = super().get_config()
-        del base_config["cell"]
-        return {**base_config, **config}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+        return {
+            **super().get_config(),
+            "use_cudnn": self.fused_kernel,
+            "fp8": self.cell.fp8,
+            **self.cell.multiplier_config(),
+        }

@@ -2,19 +2,20 @@
 
 import keras
 
-from keras_unitscale import constraints
-from keras_unitscale import functional as U
+from keras_unitscale.layers.activation import check_constraint
+from keras_unitscale.ops import linear
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class Add(keras.layers.Layer):
-    """The unit-scaled sum of two tensors: the drop-in for `keras.layers.Add`.
+class Add(keras.layers.Add):
+    """The unit-scaled sum of tensors: `keras.layers.Add` with `ops.linear.sum_of`.
 
-    `functional.add`: `(a + b) / sqrt(2)`, so two unit-scaled inputs give a
-    unit-scaled output; with the default constraint the gradient is the true
-    gradient of that function. Used as a residual join (`x + branch(x)`) it
-    is an equal-weight residual (tau = 1); for u-μP's depth-dependent weights
-    use `ResidualSplit`/`ResidualAdd` or `Residual`.
+    `n` unit-scaled inputs give a unit-scaled output (`(a + b) / sqrt(2)`
+    for two); with the default constraint the gradient is the true gradient
+    of that function. Masks, broadcasting and config are Keras's. Used as a
+    residual join (`x + branch(x)`) it is an equal-weight residual (tau =
+    1); for u-μP's depth-dependent weights use `ResidualSplit`/`ResidualAdd`
+    or `Residual`.
 
     Args:
         constraint: how the op's forward and backward scales are tied (see
@@ -30,30 +31,10 @@ class Add(keras.layers.Layer):
 
     def __init__(self, constraint="to_output_scale", **kwargs):
         super().__init__(**kwargs)
-        constraints.get(constraint)  # an unknown name fails here, not at the first call
-        self.constraint = constraint
-        self.supports_masking = True
-        self.built = True
+        self.constraint = check_constraint(constraint)
 
-    def call(self, inputs):
-        if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
-            raise ValueError(
-                "The unit-scaled `Add` sums exactly two tensors. Received: "
-                + (f"{len(inputs)} inputs" if isinstance(inputs, (list, tuple)) else f"a {type(inputs).__name__}")
-            )
-        return U.add(inputs[0], inputs[1], constraint=self.constraint)
-
-    def compute_output_shape(self, input_shape):
-        a, b = (tuple(shape) for shape in input_shape)
-        rank = max(len(a), len(b))
-        a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
-        return tuple(y if x == 1 else x for x, y in zip(a, b))
-
-    def compute_mask(self, inputs, mask=None):
-        if mask is None or all(m is None for m in mask):
-            return None
-        masks = [m for m in mask if m is not None]
-        return masks[0] if len(masks) == 1 else keras.ops.logical_and(masks[0], masks[1])
+    def _merge_function(self, inputs):
+        return linear.sum_of(list(inputs), self.constraint)
 
     def get_config(self):
         return {**super().get_config(), "constraint": self.constraint}

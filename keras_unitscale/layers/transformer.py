@@ -1,6 +1,7 @@
 """The unit-scaled pre-norm `TransformerBlock`."""
 
 import keras
+from keras import ops
 
 from keras_unitscale import checks
 from keras_unitscale import functional as U
@@ -16,6 +17,12 @@ from keras_unitscale.layers.normalization import LayerNormalization
 from keras_unitscale.layers.normalization import RMSNormalization
 
 _NORMS = {"layer": LayerNormalization, "rms": RMSNormalization}
+
+
+def _norm(kind, name, weight_multipliers):
+    """A gain-only norm: a layer norm without its bias, or an RMS norm (which has none)."""
+    center = {"center": False} if kind == "layer" else {}
+    return _NORMS[kind](name=name, weight_multipliers=weight_multipliers, **center)
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -44,8 +51,9 @@ class TransformerBlock(keras.layers.Layer):
         residual_mult, residual_attn_ratio: the depth rule's hyperparameters.
         use_bias: biases on the attention and MLP projections (off, as in u-μP).
         weight_multipliers: fixed forward multipliers on the weights of the
-            block's layers, by "layer/variable" name, e.g.
-            `{"mlp_up/kernel": 0.5}` (see `common.WeightMultipliers`).
+            block's layers, by path within the block, e.g.
+            `{"mlp_up/kernel": 0.5, "attention/query/kernel": 2.0}` (see
+            `common.WeightMultipliers`).
         fp8: the block's matmuls in scale-free FP8: None follows
             `keras_unitscale.precision`'s setting (which leaves the attention
             output and MLP down projections, u-μP's critical matmuls, in
@@ -117,17 +125,13 @@ class TransformerBlock(keras.layers.Layer):
         # No norm biases and, by default, no projection biases, as in u-μP:
         # at initialisation every position's gradient into a bias points the
         # same way, so a bias's gradient grows with the sequence length.
-        self.attention_norm = _NORMS[self.norm](
-            center=False, name="attention_norm", weight_multipliers=_part(multipliers, "attention_norm")
-        )
+        self.attention_norm = _norm(self.norm, "attention_norm", _part(multipliers, "attention_norm"))
         self.attention = MultiHeadAttention(
             self.num_heads, key_dim, dropout=self.dropout, mult=self.attention_mult,
             use_bias=self.use_bias, name="attention", weight_multipliers=_part(multipliers, "attention"),
             fp8=self.fp8,
         )
-        self.mlp_norm = _NORMS[self.norm](
-            center=False, name="mlp_norm", weight_multipliers=_part(multipliers, "mlp_norm")
-        )
+        self.mlp_norm = _norm(self.norm, "mlp_norm", _part(multipliers, "mlp_norm"))
         self.mlp_up = Dense(int(self.mlp_ratio * width), activation=self.activation, mult=self.activation_mult,
                             use_bias=self.use_bias, name="mlp_up", weight_multipliers=_part(multipliers, "mlp_up"),
                             fp8=self.fp8)
@@ -143,7 +147,10 @@ class TransformerBlock(keras.layers.Layer):
 
     @property
     def weight_multipliers(self):
-        """{"layer/variable": multiplier} over the block's layers, for the multipliers that are not 1."""
+        """{"layer/variable": multiplier} over the block's layers, for the multipliers that are not 1.
+
+        The attention's projections are under "attention/<projection>/<variable>".
+        """
         if not self.built:
             return dict(self._initial_weight_multipliers)
         return {
@@ -154,8 +161,12 @@ class TransformerBlock(keras.layers.Layer):
 
     def _attend(self, x, training=None, mask=None):
         h = self.attention_norm(x)
-        h = self.attention(h, h, query_mask=mask, value_mask=mask, use_causal_mask=self.use_causal_mask,
-                           training=training)
+        # Keras's attention takes the query's padding mask from the query
+        # tensor, not from an argument: the block's mask is the value mask
+        # and, over query positions, the attention mask.
+        attention_mask = None if mask is None else ops.expand_dims(ops.cast(mask, "bool"), -1)
+        h = self.attention(h, h, value_mask=mask, attention_mask=attention_mask,
+                           use_causal_mask=self.use_causal_mask, training=training)
         return self.branch_dropout(h, training=training)
 
     def _feed_forward(self, x, training=None, mask=None):

@@ -1,9 +1,21 @@
-"""Unit-scaled elementwise ops: the activations and dropout (rules in `keras_unitscale.rules.activations`)."""
+"""Unit-scaled elementwise ops: the activations and dropout (rules in `keras_unitscale.rules.activations`).
+
+`apply` takes any activation Keras accepts: a name, Keras's function, or a
+user's function of a tensor. relu, gelu, silu (swish), tanh, sigmoid and
+softmax have derived rules; every other activation gets the general rule,
+output × `1/RMS(f(z))` and input gradient × `1/RMS(f'(z))` for z ~ N(0, 1),
+computed once per activation (`ops.any_activation.rule`).
+"""
 
 from keras import ops
 from keras import random
 
 from keras_unitscale import rules
+from keras_unitscale.ops.any_activation import function_of
+from keras_unitscale.ops.any_activation import is_elementwise
+from keras_unitscale.ops.any_activation import keras_names
+from keras_unitscale.ops.any_activation import resolve
+from keras_unitscale.ops.any_activation import rule
 from keras_unitscale.ops.common import check_rank
 from keras_unitscale.ops.common import elementwise
 from keras_unitscale.ops.common import to_float
@@ -12,7 +24,10 @@ from keras_unitscale.scale import scale_fwd
 from keras_unitscale.scale import scaled
 from keras_unitscale.sizes import shape as shape_of
 
-__all__ = ["relu", "gelu", "silu", "silu_glu", "tanh", "sigmoid", "softmax", "dropout", "apply"]
+__all__ = [
+    "relu", "gelu", "silu", "silu_glu", "tanh", "sigmoid", "softmax", "dropout", "apply", "resolve", "rule",
+    "is_elementwise", "keras_names",
+]
 
 
 def dropout(x, rate, training=True, seed=None, noise_shape=None):
@@ -233,8 +248,20 @@ _BY_NAME = {"relu": relu, "tanh": tanh, "sigmoid": sigmoid}
 _WITH_MULT = {"gelu": gelu, "silu": silu, "swish": silu, "softmax": softmax}
 
 
-def apply(x, name, mult=1.0, constraint="to_output_scale"):
-    """Applies the unit-scaled activation called `name` (one of `rules.activations.NAMES`) to `x`.
+def apply(x, activation, mult=1.0, constraint="to_output_scale"):
+    """Applies the unit-scaled `activation` to `x`: a name, Keras's function, a user's callable, or None.
+
+    The derived ops of this module for relu, gelu, silu (swish), tanh,
+    sigmoid and softmax (`mult` is theirs: gelu, silu, softmax); for any
+    other activation `f`, `scales.output · f(x)` with input gradient
+    `scales.grad · f'`, the general rule (`rule`) tied by `constraint`. An
+    activation that is not elementwise (log_softmax, glu, sparsemax, ...)
+    acts along the last axis, whose size must be static.
+
+    With the default constraint the gradient's scale is the output's, so a
+    function whose derivative is small where its value is not (sigmoid,
+    softplus, log_sigmoid, ...) has a gradient RMS below 1:
+    `rules.activations.tied_gradient_rms` says by how much.
 
     Example:
 
@@ -242,8 +269,16 @@ def apply(x, name, mult=1.0, constraint="to_output_scale"):
     >>> [round(v, 3) for v in keras.ops.convert_to_numpy(apply(np.array([4.0], "float32"), "relu")).tolist()]
     [5.657]
     """
-    if name == "linear":
+    activation = resolve(activation)
+    if activation == "linear":
         return x
-    if name in _WITH_MULT:
-        return _WITH_MULT[name](x, mult=mult, constraint=constraint)
-    return _BY_NAME[name](x, constraint=constraint)
+    if isinstance(activation, str) and activation in _WITH_MULT:
+        return _WITH_MULT[activation](x, mult=mult, constraint=constraint)
+    if isinstance(activation, str) and activation in _BY_NAME:
+        return _BY_NAME[activation](x, constraint=constraint)
+    x = to_float(x, "x")
+    size = None
+    if not is_elementwise(activation):
+        check_rank("x", x, 1)
+        size = shape_of(x)[-1]
+    return elementwise(function_of(activation), x, rule(activation, constraint=constraint, size=size))

@@ -4,6 +4,10 @@ Tensors use Keras layouts: a dense kernel is `(fan_in, fan_out)`. The rules
 are in `keras_unitscale.rules.linear`.
 """
 
+import re
+import string
+from typing import NamedTuple
+
 import numpy as np
 from keras import ops
 
@@ -13,6 +17,7 @@ from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import check_dims_match
 from keras_unitscale.ops.common import check_rank
 from keras_unitscale.ops.common import dtype
+from keras_unitscale.ops.common import is_floating
 from keras_unitscale.ops.common import to_float
 from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.scale import scale_bwd
@@ -22,7 +27,10 @@ from keras_unitscale.sizes import global_numel
 from keras_unitscale.sizes import is_static
 from keras_unitscale.sizes import shape as shape_of
 
-__all__ = ["matmul", "dense", "dense_readout", "add", "embedding"]
+__all__ = [
+    "matmul", "dense", "dense_around", "dense_readout", "add", "sum_of", "embedding", "EinsumSizes",
+    "einsum_sizes", "einsum_dense",
+]
 
 
 def matmul(a, b, constraint="to_output_scale"):
@@ -105,14 +113,196 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.
         bias = to_tensor(bias, "bias")
         check_rank("bias", bias, 1, 1)
         check_dims_match("Bias and kernel", "bias.shape[0]", shape_of(bias)[0], "kernel.shape[1]", fan_out)
+    scales = _dense_scales(x, fan_in, fan_out, constraint, scale_power)
+
+    def product(x):
+        y = _matmul(x, scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight), fp8)
+        return y if bias is None else ops.add(y, scale_bwd(as_compute_dtype(bias, x), scales.grad_weight))
+
+    return scale_fwd(product(scale_bwd(x, scales.grad_input)), scales.output)
+
+
+def _dense_scales(x, fan_in, fan_out, constraint, scale_power):
     batch = global_numel(x) / as_float(fan_in)
-    scales = rules.linear.dense(fan_in, fan_out, batch, constraint, scale_power)
-    x = scale_bwd(x, scales.grad_input)
-    kernel = scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight)
-    y = _matmul(x, kernel, fp8)
+    return rules.linear.dense(fan_in, fan_out, batch, constraint, scale_power)
+
+
+def dense_around(x, fan_in, fan_out, product, constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS):
+    """The dense rule's output and input-gradient scales around any `product(x)` by a `(fan_in, fan_out)` kernel.
+
+    For a product this package does not compute itself: Keras's quantized
+    matmuls (int8, int4, float8), whose kernels Keras reads and quantizes.
+    The output and `x`'s gradient are scaled as `dense` scales them; the
+    weights' gradients are whatever `product` gives them (a quantized kernel
+    does not train; a float8 kernel's gradient keeps Keras's scale, which
+    Adam-family optimizers do not see).
+
+    Args:
+        x: inputs, shape `(..., fan_in)`.
+        fan_in, fan_out: the kernel's sizes.
+        product: a function of `x` that returns `x @ kernel (+ bias)`.
+        constraint, scale_power: as for `dense`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.ones((2, 4), "float32")
+    >>> y = dense_around(x, 4, 1, lambda x: keras.ops.matmul(x, np.ones((4, 1), "float32")))
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [[2.0], [2.0]]
+    """
+    x = to_tensor(x, "x")
+    scales = _dense_scales(x, fan_in, fan_out, constraint, scale_power)
+    return scale_fwd(product(scale_bwd(x, scales.grad_input)), scales.output)
+
+
+class EinsumSizes(NamedTuple):
+    """The sizes the dense rule takes for an einsum `x, kernel -> y` (see `einsum_sizes`)."""
+
+    fan_in: int  # summed over in the forward pass: the labels not in the output
+    fan_out: int  # summed over in x's gradient: the kernel's labels that x lacks
+    shared: int  # the size of x's axes that the kernel also has (static: the kernel's)
+
+
+# Keras's EinsumDense equations: "ab,bc->ac", "...b,bc->...c", "ab...,bc->ac...".
+_EINSUM = re.compile(r"^([a-zA-Z.]+),([a-zA-Z]+)->([a-zA-Z.]+)$")
+
+
+def _einsum_specs(equation, x_rank):
+    """The equation's labels for x, the kernel and the output, with an ellipsis spelled out for `x_rank`."""
+    match = _EINSUM.match(equation) if isinstance(equation, str) else None
+    if match is None:
+        raise ValueError(
+            "`equation` must be an einsum of an input and a kernel, such as 'ab,bc->ac' or "
+            f"'...b,bc->...c'. Received: equation={equation!r}"
+        )
+    x_spec, kernel_spec, out_spec = match.groups()
+    ellipses = (x_spec.count("..."), out_spec.count("..."))
+    if ellipses not in ((0, 0), (1, 1)) or x_spec.replace("...", "").count(".") or out_spec.replace(
+        "...", ""
+    ).count("."):
+        raise ValueError(
+            "`equation` may have one ellipsis, in both the input and the output, or none. "
+            f"Received: equation={equation!r}"
+        )
+    if ellipses == (1, 1):
+        elided = x_rank - (len(x_spec) - 3)
+        if elided < 0:
+            raise ValueError(
+                f"The input has rank {x_rank}, fewer axes than `equation` names. Received: equation={equation!r}"
+            )
+        fresh = "".join(c for c in string.ascii_letters if c not in equation)[:elided]
+        x_spec, out_spec = x_spec.replace("...", fresh), out_spec.replace("...", fresh)
+    for name, spec in (("input", x_spec), ("kernel", kernel_spec), ("output", out_spec)):
+        if len(set(spec)) != len(spec):
+            raise ValueError(
+                f"`equation` repeats a label in its {name} ({spec!r}); a traced or diagonal einsum is not a "
+                f"dense op. Received: equation={equation!r}"
+            )
+    if len(x_spec) != x_rank:
+        raise ValueError(
+            f"`equation` names {len(x_spec)} input axes but the input has rank {x_rank}. "
+            f"Received: equation={equation!r}"
+        )
+    return x_spec, kernel_spec, out_spec
+
+
+def einsum_sizes(equation, x_shape, kernel_shape):
+    """The fan-in, fan-out and shared size of the einsum `equation` of an `x_shape` input and a `kernel_shape` kernel.
+
+    Each is the number of terms a sum adds up: the forward pass sums over the
+    labels missing from the output (`fan_in`: for Keras's projections the
+    kernel's contracted axes, those it shares with the input and not with
+    the output), x's gradient over the kernel's labels that x lacks
+    (`fan_out`: the kernel's other axes, less any axis x, kernel and output
+    all share), and the kernel's gradient over x's labels that the kernel
+    lacks: `size(x) / shared`, the batch of `rules.linear.dense`.
+
+    Example:
+
+    >>> einsum_sizes("abc,cde->abde", (2, 5, 16), (16, 4, 8))
+    EinsumSizes(fan_in=16, fan_out=32, shared=16)
+    >>> einsum_sizes("...cd,cde->...e", (2, 5, 4, 8), (4, 8, 16))
+    EinsumSizes(fan_in=32, fan_out=16, shared=32)
+    """
+    x_spec, kernel_spec, out_spec = _einsum_specs(equation, len(x_shape))
+    if len(kernel_spec) != len(kernel_shape):
+        raise ValueError(
+            f"`equation` names {len(kernel_spec)} kernel axes but the kernel has shape {tuple(kernel_shape)}. "
+            f"Received: equation={equation!r}"
+        )
+    sizes = dict(zip(x_spec, x_shape))
+    sizes.update(zip(kernel_spec, kernel_shape))  # the kernel's sizes are static
+
+    def product(labels):
+        result = 1
+        for label in sorted(labels):
+            result = result * sizes[label]
+        return result
+
+    return EinsumSizes(
+        fan_in=product(set(x_spec + kernel_spec) - set(out_spec)),
+        fan_out=product(set(kernel_spec) - set(x_spec)),
+        shared=product(set(x_spec) & set(kernel_spec)),
+    )
+
+
+def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
+                 scale_power=rules.linear.DENSE_POWERS, fp8=False):
+    """A unit-scaled einsum dense op: `(einsum(equation, x, kernel) + bias) * scale`, Keras's `EinsumDense`.
+
+    Rule (`rules.linear.dense`), with the sizes of `einsum_sizes`: output ×
+    `fan_in^-p0`; gradient of `x` × `fan_out^-p1`, tied by the constraint;
+    gradient of `kernel` × `batch^-p2` with `batch = size(x) / shared` (all
+    replicas), and of `bias` × `(size(y) / size(bias))^-p2`, the number of
+    output elements each bias element is added to. For `"...b,bc->...c"`
+    this is `dense` exactly.
+
+    Args:
+        equation: an einsum of the input and the kernel, as Keras's
+            `EinsumDense` takes ("ab,bc->ac", "...b,bc->...c",
+            "ab...,bc->ac...").
+        x: the input.
+        kernel: the kernel, cast to `x`'s dtype when it differs.
+        bias: optional, broadcastable to the output.
+        constraint: see `keras_unitscale.constraints`.
+        scale_power: the powers `(p0, p1, p2)` (see `dense`).
+        fp8: as for `dense`.
+
+    Returns:
+        The output, shaped by `equation`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).normal(size=(16, 8, 256)).astype("float32")
+    >>> w = np.random.default_rng(1).normal(size=(256, 4, 16)).astype("float32")
+    >>> y = keras.ops.convert_to_numpy(einsum_dense("abc,cde->abde", x, w))
+    >>> y.shape, bool(0.9 < y.std() < 1.1)
+    ((16, 8, 4, 16), True)
+    """
+    kernel = to_float(kernel, "kernel")
+    x = to_float(x, "x", like=kernel)
+    sizes = einsum_sizes(equation, shape_of(x), shape_of(kernel))
+    scales = rules.linear.dense(
+        sizes.fan_in, sizes.fan_out, global_numel(x) / as_float(sizes.shared), constraint, scale_power
+    )
+    y = _einsum(equation, scale_bwd(x, scales.grad_input),
+                scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight), fp8)
     if bias is not None:
-        y = ops.add(y, scale_bwd(as_compute_dtype(bias, x), scales.grad_weight))
+        bias = as_compute_dtype(to_tensor(bias, "bias"), x)
+        bias_batch = global_numel(y) / as_float(max(int(np.prod(shape_of(bias))), 1))
+        bias_scale = rules.linear.dense(sizes.fan_in, sizes.fan_out, bias_batch, constraint, scale_power).grad_weight
+        y = ops.add(y, scale_bwd(bias, bias_scale))
     return scale_fwd(y, scales.output)
+
+
+def _einsum(equation, a, b, fp8):
+    """`einsum(equation, a, b)`; with `fp8`, as `_matmul`."""
+    if not fp8:
+        return ops.einsum(equation, a, b)
+    a, b = precision.cast_inputs(a, b)
+    return precision.cast_output_gradient(ops.einsum(equation, a, b))
 
 
 def _matmul(a, b, fp8):
@@ -182,21 +372,47 @@ def add(a, b, constraint="to_output_scale"):
     """
     if isinstance(a, (int, float)) or isinstance(b, (int, float)):
         return ops.add(a, b)
-    a, b = to_tensor(a, "a"), to_tensor(b, "b")
-    a, b = to_float(a, "a", like=b), to_float(b, "b", like=a)
-    a_shape, b_shape = shape_of(a), shape_of(b)
+    return sum_of([a, b], constraint, names=("a", "b"))
+
+
+def sum_of(tensors, constraint="to_output_scale", names=None):
+    """A unit-scaled sum of independent unit-scaled tensors (Keras's `Add` of any number of inputs).
+
+    Rule (`rules.linear.sum_of`): output × `k^-1/2`, `k` the number of
+    operands with more than one element; each operand's gradient ×
+    `1/sqrt(f)`, `f` how many times broadcasting reuses its elements.
+
+    Args:
+        tensors: a list of tensors that broadcast together.
+        constraint: see `keras_unitscale.constraints`.
+        names: the operands' names in errors (default `tensors[i]`).
+
+    Returns:
+        The scaled sum, with the broadcast shape.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = sum_of([np.ones((2,), "float32")] * 4)
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [2.0, 2.0]
+    """
+    names = names or [f"tensors[{i}]" for i in range(len(tensors))]
+    tensors = [to_tensor(t, name) for t, name in zip(tensors, names)]
+    like = next((t for t in tensors if is_floating(t)), None)
+    tensors = [to_float(t, name, like=like) for t, name in zip(tensors, names)]
+    shapes = [shape_of(t) for t in tensors]
     try:
-        if is_static(*a_shape, *b_shape):
-            np.broadcast_shapes(a_shape, b_shape)
+        if is_static(*[dim for shape in shapes for dim in shape]):
+            np.broadcast_shapes(*shapes)
     except ValueError:
-        raise ValueError(
-            "`a` and `b` cannot be broadcast together. Received: "
-            f"a.shape={a_shape}, b.shape={b_shape}"
-        ) from None
-    scales = rules.linear.add(a_shape, b_shape, constraint)
-    a = scale_bwd(a, scales.grad_left)
-    b = scale_bwd(b, scales.grad_right)
-    return scale_fwd(ops.add(a, b), scales.output)
+        received = ", ".join(f"{name}.shape={shape}" for name, shape in zip(names, shapes))
+        raise ValueError(f"{' and '.join(f'`{n}`' for n in names)} cannot be broadcast together. Received: {received}") from None
+    output, *grads = rules.linear.sum_of(shapes, constraint)
+    total = scale_bwd(tensors[0], grads[0])
+    for tensor, grad in zip(tensors[1:], grads[1:]):
+        total = ops.add(total, scale_bwd(tensor, grad))
+    return scale_fwd(total, output)
 
 
 def embedding(ids, table):

@@ -3,6 +3,7 @@
 The rule and its derivation are in `keras_unitscale.rules.lstm`.
 """
 
+import keras
 from keras import ops
 
 from keras_unitscale import checks
@@ -188,6 +189,21 @@ def lstm_dropout(x, mask, rate):
     return scaled(x * ops.cast(mask, x.dtype), scale, scale)
 
 
+def _sum(a, b):
+    """`a + b` for two `(batch, n)` tensors, an empty batch included.
+
+    On TensorFlow, `ops.add` takes a second operand that squeezes to one
+    dimension for a bias (`tf.nn.bias_add`); a `(0, n)` tensor does, and
+    `BiasAdd` then fails ("Biases must be 1D"). Promote as `ops.add` does,
+    then add with `+`, which is the plain elementwise add on every backend.
+    """
+    dtypes = keras.backend.standardize_dtype(a.dtype), keras.backend.standardize_dtype(b.dtype)
+    if dtypes[0] != dtypes[1]:
+        dtype = keras.backend.result_type(*dtypes)
+        a, b = ops.cast(a, dtype), ops.cast(b, dtype)
+    return a + b
+
+
 def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8=False):
     """One step of the unit-scaled LSTM, given the weights from `lstm_weights`.
 
@@ -224,11 +240,11 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8
     h_plain = lstm_hidden_in(to_tensor(h, "h"), forget_bias)
     if fp8:
         x, h_plain = precision.cast_inputs(x, h_plain)
-    z = ops.add(ops.matmul(x, kernel), ops.matmul(h_plain, recurrent_kernel))
+    z = _sum(ops.matmul(x, kernel), ops.matmul(h_plain, recurrent_kernel))
     if fp8:
         z = precision.cast_output_gradient(z)
     if bias is not None:
         z = ops.add(z, bias)
     z_i, z_f, z_g, z_o = ops.split(z, 4, axis=-1)
-    c = ops.add(ops.sigmoid(z_f) * ops.cast(c, z.dtype), ops.sigmoid(z_i) * ops.tanh(z_g))
+    c = _sum(ops.sigmoid(z_f) * ops.cast(c, z.dtype), ops.sigmoid(z_i) * ops.tanh(z_g))
     return lstm_hidden_out(ops.sigmoid(z_o) * ops.tanh(c), forget_bias), c

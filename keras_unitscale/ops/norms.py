@@ -47,7 +47,7 @@ def _affine(param, name, x, axes, y):
     return as_compute_dtype(ops.reshape(param, [dims[a] if a in axes else 1 for a in range(len(dims))]), y)
 
 
-def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5):
+def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, rms_scaling=False):
     """Unit-scaled layer normalisation.
 
     Rule (`rules.norms.affine_grad`, the reference's): the output is
@@ -62,6 +62,9 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5):
         beta: optional bias, shape of the normalised axes.
         axis: an axis or a tuple of axes to normalise over.
         epsilon: added to the variance, >= 0.
+        rms_scaling: Keras's deprecated `LayerNormalization(rms_scaling=True)`:
+            `x / sqrt(variance + epsilon)`, not centred, gain only (the
+            same rule).
 
     Returns:
         The normalised tensor, `x`'s shape and dtype.
@@ -78,9 +81,11 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5):
     axes = _normalized_axes(x, axis)
     x32 = in_float32(x)
     mean, variance = ops.moments(x32, axes=axes, keepdims=True)
-    y = ops.cast((x32 - mean) * ops.rsqrt(variance + epsilon), x.dtype)
+    y = ops.cast((x32 if rms_scaling else x32 - mean) * ops.rsqrt(variance + epsilon), x.dtype)
     if gamma is not None:
         y = y * _affine(gamma, "gamma", x, axes, y)
+    if beta is not None and rms_scaling:
+        raise ValueError("`rms_scaling=True` normalises with a gain only. Received: a `beta`")
     if beta is not None:
         y = y + _affine(beta, "beta", x, axes, y)
     return y

@@ -7,6 +7,14 @@ calibrates gelu, silu and softmax between two analytic limits; relu, tanh and
 sigmoid, which it lacks, follow the general rule for an elementwise `f` on
 x ~ N(0, 1): output × `1/RMS(f(x))`, gradient × `1/RMS(f'(x))`, so that both
 have unit RMS for a unit-normal input and upstream gradient.
+
+Every other activation follows the general rule too (`general`): this
+module integrates, and `keras_unitscale.ops.activations` evaluates Keras's
+function (or a user's) on the grid, since rules do not import Keras. One that
+acts along an axis (log_softmax, glu, sparsemax, or a user's function that is
+not elementwise) gets the same two RMSs from a Monte-Carlo sample at its size
+(`monte_carlo`): of the output for a unit-normal input, and of the
+vector-Jacobian product of a unit-normal upstream gradient.
 """
 
 import math
@@ -15,14 +23,16 @@ from typing import NamedTuple
 import numpy as np
 
 from keras_unitscale import checks
-from keras_unitscale.rules.common import gaussian_rms
+from keras_unitscale.rules.common import gaussian_grid
+from keras_unitscale.rules.common import gaussian_grid_rms
 from keras_unitscale.rules.common import logarithmic_interpolation
 from keras_unitscale.rules.common import tie
 from keras_unitscale.sizes import power
 
 __all__ = [
-    "ElementwiseScales", "quadrature", "relu", "gelu", "silu", "silu_glu", "tanh", "sigmoid", "softmax",
-    "dropout", "NAMES", "WITH_MULT", "by_name",
+    "ElementwiseScales", "quadrature", "general", "monte_carlo", "relu", "gelu", "silu", "silu_glu", "tanh",
+    "sigmoid", "softmax", "dropout", "NAMES", "DERIVED", "WITH_MULT", "by_name", "tied_gradient_rms",
+    "tie_keeps_gradient", "TIE_TOLERANCE", "set_sampler",
 ]
 
 
@@ -35,11 +45,46 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def _inverse_rms(rms, what):
+    """`1/rms`; 1 where the RMS is 0 (a constant-zero output or gradient: nothing to normalise)."""
+    if not math.isfinite(rms):
+        raise ValueError(
+            f"The activation's {what} has no finite RMS for a unit-normal input, so it has no unit-scaling "
+            f"rule. Received: RMS={rms}"
+        )
+    return 1.0 / rms if rms > 0 else 1.0
+
+
+def general(values, derivatives, constraint="to_output_scale"):
+    """The general rule from an elementwise `f` sampled on `gaussian_grid()`: `1/RMS(f(z))`, `1/RMS(f'(z))`.
+
+    The grid is fine and uniform, so a kink or a step (relu6, hard_sigmoid)
+    is integrated as well as a smooth function. Where an RMS is 0 (a
+    function whose gradient is 0 everywhere, as `sign`'s) the scale is 1.
+
+    Args:
+        values: `f` on the grid.
+        derivatives: `f'` on the grid: what backpropagation computes.
+        constraint: see `keras_unitscale.constraints`.
+
+    Example:
+
+    >>> z = gaussian_grid()
+    >>> [round(s, 4) for s in general(np.abs(z), np.sign(z), constraint=None)]
+    [1.0, 1.0]
+    """
+    return ElementwiseScales(*tie(
+        constraint,
+        _inverse_rms(gaussian_grid_rms(values), "output"),
+        _inverse_rms(gaussian_grid_rms(derivatives), "gradient"),
+    ))
+
+
 def quadrature(fn, derivative, constraint="to_output_scale"):
     """The general rule for an elementwise `fn`: `1/RMS(fn(z))` and `1/RMS(fn'(z))`, z ~ N(0, 1).
 
-    Computed by `rules.common.gaussian_rms`, so a kink or a step (relu6,
-    hard_sigmoid) is integrated as well as a smooth function.
+    `general` of `fn` and `derivative` on the grid of
+    `rules.common.gaussian_rms`.
 
     Args:
         fn: the function, on numpy arrays.
@@ -51,7 +96,66 @@ def quadrature(fn, derivative, constraint="to_output_scale"):
     >>> [round(s, 4) for s in quadrature(np.tanh, lambda z: 1 - np.tanh(z) ** 2, constraint=None)]
     [1.5925, 1.4674]
     """
-    return ElementwiseScales(*tie(constraint, 1.0 / gaussian_rms(fn), 1.0 / gaussian_rms(derivative)))
+    grid = gaussian_grid()
+    return general(fn(grid), derivative(grid), constraint)
+
+
+def _rms(samples):
+    samples = np.asarray(samples, dtype=np.float64)
+    return math.sqrt(float(np.mean(samples**2))) if samples.size else 0.0
+
+
+def monte_carlo(outputs, grads, constraint="to_output_scale"):
+    """The general rule of an activation acting along an axis, from a sample: `1/RMS(outputs)`, `1/RMS(grads)`.
+
+    Args:
+        outputs: the activation of unit-normal inputs (at the size the rule
+            is for).
+        grads: the vector-Jacobian products of unit-normal upstream
+            gradients at those inputs: the input gradients
+            backpropagation delivers.
+        constraint: see `keras_unitscale.constraints`.
+
+    Example:
+
+    >>> [round(s, 4) for s in monte_carlo(np.full((4, 2), 0.5), np.full((4, 4), 2.0), constraint=None)]
+    [2.0, 0.5]
+    """
+    return ElementwiseScales(*tie(
+        constraint, _inverse_rms(_rms(outputs), "output"), _inverse_rms(_rms(grads), "gradient")
+    ))
+
+
+# A tie that leaves the input gradient's RMS within this of 1 is taken to keep it at unit scale.
+TIE_TOLERANCE = 0.25
+
+
+def tied_gradient_rms(untied):
+    """The input gradient's RMS under the default tie, for a rule given untied (`constraint=None`).
+
+    `"to_output_scale"` multiplies the gradient by the output scale instead
+    of its own: for a unit-normal upstream gradient its RMS becomes
+    `output / grad`, the ratio of the untied forward to backward scale.
+    Exact where the backward scale is the general rule's `1/RMS(f')`; for
+    the calibrated gelu, silu and softmax, as close as their calibration.
+
+    Example:
+
+    >>> round(tied_gradient_rms(sigmoid(constraint=None)), 3)
+    0.391
+    """
+    return untied.output / untied.grad
+
+
+def tie_keeps_gradient(untied, tolerance=TIE_TOLERANCE):
+    """Whether the default tie keeps the input gradient within `tolerance` of unit RMS (rule given untied).
+
+    Example:
+
+    >>> tie_keeps_gradient(tanh(constraint=None)), tie_keeps_gradient(sigmoid(constraint=None))
+    (True, False)
+    """
+    return abs(tied_gradient_rms(untied) - 1.0) <= tolerance
 
 
 # Exact for relu: RMS(relu(z)) = RMS(relu'(z)) = 1/sqrt(2), He initialisation's factor.
@@ -189,24 +293,58 @@ def dropout(rate):
     return (1.0 - rate) ** 0.5
 
 
-# The activations a layer can name, and those taking u-μP's `mult`.
+# The activations with a rule of their own here, and those taking u-μP's `mult`.
+DERIVED = ("linear", "gelu", "silu", "softmax", "swish", "relu", "sigmoid", "tanh")
 WITH_MULT = ("gelu", "silu", "swish", "softmax")
-NAMES = ("linear", "gelu", "silu", "softmax", "swish", "relu", "sigmoid", "tanh")
+# Every activation a layer can name: Keras's (`keras.activations`, 3.15) that take no argument but the
+# input. `tests/test_activations.py` checks this against the installed Keras. "threshold", which needs
+# two more, is refused: Keras accepts the name and fails at the first call.
+NAMES = DERIVED + (
+    "celu", "elu", "exponential", "glu", "hard_shrink", "hard_sigmoid", "hard_silu", "hard_swish", "hard_tanh",
+    "leaky_relu", "log_sigmoid", "log_softmax", "mish", "relu6", "selu", "soft_shrink", "softplus", "softsign",
+    "sparse_plus", "sparse_sigmoid", "sparsemax", "squareplus", "tanh_shrink",
+)
+
+# What computes the untied general rule of a named activation: `keras_unitscale.ops.activations`
+# evaluates Keras's function and registers it when it loads (the rules do not import Keras).
+_sampler = None
+
+
+def set_sampler(sampler):
+    """Registers `sampler(name, size) -> ElementwiseScales`, the untied general rule of a named activation.
+
+    `keras_unitscale.ops.activations` registers its evaluation of Keras's
+    functions when it loads; `by_name` calls it for the names without a
+    rule here. Returns the previous one.
+    """
+    global _sampler
+    previous, _sampler = _sampler, sampler
+    return previous
 
 
 def by_name(name, mult=1.0, constraint="to_output_scale", size=None):
-    """The rule of the activation called `name` (one of `NAMES`); `size` is softmax's class count.
+    """The rule of the activation called `name` (one of `NAMES`); `size` is the axis size of those acting along one.
+
+    softmax (class count), log_softmax, glu and sparsemax need `size`.
+    `mult` applies to the names in `WITH_MULT` and is ignored by the others.
 
     Example:
 
     >>> by_name("relu").output == relu().output
     True
     """
-    checks.one_of("activation", name, NAMES)
     if name == "linear":
         return ElementwiseScales(1.0, 1.0)
     if name in ("gelu", "silu", "swish"):
         return (gelu if name == "gelu" else silu)(mult, constraint)
     if name == "softmax":
         return softmax(size, mult, constraint)
-    return {"relu": relu, "sigmoid": sigmoid, "tanh": tanh}[name](constraint)
+    if name in DERIVED:
+        return {"relu": relu, "sigmoid": sigmoid, "tanh": tanh}[name](constraint)
+    if _sampler is None:
+        checks.one_of("activation", name, NAMES)
+        raise ValueError(
+            f"The rule of {name!r} is computed from Keras's function by `keras_unitscale.ops.activations`, "
+            f"which is not loaded. Received: activation={name!r}"
+        )
+    return ElementwiseScales(*tie(constraint, *_sampler(name, size)))

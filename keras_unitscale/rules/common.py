@@ -9,7 +9,10 @@ from keras_unitscale.sizes import exp
 from keras_unitscale.sizes import is_static
 from keras_unitscale.sizes import log
 
-__all__ = ["tie", "logarithmic_interpolation", "gaussian_mean", "gaussian_rms", "gaussian_nodes"]
+__all__ = [
+    "tie", "logarithmic_interpolation", "gaussian_mean", "gaussian_rms", "gaussian_nodes", "gaussian_grid",
+    "gaussian_grid_rms",
+]
 
 # 201 Gauss-Hermite nodes integrate the smooth functions of a unit normal
 # that the LSTM's mean field needs (products of tanh, sigmoid and their
@@ -85,6 +88,31 @@ def gaussian_mean(values):
     return float(np.sum(_WEIGHTS * values))
 
 
+def gaussian_grid():
+    """The fine uniform grid of `gaussian_rms`: a function sampled here is integrated by `gaussian_grid_rms`.
+
+    For a function computed elsewhere (a Keras activation, evaluated by
+    `keras_unitscale.ops.activations`) the values come in as an array.
+    """
+    return _GRID
+
+
+def gaussian_grid_rms(values):
+    """RMS of `v(z)` for z ~ N(0, 1), given `values = v(gaussian_grid())` (a scalar broadcasts).
+
+    Example:
+
+    >>> round(gaussian_grid_rms(np.abs(gaussian_grid())) ** 2, 10)
+    1.0
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size != 1 and values.shape != _GRID.shape:
+        raise ValueError(
+            f"`values` must be sampled on `gaussian_grid()`, shape {_GRID.shape}. Received: values.shape={values.shape}"
+        )
+    return math.sqrt(float(np.sum(_GRID_WEIGHTS * values**2)))
+
+
 def gaussian_rms(fn):
     """RMS of `fn(z)` for z ~ N(0, 1), on a fine grid (exact to 1e-15 for smooth `fn`, 1e-4 at a step).
 
@@ -93,4 +121,4 @@ def gaussian_rms(fn):
     >>> round(gaussian_rms(lambda z: np.maximum(z, 0.0)) ** 2, 10)  # relu: 1/2
     0.5
     """
-    return math.sqrt(float(np.sum(_GRID_WEIGHTS * fn(_GRID) ** 2)))
+    return gaussian_grid_rms(fn(_GRID))

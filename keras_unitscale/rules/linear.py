@@ -8,6 +8,7 @@ scale of each input's gradient.
 
 from typing import NamedTuple
 
+from keras_unitscale import checks
 from keras_unitscale.rules.common import tie
 from keras_unitscale.sizes import as_float
 from keras_unitscale.sizes import at_least_one
@@ -17,6 +18,7 @@ from keras_unitscale.sizes import power
 __all__ = [
     "DENSE_POWERS", "READOUT_POWERS", "MatmulScales", "DenseScales", "AddScales",
     "matmul", "forward_scale", "dense", "readout", "add", "add_output", "broadcast_factor", "embedding_grad",
+    "lora_alpha", "sum_of", "sum_output",
 ]
 
 # (output, input gradient, weight gradient) exponents: each scale is
@@ -131,7 +133,7 @@ def broadcast_factor(shape, other_shape):
 
 
 def add(left_shape, right_shape, constraint="to_output_scale"):
-    """The sum of two independent unit-scaled tensors of these shapes.
+    """The sum of two independent unit-scaled tensors of these shapes: `sum_of` for two.
 
     Output × `2^-1/2` (× 1 when either has one element); each gradient ×
     `1/sqrt(f)`, `f` its `broadcast_factor`, tied by the constraint.
@@ -141,12 +143,41 @@ def add(left_shape, right_shape, constraint="to_output_scale"):
     >>> add((4, 8), (4, 8), constraint=None).output == 2**-0.5
     True
     """
-    return AddScales(*tie(
-        constraint,
-        add_output(left_shape, right_shape),
-        power(broadcast_factor(left_shape, right_shape), -0.5),
-        power(broadcast_factor(right_shape, left_shape), -0.5),
-    ))
+    return AddScales(*sum_of([left_shape, right_shape], constraint))
+
+
+def sum_of(shapes, constraint="to_output_scale"):
+    """The sum of independent unit-scaled tensors of these shapes: `(output, *gradients)`.
+
+    Output × `k^-1/2`, `k` the number of operands with more than one element
+    (at least 1: a one-element operand, a bias say, adds little variance);
+    each operand's gradient × `1/sqrt(f)`, `f` how many times broadcasting
+    reuses each of its elements (`broadcast_factor` against the others),
+    tied by the constraint.
+
+    Example:
+
+    >>> [round(s, 4) for s in sum_of([(4, 8), (4, 8), (1, 8)], constraint=None)]
+    [0.5774, 1.0, 1.0, 0.5]
+    """
+    return tie(constraint, sum_output(shapes), *(power(_reuse(i, shapes), -0.5) for i in range(len(shapes))))
+
+
+def _reuse(index, shapes):
+    factor = 1
+    others = [shape for i, shape in enumerate(shapes) if i != index]
+    rank = max(len(shape) for shape in shapes)
+    for axis in range(-rank, 0):
+        # The largest known size among the others on this axis: what this operand broadcasts to.
+        sizes = [shape[axis] for shape in others if len(shape) >= -axis]
+        sizes = [size for size in sizes if not (is_static(size) and size == 1)]
+        if sizes:
+            factor = factor * broadcast_factor(_axis_shape(shapes[index], axis), (sizes[0],))
+    return factor
+
+
+def _axis_shape(shape, axis):
+    return (shape[axis],) if len(shape) >= -axis else (1,)
 
 
 def add_output(left_shape, right_shape):
@@ -157,8 +188,19 @@ def add_output(left_shape, right_shape):
     >>> add_output((None, 8), (1,))
     1.0
     """
-    one_element = any(is_static(*shape) and _product(shape) == 1 for shape in (left_shape, right_shape))
-    return 1.0 if one_element else 2**-0.5
+    return sum_output([left_shape, right_shape])
+
+
+def sum_output(shapes):
+    """The untied forward scale of `sum_of`: `k^-1/2`, `k` the operands with more than one element (a `None` size is not 1).
+
+    Example:
+
+    >>> sum_output([(None, 8), (1,)]), sum_output([(2,), (2,), (2,), (2,)])
+    (1.0, 0.5)
+    """
+    many = [shape for shape in shapes if not (is_static(*shape) and _product(shape) == 1)]
+    return max(len(many), 1) ** -0.5
 
 
 def _product(shape):
@@ -180,3 +222,22 @@ def embedding_grad(vocab, tokens):
     2.0
     """
     return power(as_float(vocab) / as_float(at_least_one(tokens)), 0.5)
+
+
+def lora_alpha(rank):
+    """The default `lora_alpha` of a unit-scaled layer's low-rank adapters: `rank^1/2`.
+
+    Keras's LoRA adds `(lora_alpha / rank) · A·B` to the kernel. In a
+    unit-scaled layer, whose op already applies the kernel's `fan_in^-1/2`,
+    the low-rank path `x·A·B` is then two unit-scaled matmuls when the
+    second is scaled by its own fan-in, `rank^-1/2` (`forward_scale(rank)`):
+    so `lora_alpha / rank = rank^-1/2`. With unit-normal `A` (and `B`
+    trained from zero) the update's scale does not depend on the rank.
+
+    Example:
+
+    >>> lora_alpha(16)
+    4.0
+    """
+    checks.positive("rank", rank)
+    return float(rank * forward_scale(rank))
