@@ -265,6 +265,7 @@ def _layers(case, constraint):
 
     activation = _activation(case)
     units = LAYER_SHAPE[-1]
+    keras.utils.set_random_seed(0)  # the kernels: each run measures the same draw
     # A hidden role: a Dense's sigmoid or softmax is otherwise a prediction head, Keras's plain function.
     return {
         "Dense": L.Dense(units, activation=activation, role="hidden", constraint=constraint),

@@ -40,21 +40,6 @@ class _CausalOnly:
 CAUSAL_ONLY = _CausalOnly()
 
 
-class _AttentionGate(EinsumDense):
-    """Keras's gate projection (`use_gate=True`) with the unit-scaled sigmoid.
-
-    Keras multiplies the attention output by `sigmoid(query · W_gate)`. The
-    gate is a hidden feature, not a probability, so its sigmoid is the
-    unit-scaled op (`rules.activations.sigmoid`: `σ(z) / RMS(σ(z))` for
-    `z ~ N(0, 1)`, with the tied gradient scale): the gated product of two
-    independent unit-RMS tensors stays at unit RMS, where a plain gate would
-    shrink it to ≈ 0.54.
-    """
-
-    def _gives_probabilities(self):
-        return False
-
-
 def _with_our_projections(function, make_projection):
     """Keras's `function`, run with `make_projection` where it constructs an `EinsumDense`.
 
@@ -122,7 +107,7 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
     applies on top of it:
 
     - `use_gate=True`: the gate is Keras's sigmoid gate with the unit-scaled
-      sigmoid (see `_AttentionGate`), so the gated output keeps unit scale.
+      sigmoid (see `_projection`), so the gated output keeps unit scale.
     - LoRA: each projection is an `EinsumDense` with LoRA
       (`layer.query_dense.enable_lora(rank)`; Keras's `MultiHeadAttention`
       has no `enable_lora` of its own), under `EinsumDense`'s rule.
@@ -252,8 +237,11 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
                 path.split("/")[1]: values.pop(path) for path in list(values) if path.split("/")[0] == name
             }
 
-        layer_class = _AttentionGate if name == "gate" else EinsumDense
-        return layer_class(
+        # Every projection is a hidden one, the gate too: its sigmoid is the
+        # unit-scaled op (`rules.activations.sigmoid`, `σ(z) / RMS(σ(z))`), a
+        # hidden feature rather than a probability, so that the gated product
+        # of two unit-RMS tensors stays at unit RMS (a plain gate: ≈ 0.54).
+        return EinsumDense(
             *args,
             name=name,
             role="hidden",

@@ -25,12 +25,16 @@ class Projection:
         self.fp8 = check_fp8(fp8)
         self.fp8_critical = bool(fp8_critical)
         if role is None:
-            role = "output" if activations.resolve(self.activation) in activations.PROBABILITIES else "hidden"
+            role = "output" if self._gives_probabilities() else "hidden"
         self.role = checks.one_of("role", role, ROLES)
         if constraint == "default":
             constraint = None if self.role == "output" else "to_output_scale"
         self.constraint = activations.check_constraint(constraint)
         self.mult = float(checks.positive("mult", mult))
+
+    def _gives_probabilities(self):
+        """Whether the activation makes this a prediction head (sigmoid, softmax): the readout's role by default."""
+        return activations.resolve(self.activation) in activations.PROBABILITIES
 
     @property
     def _scale_power(self):
