@@ -176,16 +176,44 @@ class _Swap:
 
 
 @contextlib.contextmanager
+def _defaults_changed(our_cls, fill_defaults):
+    """Within this context `our_cls`'s constructor first lets `fill_defaults(arguments)` fill missing arguments.
+
+    The class stays the same object, so exact-type checks (`quantize`
+    refusing subclasses) and serialisation see our layer. Tests run one at a
+    time in a process (pytest-xdist uses processes), so the change is seen
+    by that test only.
+    """
+    own = our_cls.__dict__.get("__init__")
+    inherited = our_cls.__init__
+    signature = inspect.signature(inherited)
+
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        fill_defaults(bound.arguments)
+        inherited(*bound.args, **bound.kwargs)
+
+    # Keras's `Operation.__new__` reads the constructor's signature to
+    # record its arguments: it must be ours, not `(*args, **kwargs)`.
+    __init__.__signature__ = signature
+    our_cls.__init__ = __init__
+    try:
+        yield signature
+    finally:
+        if own is None:
+            del our_cls.__init__
+        else:
+            our_cls.__init__ = own
+
+
+@contextlib.contextmanager
 def keras_initialisers(our_cls, keras_cls):
     """Within this context `our_cls`'s initialiser arguments default to `keras_cls`'s.
 
     Our layers default their kernels to unit-normal; a test whose bound is
     calibrated to the magnitude of Keras's default weights (e.g. an absolute
     quantization error) runs in this context in its twin. Only defaults
-    change (an initialiser the test passes is kept), and the class stays the
-    same object, so exact-type checks (`quantize` refusing subclasses) and
-    serialisation see our layer. Tests run one at a time in a process
-    (pytest-xdist uses processes), so the change is seen by that test only.
+    change: an initialiser the test passes is kept.
     """
     defaults = {
         name: parameter.default
@@ -197,32 +225,18 @@ def keras_initialisers(our_cls, keras_cls):
             f"`{keras_cls.__name__}.__init__` has no initialiser argument with a default; "
             "a 'keras initialisers' exception cannot apply to it."
         )
-    own = our_cls.__dict__.get("__init__")
-    inherited = our_cls.__init__
-    signature = inspect.signature(inherited)
-    missing = sorted(set(defaults) - set(signature.parameters))
+    missing = sorted(set(defaults) - set(inspect.signature(our_cls.__init__).parameters))
     if missing:
         raise TypeError(
             f"`{our_cls.__name__}.__init__` does not take Keras's initialiser arguments {missing}."
         )
 
-    def __init__(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
+    def fill(arguments):
         for name, default in defaults.items():
-            bound.arguments.setdefault(name, default)
-        inherited(*bound.args, **bound.kwargs)
+            arguments.setdefault(name, default)
 
-    # Keras's `Operation.__new__` reads the constructor's signature to
-    # record its arguments: it must be ours, not `(*args, **kwargs)`.
-    __init__.__signature__ = signature
-    our_cls.__init__ = __init__
-    try:
+    with _defaults_changed(our_cls, fill):
         yield
-    finally:
-        if own is None:
-            del our_cls.__init__
-        else:
-            our_cls.__init__ = own
 
 
 @contextlib.contextmanager
@@ -236,25 +250,12 @@ def keras_temperature(our_cls):
     gives Keras's logits: with every scale op removed as well, our layer
     must then compute Keras's numbers.
     """
-    own = our_cls.__dict__.get("__init__")
-    inherited = our_cls.__init__
-    signature = inspect.signature(inherited)
 
-    def __init__(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        bound.arguments.setdefault("mult", bound.arguments["key_dim"] ** 0.5)
-        inherited(*bound.args, **bound.kwargs)
+    def fill(arguments):
+        arguments.setdefault("mult", arguments["key_dim"] ** 0.5)
 
-    __init__.__signature__ = signature  # as in `keras_initialisers`
-    our_cls.__init__ = __init__
-    try:
-        with scaling_disabled():
-            yield
-    finally:
-        if own is None:
-            del our_cls.__init__
-        else:
-            our_cls.__init__ = own
+    with _defaults_changed(our_cls, fill), scaling_disabled():
+        yield
 
 
 class _MarkGenerator:

@@ -8,8 +8,20 @@ from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.ops import norms
 
 
+class _Normalization(WeightMultipliers):
+    """Keras's constructor and config, with the multipliers and an early check of `epsilon`."""
+
+    def __init__(self, *args, weight_multipliers=None, lr_multipliers=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_weight_multipliers(weight_multipliers, lr_multipliers)
+        checks.non_negative("epsilon", self.epsilon)
+
+    def get_config(self):
+        return {**super().get_config(), **self.multiplier_config()}
+
+
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class LayerNormalization(WeightMultipliers, keras.layers.LayerNormalization):
+class LayerNormalization(_Normalization, keras.layers.LayerNormalization):
     """Unit-scaled layer normalisation: `keras.layers.LayerNormalization` with the unit-scaled op.
 
     The normalised output is unit scale already; the gain's and bias's
@@ -30,10 +42,6 @@ class LayerNormalization(WeightMultipliers, keras.layers.LayerNormalization):
     [[-1.0, 1.0]]
     """
 
-    def __init__(self, *args, weight_multipliers=None, lr_multipliers=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_weight_multipliers(weight_multipliers, lr_multipliers)
-        checks.non_negative("epsilon", self.epsilon)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -49,12 +57,10 @@ class LayerNormalization(WeightMultipliers, keras.layers.LayerNormalization):
         )
         return ops.cast(outputs, self.compute_dtype)
 
-    def get_config(self):
-        return {**super().get_config(), **self.multiplier_config()}
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class RMSNormalization(WeightMultipliers, keras.layers.RMSNormalization):
+class RMSNormalization(_Normalization, keras.layers.RMSNormalization):
     """Unit-scaled RMS normalisation, `x / sqrt(mean(x²) + epsilon) · scale`.
 
     `keras.layers.RMSNormalization` (Keras ≥ 3.9) with the unit-scaled op:
@@ -68,10 +74,6 @@ class RMSNormalization(WeightMultipliers, keras.layers.RMSNormalization):
     [[0.8485, 1.1314]]
     """
 
-    def __init__(self, *args, weight_multipliers=None, lr_multipliers=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_weight_multipliers(weight_multipliers, lr_multipliers)
-        checks.non_negative("epsilon", self.epsilon)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -80,5 +82,3 @@ class RMSNormalization(WeightMultipliers, keras.layers.RMSNormalization):
     def call(self, x):
         return norms.rms_norm(x, self.multiplied(self.scale), axis=self.axis, epsilon=self.epsilon)
 
-    def get_config(self):
-        return {**super().get_config(), **self.multiplier_config()}
