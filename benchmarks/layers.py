@@ -2,7 +2,9 @@
 
 The models of the layers issue, each built once from `keras_unitscale.layers`
 and once from `keras.layers` (Keras's defaults), compiled with
-`jit_compile=True` and trained on the same data:
+`jit_compile=True` (XLA on TensorFlow and JAX, `torch.compile` on PyTorch;
+`--jit-compile auto` gives Keras's default, which on PyTorch is eager) and
+trained on the same data:
 
 - seed 000's MLP: Dense(128, relu) → Dense(64, relu) → Dense(1, sigmoid), input 100;
 - a character LSTM model: Embedding(256, 64) → LSTM(256) → Dense(256);
@@ -10,7 +12,7 @@ and once from `keras.layers` (Keras's defaults), compiled with
   4 heads, MLP ×4) → Dense readout.
 
 Usage:
-    python benchmarks/layers.py [--repeats 7] [--steps 32]
+    python benchmarks/layers.py [--repeats 7] [--steps 32] [--jit-compile true|auto]
 """
 
 import argparse
@@ -88,9 +90,9 @@ CASES = [
 ]
 
 
-def _compiled(build, lib, loss, x, y, batch):
+def _compiled(build, lib, loss, x, y, batch, jit_compile):
     model = build(lib)
-    model.compile(optimizer="adam", loss=loss, jit_compile=True)
+    model.compile(optimizer="adam", loss=loss, jit_compile=jit_compile)
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace and compile
     return model
 
@@ -99,16 +101,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=32, help="training steps per timing")
+    parser.add_argument("--jit-compile", choices=("true", "auto"), default="true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    jit_compile = True if args.jit_compile == "true" else "auto"
     rows = []
     for name, build, kind, batch, keras_loss, our_loss in CASES:
         x, y = _data(kind, batch * 8)
-        ours = _compiled(build, layers, our_loss, x, y, batch)
-        theirs = _compiled(build, keras.layers, keras_loss, x, y, batch)
+        ours = _compiled(build, layers, our_loss, x, y, batch, jit_compile)
+        theirs = _compiled(build, keras.layers, keras_loss, x, y, batch, jit_compile)
         rows.append(timing.compare(name, ours, theirs, x, y, batch, args.repeats, args.steps))
-    timing.report(rows, "keras_unitscale", "keras.layers", "layers", args.out,
-                  {"jit_compile": True, "repeats": args.repeats, "steps_per_timing": args.steps})
+    timing.report(rows, "keras_unitscale", "keras.layers", "layers" if jit_compile is True else "layers_auto_jit",
+                  args.out, {"jit_compile": jit_compile, "repeats": args.repeats, "steps_per_timing": args.steps})
 
 
 if __name__ == "__main__":

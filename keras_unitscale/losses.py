@@ -15,8 +15,11 @@ default, `"mean"` and `"mean_with_sample_weight"`): the rule undoes their
 division.
 """
 
+import warnings
+
 import keras
 from keras import ops
+from keras.src import backend as keras_backend
 
 from keras_unitscale import rules
 from keras_unitscale.scale import scale_bwd
@@ -49,6 +52,15 @@ class _UnitScaledLoss:
     def grad_scale(self, y_pred):
         raise NotImplementedError
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        logits = self._carried_logits(y_pred)
+        if logits is None:
+            return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        mask = keras_backend.get_keras_mask(y_pred)
+        if mask is not None:
+            keras_backend.set_keras_mask(logits, mask)
+        return self._on_logits()(y_true, logits, sample_weight=sample_weight)
+
     def call(self, y_true, y_pred):
         # float32 first: the scale can exceed float16's range; the gradient it
         # produces is unit-scaled and casts back to the model's dtype safely.
@@ -56,6 +68,49 @@ class _UnitScaledLoss:
         # grad_scale undoes the mean over the local batch; under tf.distribute
         # Keras also divides by the replica count, so undo the global mean.
         return super().call(y_true, scale_bwd(y_pred, self.grad_scale(y_pred) * replicas()))
+
+    def _carried_logits(self, y_pred):
+        """The logits behind a softmax or sigmoid output, where the output carries them; else None.
+
+        A cross-entropy of probabilities has the gradient `-1/p` at the true
+        class, times this loss's backward scale (the batch size, and more):
+        beyond float16's range once `p` falls to about 1e-4. Of the logits, its
+        gradient is `p - target`, bounded. Keras's softmax and sigmoid attach
+        their logits to their output (`_keras_logits`, on TensorFlow and
+        PyTorch tensors; a JAX array traced in a training step cannot carry them), and Keras's
+        TensorFlow losses read them there; these read them on every backend
+        (before Keras's `Loss.__call__` casts the output to float32, which
+        drops them). Where an output carries none (JAX), a float32 output
+        keeps its gradient in float32, and a float16 one is warned about once:
+        keeping Keras's contract, a float16 layer returns float16, so the head
+        is made float32 by its `dtype`, as Keras's mixed-precision guide advises.
+        """
+        if getattr(self, "_fn_kwargs", {}).get("from_logits", True):
+            return None
+        logits = getattr(y_pred, "_keras_logits", None)
+        if logits is None and keras.backend.standardize_dtype(getattr(y_pred, "dtype", "float32")) in (
+            "float16", "bfloat16"
+        ):
+            _warn_low_precision_probabilities(type(self).__name__, y_pred.dtype)
+        return logits
+
+    def _on_logits(self):
+        """This loss with `from_logits=True`, built once."""
+        if getattr(self, "_logits_twin", None) is None:
+            self._logits_twin = type(self).from_config({**self.get_config(), "from_logits": True})
+        return self._logits_twin
+
+
+def _warn_low_precision_probabilities(loss_name, dtype):
+    # Python's default warning filter shows it once per place it is raised from.
+    dtype = keras.backend.standardize_dtype(dtype)
+    warnings.warn(
+        f"{loss_name} received {dtype} probabilities (from_logits=False) that carry no logits: their gradient, "
+        "-1/p times the unit-scaled loss's backward scale, overflows float16 once the true class's probability "
+        "is small. Compute the prediction head in float32 (`dtype='float32'` on its layer, as Keras's mixed "
+        f"precision guide advises) or give the loss logits (from_logits=True). Received: y_pred.dtype={dtype}",
+        stacklevel=4,
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")

@@ -86,6 +86,10 @@ def _multiply_in_dtype(x, scale):
     """`x * scale`, with the scale cast to `x`'s own dtype (float16 stays float16)."""
     if _is_one(scale):
         return x
+    if isinstance(scale, float):
+        # A Python float is weakly typed in Keras's dtype promotion: the
+        # product keeps x's dtype, with no cast op (which costs an eager step).
+        return ops.multiply(x, scale)
     return ops.multiply(x, ops.cast(scale, x.dtype))
 
 

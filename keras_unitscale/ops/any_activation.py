@@ -89,6 +89,25 @@ def resolve(activation):
     """
     if activation is None:
         return "linear"
+    try:
+        return _RESOLVED[activation]
+    except (KeyError, TypeError):  # not seen yet, or a config dict (unhashable)
+        pass
+    resolved = _resolve(activation)
+    try:
+        _RESOLVED[activation] = resolved
+    except TypeError:
+        pass
+    return resolved
+
+
+# What `resolve` returned for each activation it has seen. Layers resolve
+# their activation at every call; reading Keras's names and signatures each
+# time costs eager steps their time and breaks `torch.compile`'s graph.
+_RESOLVED = {}
+
+
+def _resolve(activation):
     names = keras_names()
     activation = _asfunction_of(activation, names)
     if not callable(activation):

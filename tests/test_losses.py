@@ -1,0 +1,129 @@
+"""The unit-scaled losses on probability outputs: no backward scale reaches float16's range.
+
+A cross-entropy of probabilities has the gradient -1/p at the true class,
+and the unit-scaled loss multiplies it by its backward scale (the batch size
+and more): in float16 that is inf once p is small. The losses take the
+logits a softmax or sigmoid output carries (TensorFlow, PyTorch); a JAX array
+traced in a training step carries none, and a float16 probability output
+without them is warned about.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from helpers import BACKEND
+from keras_unitscale import layers
+from keras_unitscale import losses
+from keras_unitscale.autodiff import vjp
+
+CLASSES, BATCH = 8, 64
+
+
+def _logit_for(probability, classes):
+    """The true class's logit, the others 0, that gives it `probability`."""
+    return float(np.log(probability * (classes - 1) / (1 - probability)))
+
+
+def _head_and_data(head_cls, activation, classes, probability, dtype):
+    """A one-input head whose output gives the true class `probability` on every example, and its labels."""
+    units = 1 if activation == "sigmoid" else classes
+    kwargs = {"role": "output"} if head_cls is layers.Dense else {}
+    head = head_cls(units, activation=activation, use_bias=False, dtype=dtype, **kwargs)
+    x = np.ones((BATCH, 1), "float32")
+    head.build(x.shape)
+    if activation == "sigmoid":
+        # The true label is 1 throughout: its probability is sigmoid(logit).
+        kernel = np.full((1, 1), np.log(probability / (1 - probability)), "float32")
+        y = np.ones((BATCH, 1), "float32")
+        loss = losses.BinaryCrossentropy()
+    else:
+        kernel = np.zeros((1, classes), "float32")
+        kernel[0, 0] = _logit_for(probability, classes)
+        y = np.eye(classes, dtype="float32")[np.zeros(BATCH, int)]
+        loss = losses.CategoricalCrossentropy()
+    head.kernel.assign(kernel)
+    return head, x, y, loss
+
+
+def _kernel_grad(head, x, y, loss):
+    """The loss and its gradient with respect to the kernel, computed in the head's compute dtype.
+
+    `stateless_call` skips the autocasting of `__call__`: the input and the
+    kernel are cast here, so a float16 head computes, and differentiates, in float16.
+    """
+    dtype = head.compute_dtype
+    x = keras.ops.cast(x, dtype)
+
+    def fn(kernel):
+        output, _ = head.stateless_call([kernel], [], x)
+        return loss(y, output)
+
+    value, (grad,) = vjp(fn, [keras.ops.cast(head.kernel.value, dtype)], np.float32(1.0))
+    assert keras.backend.standardize_dtype(grad.dtype) == dtype
+    return float(value), np.asarray(grad, "float64")
+
+
+NO_LOGITS_ON_JAX = pytest.mark.skipif(
+    BACKEND == "jax", reason="a traced JAX array cannot carry its logits (Keras's softmax tries and fails)"
+)
+
+
+@NO_LOGITS_ON_JAX
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("probability", [1e-2, 1e-4, 1e-6])
+def test_a_float16_head_gives_the_float32_gradient_at_small_probabilities(activation, probability):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the head carries what the loss needs: no warning
+        low_value, low_grad = _kernel_grad(*_head_and_data(layers.Dense, activation, CLASSES, probability, "mixed_float16"))
+    value, grad = _kernel_grad(*_head_and_data(layers.Dense, activation, CLASSES, probability, "float32"))
+    assert np.isfinite(low_grad).all(), low_grad
+    # The true class's logit is rounded to float16 (3 significant digits).
+    np.testing.assert_allclose(low_value, value, rtol=1e-2)
+    np.testing.assert_allclose(low_grad, grad, rtol=2e-2, atol=1e-3 * np.abs(grad).max())
+    # The gradient is unit-scaled on the logits: (p - 1) × batch × the class rule, not divided by p.
+    assert np.abs(grad).max() < 10 * BATCH
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="TensorFlow's and PyTorch's outputs carry their logits")
+def test_on_jax_a_float16_probability_head_is_warned_about_and_a_float32_one_is_exact():
+    with pytest.warns(UserWarning, match="float16 probabilities"):
+        _kernel_grad(*_head_and_data(layers.Dense, "softmax", CLASSES, 1e-6, "mixed_float16"))
+    # The advice the warning gives: the head in float32 (in a mixed-precision model) is exact.
+    value, grad = _kernel_grad(*_head_and_data(layers.Dense, "softmax", CLASSES, 1e-6, "float32"))
+    assert np.isfinite(grad).all() and np.abs(grad).max() < 10 * BATCH
+
+
+@NO_LOGITS_ON_JAX
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_a_plain_float16_keras_head_is_read_through_its_logits(activation):
+    # A head kept as Keras wrote it, float16 throughout: Keras's softmax and
+    # sigmoid attach their logits, which the loss differentiates instead.
+    plain = _head_and_data(keras.layers.Dense, activation, CLASSES, 1e-6, "mixed_float16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        value, grad = _kernel_grad(*plain)
+    assert np.isfinite(grad).all(), grad
+    reference = _head_and_data(keras.layers.Dense, activation, CLASSES, 1e-6, "float32")
+    np.testing.assert_allclose(grad, _kernel_grad(*reference)[1], rtol=2e-2)
+
+
+def test_float16_probabilities_without_logits_are_warned_about():
+    probabilities = keras.ops.cast(keras.ops.softmax(np.zeros((2, 4), "float32")), "float16")  # carries no logits
+    with pytest.warns(UserWarning, match="float16 probabilities"):
+        losses.CategoricalCrossentropy()(np.eye(4, dtype="float32")[[0, 1]], probabilities)
+
+
+@pytest.mark.parametrize("loss_cls, keras_cls", [
+    (losses.CategoricalCrossentropy, keras.losses.CategoricalCrossentropy),
+    (losses.SparseCategoricalCrossentropy, keras.losses.SparseCategoricalCrossentropy),
+])
+def test_the_value_from_a_softmax_output_is_keras_value_on_its_logits(loss_cls, keras_cls):
+    logits = np.random.default_rng(0).normal(size=(6, 5)).astype("float32")
+    labels = np.arange(6) % 5
+    y = labels if loss_cls is losses.SparseCategoricalCrossentropy else np.eye(5, dtype="float32")[labels]
+    probabilities = keras.activations.softmax(keras.ops.convert_to_tensor(logits))
+    expected = float(keras_cls(from_logits=True)(y, logits))
+    assert float(loss_cls()(y, probabilities)) == pytest.approx(expected, rel=1e-5)
