@@ -8,6 +8,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from keras import ops
 
 from keras_unitscale import analysis
 from keras_unitscale import layers as L
@@ -103,6 +104,57 @@ def test_a_subclassed_model_reports_its_weights():
     model(np.ones((2, 3), "float32"))
     report = analysis.scale_report(model, np.ones((2, 3), "float32"))
     assert ("inner", "kernel gradient") in {(r["layer"], r["tensor"]) for r in report.rows}
+
+
+def _two_headed():
+    inputs = keras.Input((6,), name="x")
+    hidden = L.Dense(8, activation="relu", name="hidden")(inputs)
+    return keras.Model(inputs, {"value": L.Dense(1, role="output", name="value")(hidden),
+                                "label": L.Dense(3, role="output", name="label")(hidden)})
+
+
+def _grad_of(report, layer, tensor="kernel gradient"):
+    return next(r["rms"] for r in report.rows if r["layer"] == layer and r["tensor"] == tensor)
+
+
+def test_a_model_with_two_outputs_sums_their_losses():
+    model = _two_headed()
+    x = unit_normal(16, 6)
+    y = {"value": unit_normal(16, 1, seed=1), "label": np.arange(16) % 3}
+    loss = {"value": losses.MeanSquaredError(), "label": losses.SparseCategoricalCrossentropy(from_logits=True)}
+    report = analysis.scale_report(model, x, y, loss=loss)
+    assert {"hidden", "value", "label"} <= {r["layer"] for r in report.rows}
+    # The gradient is the sum of the two losses': each head's own, the shared layer's the sum of both.
+    def gradients(submodel, targets, submodel_loss):
+        grads = analysis.ScaleReporter(submodel, loss=submodel_loss, jit_compile=False).weight_gradients(x, targets)
+        return {v.path: g for v, g in zip(submodel.trainable_variables, grads)}
+
+    together = gradients(model, y, loss)
+    alone = [gradients(keras.Model(model.input, model.output[key]), y[key], loss[key]) for key in ("value", "label")]
+    for path, grad in together.items():
+        np.testing.assert_allclose(grad, sum(one.get(path, 0.0) for one in alone), rtol=1e-5, atol=1e-6)
+    both = _grad_of(report, "hidden")
+    # Compiled with one loss per output, as a list: the same report.
+    model.compile(loss=loss)
+    np.testing.assert_allclose(_grad_of(analysis.scale_report(model, x, y), "hidden"), both, rtol=1e-5)
+    with pytest.raises(ValueError, match="structure of the model's outputs"):
+        analysis.scale_report(model, x, {"value": y["value"]})
+
+
+def test_inputs_are_cast_to_their_input_dtype():
+    seen = []
+
+    def record(ids):
+        seen.append(keras.backend.standardize_dtype(ids.dtype))
+        return ops.cast(ids, "float32")
+
+    inputs = keras.Input((5,), dtype="int32")
+    model = keras.Model(inputs, L.Dense(2, role="output")(keras.layers.Lambda(record)(inputs)))
+    ids = np.arange(20).reshape(4, 5) % 10
+    for given in (ids.astype("int64"), ids.astype("float64")):
+        seen.clear()
+        analysis.scale_report(model, given)
+        assert seen and set(seen) == {"int32"}, seen
 
 
 def test_table_json_dataframe_and_plot(tmp_path):

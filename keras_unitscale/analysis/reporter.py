@@ -78,8 +78,8 @@ class ScaleReporter:
     them, make a new reporter.
 
     Args:
-        model: a built Keras model (Sequential, functional or subclassed)
-            with one output.
+        model: a built Keras model (Sequential, functional or subclassed),
+            with one output or several (a list or a dict).
         loss: the loss to differentiate when targets are given; by default
             the model's compiled loss.
         training: passed to the layers (dropout, ...).
@@ -96,11 +96,6 @@ class ScaleReporter:
 
     def __init__(self, model, loss=None, training=False, jit_compile=True):
         checks.built(model, "scale_report")
-        outputs = getattr(model, "outputs", None) or [None]
-        if len(outputs) > 1:
-            raise ValueError(
-                f"`scale_report` handles models with one output. Received: a model with {len(outputs)} outputs"
-            )
         self.model, self.loss, self.training = model, loss, training
         self.graph = functional_graph(model)
         self.trainable, self.non_trainable = model.trainable_variables, model.non_trainable_variables
@@ -115,7 +110,7 @@ class ScaleReporter:
         numpy = ops.convert_to_numpy
         return self._rows_to_report(
             [(layer, numpy(out), numpy(grad)) for layer, out, grad in zip(self.layers, outputs, output_grads)],
-            numpy(output),
+            keras.tree.map_structure(numpy, output),
             {id(v): numpy(grad) for v, grad in zip(self.trainable, weight_grads)},
             formats,
         )
@@ -127,13 +122,20 @@ class ScaleReporter:
     def _run(self, x, y):
         if y is not None and self._loss_fn is None:
             self._loss_fn = self._loss_function()
-        inputs = [ops.convert_to_tensor(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
+        inputs = self._inputs(x)
         return self._pass(
             inputs if len(inputs) > 1 else inputs[0],
-            None if y is None else ops.convert_to_tensor(y),
+            None if y is None else keras.tree.map_structure(ops.convert_to_tensor, y),
             [v.value for v in self.trainable],
             [v.value for v in self.non_trainable],
         )
+
+    def _inputs(self, x):
+        """`x` as tensors, each in its `Input`'s dtype (token ids given as int64 or float become int32, say)."""
+        arrays = list(x) if isinstance(x, (list, tuple)) else [x]
+        declared = getattr(self.model, "inputs", None) or []
+        dtypes = [i.dtype for i in declared] if len(declared) == len(arrays) else [None] * len(arrays)
+        return [ops.convert_to_tensor(v, dtype=dtype) for v, dtype in zip(arrays, dtypes)]
 
     def _loss_function(self):
         loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
@@ -142,14 +144,44 @@ class ScaleReporter:
                 "`scale_report` needs a loss to differentiate when `y` is given: pass `loss=` or "
                 "compile the model. Received: loss=None, model.loss=None"
             )
+        if isinstance(loss, dict):
+            return {name: keras.losses.get(one) for name, one in loss.items()}
+        if isinstance(loss, (list, tuple)):
+            return [keras.losses.get(one) for one in loss]
         return keras.losses.get(loss)
 
     def _upstream(self, output, target):
-        """The scalar to differentiate: the loss, or the output against a unit-normal gradient."""
-        output = ops.cast(output, "float32")
+        """The scalar to differentiate: the sum of each output's loss, or of each output against a unit-normal gradient.
+
+        A model with several outputs (a list or a dict of them) takes targets
+        of the same structure, and one loss for all or one per output, as
+        `model.compile` does.
+        """
+        outputs = output if isinstance(output, dict) else dict(enumerate(keras.tree.flatten(output)))
         if target is None:
-            return ops.sum(output * keras.random.normal(ops.shape(output), seed=0))
-        return ops.mean(self._loss_fn(target, output))
+            return sum(
+                ops.sum(ops.cast(out, "float32") * keras.random.normal(ops.shape(out), seed=index))
+                for index, out in enumerate(outputs.values())
+            )
+        targets = target if isinstance(target, dict) else dict(enumerate(keras.tree.flatten(target)))
+        if set(targets) != set(outputs):
+            raise ValueError(
+                "`y` must have the structure of the model's outputs. "
+                f"Received: outputs {sorted(outputs, key=str)}, targets {sorted(targets, key=str)}"
+            )
+        losses = self._loss_fn
+        if not isinstance(losses, (dict, list)):
+            losses = {key: losses for key in outputs}
+        elif isinstance(losses, list):
+            losses = dict(enumerate(losses))
+        if set(losses) != set(outputs):
+            raise ValueError(
+                "Give one loss, or one per output with the outputs' structure. "
+                f"Received: losses for {sorted(losses, key=str)}, outputs {sorted(outputs, key=str)}"
+            )
+        return sum(
+            ops.mean(losses[key](targets[key], ops.cast(out, "float32"))) for key, out in outputs.items()
+        )
 
     def _forward(self, inputs, trainable_values, non_trainable_values, probes=None, record=None):
         mapping = list(zip(self.trainable, trainable_values)) + list(zip(self.non_trainable, non_trainable_values))
@@ -190,7 +222,9 @@ class ScaleReporter:
             if id(layer) not in reported:
                 _add_weights(add, _weights_label(model, layer), P.owned_variables(layer), weight_grads)
         if self.graph is None:
-            add(model.name, "output", ACTIVATION, output)
+            named = output if isinstance(output, dict) else dict(enumerate(keras.tree.flatten(output)))
+            for key, values in named.items():
+                add(model.name, "output" if len(named) == 1 else f"output {key}", ACTIVATION, values)
         return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)
 
 
