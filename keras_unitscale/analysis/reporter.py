@@ -39,6 +39,11 @@ def _with_training(operation, training):
     return with_training
 
 
+def _by_key(structure):
+    """A model's outputs (or targets) by name: a dict as it is, a tensor or a list by position."""
+    return structure if isinstance(structure, dict) else dict(enumerate(keras.tree.flatten(structure)))
+
+
 def _is_float(tensor):
     return "float" in keras.backend.standardize_dtype(tensor.dtype)
 
@@ -157,13 +162,13 @@ class ScaleReporter:
         of the same structure, and one loss for all or one per output, as
         `model.compile` does.
         """
-        outputs = output if isinstance(output, dict) else dict(enumerate(keras.tree.flatten(output)))
+        outputs = _by_key(output)
         if target is None:
             return sum(
                 ops.sum(ops.cast(out, "float32") * keras.random.normal(ops.shape(out), seed=index))
                 for index, out in enumerate(outputs.values())
             )
-        targets = target if isinstance(target, dict) else dict(enumerate(keras.tree.flatten(target)))
+        targets = _by_key(target)
         if set(targets) != set(outputs):
             raise ValueError(
                 "`y` must have the structure of the model's outputs. "
@@ -179,9 +184,8 @@ class ScaleReporter:
                 "Give one loss, or one per output with the outputs' structure. "
                 f"Received: losses for {sorted(losses, key=str)}, outputs {sorted(outputs, key=str)}"
             )
-        return sum(
-            ops.mean(losses[key](targets[key], ops.cast(out, "float32"))) for key, out in outputs.items()
-        )
+        # No cast here: a softmax output carries its logits, which a cast would drop.
+        return sum(ops.mean(losses[key](targets[key], out)) for key, out in outputs.items())
 
     def _forward(self, inputs, trainable_values, non_trainable_values, probes=None, record=None):
         mapping = list(zip(self.trainable, trainable_values)) + list(zip(self.non_trainable, non_trainable_values))
@@ -222,7 +226,7 @@ class ScaleReporter:
             if id(layer) not in reported:
                 _add_weights(add, _weights_label(model, layer), P.owned_variables(layer), weight_grads)
         if self.graph is None:
-            named = output if isinstance(output, dict) else dict(enumerate(keras.tree.flatten(output)))
+            named = _by_key(output)
             for key, values in named.items():
                 add(model.name, "output" if len(named) == 1 else f"output {key}", ACTIVATION, values)
         return ScaleReport(rows, formats=[fmt.name for fmt in formats], model_name=model.name)
