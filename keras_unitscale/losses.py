@@ -22,6 +22,8 @@ from keras import ops
 from keras.src import backend as keras_backend
 
 from keras_unitscale import rules
+from keras_unitscale.ops.common import LOW_PRECISION
+from keras_unitscale.ops.common import dtype
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.sizes import as_float
 from keras_unitscale.sizes import numel
@@ -77,20 +79,18 @@ class _UnitScaledLoss:
         beyond float16's range once `p` falls to about 1e-4. Of the logits, its
         gradient is `p - target`, bounded. Keras's softmax and sigmoid attach
         their logits to their output (`_keras_logits`, on TensorFlow and
-        PyTorch tensors; a JAX array traced in a training step cannot carry them), and Keras's
-        TensorFlow losses read them there; these read them on every backend
+        PyTorch tensors; a JAX array traced in a training step cannot carry
+        them), and Keras's TensorFlow losses read them there; these read them on every backend
         (before Keras's `Loss.__call__` casts the output to float32, which
         drops them). Where an output carries none (JAX), a float32 output
         keeps its gradient in float32, and a float16 one is warned about once:
         keeping Keras's contract, a float16 layer returns float16, so the head
         is made float32 by its `dtype`, as Keras's mixed-precision guide advises.
         """
-        if getattr(self, "_fn_kwargs", {}).get("from_logits", True):
+        if self._fn_kwargs.get("from_logits", True):  # logits already, or no such argument (MSE)
             return None
         logits = getattr(y_pred, "_keras_logits", None)
-        if logits is None and keras.backend.standardize_dtype(getattr(y_pred, "dtype", "float32")) in (
-            "float16", "bfloat16"
-        ):
+        if logits is None and hasattr(y_pred, "dtype") and dtype(y_pred) in LOW_PRECISION:
             _warn_low_precision_probabilities(type(self).__name__, y_pred.dtype)
         return logits
 

@@ -149,10 +149,9 @@ class ScaleReporter:
                 "`scale_report` needs a loss to differentiate when `y` is given: pass `loss=` or "
                 "compile the model. Received: loss=None, model.loss=None"
             )
-        if isinstance(loss, dict):
-            return {name: keras.losses.get(one) for name, one in loss.items()}
-        if isinstance(loss, (list, tuple)):
-            return [keras.losses.get(one) for one in loss]
+        # One loss for every output, or one per output by key (a list's by position).
+        if isinstance(loss, (dict, list, tuple)):
+            return {key: keras.losses.get(one) for key, one in _by_key(loss).items()}
         return keras.losses.get(loss)
 
     def _upstream(self, output, target):
@@ -174,11 +173,7 @@ class ScaleReporter:
                 "`y` must have the structure of the model's outputs. "
                 f"Received: outputs {sorted(outputs, key=str)}, targets {sorted(targets, key=str)}"
             )
-        losses = self._loss_fn
-        if not isinstance(losses, (dict, list)):
-            losses = {key: losses for key in outputs}
-        elif isinstance(losses, list):
-            losses = dict(enumerate(losses))
+        losses = self._loss_fn if isinstance(self._loss_fn, dict) else {key: self._loss_fn for key in outputs}
         if set(losses) != set(outputs):
             raise ValueError(
                 "Give one loss, or one per output with the outputs' structure. "
