@@ -108,6 +108,7 @@ def main():
     rows = []
     for name, build, kind, batch, keras_loss, our_loss in CASES:
         x, y = _data(kind, batch * 8)
+        timing.fresh_compiler_cache()
         ours = _compiled(build, layers, our_loss, x, y, batch, jit_compile)
         theirs = _compiled(build, keras.layers, keras_loss, x, y, batch, jit_compile)
         rows.append(timing.compare(name, ours, theirs, x, y, batch, args.repeats, args.steps))

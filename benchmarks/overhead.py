@@ -107,6 +107,7 @@ def _compiled(case, batch, scale_ops):
 def run(repeats, steps):
     rows = []
     for name, (case, batch) in CASES.items():
+        timing.fresh_compiler_cache()
         unit, x, y = _compiled(case, batch, scale_ops=True)
         plain, _, _ = _compiled(case, batch, scale_ops=False)
         rows.append(timing.compare(name, unit, plain, x, y, batch, repeats, steps))

@@ -18,6 +18,21 @@ import keras
 import keras_unitscale
 
 
+def fresh_compiler_cache():
+    """Starts a case with an empty `torch.compile` cache (PyTorch only; elsewhere nothing to do).
+
+    Dynamo keeps at most `recompile_limit` (8) compiled versions of each code
+    object and runs a frame eagerly once it has that many. Keras's training
+    step and `Layer.__call__` are the same code objects for every model in the
+    process, so the models of earlier cases would use up the limit and leave a
+    later case partly eager: a cost of the benchmark, not of either model.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch._dynamo.reset()
+
+
 def step_time(model, x, y, batch, steps):
     steps_per_epoch = len(x) // batch
     epochs = max(1, steps // steps_per_epoch)

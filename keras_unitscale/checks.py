@@ -8,6 +8,13 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def finite(value):
+    # Comparisons, not `math.isfinite`: NaN fails both, and under
+    # `torch.compile` a float traced as a symbol can be compared in the graph,
+    # where `math.isfinite` breaks it.
+    return -math.inf < value < math.inf
+
+
 def positive_int(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
@@ -15,13 +22,13 @@ def positive_int(name, value):
 
 
 def positive(name, value):
-    if not _is_number(value) or not (value > 0 and math.isfinite(value)):
+    if not _is_number(value) or not (value > 0 and finite(value)):
         raise ValueError(f"`{name}` must be a finite number > 0. Received: {name}={value!r}")
     return value
 
 
 def non_negative(name, value):
-    if not _is_number(value) or not (value >= 0 and math.isfinite(value)):
+    if not _is_number(value) or not (value >= 0 and finite(value)):
         raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={value!r}")
     return value
 

@@ -8,7 +8,8 @@ computation, with `scale_fwd` and `scale_bwd`. Each docstring states its
 rule; `keras_unitscale.rules` is where each rule lives.
 
 Tensors use Keras layouts: a dense kernel is `(fan_in, fan_out)`, attention
-tensors are `(batch, seq, heads, head_dim)`.
+tensors are `(batch, seq, heads, head_dim)`, convolutions take Keras's
+kernels and `data_format`.
 
 Where the reference package `unit-scaling` 0.3.5 defines an op, the forward
 values and gradients here are the same (the parity tests check it). The ops
@@ -18,10 +19,13 @@ unit-normal inputs; see their docstrings.
 
 from keras_unitscale.ops import MSE_GRAD_SCALE
 from keras_unitscale.ops import add
+from keras_unitscale.ops import conv
+from keras_unitscale.ops import conv_transpose
 from keras_unitscale.ops import cross_entropy
 from keras_unitscale.ops import cross_entropy_grad_scale
 from keras_unitscale.ops import dense
 from keras_unitscale.ops import dense_readout
+from keras_unitscale.ops import depthwise_conv
 from keras_unitscale.ops import dot_product_attention
 from keras_unitscale.ops import dropout
 from keras_unitscale.ops import embedding
@@ -40,6 +44,7 @@ from keras_unitscale.ops import residual_add
 from keras_unitscale.ops import residual_apply
 from keras_unitscale.ops import residual_split
 from keras_unitscale.ops import rms_norm
+from keras_unitscale.ops import separable_conv
 from keras_unitscale.ops import sigmoid
 from keras_unitscale.ops import silu
 from keras_unitscale.ops import silu_glu
@@ -55,6 +60,10 @@ __all__ = [
     "dense",
     "dense_readout",
     "add",
+    "conv",
+    "conv_transpose",
+    "depthwise_conv",
+    "separable_conv",
     "dropout",
     "relu",
     "gelu",

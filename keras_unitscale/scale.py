@@ -7,12 +7,13 @@ XLA), JAX and PyTorch.
 """
 
 import contextlib
-import math
 import numbers
 import threading
 
 import keras
 from keras import ops
+
+from keras_unitscale import checks
 
 __all__ = ["scaled", "scale_fwd", "scale_bwd", "scaling_disabled", "with_gradient"]
 
@@ -51,7 +52,7 @@ def _check_scale(name, scale):
     `None` batch dimension under `tf.function`); it cannot be checked eagerly.
     """
     if isinstance(scale, bool) or (
-        isinstance(scale, numbers.Number) and not math.isfinite(scale)
+        isinstance(scale, numbers.Number) and not checks.finite(scale)
     ):
         raise ValueError(
             f"`{name}` must be a finite number. Received: {name}={scale!r}"

@@ -100,6 +100,16 @@ SUITES = (
     Suite("keras.src.layers.regularization.dropout_test", "Dropout"),
     Suite("keras.src.layers.merging.merging_test", "Add", only_tests_using_class=True),
     Suite("keras.src.layers.activations.activation_test", "Activation"),
+    Suite("keras.src.layers.convolutional.conv_test", "Conv1D", only_tests_using_class=True),
+    Suite("keras.src.layers.convolutional.conv_test", "Conv2D", only_tests_using_class=True),
+    Suite("keras.src.layers.convolutional.conv_test", "Conv3D", only_tests_using_class=True),
+    Suite("keras.src.layers.convolutional.conv_transpose_test", "Conv1DTranspose", only_tests_using_class=True),
+    Suite("keras.src.layers.convolutional.conv_transpose_test", "Conv2DTranspose", only_tests_using_class=True),
+    Suite("keras.src.layers.convolutional.conv_transpose_test", "Conv3DTranspose", only_tests_using_class=True),
+    Suite("keras.src.layers.convolutional.depthwise_conv_test", "DepthwiseConv1D", only_tests_using_class=True),
+    Suite("keras.src.layers.convolutional.depthwise_conv_test", "DepthwiseConv2D", only_tests_using_class=True),
+    Suite("keras.src.layers.convolutional.separable_conv_test", "SeparableConv1D", only_tests_using_class=True),
+    Suite("keras.src.layers.convolutional.separable_conv_test", "SeparableConv2D", only_tests_using_class=True),
 )
 
 # The executed test files are registered in `sys.modules` under this prefix,
@@ -328,7 +338,7 @@ def load(suite):
     with tokenize.open(path) as f:
         source = f.read()
     class_names = tuple(
-        f"Keras{node.name}" for node in ast.parse(source).body if isinstance(node, ast.ClassDef)
+        generated_name(suite, node.name) for node in ast.parse(source).body if isinstance(node, ast.ClassDef)
     )
     our_cls = getattr(keras_unitscale.layers, suite.class_name, None)
     if our_cls is None:
@@ -358,8 +368,18 @@ def load(suite):
             and issubclass(value, unittest.TestCase)
             and value.__module__ == name
         ):
-            loaded.classes[f"Keras{attr}"] = value
+            loaded.classes[generated_name(suite, attr)] = value
     return loaded
+
+
+def generated_name(suite, test_class_name):
+    """`Keras<test class>`, and `_<class under test>` after it where several suites run the file.
+
+    `conv_test.py`, for one, tests `Conv1D`, `Conv2D` and `Conv3D`: it runs
+    once for each, with that class swapped.
+    """
+    shared = sum(other.keras_module == suite.keras_module for other in SUITES) > 1
+    return f"Keras{test_class_name}" + (f"_{suite.class_name}" if shared else "")
 
 
 def method_names(cls):

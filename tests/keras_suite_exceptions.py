@@ -41,6 +41,8 @@ To find candidates after a change: `KERAS_SUITE_TWINS=all python -m pytest
 tests/test_keras_layers.py` gives every other test a `__scaling_disabled` twin.
 """
 
+import itertools
+
 from tests.keras_suite import KERAS_INITIALISERS
 from tests.keras_suite import KERAS_TEMPERATURE
 from tests.keras_suite import PLAIN_NUMBERS
@@ -60,6 +62,35 @@ _EMBEDDING_INT4 = (
     "uniform(-0.05, 0.05) embeddings; unit-normal embeddings are 35x larger, "
     "and so is the error"
 )
+
+_CONV = "the output is Keras's times 1/sqrt(taps) (`rules.conv`: kernel volume × input channels per group)"
+_CONV_TRANSPOSE = (
+    "the output is Keras's times 1/sqrt(taps) (`rules.conv`: kernel volume × input channels / stride volume); "
+    "exactly Keras's where that is 1"
+)
+_SEPARABLE = "the depthwise and the pointwise op each scale by 1/sqrt(their taps) (`rules.conv`)"
+
+
+def _every_case(test_id, count, reason):
+    """All `count` parameterized cases `test_id0` ... of one test, as plain-numbers exceptions."""
+    return {f"{test_id}{index}": (PLAIN_NUMBERS, reason) for index in range(count)}
+
+
+def _conv1d_transpose_consistency():
+    """The cases of Keras's `test_conv1d_transpose_consistency` whose scale is not 1.
+
+    The test's grid (kernel_size 1-4 × strides 1-4 × padding × output_padding
+    None or 1-4, in that order; output_padding >= strides skipped) on one
+    input channel: taps = kernel_size / strides, 1 where they are equal.
+    """
+    grid = itertools.product(range(1, 5), range(1, 5), ("same", "valid"), (None, 1, 2, 3, 4))
+    return {
+        f"KerasConvTransposeCorrectnessTest_Conv1DTranspose::test_conv1d_transpose_consistency{index}": (
+            PLAIN_NUMBERS, _CONV_TRANSPOSE)
+        for index, (kernel_size, strides, _, output_padding) in enumerate(grid)
+        if not (output_padding is not None and output_padding >= strides) and kernel_size != strides
+    }
+
 
 EXCEPTIONS = {
     # Dense
@@ -108,4 +139,16 @@ EXCEPTIONS = {
     # MultiHeadAttention
     "KerasMultiHeadAttentionTest::test_correctness_disable_flash_attention": (KERAS_TEMPERATURE, _ATTENTION),
     "KerasMultiHeadAttentionTest::test_correctness_enable_flash_attention": (KERAS_TEMPERATURE, _ATTENTION),
+    # The convolutions: each numeric test compares with NumPy's plain convolution.
+    **_every_case("KerasConvCorrectnessTest_Conv1D::test_conv1d", 5, _CONV),
+    **_every_case("KerasConvCorrectnessTest_Conv2D::test_conv2d", 6, _CONV),
+    **_every_case("KerasConvCorrectnessTest_Conv3D::test_conv3d", 5, _CONV),
+    **_every_case("KerasConvTransposeCorrectnessTest_Conv1DTranspose::test_conv1d_transpose", 3, _CONV_TRANSPOSE),
+    **_every_case("KerasConvTransposeCorrectnessTest_Conv2DTranspose::test_conv2d_transpose", 4, _CONV_TRANSPOSE),
+    **_every_case("KerasConvTransposeCorrectnessTest_Conv3DTranspose::test_conv3d_transpose", 3, _CONV_TRANSPOSE),
+    **_conv1d_transpose_consistency(),
+    **_every_case("KerasDepthwiseConvCorrectnessTest_DepthwiseConv1D::test_depthwise_conv1d", 4, _CONV),
+    **_every_case("KerasDepthwiseConvCorrectnessTest_DepthwiseConv2D::test_depthwise_conv2d", 3, _CONV),
+    **_every_case("KerasSeparableConvCorrectnessTest_SeparableConv1D::test_separable_conv1d", 3, _SEPARABLE),
+    **_every_case("KerasSeparableConvCorrectnessTest_SeparableConv2D::test_separable_conv2d", 3, _SEPARABLE),
 }

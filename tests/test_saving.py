@@ -27,10 +27,28 @@ def _every_layer_model():
     h = L.EinsumDense("btd,de->bte", (SEQ, WIDTH), bias_axes="e", weight_multipliers={"kernel": 0.5}, name="einsum")(h)
     h = L.LayerNormalization(name="norm")(h)
     h = L.RMSNormalization(name="rms")(h)
+    h = _every_convolution(h)
     h = L.LSTM(WIDTH, return_sequences=True, weight_multipliers={"kernel": 2.0}, name="lstm")(h)
     h = L.Add(name="sum")([h, L.Activation("silu", name="act")(h)])
     logits = L.Dense(VOCAB, role="output", name="readout")(h)
     return keras.Model(tokens, logits)
+
+
+def _every_convolution(h):
+    """The ten convolutions on the `(SEQ, WIDTH)` sequence, seen as 1-, 2- and 3-D: the shape comes back."""
+    h = L.Conv1D(WIDTH, 3, padding="causal", weight_multipliers={"kernel": 0.5}, name="conv1d")(h)
+    h = L.Conv1DTranspose(WIDTH, 3, padding="same", name="conv1d_t")(h)
+    h = L.DepthwiseConv1D(3, padding="same", name="depthwise1d")(h)
+    h = L.SeparableConv1D(WIDTH, 3, padding="same", name="separable1d")(h)
+    g = keras.layers.Reshape((SEQ, WIDTH, 1))(h)
+    g = L.Conv2D(2, 3, padding="same", name="conv2d")(g)
+    g = L.Conv2DTranspose(2, 3, padding="same", name="conv2d_t")(g)
+    g = L.DepthwiseConv2D(3, padding="same", name="depthwise2d")(g)
+    g = L.SeparableConv2D(1, 3, padding="same", name="separable2d")(g)
+    v = keras.layers.Reshape((SEQ, WIDTH, 1, 1))(g)
+    v = L.Conv3D(2, 3, padding="same", name="conv3d")(v)
+    v = L.Conv3DTranspose(1, 3, padding="same", lr_multipliers={"kernel": 0.25}, name="conv3d_t")(v)
+    return keras.layers.Reshape((SEQ, WIDTH))(v)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +80,8 @@ def test_a_file_saved_by_this_version_loads_bit_identical(trained):
     assert loaded.get_layer("attention").lr_multipliers == {"query/kernel": 0.25}
     assert loaded.get_layer("einsum").weight_multipliers == {"kernel": 0.5}
     assert loaded.get_layer("lstm").cell.weight_multipliers == {"kernel": 2.0}
+    assert loaded.get_layer("conv1d").weight_multipliers == {"kernel": 0.5}
+    assert loaded.get_layer("conv3d_t").lr_multipliers == {"kernel": 0.25}
     assert loaded.get_layer("split").tau == 0.5 and loaded.get_layer("wrapped").tau == 0.4
     assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2
     for ours, theirs in zip(loaded.optimizer.variables, model.optimizer.variables):

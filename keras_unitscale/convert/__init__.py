@@ -78,7 +78,10 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
     Converts the layers that have a registered converter (`Dense`,
     `EinsumDense` where it is a plain projection, `Embedding`, `LSTM`,
     `MultiHeadAttention`, `LayerNormalization`, `RMSNormalization`,
-    `Activation` and activations named inside layers, `Dropout`, `Add`).
+    `Activation` and activations named inside layers, `Dropout`, `Add`, and
+    the convolutions: `Conv1D`/`2D`/`3D` and their transposes,
+    `DepthwiseConv1D`/`2D`, `SeparableConv1D`/`2D`, their regularisers,
+    constraints and dtype policies carried over).
     Weightless layers that commute with a scale (`Flatten`, pooling, ...)
     are kept. Any other layer is kept unchanged (a copy, with its weights)
     and named in one warning.

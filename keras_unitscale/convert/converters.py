@@ -64,6 +64,39 @@ def dense(conversion, layer, call):
     return out, [TensorRatio(ratio, rescale, call.inputs[0].grad_ratio)]
 
 
+# Keras's convolutions and ours, class by class (exact classes: a user's
+# subclass may change the call, and is kept).
+_CONVOLUTIONS = {
+    getattr(keras.layers, name): getattr(L, name)
+    for name in (
+        "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
+        "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D",
+    )
+}
+
+
+def convolution(conversion, layer, call):
+    """Any of Keras's convolutions: ours from its config (regularisers, constraints, dtype policy kept), as `dense`."""
+    ours_class = _CONVOLUTIONS[type(layer)]
+    name = activation_name(layer.activation)
+    config = layer.get_config()
+    for key in ours_class._KERNEL_INITIALIZERS:  # unit-normal, as our layers start
+        config.pop(key, None)
+    config.update(activation=None if name == "linear" else name, role="output" if call.readout else None)
+    new = ours_class.from_config(config)
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    if not conversion.equivalent:
+        return out, [TensorRatio()]
+    op_scales = new.weight_op_scales()
+    op_scales[0] = op_scales[0] * call.inputs[0].value  # the first op meets the input's ratio
+    multipliers = conversion.carry(new, own_weights(layer), op_scales)
+    plain = new.role == "output" or name in activations.PROBABILITIES
+    ratio = 1.0 if plain else _activation_ratio(name, new)
+    rescale = conversion.rescaler(new, multipliers) if name in _HOMOGENEOUS else None
+    return out, [TensorRatio(ratio, rescale, call.inputs[0].grad_ratio)]
+
+
 def embedding(conversion, layer, call):
     new = L.Embedding(layer.input_dim, layer.output_dim, mask_zero=layer.mask_zero, name=layer.name,
                       dtype=layer.dtype_policy)
@@ -243,6 +276,10 @@ def _dense_activation_ok(layer):
     return name in activations.PROBABILITIES or _elementwise_rule(name)
 
 
+def _conv_activation_ok(layer):
+    return not getattr(layer, "lora_enabled", False) and _dense_activation_ok(layer)
+
+
 def _plain_projection(layer):
     equation = _PROJECTION.match(layer.equation)
     plain = equation and layer.bias_axes in (None, "", equation.group(3)) and len(layer.kernel.shape) == 2
@@ -278,6 +315,8 @@ def register_defaults():
     register_converter(keras.layers.Dense, dense, subclasses=True, accepts=_dense_activation_ok)
     register_converter(keras.layers.EinsumDense, dense, subclasses=True, accepts=_plain_projection)
     register_converter(keras.layers.Embedding, embedding)
+    for keras_class in _CONVOLUTIONS:
+        register_converter(keras_class, convolution, accepts=_conv_activation_ok)
     register_converter(keras.layers.LayerNormalization, layer_norm)
     if hasattr(keras.layers, "RMSNormalization"):
         register_converter(keras.layers.RMSNormalization, layer_norm)

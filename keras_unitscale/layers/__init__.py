@@ -2,6 +2,16 @@
 
 from keras_unitscale.layers.activation import Activation
 from keras_unitscale.layers.attention import MultiHeadAttention
+from keras_unitscale.layers.conv import Conv1D
+from keras_unitscale.layers.conv import Conv2D
+from keras_unitscale.layers.conv import Conv3D
+from keras_unitscale.layers.conv import Conv1DTranspose
+from keras_unitscale.layers.conv import Conv2DTranspose
+from keras_unitscale.layers.conv import Conv3DTranspose
+from keras_unitscale.layers.conv import DepthwiseConv1D
+from keras_unitscale.layers.conv import DepthwiseConv2D
+from keras_unitscale.layers.conv import SeparableConv1D
+from keras_unitscale.layers.conv import SeparableConv2D
 from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.dropout import Dropout
 from keras_unitscale.layers.einsum_dense import EinsumDense
@@ -19,6 +29,16 @@ from keras_unitscale.layers.transformer import TransformerBlock
 __all__ = [
     "Activation",
     "Add",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "SeparableConv1D",
+    "SeparableConv2D",
     "Dense",
     "Dropout",
     "EinsumDense",

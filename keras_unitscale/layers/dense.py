@@ -19,11 +19,9 @@ ROLES = ("input", "hidden", "output")
 
 
 class Projection:
-    """The unit-scaling options of a projection (`Dense`, `EinsumDense`) and how it applies its activation."""
+    """The unit-scaling options of a projection (`Dense`, `EinsumDense`, the convolutions) and its activation."""
 
-    def _init_projection(self, role, constraint, mult, fp8, fp8_critical):
-        self.fp8 = check_fp8(fp8)
-        self.fp8_critical = bool(fp8_critical)
+    def _init_projection(self, role, constraint, mult):
         if role is None:
             role = "output" if self._gives_probabilities() else "hidden"
         self.role = checks.one_of("role", role, ROLES)
@@ -40,9 +38,6 @@ class Projection:
     def _scale_power(self):
         return rules.linear.READOUT_POWERS if self.role == "output" else rules.linear.DENSE_POWERS
 
-    def _uses_fp8(self):
-        return precision.uses_fp8(self.fp8, self.fp8_critical)
-
     def _activate(self, x):
         if self.role == "output":
             # A readout's activation gives the prediction (a probability, say),
@@ -52,18 +47,26 @@ class Projection:
 
     def projection_config(self):
         """The config entries of the unit-scaling options and the multipliers, for `get_config`."""
-        return {
-            "role": self.role,
-            "constraint": self.constraint,
-            "mult": self.mult,
-            "fp8": self.fp8,
-            "fp8_critical": self.fp8_critical,
-            **self.multiplier_config(),
-        }
+        return {"role": self.role, "constraint": self.constraint, "mult": self.mult, **self.multiplier_config()}
+
+
+class MatmulProjection(Projection):
+    """A projection whose product is a matmul (`Dense`, `EinsumDense`), which may run in scale-free FP8."""
+
+    def _init_projection(self, role, constraint, mult, fp8=None, fp8_critical=False):
+        self.fp8 = check_fp8(fp8)
+        self.fp8_critical = bool(fp8_critical)
+        super()._init_projection(role, constraint, mult)
+
+    def _uses_fp8(self):
+        return precision.uses_fp8(self.fp8, self.fp8_critical)
+
+    def projection_config(self):
+        return {**super().projection_config(), "fp8": self.fp8, "fp8_critical": self.fp8_critical}
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class Dense(Projection, FoldedQuantization, LowRankAdapters, WeightMultipliers, keras.layers.Dense):
+class Dense(MatmulProjection, FoldedQuantization, LowRankAdapters, WeightMultipliers, keras.layers.Dense):
     """A unit-scaled densely-connected layer: `keras.layers.Dense` with the unit-scaled op.
 
     Computes `activation(dense(inputs, kernel, bias))` with the unit-scaled

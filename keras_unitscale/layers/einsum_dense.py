@@ -7,7 +7,7 @@ from keras_unitscale.layers.common import LowRankAdapters
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 from keras_unitscale.layers.common import without_activation
-from keras_unitscale.layers.dense import Projection
+from keras_unitscale.layers.dense import MatmulProjection
 from keras_unitscale.ops import linear
 from keras_unitscale.sizes import shape as shape_of
 
@@ -17,7 +17,7 @@ _RESHAPED_MODES = ("int4", "gptq", "awq")
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class EinsumDense(Projection, FoldedQuantization, LowRankAdapters, WeightMultipliers, keras.layers.EinsumDense):
+class EinsumDense(MatmulProjection, FoldedQuantization, LowRankAdapters, WeightMultipliers, keras.layers.EinsumDense):
     """A unit-scaled einsum layer: `keras.layers.EinsumDense` with the unit-scaled op.
 
     Computes `activation(einsum(equation, inputs, kernel) + bias)` with

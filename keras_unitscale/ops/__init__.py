@@ -17,6 +17,10 @@ from keras_unitscale.ops.activations import silu_glu
 from keras_unitscale.ops.activations import softmax
 from keras_unitscale.ops.activations import tanh
 from keras_unitscale.ops.attention import dot_product_attention
+from keras_unitscale.ops.convolution import conv
+from keras_unitscale.ops.convolution import conv_transpose
+from keras_unitscale.ops.convolution import depthwise_conv
+from keras_unitscale.ops.convolution import separable_conv
 from keras_unitscale.ops.linear import add
 from keras_unitscale.ops.linear import dense
 from keras_unitscale.ops.linear import dense_readout
@@ -40,6 +44,7 @@ from keras_unitscale.ops.residual import residual_split
 
 __all__ = [
     "matmul", "dense", "dense_readout", "add", "embedding",
+    "conv", "conv_transpose", "depthwise_conv", "separable_conv",
     "dropout", "relu", "gelu", "silu", "silu_glu", "tanh", "sigmoid", "softmax", "apply_activation",
     "layer_norm", "rms_norm", "dot_product_attention",
     "cross_entropy", "cross_entropy_grad_scale", "mse", "MSE_GRAD_SCALE",

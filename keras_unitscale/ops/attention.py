@@ -1,5 +1,6 @@
 """Unit-scaled dot-product attention (rule: `keras_unitscale.rules.attention`)."""
 
+import keras
 from keras import ops
 from keras import random
 
@@ -17,18 +18,8 @@ from keras_unitscale.sizes import shape as shape_of
 __all__ = ["dot_product_attention"]
 
 
-def dot_product_attention(
-    query,
-    key,
-    value,
-    mask=None,
-    is_causal=False,
-    dropout_rate=0.0,
-    mult=1.0,
-    training=True,
-    seed=None,
-    return_attention_scores=False,
-):
+def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout_rate=0.0, mult=1.0, training=True,
+                          seed=None, return_attention_scores=False):
     """Unit-scaled dot-product attention, in Keras's `(batch, seq, heads, head_dim)` layout.
 
     Rule (`rules.attention.attention`, the reference's, calibrated): logits
@@ -75,8 +66,16 @@ def dot_product_attention(
         if return_attention_scores:
             return scale_fwd(out, scales.output), probs
     else:
-        out = ops.dot_product_attention(query, key, value, mask=mask, scale=scales.logits, is_causal=is_causal)
+        out = ops.dot_product_attention(query, key, value, mask=mask, scale=scales.logits, is_causal=is_causal,
+                                        flash_attention=_LET_BACKEND_CHOOSE_KERNEL)
     return scale_fwd(out, scales.output)
+
+
+# On PyTorch, `flash_attention=None` makes Keras probe flash attention's
+# eligibility first, which breaks a `torch.compile` graph; `False` skips the
+# probe and `scaled_dot_product_attention` still picks its fused kernel itself.
+# Elsewhere None lets Keras choose (cuDNN's flash attention on JAX GPUs).
+_LET_BACKEND_CHOOSE_KERNEL = False if keras.backend.backend() == "torch" else None
 
 
 def _checked(query, key, value):
