@@ -1,4 +1,4 @@
-"""u-μP optimizers: Keras's `Adam`, `AdamW` and `SGD` with a learning rate per variable.
+"""u-μP optimizers: Keras's `Adam`, `AdamW`, `RMSprop`, `Lion` and `SGD` with a learning rate per variable.
 
 Each optimizer keeps, beside its usual state, one scalar per trained variable:
 its learning-rate multiplier, the factor on the base learning rate for that
@@ -28,12 +28,14 @@ rate nor the variable's learning-rate multiplier, so sweeping the learning rate 
 alone. With `independent_weight_decay=False` the decay is Keras's,
 `weight_decay · η_t`, times the variable's learning-rate multiplier.
 
-Adam and AdamW also keep an epsilon multiplier per variable (1 by default).
-Adam's update sees the gradient's absolute scale only through `epsilon`;
+Adam, AdamW and RMSprop also keep an epsilon multiplier per variable (1 by
+default). Their update sees the gradient's absolute scale only through `epsilon`;
 a model whose gradients are in other units than another's (a unit-scaled
 twin from `unit_scale`) follows the other's trajectory exactly when each
-variable's `epsilon` is scaled by the ratio of the gradients:
-`convert.match_epsilon` measures and sets it.
+variable's `epsilon` is scaled by the ratio of the gradients (by its square
+in RMSprop, which adds `epsilon` under the square root):
+`convert.match_epsilon` measures the ratio and sets it. Lion's update is the
+sign of a moment, blind to the gradient's scale: it has no epsilon.
 
 Models of our layers need no loss scaling in FP16: their gradients are near
 unit scale. Keras wraps the optimizer of a `mixed_float16` model in a
@@ -58,7 +60,7 @@ from keras_unitscale import checks
 from keras_unitscale import parametrization as P
 from keras_unitscale import weights
 
-__all__ = ["Adam", "AdamW", "SGD", "ScaledSchedule", "unwrap"]
+__all__ = ["Adam", "AdamW", "RMSprop", "Lion", "SGD", "ScaledSchedule", "from_keras", "unwrap"]
 
 PARAMETRIZATIONS = ("u-mup", None)
 
@@ -94,11 +96,28 @@ def _schedule_peak(schedule):
 class UnitScaledOptimizer:
     """What the u-μP optimizers add to a Keras optimizer (a mixin placed before it)."""
 
+    # u-μP's learning-rate column: "adam" for the updates that do not scale
+    # with the gradient (Adam, RMSprop, Lion), "sgd" for those that do.
     family = "adam"
+    # How the update's epsilon meets the gradient's scale r: Adam adds it to
+    # sqrt(v) ~ r (power 1), RMSprop to v ~ r² (power 2); None: no epsilon.
+    epsilon_power = 1
+
+    # The arguments of Adam, RMSprop and Lion (AdamW and SGD change defaults; SGD alone reads `readout_constraint`).
+    def __init__(self, learning_rate=0.001, parametrization="u-mup", lr_multipliers=None, weight_decay=None,
+                 independent_weight_decay=True, peak_learning_rate=None, readout_constraint=None, **kwargs):
+        if readout_constraint is not None and self.family != "sgd":
+            raise ValueError(
+                f"`readout_constraint` is SGD's: {type(self).__name__}'s update does not scale with the gradient. "
+                f"Received: readout_constraint={readout_constraint!r}"
+            )
+        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
+        self._init_unit_scaling(
+            parametrization, lr_multipliers, independent_weight_decay, peak_learning_rate, readout_constraint
+        )
 
     def _init_unit_scaling(
-        self, parametrization, lr_multipliers, independent_weight_decay, peak_learning_rate,
-        readout_constraint=None,
+        self, parametrization, lr_multipliers, independent_weight_decay, peak_learning_rate, readout_constraint,
     ):
         self.parametrization = checks.one_of("parametrization", parametrization, PARAMETRIZATIONS)
         self.lr_multipliers = weights.check_multipliers(
@@ -204,7 +223,7 @@ class UnitScaledOptimizer:
             for variable in variables
         ]
 
-        if self.family == "adam":
+        if self.epsilon_power is not None:
             self._epsilon_multiplier_variables = [
                 self.add_variable(
                     shape=(), initializer="ones", dtype="float32", aggregation="only_first_replica",
@@ -237,12 +256,15 @@ class UnitScaledOptimizer:
         return self._multiplier_variable("_lr_multiplier_variables", variable, "learning-rate")
 
     def _epsilon_multiplier_variable(self, variable):
-        if self.family != "adam":
-            raise ValueError(f"The optimizer '{self.name}' has no `epsilon`; Adam and AdamW have.")
+        if self.epsilon_power is None:
+            raise ValueError(f"The optimizer '{self.name}' has no `epsilon`; Adam, AdamW and RMSprop have.")
         return self._multiplier_variable("_epsilon_multiplier_variables", variable, "epsilon")
 
     def epsilon_multiplier(self, variable):
-        """The epsilon multiplier of `variable`, the factor on `epsilon` (a Python float; Adam and AdamW)."""
+        """The epsilon multiplier of `variable`: the ratio of its gradient's scale to the original's (a Python float).
+
+        The update uses `epsilon × multiplier ** epsilon_power`.
+        """
         return float(ops.convert_to_numpy(self._epsilon_multiplier_variable(variable)))
 
     def set_epsilon_multiplier(self, variable, value):
@@ -280,7 +302,7 @@ class UnitScaledOptimizer:
             else:
                 decay = self.weight_decay * learning_rate * lr_multiplier
             variable.assign(variable - variable * ops.cast(decay, variable.dtype))
-        if self.family != "adam":
+        if self.epsilon_power is None:
             super().update_step(gradient, variable, learning_rate * lr_multiplier)
             return
         # Keras's update reads `self.epsilon` as it is traced, once per
@@ -288,7 +310,7 @@ class UnitScaledOptimizer:
         # turns an embedding's sparse gradient dense, and Keras's Adam treats
         # those differently.)
         epsilon = self.epsilon
-        self.epsilon = epsilon * ops.cast(self._epsilon_multiplier_variable(variable), "float32")
+        self.epsilon = epsilon * ops.cast(self._epsilon_multiplier_variable(variable), "float32") ** self.epsilon_power
         try:
             super().update_step(gradient, variable, learning_rate * lr_multiplier)
         finally:
@@ -342,19 +364,6 @@ class Adam(UnitScaledOptimizer, keras.optimizers.Adam):
     """
     )
 
-    def __init__(
-        self,
-        learning_rate=0.001,
-        parametrization="u-mup",
-        lr_multipliers=None,
-        weight_decay=None,
-        independent_weight_decay=True,
-        peak_learning_rate=None,
-        **kwargs,
-    ):
-        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
-        self._init_unit_scaling(parametrization, lr_multipliers, independent_weight_decay, peak_learning_rate)
-
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
 class AdamW(UnitScaledOptimizer, keras.optimizers.AdamW):
@@ -389,8 +398,57 @@ class AdamW(UnitScaledOptimizer, keras.optimizers.AdamW):
         peak_learning_rate=None,
         **kwargs,
     ):
-        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
-        self._init_unit_scaling(parametrization, lr_multipliers, independent_weight_decay, peak_learning_rate)
+        super().__init__(learning_rate, parametrization, lr_multipliers, weight_decay, independent_weight_decay,
+                         peak_learning_rate, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class RMSprop(UnitScaledOptimizer, keras.optimizers.RMSprop):
+    __doc__ = (
+        """RMSprop with u-μP's learning rate per variable: the drop-in for `keras.optimizers.RMSprop`.
+
+    Its update, `g / sqrt(v + epsilon)`, does not scale with the gradient,
+    so its learning-rate multipliers are Adam's. `epsilon` sits under the
+    square root: a gradient `r` times another's needs `epsilon × r²` to move
+    alike (`epsilon_power = 2`, see `epsilon_multiplier`).
+"""
+        + _ARGS.replace("{keras_args}", "rho, momentum, epsilon, centered, clipnorm, ...")
+        + """
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden")])
+    >>> optimizer = RMSprop(learning_rate=0.01)
+    >>> optimizer.build(model.trainable_variables)
+    >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)  # 16 ** -0.5, as Adam's
+    0.25
+    """
+    )
+
+    epsilon_power = 2
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class Lion(UnitScaledOptimizer, keras.optimizers.Lion):
+    __doc__ = (
+        """Lion with u-μP's learning rate per variable: the drop-in for `keras.optimizers.Lion`.
+
+    Its update is the sign of a moment, of size 1 per entry whatever the
+    gradient's scale: its learning-rate multipliers are Adam's, and it has
+    no epsilon.
+"""
+        + _ARGS.replace("{keras_args}", "beta_1, beta_2, clipnorm, ...")
+        + """
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden")])
+    >>> optimizer = Lion(learning_rate=1e-4)
+    >>> optimizer.build(model.trainable_variables)
+    >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)
+    0.25
+    """
+    )
+
+    epsilon_power = None
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -421,6 +479,7 @@ class SGD(UnitScaledOptimizer, keras.optimizers.SGD):
     )
 
     family = "sgd"
+    epsilon_power = None
 
     def __init__(
         self,
@@ -433,10 +492,8 @@ class SGD(UnitScaledOptimizer, keras.optimizers.SGD):
         readout_constraint=None,
         **kwargs,
     ):
-        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
-        self._init_unit_scaling(
-            parametrization, lr_multipliers, independent_weight_decay, peak_learning_rate, readout_constraint
-        )
+        super().__init__(learning_rate, parametrization, lr_multipliers, weight_decay, independent_weight_decay,
+                         peak_learning_rate, readout_constraint, **kwargs)
 
     def get_config(self):
         return {**super().get_config(), "readout_constraint": self.readout_constraint}
@@ -466,3 +523,78 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"schedule": keras.optimizers.schedules.serialize(self.schedule), "factor": self.factor}
+
+
+# Keras's optimizers and ours, subclasses first. Keras's classes only (on PyTorch, Keras makes its
+# `Adam` a fused subclass of its own): a user's subclass may change the update.
+_COUNTERPARTS = (
+    (keras.optimizers.AdamW, AdamW), (keras.optimizers.Adam, Adam), (keras.optimizers.SGD, SGD),
+    (keras.optimizers.RMSprop, RMSprop), (keras.optimizers.Lion, Lion),
+)
+
+
+def _counterpart(optimizer):
+    if not type(optimizer).__module__.startswith("keras."):
+        return None
+    return next((ours for keras_class, ours in _COUNTERPARTS if isinstance(optimizer, keras_class)), None)
+
+
+def from_keras(optimizer, parametrization="u-mup"):
+    """Our counterpart of a Keras optimizer, with its arguments: how a script's `compile` keeps its optimizer.
+
+    A twin from `unit_scale` stores its weights at unit scale, each with a
+    fixed learning-rate multiplier that only our optimizers read; a Keras
+    optimizer would train it on another trajectory. `from_keras` makes the
+    same optimizer ours: the same learning rate or schedule, moments,
+    epsilon, clipping and EMA. Keras's weight decay, `weight_decay · η_t` a
+    step, becomes the independent decay that gives the same fraction a step
+    (`weight_decay · η_peak`, relative to the schedule). A
+    `LossScaleOptimizer` is rebuilt around the converted optimizer.
+
+    Args:
+        optimizer: an unbuilt `keras.optimizers.Adam`, `AdamW`, `SGD`,
+            `RMSprop` or `Lion` (or a name Keras knows, "adam"), possibly
+            in a `LossScaleOptimizer`.
+        parametrization: "u-mup" (u-μP's learning rate per role, where no
+            fixed multiplier says otherwise) or None.
+
+    Example:
+
+    >>> ours = from_keras(keras.optimizers.AdamW(0.01, weight_decay=0.1, beta_1=0.8))
+    >>> type(ours).__name__, ours.beta_1, ours.weight_decay, ours.independent_weight_decay
+    ('AdamW', 0.8, 0.001, True)
+    """
+    optimizer = keras.optimizers.get(optimizer)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        config = optimizer.get_config()
+        config.pop("inner_optimizer")
+        return keras.optimizers.LossScaleOptimizer(from_keras(optimizer.inner_optimizer, parametrization), **config)
+    if isinstance(optimizer, UnitScaledOptimizer):
+        return optimizer
+    ours = _counterpart(optimizer)
+    if ours is None:
+        raise ValueError(
+            f"`from_keras` converts Keras's {', '.join(k.__name__ for k, _ in _COUNTERPARTS)}. "
+            f"Received: optimizer={type(optimizer).__name__}"
+        )
+    if optimizer.built:
+        raise ValueError(
+            f"`from_keras` converts an optimizer before it trains: '{optimizer.name}' is built, and its state "
+            "would be lost. Convert it before `compile`/`fit`, or build a new one."
+        )
+    config = optimizer.get_config()
+    if config.get("weight_decay"):
+        learning_rate = optimizer._learning_rate
+        peak = (_schedule_peak(learning_rate)
+                if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+                # A float rate is stored in float32: its shortest decimal is the one the script gave.
+                else None if callable(learning_rate) else float(str(np.float32(ops.convert_to_numpy(learning_rate)))))
+        if not peak:
+            raise ValueError(
+                f"`from_keras` turns '{optimizer.name}'s weight decay, relative to the learning rate, into one "
+                "relative to the schedule's peak, which this schedule does not say. Build "
+                f"`keras_unitscale.optimizers.{ours.__name__}(..., peak_learning_rate=...)` instead. "
+                f"Received: learning_rate={learning_rate!r}"
+            )
+        config.update(weight_decay=config["weight_decay"] * peak, peak_learning_rate=peak)
+    return ours.from_config({**config, "parametrization": parametrization, "independent_weight_decay": True})

@@ -95,7 +95,7 @@ def test_equivalent_conversion_predicts_and_trains_as_the_original(case):
     assert original[-1] < original[0]
 
 
-def test_match_epsilon_needs_a_compiled_twin_with_our_adam():
+def test_match_epsilon_needs_a_compiled_twin_with_our_optimizer():
     keras.utils.set_random_seed(0)
     model = _seed_000_model()
     x = np.ones((4, 30), "float32")
@@ -103,15 +103,45 @@ def test_match_epsilon_needs_a_compiled_twin_with_our_adam():
     twin = unit_scale(model)
     with pytest.raises(ValueError, match="no `unit_scale_sources`"):
         match_epsilon(model, model, x, y)
-    twin.compile(keras.optimizers.Adam(), "binary_crossentropy")
+    with pytest.warns(UserWarning, match="from_keras"):
+        twin.compile(keras.optimizers.Adam(), "binary_crossentropy")
     with pytest.raises(ValueError, match="optimizer=Adam"):
-        match_epsilon(twin, model, x, y)
-    twin.compile(optimizers.SGD(), "binary_crossentropy")
-    with pytest.raises(ValueError, match="optimizer=SGD"):
         match_epsilon(twin, model, x, y)
     twin.compile(optimizers.Adam(), "binary_crossentropy")
     with pytest.raises(ValueError, match="compile `original`"):
         match_epsilon(twin, model, x, y)
+
+
+KERAS_OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(1e-3),
+    "adamw": lambda: keras.optimizers.AdamW(1e-3, weight_decay=0.5),
+    "sgd": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "rmsprop": lambda: keras.optimizers.RMSprop(1e-3, centered=True),
+    "lion": lambda: keras.optimizers.Lion(1e-4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERAS_OPTIMIZERS))
+def test_a_twin_compiled_as_the_script_compiles_follows_it(name):
+    keras.utils.set_random_seed(0)
+    model = _seed_000_model()
+    x = np.random.default_rng(0).normal(size=(64, 30)).astype("float32")
+    y = (x[:, :1] + x[:, 1:2] > 0).astype("float32")
+    twin = unit_scale(model)
+    # The script's own optimizer, as it is written: one warning, with the fix.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twin.compile(KERAS_OPTIMIZERS[name](), "binary_crossentropy")
+        twin.compile(KERAS_OPTIMIZERS[name](), "binary_crossentropy")
+    assert sum("from_keras" in str(w.message) for w in caught) == 1
+    # With the fix it steps along the script's trajectory.
+    model.compile(KERAS_OPTIMIZERS[name](), "binary_crossentropy")
+    twin.compile(optimizers.from_keras(KERAS_OPTIMIZERS[name]()), "binary_crossentropy")
+    match_epsilon(twin, model, x, y)
+    original = np.array([model.train_on_batch(x, y) for _ in range(20)])
+    converted = np.array([twin.train_on_batch(x, y) for _ in range(20)])
+    np.testing.assert_allclose(converted, original, rtol=1e-4)
+    assert original[-1] < original[0]
 
 
 def test_reinit_conversion_starts_at_unit_scale(case):
@@ -232,8 +262,13 @@ def test_what_it_refuses():
         def call(self, x):
             return x
 
-    with pytest.raises(ValueError, match="subclassed model.*keras_unitscale.layers"):
-        unit_scale(Subclassed())
+    # Subclassed models convert (tests/test_convert_inside.py), once built, when they hold something to convert.
+    subclassed = Subclassed()
+    with pytest.raises(ValueError, match="needs a built model"):
+        unit_scale(subclassed)
+    subclassed(np.ones((2, 3), "float32"))
+    with pytest.raises(ValueError, match="nothing to convert in the subclassed model 'subclassed'"):
+        unit_scale(subclassed)
     with pytest.raises(ValueError, match="mode.*Received: mode='exact'"):
         unit_scale(_seed_000_model(), mode="exact")
     with pytest.raises(ValueError, match="residual_rule.*Received: residual_rule=-1"):

@@ -69,8 +69,11 @@ def test_overrides_and_no_parametrization():
         (lambda: O.Adam(0.01, beta_1=0.8), lambda lr: keras.optimizers.Adam(lr, beta_1=0.8)),
         (lambda: O.AdamW(0.01, weight_decay=0.0), lambda lr: keras.optimizers.Adam(lr)),
         (lambda: O.SGD(0.1, momentum=0.9, nesterov=True), lambda lr: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)),
+        (lambda: O.RMSprop(0.01, momentum=0.5, centered=True),
+         lambda lr: keras.optimizers.RMSprop(lr, momentum=0.5, centered=True)),
+        (lambda: O.Lion(1e-3, beta_1=0.8), lambda lr: keras.optimizers.Lion(lr, beta_1=0.8)),
     ],
-    ids=["adam", "adamw", "sgd-nesterov"],
+    ids=["adam", "adamw", "sgd-nesterov", "rmsprop", "lion"],
 )
 def test_each_variable_steps_as_keras_does_with_its_learning_rate(ours, keras_optimizer):
     model = _model()
@@ -160,6 +163,7 @@ def test_keras_does_not_swap_our_optimizers_for_fused_ones():
     # On PyTorch, Keras replaces exact Adam/SGD instances by fused versions
     # that bypass `update_step`.
     assert type(O.Adam()) is O.Adam and type(O.SGD()) is O.SGD and type(O.AdamW()) is O.AdamW
+    assert type(O.RMSprop()) is O.RMSprop and type(O.Lion()) is O.Lion
 
 
 def test_config_round_trip():
@@ -169,12 +173,17 @@ def test_config_round_trip():
     for key in ("lr_multipliers", "readout_constraint", "weight_decay", "peak_learning_rate",
                 "independent_weight_decay", "parametrization", "momentum"):
         assert getattr(clone, key) == getattr(optimizer, key)
-    restored = keras.optimizers.deserialize(keras.optimizers.serialize(O.Adam(0.01)))
-    assert type(restored) is O.Adam
+    for ours in (O.Adam(0.01), O.RMSprop(0.01, rho=0.8), O.Lion(1e-4, beta_2=0.95)):
+        restored = keras.optimizers.deserialize(keras.optimizers.serialize(ours))
+        assert type(restored) is type(ours) and restored.get_config() == ours.get_config()
 
 
-@pytest.mark.parametrize("make", [O.Adam, O.AdamW], ids=["adam", "adamw"])
-def test_an_epsilon_multiplier_is_keras_adam_with_that_epsilon(make):
+@pytest.mark.parametrize(
+    "make, keras_optimizer, power",
+    [(O.Adam, keras.optimizers.Adam, 1), (O.AdamW, keras.optimizers.Adam, 1), (O.RMSprop, keras.optimizers.RMSprop, 2)],
+    ids=["adam", "adamw", "rmsprop"],
+)
+def test_an_epsilon_multiplier_is_keras_with_that_epsilon(make, keras_optimizer, power):
     # Gradients of 1e-7, Keras's default epsilon: the one place epsilon shows.
     variables = [keras.Variable(np.zeros(3, "float32"), name="a"), keras.Variable(np.zeros(3, "float32"), name="b")]
     optimizer = make(0.01, parametrization=None, weight_decay=0.0)
@@ -184,19 +193,20 @@ def test_an_epsilon_multiplier_is_keras_adam_with_that_epsilon(make):
     grads = [ops.convert_to_tensor(np.full(3, 1e-7, "float32"))] * 2
     for _ in range(2):
         optimizer.apply(grads, variables)
-    for variable, epsilon in zip(variables, (1e-7, 1e-6)):
+    # RMSprop adds epsilon to the squared gradient: a ratio r of gradients needs r² there.
+    for variable, epsilon in zip(variables, (1e-7, 1e-7 * 10.0**power)):
         reference = keras.Variable(np.zeros(3, "float32"))
-        plain = keras.optimizers.Adam(0.01, epsilon=epsilon)
+        plain = keras_optimizer(0.01, epsilon=epsilon)
         for _ in range(2):
             plain.apply([grads[0]], [reference])
         np.testing.assert_allclose(ops.convert_to_numpy(variable), ops.convert_to_numpy(reference), rtol=1e-5)
     assert optimizer.epsilon == 1e-7  # the per-variable value is lent for the update only
     with pytest.raises(ValueError, match="value=0"):
         optimizer.set_epsilon_multiplier(variables[0], 0)
-    sgd = O.SGD(0.1)
-    sgd.build(variables)
-    with pytest.raises(ValueError, match="no `epsilon`"):
-        sgd.epsilon_multiplier(variables[0])
+    for without_epsilon in (O.SGD(0.1), O.Lion(1e-4)):
+        without_epsilon.build(variables)
+        with pytest.raises(ValueError, match="no `epsilon`"):
+            without_epsilon.epsilon_multiplier(variables[0])
 
 
 def test_factors_are_saved_with_the_model(tmp_path):
@@ -228,6 +238,8 @@ def test_errors_name_the_value():
         O.Adam(lr_multipliers={"(": 1.0})
     with pytest.raises(ValueError, match="parametrization='mup'"):
         O.Adam(parametrization="mup")
+    with pytest.raises(ValueError, match="readout_constraint='to_output_scale'"):
+        O.RMSprop(readout_constraint="to_output_scale")
     with pytest.raises(ValueError, match="not built"):
         O.Adam().lr_multiplier(keras.Variable(1.0))
     optimizer = O.Adam()

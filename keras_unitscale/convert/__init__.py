@@ -25,6 +25,10 @@ original too.
 `mode="reinit"` builds the same architecture with fresh unit-scaled / u-μP
 initialisation.
 
+Layers whose `call` is Python (custom `Layer` subclasses, subclassed models,
+wrappers) are copied from their configs with their sublayers converted
+inside, each brought back to its original scale (`keras_unitscale.convert.inside`).
+
 Residual adds — a Keras `Add` of a tensor and a branch computed from it —
 become `ResidualSplit` + `ResidualAdd` with u-μP's depth rule for tau;
 another `Add` of two tensors becomes the unit-scaled `Add`. The final
@@ -36,6 +40,7 @@ import warnings
 import keras
 
 from keras_unitscale import checks
+from keras_unitscale import optimizers
 from keras_unitscale.convert import converters
 from keras_unitscale.convert.epsilon import match_epsilon
 from keras_unitscale.convert.registry import Call
@@ -63,12 +68,8 @@ def _check_arguments(model, mode, residual_rule):
         raise ValueError(
             f"`residual_rule` must be 'depth' or a number >= 0 (tau). Received: residual_rule={residual_rule!r}"
         )
-    if not isinstance(model, keras.Model) or functional_graph(model) is None:
-        raise ValueError(
-            "`unit_scale` converts Sequential and functional Keras models; it cannot see inside a "
-            f"subclassed model's `call`. Received: a {type(model).__name__}. Build the model from "
-            "`keras_unitscale.layers` instead, or convert its functional parts and call them from yours."
-        )
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`unit_scale` converts a Keras model. Received: a {type(model).__name__}")
     checks.built(model, "unit_scale")
 
 
@@ -83,12 +84,14 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
     `DepthwiseConv1D`/`2D`, `SeparableConv1D`/`2D`, their regularisers,
     constraints and dtype policies carried over).
     Weightless layers that commute with a scale (`Flatten`, pooling, ...)
-    are kept. Any other layer is kept unchanged (a copy, with its weights)
-    and named in one warning.
+    are kept. A layer whose `call` is Python (a custom layer, a wrapper)
+    becomes a copy whose sublayers are converted (`convert.inside`); the
+    Python between them is named in one warning. Any other layer is kept
+    unchanged (a copy, with its weights) and named in one warning.
 
     Args:
-        model: a built `keras.Sequential` or functional `keras.Model`
-            (nested ones and shared layers included).
+        model: a built `keras.Sequential`, functional or subclassed
+            `keras.Model` (nested ones and shared layers included).
         mode: "equivalent" (carry the weights over: the converted model's
             predictions equal the original's, and with `keras_unitscale.optimizers`
             its training follows the original's Adam trajectory, epsilon
@@ -99,7 +102,7 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
             residual adds in graph order) or a number for all.
 
     Returns:
-        A new model of the same kind. Its `unit_scale_sources` maps each
+        A new model of the same kind (a subclassed model: a copy of it). Its `unit_scale_sources` maps each
         converted variable's path to the original's. Its `unit_scale_notes`
         lists `(layer, why)` for what could not be made exactly equivalent
         (also warned): dropout inside an LSTM or attention (training rescales
@@ -119,20 +122,64 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
     """
     _check_arguments(model, mode, residual_rule)
     conversion = Conversion(mode, residual_rule)
-    converted, _ = conversion.model(model, None, top_level=True)
+    if functional_graph(model) is None:
+        converted = conversion.subclassed(model)
+    else:
+        converted, _ = conversion.model(model, None, top_level=True)
     _warn(conversion)
+    _check_optimizer_at_compile(converted, mode)
     converted.unit_scale_notes = list(conversion.notes)
     # Paths, not variables: a model tracks the variables it holds in attributes.
     converted.unit_scale_sources = dict(conversion.sources)
     return converted
 
 
+def _check_optimizer_at_compile(model, mode):
+    """Makes `model.compile` warn, once, when the optimizer cannot read the twin's learning-rate multipliers."""
+    keras_compile = model.compile
+    why = {
+        "equivalent": "stores each weight at unit scale with a fixed learning-rate multiplier, so that our "
+                      "optimizers follow the original model's trajectory",
+        "reinit": "is initialised for u-μP, which gives each weight its own learning rate",
+    }[mode]
+
+    def compile(*args, **kwargs):
+        keras_compile(*args, **kwargs)
+        optimizer = optimizers.unwrap(getattr(model, "optimizer", None))
+        if optimizer is None or isinstance(optimizer, optimizers.UnitScaledOptimizer):
+            return
+        if not getattr(model, "_plain_optimizer_warned", False):
+            object.__setattr__(model, "_plain_optimizer_warned", True)
+            warnings.warn(
+                f"Model '{model.name}' comes from `unit_scale(mode='{mode}')`, which {why}; "
+                f"Keras's {type(optimizer).__name__} applies one learning rate to all, so training will not "
+                "follow the original script. Compile with `keras_unitscale.optimizers.from_keras(optimizer)`: "
+                "the same optimizer, arguments and schedule, with the multipliers.",
+                stacklevel=2,
+            )
+
+    # An attribute of this model only: the twin is a plain Keras model otherwise.
+    object.__setattr__(model, "compile", compile)
+
+
 def _warn(conversion):
-    """One warning for the layers kept, one for what could not be made exact."""
+    """One warning for the layers kept, one for Python code it cannot see, one for what could not be made exact."""
     if conversion.unknown:
         warnings.warn(
             "unit_scale kept these layers unchanged (no unit-scaled counterpart): "
             + ", ".join(f"'{name}' ({kind})" for name, kind in conversion.unknown),
+            stacklevel=3,
+        )
+    if conversion.custom:
+        warnings.warn(
+            "unit_scale converted the layers inside these layers, whose `call` is Python it cannot see: "
+            + ", ".join(f"'{name}' ({kind})" for name, kind in conversion.custom)
+            + ". Each converted sublayer's output keeps the original's scale, so their code computes as it did; "
+            "it is not unit-scaled itself. A residual `x + y` written there adds two unit-scale tensors into "
+            "one of scale about sqrt(2), a growth that compounds over a stack of blocks, and a scaling keeps "
+            "its constant. To have the conversion see them, write them as layers (`keras.layers.Add`, "
+            "or `keras_unitscale.layers.ResidualSplit`/`ResidualAdd` for u-μP's residual rule) in a functional "
+            "model.",
             stacklevel=3,
         )
     if conversion.notes:

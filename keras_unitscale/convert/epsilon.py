@@ -1,4 +1,4 @@
-"""`match_epsilon`: Adam's epsilon per weight, so that a converted twin trains exactly as its original."""
+"""`match_epsilon`: the optimizer's epsilon per weight, so that a converted twin trains exactly as its original."""
 
 import numpy as np
 
@@ -12,8 +12,29 @@ def _gradient_rms(values):
     return np.sqrt(np.mean(np.square(values, dtype="float64")))
 
 
+def _checked(converted, original):
+    """The twin's record of its weights' sources and its optimizer, after checking both."""
+    sources = getattr(converted, "unit_scale_sources", None)
+    if sources is None:
+        raise ValueError(
+            "`match_epsilon` needs a model made by `unit_scale(original)`, which records where each weight "
+            f"came from. Received: converted={converted.name!r}, which has no `unit_scale_sources`."
+        )
+    optimizer = optimizers.unwrap(getattr(converted, "optimizer", None))
+    if not isinstance(optimizer, optimizers.UnitScaledOptimizer):
+        raise ValueError(
+            "`match_epsilon` sets the per-weight factors of `keras_unitscale.optimizers`: compile `converted` "
+            "with one first (`optimizers.from_keras(optimizer)` converts a Keras optimizer). "
+            f"Received: optimizer={type(optimizer).__name__}"
+        )
+    for name, model in (("converted", converted), ("original", original)):
+        if getattr(model, "loss", None) is None:
+            raise ValueError(f"`match_epsilon` differentiates each model's compiled loss; compile `{name}` first.")
+    return sources, optimizer
+
+
 def match_epsilon(converted, original, x, y):
-    """Scales Adam's `epsilon` per weight of `converted` so that it trains exactly as `original` does.
+    """Scales the optimizer's `epsilon` per weight of `converted` so that it trains exactly as `original` does.
 
     The learning-rate multipliers `unit_scale` fixes make our Adam follow the
     original's trajectory up to `epsilon`, the one term of Adam's update that
@@ -22,13 +43,16 @@ def match_epsilon(converted, original, x, y):
     multiple `r` of the original's; `r` depends on the batch size (the
     unit-scaled ops' batch rules) and the two losses. This measures `r` on
     one batch, as the ratio of the two gradients' RMS, and sets
-    `epsilon_multiplier = r` on `converted`'s optimizer. Call it once, after
+    `epsilon_multiplier = r` on `converted`'s optimizer (Adam, AdamW,
+    RMSprop). SGD's step sees the gradient's scale whole: there it divides
+    the weight's learning-rate multiplier by `r` instead. Lion's sign update
+    needs nothing. Call it once, after
     compiling both models and before training, on a batch of the training
     batch size. Weights whose gradient is zero in either model keep 1.
 
     Args:
         converted: a compiled model from `unit_scale(original, mode="equivalent")`,
-            with `keras_unitscale.optimizers.Adam` or `AdamW`.
+            with one of `keras_unitscale.optimizers`.
         original: the compiled model it was converted from.
         x, y: a batch of inputs and targets; each model is differentiated
             with its own compiled loss.
@@ -36,21 +60,7 @@ def match_epsilon(converted, original, x, y):
     Returns:
         {converted variable path: r}, for the weights it set.
     """
-    sources = getattr(converted, "unit_scale_sources", None)
-    if sources is None:
-        raise ValueError(
-            "`match_epsilon` needs a model made by `unit_scale(original)`, which records where each weight "
-            f"came from. Received: converted={converted.name!r}, which has no `unit_scale_sources`."
-        )
-    optimizer = optimizers.unwrap(getattr(converted, "optimizer", None))
-    if not isinstance(optimizer, optimizers.UnitScaledOptimizer) or optimizer.family != "adam":
-        raise ValueError(
-            "`match_epsilon` sets the epsilon of `keras_unitscale.optimizers.Adam` or `AdamW`: compile "
-            f"`converted` with one first. Received: optimizer={type(optimizer).__name__}"
-        )
-    for name, model in (("converted", converted), ("original", original)):
-        if getattr(model, "loss", None) is None:
-            raise ValueError(f"`match_epsilon` differentiates each model's compiled loss; compile `{name}` first.")
+    sources, optimizer = _checked(converted, original)
     if not optimizer.built:
         optimizer.build(converted.trainable_variables)
     converted_grads = ScaleReporter(converted, jit_compile=False).weight_gradients(x, y)
@@ -65,6 +75,11 @@ def match_epsilon(converted, original, x, y):
             continue
         rms, source_rms = _gradient_rms(grad), _gradient_rms(source)
         if rms > 0 and source_rms > 0:
-            ratios[variable.path] = float(rms / source_rms)
-            optimizer.set_epsilon_multiplier(variable, ratios[variable.path])
+            ratio = ratios[variable.path] = float(rms / source_rms)
+            if optimizer.epsilon_power is not None:
+                optimizer.set_epsilon_multiplier(variable, ratio)
+            elif optimizer.family == "sgd":
+                # SGD's step is the gradient itself: r times the gradient needs 1/r the learning rate.
+                optimizer.set_lr_multiplier(variable, optimizer.default_lr_multiplier(variable) / ratio)
+            # Lion steps by a sign, which r does not change.
     return ratios

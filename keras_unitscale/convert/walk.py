@@ -9,6 +9,7 @@ from keras import ops
 from keras_unitscale import layers as L
 from keras_unitscale import parametrization as P
 from keras_unitscale import rules
+from keras_unitscale.convert import inside
 from keras_unitscale.convert import registry
 from keras_unitscale.graph import functional_graph
 
@@ -51,6 +52,7 @@ class Conversion:
         self.out_ratios = {}  # id(original layer) -> output ratios of its first call
         self.ratios = {}  # id(converted tensor) -> TensorRatio
         self.unknown, self.notes = [], []
+        self.custom = []  # (name, class) of the layers whose sublayers were converted inside their Python `call`
         self.sources = {}  # converted variable's path -> the original variable's path
 
     def note(self, name, why):
@@ -121,9 +123,12 @@ class Conversion:
             out, ratios = self.nested(operation, call)
         else:
             convert = registry.converter_for(operation)
-            if convert is None:
-                # This package's own layers (the FP8 simulations of `precision`, say) need no converting.
-                known = type(operation).__module__.startswith("keras_unitscale")
+            # This package's own layers (the FP8 simulations of `precision`, say) need no converting.
+            known = type(operation).__module__.startswith("keras_unitscale")
+            converted = None if convert is not None or known else inside.convert(self, operation, call)
+            if converted is not None:
+                out, ratios = converted
+            elif convert is None:
                 out, ratios = self.keep(operation, call, known=known)
             else:
                 readout = isinstance(operation, (keras.layers.Dense, keras.layers.EinsumDense)) and _is_readout(
@@ -135,6 +140,26 @@ class Conversion:
 
     def record(self, original, new, inputs):
         self.converted[id(original)] = (new, [ratio.value for ratio in inputs])
+
+    def subclassed(self, model):
+        """A subclassed model: a copy whose sublayers are converted, called on inputs of its build shape."""
+        input_shape = (model.get_build_config() or {}).get("input_shape")
+        if input_shape is None:
+            raise ValueError(
+                f"`unit_scale` builds a copy of the subclassed model '{model.name}' from the input shape it was "
+                "built with, which it does not record: call it once on a batch (or `model.build(shape)`) first."
+            )
+        inputs = keras.tree.map_shape_structure(lambda shape: keras.Input(batch_shape=tuple(shape)), input_shape)
+        for tensor in keras.tree.flatten(inputs):
+            self.ratios[id(tensor)] = TensorRatio()
+        call = registry.Call([inputs], {}, [TensorRatio() for _ in keras.tree.flatten(inputs)], False)
+        converted = inside.convert(self, model, call)
+        if converted is None:
+            raise ValueError(
+                f"`unit_scale` found nothing to convert in the subclassed model '{model.name}': "
+                + ("; ".join(why for _, why in self.notes) or "none of its layers has a unit-scaled counterpart")
+            )
+        return self.converted[id(model)][0]
 
     def reuse(self, original, cached, call):
         """A shared layer's later call: the same converted layer, so its inputs must come at the same ratios."""
