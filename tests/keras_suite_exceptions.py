@@ -53,6 +53,8 @@ _LSTM = (
     "1/sqrt(fan_in) each, and their unit-scaled sum"
 )
 _ADD = "the sum of two inputs is scaled by 1/sqrt(2) (unit-scaled sum)"
+_ACTIVATION_LAYER = "the output is Keras's times the rule's output scale (√2 for the plain ReLU, 1/RMS(f(z)) otherwise)"
+_SOFTMAX = "the probabilities are times the softmax rule's output scale, a power of the size normalised over"
 _ATTENTION = (
     "u-μP's attention logits are mult·q·k/head_dim, Keras's q·k/sqrt(key_dim) (the softmax's temperature), "
     "and the projections and output carry the unit-scaled ops' factors"
@@ -126,6 +128,17 @@ EXCEPTIONS = {
     "KerasLSTMTest::test_pass_initial_state": (PLAIN_NUMBERS, _LSTM),
     "KerasLSTMTest::test_statefulness": (PLAIN_NUMBERS, _LSTM),
     "KerasStackedRNNTest::test_stacked_lstm_cell_mask": (PLAIN_NUMBERS, _LSTM),
+    # The activation layers
+    **{f"KerasReLUTest::{test}": (PLAIN_NUMBERS, _ACTIVATION_LAYER) for test in (
+        "test_default_relu_no_args", "test_leaky_relu_correctness", "test_normal_relu_correctness",
+        "test_relu_multidimensional_input", "test_relu_none_max_value_is_unlimited",
+        "test_threshold_relu_correctness")},
+    "KerasLeakyReLUTest::test_leaky_relu_correctness": (PLAIN_NUMBERS, _ACTIVATION_LAYER),
+    "KerasELUTest::test_correctness": (PLAIN_NUMBERS, _ACTIVATION_LAYER),
+    "KerasPReLUTest::test_prelu_correctness": (PLAIN_NUMBERS, _ACTIVATION_LAYER),
+    **{f"KerasSoftmaxTest::{test}": (PLAIN_NUMBERS, _SOFTMAX) for test in (
+        "test_softmax_correctness", "test_softmax_correctness_with_axis", "test_softmax_correctness_with_mask",
+        "test_softmax_masked_values_are_zero_including_fully_masked")},
     # Dropout
     "KerasDropoutTest::test_dropout_rescaling": (
         PLAIN_NUMBERS,

@@ -30,6 +30,8 @@ def _every_layer_model():
     h = _every_convolution(h)
     h = L.LSTM(WIDTH, return_sequences=True, weight_multipliers={"kernel": 2.0}, name="lstm")(h)
     h = L.Add(name="sum")([h, L.Activation("silu", name="act")(h)])
+    h = L.LeakyReLU(0.2, name="leaky")(L.ReLU(max_value=6.0, name="relu")(h))
+    h = L.Softmax(name="softmax")(L.PReLU(shared_axes=[1], name="prelu")(L.ELU(0.5, name="elu")(h)))
     logits = L.Dense(VOCAB, role="output", name="readout")(h)
     return keras.Model(tokens, logits)
 

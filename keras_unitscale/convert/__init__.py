@@ -79,7 +79,8 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
     Converts the layers that have a registered converter (`Dense`,
     `EinsumDense` where it is a plain projection, `Embedding`, `LSTM`,
     `MultiHeadAttention`, `LayerNormalization`, `RMSNormalization`,
-    `Activation` and activations named inside layers, `Dropout`, `Add`, and
+    `Activation` and activations named inside layers, the activation
+    layers `ReLU`, `LeakyReLU`, `ELU` and `PReLU`, `Dropout`, `Add`, and
     the convolutions: `Conv1D`/`2D`/`3D` and their transposes,
     `DepthwiseConv1D`/`2D`, `SeparableConv1D`/`2D`, their regularisers,
     constraints and dtype policies carried over).

@@ -141,15 +141,39 @@ def activation(conversion, layer, call):
         # output does not scale with its input, so no ratio passes through it.
         return conversion.keep(layer, call, known=name in activations.NAMES)
     new = L.Activation(name, name=layer.name, dtype=layer.dtype_policy)
-    ratio = _activation_ratio(name, new)
+    return _elementwise(conversion, layer, new, call, _activation_ratio(name, new), name in _HOMOGENEOUS)
+
+
+def _elementwise(conversion, layer, new, call, ratio, homogeneous):
+    """Calls `new`, which is `ratio` × `layer`'s function: the input's ratio passes through a homogeneous one."""
     source = call.inputs[0]
-    if name not in _HOMOGENEOUS:
+    if not homogeneous:
         call = conversion.inputs_at(call, [1.0], layer.name)
     out = new(*call.args, **call.kwargs)
     conversion.record(layer, new, call.inputs)
-    if name in _HOMOGENEOUS:  # the input's ratio passes through
+    if conversion.equivalent and layer.weights:  # PReLU's slopes: as they were, stepped as they were
+        for variable, original in zip(own_weights(new), layer.weights):
+            variable.assign(keras.ops.convert_to_numpy(original))
+        conversion.add_sources(own_weights(new), layer.weights)
+    if homogeneous:
         return out, [TensorRatio(source.value * ratio, source.rescale, source.grad_ratio)]
     return out, [TensorRatio(ratio, None, source.grad_ratio)]
+
+
+# Keras's activation layers and ours (exact classes). Keras's `Softmax` is kept: as a layer it
+# most often makes the predictions, whose values mean something.
+_ACTIVATION_LAYERS = {getattr(keras.layers, name): getattr(L, name) for name in ("ReLU", "LeakyReLU", "ELU", "PReLU")}
+
+
+def activation_layer(conversion, layer, call):
+    """`ReLU`, `LeakyReLU`, `ELU`, `PReLU`: ours from the config, as `activation` converts an `Activation`."""
+    new = _ACTIVATION_LAYERS[type(layer)].from_config(layer.get_config())
+    return _elementwise(conversion, layer, new, call, new.scales().output, new.homogeneous())
+
+
+def softmax_layer(conversion, layer, call):
+    """Keras's `Softmax`, kept (a copy): its inputs at the original's scale."""
+    return conversion.keep(layer, call, known=True)
 
 
 def dropout(conversion, layer, call):
@@ -321,6 +345,9 @@ def register_defaults():
     if hasattr(keras.layers, "RMSNormalization"):
         register_converter(keras.layers.RMSNormalization, layer_norm)
     register_converter(keras.layers.Activation, activation)
+    for keras_class in _ACTIVATION_LAYERS:
+        register_converter(keras_class, activation_layer)
+    register_converter(keras.layers.Softmax, softmax_layer)
     register_converter(keras.layers.Dropout, dropout)
     register_converter(keras.layers.Add, add)
     register_converter(keras.layers.LSTM, lstm, accepts=_lstm_ok)

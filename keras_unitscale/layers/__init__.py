@@ -1,6 +1,11 @@
 """Unit-scaled Keras layers: the drop-ins for `keras.layers`."""
 
 from keras_unitscale.layers.activation import Activation
+from keras_unitscale.layers.activation_layers import ELU
+from keras_unitscale.layers.activation_layers import LeakyReLU
+from keras_unitscale.layers.activation_layers import PReLU
+from keras_unitscale.layers.activation_layers import ReLU
+from keras_unitscale.layers.activation_layers import Softmax
 from keras_unitscale.layers.attention import MultiHeadAttention
 from keras_unitscale.layers.conv import Conv1D
 from keras_unitscale.layers.conv import Conv2D
@@ -41,15 +46,20 @@ __all__ = [
     "SeparableConv2D",
     "Dense",
     "Dropout",
+    "ELU",
     "EinsumDense",
     "Embedding",
     "LayerNormalization",
+    "LeakyReLU",
     "LSTM",
     "LSTMCell",
     "MultiHeadAttention",
+    "PReLU",
+    "ReLU",
     "RMSNormalization",
     "Residual",
     "ResidualAdd",
     "ResidualSplit",
+    "Softmax",
     "TransformerBlock",
 ]
