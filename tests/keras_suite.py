@@ -97,6 +97,8 @@ SUITES = (
     Suite("keras.src.layers.rnn.stacked_rnn_cells_test", "LSTMCell", only_tests_using_class=True),
     Suite("keras.src.layers.normalization.layer_normalization_test", "LayerNormalization"),
     Suite("keras.src.layers.normalization.rms_normalization_test", "RMSNormalization"),
+    Suite("keras.src.layers.normalization.batch_normalization_test", "BatchNormalization"),
+    Suite("keras.src.layers.normalization.group_normalization_test", "GroupNormalization"),
     Suite("keras.src.layers.regularization.dropout_test", "Dropout"),
     Suite("keras.src.layers.merging.merging_test", "Add", only_tests_using_class=True),
     Suite("keras.src.layers.activations.activation_test", "Activation"),

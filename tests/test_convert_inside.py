@@ -53,9 +53,10 @@ class Scaled(layers.Layer):
 
     def build(self, input_shape):
         self.gain = self.add_weight(shape=(self.units,), initializer="random_normal", name="gain")
+        self.offset = self.add_weight(shape=(self.units,), initializer="random_normal", trainable=False, name="offset")
 
     def call(self, x):
-        return self.gru(self.proj(self.dense(x))) * self.gain
+        return self.gru(self.proj(self.dense(x))) * self.gain + self.offset
 
 
 class LazyBlock(layers.Layer):

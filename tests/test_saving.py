@@ -27,6 +27,7 @@ def _every_layer_model():
     h = L.EinsumDense("btd,de->bte", (SEQ, WIDTH), bias_axes="e", weight_multipliers={"kernel": 0.5}, name="einsum")(h)
     h = L.LayerNormalization(name="norm")(h)
     h = L.RMSNormalization(name="rms")(h)
+    h = L.GroupNormalization(groups=4, name="group_norm")(L.BatchNormalization(name="batch_norm")(h))
     h = _every_convolution(h)
     h = L.LSTM(WIDTH, return_sequences=True, weight_multipliers={"kernel": 2.0}, name="lstm")(h)
     h = L.Add(name="sum")([h, L.Activation("silu", name="act")(h)])

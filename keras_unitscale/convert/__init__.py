@@ -78,7 +78,8 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
 
     Converts the layers that have a registered converter (`Dense`,
     `EinsumDense` where it is a plain projection, `Embedding`, `LSTM`,
-    `MultiHeadAttention`, `LayerNormalization`, `RMSNormalization`,
+    `MultiHeadAttention`, the norms (`LayerNormalization`, `RMSNormalization`,
+    `BatchNormalization`, `GroupNormalization`),
     `Activation` and activations named inside layers, the activation
     layers `ReLU`, `LeakyReLU`, `ELU` and `PReLU`, `Dropout`, `Add`, and
     the convolutions: `Conv1D`/`2D`/`3D` and their transposes,
@@ -86,9 +87,9 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
     constraints and dtype policies carried over).
     Weightless layers that commute with a scale (`Flatten`, pooling, ...)
     are kept. A layer whose `call` is Python (a custom layer, a wrapper)
-    becomes a copy whose sublayers are converted (`convert.inside`); the
-    Python between them is named in one warning. Any other layer is kept
-    unchanged (a copy, with its weights) and named in one warning.
+    becomes a copy whose sublayers are converted (`convert.inside`), the
+    Python between them named in one warning. Any other layer is kept
+    (a copy, with its weights) and named in one warning.
 
     Args:
         model: a built `keras.Sequential`, functional or subclassed

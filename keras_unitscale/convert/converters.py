@@ -133,6 +133,25 @@ def layer_norm(conversion, layer, call):
     return out, [TensorRatio(1.0, rescale, call.inputs[0].grad_ratio)]
 
 
+def batch_norm(conversion, layer, call):
+    """A `BatchNormalization` or `GroupNormalization`: ours from the config, the weights and statistics as they are."""
+    new = getattr(L, type(layer).__name__).from_config(layer.get_config())
+    call = conversion.inputs_at(call, [1.0] * len(call.inputs), layer.name)
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    if not conversion.equivalent:
+        return out, [TensorRatio()]
+    # The moving statistics too (`own_weights` are the trained ones).
+    originals = [next(o for o in layer.weights if o.name == v.name) for v in new.weights]
+    for variable, original in zip(new.weights, originals):
+        variable.assign(keras.ops.convert_to_numpy(original))
+        if variable.trainable:
+            new.set_lr_multiplier(variable.name, 1.0)
+    conversion.add_sources(new.weights, originals)
+    affine = [v.name for v in (new.gamma, new.beta) if v is not None]
+    return out, [TensorRatio(1.0, conversion.rescaler(new, affine) if affine else None, call.inputs[0].grad_ratio)]
+
+
 def activation(conversion, layer, call):
     name = activation_name(layer.activation)
     if name in activations.PROBABILITIES or not _elementwise_rule(name):
@@ -342,6 +361,8 @@ def register_defaults():
     for keras_class in _CONVOLUTIONS:
         register_converter(keras_class, convolution, accepts=_conv_activation_ok)
     register_converter(keras.layers.LayerNormalization, layer_norm)
+    register_converter(keras.layers.BatchNormalization, batch_norm)
+    register_converter(keras.layers.GroupNormalization, batch_norm)
     if hasattr(keras.layers, "RMSNormalization"):
         register_converter(keras.layers.RMSNormalization, layer_norm)
     register_converter(keras.layers.Activation, activation)

@@ -24,6 +24,8 @@ from keras_unitscale.layers.embedding import Embedding
 from keras_unitscale.layers.lstm import LSTM
 from keras_unitscale.layers.lstm import LSTMCell
 from keras_unitscale.layers.merging import Add
+from keras_unitscale.layers.normalization import BatchNormalization
+from keras_unitscale.layers.normalization import GroupNormalization
 from keras_unitscale.layers.normalization import LayerNormalization
 from keras_unitscale.layers.normalization import RMSNormalization
 from keras_unitscale.layers.residual import Residual
@@ -34,6 +36,7 @@ from keras_unitscale.layers.transformer import TransformerBlock
 __all__ = [
     "Activation",
     "Add",
+    "BatchNormalization",
     "Conv1D",
     "Conv2D",
     "Conv3D",
@@ -49,6 +52,7 @@ __all__ = [
     "ELU",
     "EinsumDense",
     "Embedding",
+    "GroupNormalization",
     "LayerNormalization",
     "LeakyReLU",
     "LSTM",

@@ -1,11 +1,16 @@
-"""Unit-scaled `LayerNormalization` and `RMSNormalization`."""
+"""Unit-scaled `LayerNormalization`, `RMSNormalization`, `BatchNormalization` and `GroupNormalization`."""
+
+import math
 
 import keras
 from keras import ops
 
 from keras_unitscale import checks
+from keras_unitscale import rules
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.ops import norms
+from keras_unitscale.scale import scale_bwd
+from keras_unitscale.sizes import global_numel
 
 
 class _Normalization(WeightMultipliers):
@@ -82,3 +87,88 @@ class RMSNormalization(_Normalization, keras.layers.RMSNormalization):
     def call(self, x):
         return norms.rms_norm(x, self.multiplied(self.scale), axis=self.axis, epsilon=self.epsilon)
 
+
+class _AffineGradients(_Normalization):
+    """Keras's normalisation, its gain's and bias's gradients scaled by the norm rule (`rules.norms.affine_grad`).
+
+    Each entry of a per-channel gain sums its gradient over every other
+    element of the batch; `affine_grad(channels, size)` brings the sum back
+    to unit scale, as for the layer norm's gain. The forward pass is Keras's
+    (normalised already); the weights are lent to Keras's `call` with their
+    gradients scaled and their weight multipliers applied.
+    """
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.gamma is not None:
+            self.declare_role(self.gamma, "norm", fan_out=math.prod(self.gamma.shape))
+        if self.beta is not None:
+            self.declare_role(self.beta, "bias", fan_out=math.prod(self.beta.shape))
+
+    def _keras_call_with_affine_gradients(self, keras_call, inputs):
+        """`keras_call(inputs)` with the gain and bias lent as their gradient-scaled, multiplied values."""
+        variables = {name: getattr(self, name) for name in ("gamma", "beta")}
+        present = [v for v in variables.values() if v is not None]
+        if not present:
+            return keras_call(inputs)
+        grad_scale = rules.norms.affine_grad(math.prod(present[0].shape), global_numel(inputs))
+        # Plain attributes for the time of the call (outside Keras's tracking, which holds the variables).
+        for name, variable in variables.items():
+            if variable is not None:
+                object.__setattr__(self, name, scale_bwd(self.multiplied(variable), grad_scale))
+        try:
+            return keras_call(inputs)
+        finally:
+            for name, variable in variables.items():
+                object.__setattr__(self, name, variable)
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class BatchNormalization(_AffineGradients, keras.layers.BatchNormalization):
+    """Unit-scaled batch normalisation: `keras.layers.BatchNormalization` with the norm rule on its weights' gradients.
+
+    The output is Keras's, normalised already; the gain's and bias's
+    gradients × `sqrt(channels / size)` = `1/sqrt(batch × positions)`, the
+    rows each sums over. Arguments, moving statistics, renorm, masking and
+    `synchronized` are Keras's.
+
+    Args:
+        weight_multipliers: fixed forward multipliers on the gain and bias,
+            by variable name (see `common.WeightMultipliers`).
+        lr_multipliers: fixed learning-rate factors, by variable name.
+        The rest: as for `keras.layers.BatchNormalization`.
+
+    Example:
+
+    >>> y = BatchNormalization()(np.array([[1.0], [3.0]], "float32"), training=True)
+    >>> keras.ops.convert_to_numpy(y).astype("float64").round(2).tolist()
+    [[-1.0], [1.0]]
+    """
+
+    # Keras reads `training` and `mask` from the signature: it is Keras's.
+    def call(self, inputs, training=None, mask=None):
+        keras_call = super().call
+        return self._keras_call_with_affine_gradients(lambda x: keras_call(x, training=training, mask=mask), inputs)
+
+
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class GroupNormalization(_AffineGradients, keras.layers.GroupNormalization):
+    """Unit-scaled group normalisation: `keras.layers.GroupNormalization` with the norm rule on its weights' gradients.
+
+    As `BatchNormalization`: Keras's output, the gain's and bias's gradients
+    × `sqrt(channels / size)`.
+
+    Args:
+        weight_multipliers: fixed forward multipliers on the gain and bias.
+        lr_multipliers: fixed learning-rate factors, by variable name.
+        The rest: as for `keras.layers.GroupNormalization`.
+
+    Example:
+
+    >>> y = GroupNormalization(groups=1)(np.array([[1.0, 3.0]], "float32"))
+    >>> keras.ops.convert_to_numpy(y).astype("float64").round(2).tolist()
+    [[-1.0, 1.0]]
+    """
+
+    def call(self, inputs):
+        return self._keras_call_with_affine_gradients(super().call, inputs)
