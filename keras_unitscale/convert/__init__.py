@@ -48,7 +48,6 @@ from keras_unitscale.convert.registry import converter_for
 from keras_unitscale.convert.registry import register_converter
 from keras_unitscale.convert.walk import Conversion
 from keras_unitscale.convert.walk import TensorRatio
-from keras_unitscale.graph import functional_graph
 
 __all__ = [
     "unit_scale", "match_epsilon", "MODES", "register_converter", "converter_for", "Call", "Conversion",
@@ -104,8 +103,8 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
             residual adds in graph order) or a number for all.
 
     Returns:
-        A new model of the same kind (a subclassed model: a copy of it). Its `unit_scale_sources` maps each
-        converted variable's path to the original's. Its `unit_scale_notes`
+        A new model of the same kind (a subclassed model: a copy of it). Its
+        `unit_scale_sources` maps each converted variable's path to the original's. Its `unit_scale_notes`
         lists `(layer, why)` for what could not be made exactly equivalent
         (also warned): dropout inside an LSTM or attention (training rescales
         differently), an LSTM given initial states, attention over keys of
@@ -124,10 +123,7 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
     """
     _check_arguments(model, mode, residual_rule)
     conversion = Conversion(mode, residual_rule)
-    if functional_graph(model) is None:
-        converted = conversion.subclassed(model)
-    else:
-        converted, _ = conversion.model(model, None, top_level=True)
+    converted = conversion.run(model)
     _warn(conversion)
     _check_optimizer_at_compile(converted, mode)
     converted.unit_scale_notes = list(conversion.notes)

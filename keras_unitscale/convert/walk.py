@@ -141,6 +141,12 @@ class Conversion:
     def record(self, original, new, inputs):
         self.converted[id(original)] = (new, [ratio.value for ratio in inputs])
 
+    def run(self, model):
+        """The converted `model`: its graph walked, or, for a subclassed model, a copy converted inside."""
+        if functional_graph(model) is None:
+            return self.subclassed(model)
+        return self.model(model, None, top_level=True)[0]
+
     def subclassed(self, model):
         """A subclassed model: a copy whose sublayers are converted, called on inputs of its build shape."""
         input_shape = (model.get_build_config() or {}).get("input_shape")
