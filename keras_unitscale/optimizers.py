@@ -8,24 +8,19 @@ fixed one in the variable's record (`keras_unitscale.weights`, set by
 `unit_scale`); the optimizer's `lr_multipliers` patterns override both. All
 but the fixed one are divided by the weight multiplier `m` the variable's
 layer applies to it, so that the effective weight `m·w` moves as an
-unmultiplied weight would. The learning-rate multipliers are optimizer
-variables, so they are saved and restored with the optimizer's state
-(`model.save`, `BackupAndRestore`), and they are read at run time, so
-changing one (`set_lr_multiplier`, as `UnitScaleCallback` does) needs no
-retrace. A state loaded before the optimizer is built (`load_weights` before
-the first `fit`, which Keras would skip with a warning) waits, and is
-restored when the optimizer builds.
+unmultiplied weight would. They are optimizer variables: saved and restored
+with its state (`model.save`, `BackupAndRestore`), read at run time (a change
+needs no retrace). A state loaded before the optimizer is built
+(`load_weights` before the first `fit`, which Keras would skip) waits for `build`.
 
-Roles come from our layers, which declare them. Variables of plain Keras
-layers have none until `parametrization.tag_model(model)` infers them
-(`UnitScaleCallback` does this itself); until then their learning-rate
-multiplier is 1, as in the Keras optimizer.
+Roles come from our layers. Plain Keras layers' variables have none until
+`parametrization.tag_model(model)` infers them (the callback does); until
+then their learning-rate multiplier is 1, as in the Keras optimizer.
 
 Weight decay is decoupled and, by default, *independent* (as u-μP has it):
 each step multiplies a variable by `1 - weight_decay · η_t/η_peak`, where
-`η_t/η_peak` follows the learning-rate schedule but neither the base learning
-rate nor the variable's learning-rate multiplier, so sweeping the learning rate leaves the decay
-alone. With `independent_weight_decay=False` the decay is Keras's,
+`η_t/η_peak` follows the schedule but neither the base learning rate nor the
+variable's multiplier: sweeping the learning rate leaves the decay alone. With `independent_weight_decay=False` the decay is Keras's,
 `weight_decay · η_t`, times the variable's learning-rate multiplier.
 
 Adam, AdamW and RMSprop also keep an epsilon multiplier per variable (1 by
@@ -37,10 +32,9 @@ in RMSprop, which adds `epsilon` under the square root):
 `convert.match_epsilon` measures the ratio and sets it. Lion's update is the
 sign of a moment, blind to the gradient's scale: it has no epsilon.
 
-Models of our layers need no loss scaling in FP16: their gradients are near
-unit scale. Keras wraps the optimizer of a `mixed_float16` model in a
-`LossScaleOptimizer` unless `compile(..., auto_scale_loss=False)`; ours warn
-when that happens to them over unit-scaled layers.
+Models of our layers need no loss scaling in FP16 (their gradients are near
+unit scale): ours warn when Keras wraps them in a `LossScaleOptimizer` over
+unit-scaled layers, as it does unless `compile(..., auto_scale_loss=False)`.
 
 They are subclasses of the Keras optimizers, so they work wherever those do:
 `compile`, `LossScaleOptimizer`, `jit_compile`, learning-rate schedules and
@@ -186,6 +180,14 @@ class UnitScaledOptimizer:
         # Keras skips a mismatched optimizer state with a warning; resuming
         # without it would silently restart Adam's moments and our
         # learning-rate multipliers.
+        if not store.keys() and getattr(self, "_wrapped_for_loss_scaling", False):
+            raise ValueError(
+                f"The file holds no state for optimizer '{self.name}' where loading looks for it: a "
+                "LossScaleOptimizer wraps it now. The model was most likely saved compiled with "
+                "`auto_scale_loss=False` under mixed_float16, which Keras's compile config does not record, so "
+                "`load_model` compiled it again with loss scaling. Load it with `compile=False` and compile it "
+                "as before (`auto_scale_loss=False`): the weights and multipliers load; the optimizer restarts."
+            )
         if len(store.keys()) != len(self.variables):
             raise ValueError(
                 f"The saved state of optimizer '{self.name}' does not match it: it has "
@@ -543,13 +545,11 @@ def from_keras(optimizer, parametrization="u-mup"):
     """Our counterpart of a Keras optimizer, with its arguments: how a script's `compile` keeps its optimizer.
 
     A twin from `unit_scale` stores its weights at unit scale, each with a
-    fixed learning-rate multiplier that only our optimizers read; a Keras
-    optimizer would train it on another trajectory. `from_keras` makes the
-    same optimizer ours: the same learning rate or schedule, moments,
-    epsilon, clipping and EMA. Keras's weight decay, `weight_decay · η_t` a
-    step, becomes the independent decay that gives the same fraction a step
-    (`weight_decay · η_peak`, relative to the schedule). A
-    `LossScaleOptimizer` is rebuilt around the converted optimizer.
+    fixed learning-rate multiplier that only our optimizers read. This makes
+    the script's optimizer ours: the same learning rate or schedule, moments,
+    epsilon, clipping and EMA; Keras's weight decay, `weight_decay · η_t` a
+    step, becomes the independent decay that removes the same fraction a
+    step (`weight_decay · η_peak`); a `LossScaleOptimizer` is rebuilt around it.
 
     Args:
         optimizer: an unbuilt `keras.optimizers.Adam`, `AdamW`, `SGD`,

@@ -164,3 +164,22 @@ def test_a_truncated_weights_file_is_a_clear_error(trained, tmp_path):
     _, path, _, _ = trained
     with pytest.raises(OSError, match="truncated"):
         keras.saving.load_model(_rewrite(path, tmp_path / "truncated.keras", lambda data: data[: len(data) // 2]))
+
+
+def test_a_checkpoint_compiled_without_loss_scaling_says_how_to_load_it(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), L.Dense(16, activation="relu"), L.Dense(1, role="output")])
+        model.compile(optimizers.Adam(1e-3), "mse", auto_scale_loss=False)
+        x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
+        model.fit(x, x[:, :1], epochs=1, verbose=0)
+        model.save(tmp_path / "fp16.keras")
+        # Keras's compile config drops `auto_scale_loss`: loading wraps the optimizer, whose state then has
+        # nowhere to go. The message says so, and how to load it.
+        with pytest.raises(ValueError, match="auto_scale_loss=False.*compile=False"):
+            keras.saving.load_model(tmp_path / "fp16.keras")
+        loaded = keras.saving.load_model(tmp_path / "fp16.keras", compile=False)
+        np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
