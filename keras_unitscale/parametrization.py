@@ -24,6 +24,7 @@ import re
 import keras
 
 from keras_unitscale import checks
+from keras_unitscale import rules
 from keras_unitscale import weights
 from keras_unitscale.rules.mup import FAMILIES
 from keras_unitscale.rules.mup import READOUT_CONSTRAINTS
@@ -110,8 +111,17 @@ def _contracted_size(layer, kernel):
     ) or 1
 
 
+# Keras's convolutions whose kernels are not laid out as (summed axes..., outputs).
+_TRANSPOSED = tuple(getattr(keras.layers, f"Conv{n}DTranspose") for n in (1, 2, 3))
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+
+
 def _kernel_fans(layer, variable):
     shape = tuple(variable.shape)
+    if isinstance(layer, _DEPTHWISE) or variable is getattr(layer, "depthwise_kernel", None):
+        return rules.conv.kernel_fans("depthwise", shape)
+    if isinstance(layer, _TRANSPOSED):
+        return rules.conv.kernel_fans("transpose", shape, layer.strides)
     if isinstance(layer, keras.layers.EinsumDense):
         fan_in = _contracted_size(layer, variable)
     elif isinstance(layer, keras.layers.Embedding):

@@ -8,6 +8,8 @@ from keras import ops
 from keras_unitscale import functional as U
 from keras_unitscale import layers as L
 from keras_unitscale import parametrization as P
+from keras_unitscale import unit_scale
+from keras_unitscale import weights
 from tests.helpers import unit_normal
 
 
@@ -181,3 +183,22 @@ def test_lr_multipliers_follow_width_and_depth():
     # 4× the depth: everything inside the stack halves, the rest stays.
     assert deep["block0/attention/key/kernel"] == pytest.approx(narrow["block0/attention/key/kernel"] / 2)
     assert deep["embed/embeddings"] == narrow["embed/embeddings"]
+
+
+def test_convolutions_are_inferred_as_our_layers_declare_them():
+    # One rule (`rules.conv.kernel_fans`) for both: a DepthwiseConv2D's kernel sums its own channel's taps
+    # (fan-in 9, not 9 × 16), a transpose's taps are thinned by its strides.
+    keras.utils.set_random_seed(0)
+    plain = keras.Sequential([
+        keras.Input((8, 8, 16)), keras.layers.DepthwiseConv2D(3, padding="same"),
+        keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same"),
+        keras.layers.SeparableConv2D(4, 3, depth_multiplier=2, padding="same"),
+        keras.layers.Conv2D(4, 3, groups=2), keras.layers.Flatten(), keras.layers.Dense(1),
+    ])
+    inferred = {path.removeprefix(f"{plain.name}/"): (role.fan_in, role.fan_out)
+                for path, role in P.tag_model(plain).items() if role.role not in ("bias", "norm")}
+    ours = unit_scale(plain, mode="reinit")
+    declared = {v.path: (weights.role(v).fan_in, weights.role(v).fan_out) for v in ours.trainable_variables
+                if weights.role(v).role not in ("bias", "norm")}
+    assert inferred == declared and len(declared) == 6
+    assert declared[ours.layers[0].kernel.path] == (9, 16)

@@ -96,8 +96,8 @@ class ConvND(LowRankAdapters, Convolution):
         return math.prod(self.kernel_size), self._input_channels // self.groups, self.filters // self.groups
 
     def declare_roles(self):
-        fan_in = math.prod(self.kernel_size) * self._input_channels // self.groups
-        self.declare_role(self._kernel, self.role, fan_in=fan_in, fan_out=self.filters)
+        fan_in, fan_out = rules.conv.kernel_fans("conv", self._kernel.shape)
+        self.declare_role(self._kernel, self.role, fan_in=fan_in, fan_out=fan_out)
         if self.bias is not None:
             self.declare_role(self.bias, "bias", fan_out=self.filters)
 
@@ -120,8 +120,8 @@ class ConvNDTranspose(Convolution):
         return math.prod(self.kernel_size), self._input_channels, self.filters, True
 
     def declare_roles(self):
-        fan_in = math.prod(self.kernel_size) * self._input_channels // math.prod(self.strides)
-        self.declare_role(self.kernel, self.role, fan_in=max(fan_in, 1), fan_out=self.filters)
+        fan_in, fan_out = rules.conv.kernel_fans("transpose", self.kernel.shape, self.strides)
+        self.declare_role(self.kernel, self.role, fan_in=fan_in, fan_out=fan_out)
         if self.bias is not None:
             self.declare_role(self.bias, "bias", fan_out=self.filters)
 
@@ -143,8 +143,8 @@ class DepthwiseConvND(Convolution):
         return math.prod(self.kernel_size), 1, self.depth_multiplier
 
     def declare_roles(self):
-        outputs = self._input_channels * self.depth_multiplier
-        self.declare_role(self.kernel, self.role, fan_in=math.prod(self.kernel_size), fan_out=outputs)
+        fan_in, outputs = rules.conv.kernel_fans("depthwise", self.kernel.shape)
+        self.declare_role(self.kernel, self.role, fan_in=fan_in, fan_out=outputs)
         if self.bias is not None:
             self.declare_role(self.bias, "bias", fan_out=outputs)
 
@@ -170,9 +170,10 @@ class SeparableConvND(Convolution):
         return [depthwise, pointwise] + [pointwise] * (self.bias is not None)
 
     def declare_roles(self):
-        channels = self._input_channels * self.depth_multiplier
-        self.declare_role(self.depthwise_kernel, "hidden", fan_in=math.prod(self.kernel_size), fan_out=channels)
-        self.declare_role(self.pointwise_kernel, self.role, fan_in=channels, fan_out=self.filters)
+        self.declare_role(self.depthwise_kernel, "hidden",
+                          **dict(zip(("fan_in", "fan_out"), rules.conv.kernel_fans("depthwise", self.depthwise_kernel.shape))))
+        self.declare_role(self.pointwise_kernel, self.role,
+                          **dict(zip(("fan_in", "fan_out"), rules.conv.kernel_fans("conv", self.pointwise_kernel.shape))))
         if self.bias is not None:
             self.declare_role(self.bias, "bias", fan_out=self.filters)
 

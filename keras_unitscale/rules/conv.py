@@ -19,11 +19,17 @@ of the inputs. Padding and dilation are ignored, as in the reference: they
 change the counts only at the borders.
 """
 
+import math
+
 from keras_unitscale import checks
 from keras_unitscale.rules.linear import DENSE_POWERS
 from keras_unitscale.rules.linear import dense
 
-__all__ = ["conv"]
+__all__ = ["conv", "kernel_fans", "KERNEL_KINDS"]
+
+# How a kernel's axes are laid out: Keras's `Conv` (taps..., in_per_group, out), `ConvTranspose`
+# (taps..., out, in), `DepthwiseConv` and a separable's depthwise kernel (taps..., in, multiplier).
+KERNEL_KINDS = ("conv", "transpose", "depthwise")
 
 
 def conv(
@@ -67,3 +73,32 @@ def conv(
     else:
         fan_out = fan_out / stride_volume
     return dense(fan_in, fan_out, positions, constraint, powers)
+
+
+def kernel_fans(kind, kernel_shape, strides=1):
+    """`(fan_in, fan_out)` of a convolution kernel, the u-μP role's sizes (the module docstring's, in taps).
+
+    One place for both our layers, which declare the role, and
+    `parametrization.tag_model`, which infers it for Keras's layers.
+
+    Args:
+        kind: one of `KERNEL_KINDS` (a separable's pointwise kernel is a "conv").
+        kernel_shape: the kernel's shape, as Keras lays it out.
+        strides: the strides, a tuple or one int for every spatial axis (used by transposes).
+
+    Example:
+
+    >>> kernel_fans("depthwise", (3, 3, 16, 1))  # each output sums its own channel's 9 taps
+    (9, 16)
+    >>> kernel_fans("transpose", (3, 3, 8, 4), strides=2)
+    (9, 8)
+    """
+    checks.one_of("kind", kind, KERNEL_KINDS)
+    shape = tuple(int(size) for size in kernel_shape)
+    taps = math.prod(shape[:-2])
+    if kind == "depthwise":
+        return taps, shape[-2] * shape[-1]
+    if kind == "transpose":
+        stride_volume = math.prod(strides) if isinstance(strides, (tuple, list)) else int(strides) ** len(shape[:-2])
+        return max(taps * shape[-1] // stride_volume, 1), shape[-2]
+    return taps * shape[-2], shape[-1]
