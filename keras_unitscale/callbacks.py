@@ -11,6 +11,8 @@ from keras.src.utils import io_utils
 from keras_unitscale import analysis
 from keras_unitscale import checks
 from keras_unitscale import optimizers
+from keras_unitscale.convert import in_place
+from keras_unitscale.convert import optimizer as optimizer_conversion
 from keras_unitscale import parametrization as P
 from keras_unitscale import weights
 
@@ -33,12 +35,18 @@ class UnitScaleCallback(keras.callbacks.Callback):
     start of training it rescales the selected weights, `w → α·w`, then
     multiplies their learning rate by `β`:
 
-    - `mode="unit"`: every selected weight moves to unit scale. In a
-      `keras_unitscale` layer the stored weight gets unit RMS (`α = 1/rms(w)`).
-      A plain Keras layer computes with its stored weight, so that weight
-      takes the scale u-μP gives the effective weight, its role's forward
-      multiplier (see `keras_unitscale.parametrization`): RMS `fan_in^-1/2`
-      for a kernel, `1/fan_in` for the readout, 1 for an embedding.
+    - `mode="unit"`: every selected weight moves to unit scale. First, each
+      plain Keras layer that has a unit-scaled class (`Dense`, the
+      convolutions, `Embedding`, the norms, the activation layers) becomes it
+      *in place* (`convert.in_place`): the same object, its function kept,
+      its weights at unit RMS with the rest of their scale in their weight
+      multipliers and a fixed learning-rate factor `1/rms`; a Keras Adam,
+      AdamW, RMSprop or Lion becomes ours in place (`convert.adopt`, its
+      state kept), so that the training follows the script's. Under SGD
+      (whose step grows with the gradient the unit-scaled ops rescale) or an
+      optimizer we have no counterpart for, plain layers are left as they are,
+      and named. Then in every `keras_unitscale` layer the stored weight gets
+      unit RMS (`α = 1/rms(w)`).
     - `mode="factor"`: `α = weight_scale`, the parameter scaling of `θ = α·θ₀`.
     - `mode="l2"`: `α = 1/‖w‖₂`, each selected tensor has unit L2 norm.
 
@@ -57,11 +65,11 @@ class UnitScaleCallback(keras.callbacks.Callback):
     (Independent weight decay, the default of our optimizers, is exact too:
     it shrinks `w` and `m·w` by the same fraction.)
 
-    A plain Keras layer has no weight multiplier: rescaling its weights
-    changes the function the model computes. The callback says so once.
-    (Unit RMS in a plain `Dense` would grow the activations by `sqrt(fan_in)`
-    a layer: on a Dense 128-64-1 MLP the logits reach the hundreds, and under
-    `mixed_float16` the saturated sigmoid stops training at 59% accuracy.)
+    A plain Keras layer has no weight multiplier: in "factor" and "l2"
+    modes rescaling its weights changes the function the model computes, and
+    the callback says so once; "unit" mode never moves a plain layer's weights.
+    A subclassed model that `fit` builds at its first step (TensorFlow) is
+    built from the data's spec there, and the callback acts before that step.
 
     Args:
         mode: "unit", "factor" or "l2".
@@ -137,6 +145,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
                         "exclude": exclude, "verbose": verbose}
         self.record = None
         self._acted = False
+        self._left_plain = []
 
     def get_config(self):
         """The constructor's arguments: `UnitScaleCallback.from_config(config)` makes the same callback."""
@@ -163,6 +172,13 @@ class UnitScaleCallback(keras.callbacks.Callback):
             selected = list(variables)
         else:
             selected = [v for v in variables if roles[v.path].role not in ("bias", "norm")]
+        if self.mode == "unit":
+            # A plain layer's weight has no multiplier to take its factor: moving it changes the function.
+            self._left_plain = sorted({v.path.rsplit("/", 1)[0] for v in selected if not weights.is_declared(v)})
+            declared = [v for v in selected if weights.is_declared(v)]
+            if self._left_plain and not declared:
+                return []
+            selected = declared
         selected = [v for v in selected if not any(p.search(v.path) for p in self.exclude)]
         if not selected:
             raise ValueError(
@@ -208,7 +224,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             io_utils.print_msg(message)
 
     def on_train_begin(self, logs=None):
-        self._acted = False
+        self._acted, self._left_plain = False, []
         model = self.model
         optimizer = self._check_ready(model)
         if getattr(model, _RECORD, None) is not None:
@@ -222,6 +238,29 @@ class UnitScaleCallback(keras.callbacks.Callback):
                 "resumed run: the weights are left as they are."
             )
             return
+        if not model.built and keras.backend.backend() == "tensorflow":
+            # Keras's TensorFlow `fit` builds a subclassed model as it traces the first step: build it
+            # from the data's spec there, and act before that step runs.
+            self._act_at_the_first_step(model)
+            return
+        self._act(model, optimizer)
+
+    def _act_at_the_first_step(self, model):
+        def first_step(iterator):
+            x_spec = keras.tree.flatten(iterator.element_spec[0]) if isinstance(iterator.element_spec, tuple) else []
+            if len(x_spec) != 1:
+                raise ValueError(
+                    f"UnitScaleCallback builds model '{model.name}' from its data, which must be one input "
+                    f"tensor. Received: element_spec={iterator.element_spec!r}. Build the model before `fit`."
+                )
+            model.build(tuple(x_spec[0].shape))
+            self._act(model, self._check_ready(model))
+            model.make_train_function(force=True)
+            return model.train_function(iterator)
+
+        model.train_function = first_step
+
+    def _act(self, model, optimizer):
         P.check_built(model)
         multiplied = [v.path for v in model.trainable_variables if weights.multiplier(v) != 1.0]
         if multiplied:
@@ -231,6 +270,8 @@ class UnitScaleCallback(keras.callbacks.Callback):
                 "rescaled or converted before, so it is left as it is."
             )
             return
+        converted = self._convert_plain_layers(model, optimizer) if self.mode == "unit" else []
+        optimizer = optimizers.unwrap(model.optimizer)
         untagged = [v for v in model.trainable_variables if P.role_of(v) is None]
         # Roles the user gave with `tag_model(model, overrides)` are kept.
         roles = P.tag_model(model) if untagged else {v.path: P.role_of(v) for v in model.trainable_variables}
@@ -248,6 +289,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
         model.test_function = model.predict_function = None
         self.record = {
             "mode": self.mode,
+            "converted_layers": converted,
             "variables": rows,
             "global_lr_factor": global_lr_factor,
             "weight_factor": _geometric_mean([r["weight_factor"] for r in rows if r["weight_factor"]]),
@@ -256,6 +298,30 @@ class UnitScaleCallback(keras.callbacks.Callback):
         object.__setattr__(model, _RECORD, self.record)
         self._acted = True
         self._report(rows, per_variable)
+
+    def _convert_plain_layers(self, model, optimizer):
+        """Turns the plain layers that have unit-scaled classes into them, in place; makes the optimizer ours.
+
+        Their function is kept and, since each converted weight takes the
+        learning-rate factor that keeps its step (`1/rms`, which only our
+        optimizers read), so is the training: a Keras Adam, AdamW, RMSprop or
+        Lion becomes ours in place, its state kept. SGD's step grows with the
+        gradient, which the unit-scaled ops rescale: under SGD, and under
+        optimizers we have no counterpart for, the plain layers stay as they are.
+        """
+        if isinstance(optimizer, optimizers.UnitScaledOptimizer):
+            adoptable = optimizer.family != "sgd"
+        else:
+            counterpart = optimizer_conversion.counterpart(optimizer)
+            adoptable = counterpart is not None and counterpart.family != "sgd"
+        if not adoptable:
+            return []
+        converted, notes = in_place.convert_in_place(model)
+        if converted and not isinstance(optimizer, optimizers.UnitScaledOptimizer):
+            optimizer_conversion.adopt(optimizer)
+        for name, why in notes:
+            self._say(f"UnitScaleCallback: '{name}' stays as it is: {why}.")
+        return converted
 
     def _rescale(self, model, optimizer, selected, roles, per_variable):
         owners = P.variable_owners(model)
@@ -311,6 +377,14 @@ class UnitScaleCallback(keras.callbacks.Callback):
         return beta
 
     def _report(self, rows, per_variable):
+        if self._left_plain:
+            warnings.warn(
+                f"UnitScaleCallback left {len(self._left_plain)} plain Keras layer(s) as they are "
+                f"({', '.join(self._left_plain)}): they have no unit-scaled class to become, or the optimizer "
+                "(SGD, or one with no counterpart in keras_unitscale.optimizers) cannot give their weights the "
+                "learning-rate factors that keep the training. Moving their weights would change the function.",
+                stacklevel=3,
+            )
         changed = sorted({r["layer"] for r in rows if not r["function_kept"] and r["weight_factor"] not in (None, 1.0)})
         if changed:
             warnings.warn(
@@ -322,7 +396,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             )
         if not self.verbose:
             return
-        width = max(len(r["path"]) for r in rows)
+        width = max((len(r["path"]) for r in rows), default=8)
         lines = [
             f"UnitScaleCallback(mode={self.mode!r}): learning rate adjusted "
             + ("per variable" if per_variable else f"globally, × {self.record['global_lr_factor']:.4g}"),

@@ -54,7 +54,7 @@ from keras_unitscale import checks
 from keras_unitscale import parametrization as P
 from keras_unitscale import weights
 
-__all__ = ["Adam", "AdamW", "RMSprop", "Lion", "SGD", "ScaledSchedule", "from_keras", "unwrap"]
+__all__ = ["Adam", "AdamW", "RMSprop", "Lion", "SGD", "ScaledSchedule", "schedule_peak", "unwrap"]
 
 PARAMETRIZATIONS = ("u-mup", None)
 
@@ -79,7 +79,7 @@ def _eagerly():
     return contextlib.nullcontext()
 
 
-def _schedule_peak(schedule):
+def schedule_peak(schedule):
     for name in ("warmup_target", "initial_learning_rate"):
         value = getattr(schedule, name, None)
         if isinstance(value, (int, float)) and value > 0:
@@ -128,7 +128,7 @@ class UnitScaledOptimizer:
         if peak_learning_rate is None:
             learning_rate = self._learning_rate
             if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-                peak_learning_rate = _schedule_peak(learning_rate)
+                peak_learning_rate = schedule_peak(learning_rate)
             elif not callable(learning_rate):
                 peak_learning_rate = float(ops.convert_to_numpy(learning_rate))
         elif not (isinstance(peak_learning_rate, (int, float)) and 0 < peak_learning_rate < math.inf):
@@ -214,6 +214,9 @@ class UnitScaledOptimizer:
                 stacklevel=2,
             )
         super().build(variables)
+        self._build_multipliers(variables)
+
+    def _build_multipliers(self, variables):
         self._lr_multiplier_variables = [
             self.add_variable(
                 shape=(),
@@ -525,76 +528,3 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"schedule": keras.optimizers.schedules.serialize(self.schedule), "factor": self.factor}
-
-
-# Keras's optimizers and ours, subclasses first. Keras's classes only (on PyTorch, Keras makes its
-# `Adam` a fused subclass of its own): a user's subclass may change the update.
-_COUNTERPARTS = (
-    (keras.optimizers.AdamW, AdamW), (keras.optimizers.Adam, Adam), (keras.optimizers.SGD, SGD),
-    (keras.optimizers.RMSprop, RMSprop), (keras.optimizers.Lion, Lion),
-)
-
-
-def _counterpart(optimizer):
-    if not type(optimizer).__module__.startswith("keras."):
-        return None
-    return next((ours for keras_class, ours in _COUNTERPARTS if isinstance(optimizer, keras_class)), None)
-
-
-def from_keras(optimizer, parametrization="u-mup"):
-    """Our counterpart of a Keras optimizer, with its arguments: how a script's `compile` keeps its optimizer.
-
-    A twin from `unit_scale` stores its weights at unit scale, each with a
-    fixed learning-rate multiplier that only our optimizers read. This makes
-    the script's optimizer ours: the same learning rate or schedule, moments,
-    epsilon, clipping and EMA; Keras's weight decay, `weight_decay · η_t` a
-    step, becomes the independent decay that removes the same fraction a
-    step (`weight_decay · η_peak`); a `LossScaleOptimizer` is rebuilt around it.
-
-    Args:
-        optimizer: an unbuilt `keras.optimizers.Adam`, `AdamW`, `SGD`,
-            `RMSprop` or `Lion` (or a name Keras knows, "adam"), possibly
-            in a `LossScaleOptimizer`.
-        parametrization: "u-mup" (u-μP's learning rate per role, where no
-            fixed multiplier says otherwise) or None.
-
-    Example:
-
-    >>> ours = from_keras(keras.optimizers.AdamW(0.01, weight_decay=0.1, beta_1=0.8))
-    >>> type(ours).__name__, ours.beta_1, ours.weight_decay, ours.independent_weight_decay
-    ('AdamW', 0.8, 0.001, True)
-    """
-    optimizer = keras.optimizers.get(optimizer)
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        config = optimizer.get_config()
-        config.pop("inner_optimizer")
-        return keras.optimizers.LossScaleOptimizer(from_keras(optimizer.inner_optimizer, parametrization), **config)
-    if isinstance(optimizer, UnitScaledOptimizer):
-        return optimizer
-    ours = _counterpart(optimizer)
-    if ours is None:
-        raise ValueError(
-            f"`from_keras` converts Keras's {', '.join(k.__name__ for k, _ in _COUNTERPARTS)}. "
-            f"Received: optimizer={type(optimizer).__name__}"
-        )
-    if optimizer.built:
-        raise ValueError(
-            f"`from_keras` converts an optimizer before it trains: '{optimizer.name}' is built, and its state "
-            "would be lost. Convert it before `compile`/`fit`, or build a new one."
-        )
-    config = optimizer.get_config()
-    if config.get("weight_decay"):
-        learning_rate = optimizer._learning_rate
-        peak = (_schedule_peak(learning_rate)
-                if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
-                # A float rate is stored in float32: its shortest decimal is the one the script gave.
-                else None if callable(learning_rate) else float(str(np.float32(ops.convert_to_numpy(learning_rate)))))
-        if not peak:
-            raise ValueError(
-                f"`from_keras` turns '{optimizer.name}'s weight decay, relative to the learning rate, into one "
-                "relative to the schedule's peak, which this schedule does not say. Build "
-                f"`keras_unitscale.optimizers.{ours.__name__}(..., peak_learning_rate=...)` instead. "
-                f"Received: learning_rate={learning_rate!r}"
-            )
-        config.update(weight_decay=config["weight_decay"] * peak, peak_learning_rate=peak)
-    return ours.from_config({**config, "parametrization": parametrization, "independent_weight_decay": True})

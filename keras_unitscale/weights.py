@@ -43,7 +43,7 @@ from keras_unitscale.rules.mup import WeightRole
 __all__ = [
     "WeightRecord", "record", "declare", "is_declared", "role", "model_role", "set_model_role",
     "multiplier", "set_multiplier", "lr_multiplier", "set_lr_multiplier", "check_multipliers",
-    "SAVED_KEYS", "saved_state", "restore_state",
+    "SAVED_KEYS", "saved_state", "restore_state", "copy_record",
 ]
 
 # The one attribute the record is stored in, on the Keras variable.
@@ -97,6 +97,11 @@ def declare(variable, weight_role):
     (True, 'bias', 1.0)
     """
     _update(variable, role=_check_role("weight_role", weight_role))
+
+
+def copy_record(source, target):
+    """Gives `target` the record of `source` (a layer converted in place takes its twin's)."""
+    object.__setattr__(target, _RECORD, record(source))
 
 
 def is_declared(variable):

@@ -10,6 +10,7 @@ from keras_unitscale import analysis
 from keras_unitscale import layers as L
 from keras_unitscale import optimizers
 from keras_unitscale import unit_scale
+from keras_unitscale.convert import from_keras
 from keras_unitscale.convert import match_epsilon
 
 
@@ -136,7 +137,7 @@ def test_a_twin_compiled_as_the_script_compiles_follows_it(name):
     assert sum("from_keras" in str(w.message) for w in caught) == 1
     # With the fix it steps along the script's trajectory.
     model.compile(KERAS_OPTIMIZERS[name](), "binary_crossentropy")
-    twin.compile(optimizers.from_keras(KERAS_OPTIMIZERS[name]()), "binary_crossentropy")
+    twin.compile(from_keras(KERAS_OPTIMIZERS[name]()), "binary_crossentropy")
     match_epsilon(twin, model, x, y)
     original = np.array([model.train_on_batch(x, y) for _ in range(20)])
     converted = np.array([twin.train_on_batch(x, y) for _ in range(20)])

@@ -43,6 +43,8 @@ from keras_unitscale import checks
 from keras_unitscale import optimizers
 from keras_unitscale.convert import converters
 from keras_unitscale.convert.epsilon import match_epsilon
+from keras_unitscale.convert.optimizer import adopt
+from keras_unitscale.convert.optimizer import from_keras
 from keras_unitscale.convert.registry import Call
 from keras_unitscale.convert.registry import converter_for
 from keras_unitscale.convert.registry import register_converter
@@ -50,7 +52,7 @@ from keras_unitscale.convert.walk import Conversion
 from keras_unitscale.convert.walk import TensorRatio
 
 __all__ = [
-    "unit_scale", "match_epsilon", "MODES", "register_converter", "converter_for", "Call", "Conversion",
+    "unit_scale", "match_epsilon", "from_keras", "adopt", "MODES", "register_converter", "converter_for", "Call", "Conversion",
     "TensorRatio",
 ]
 
@@ -151,7 +153,7 @@ def _check_optimizer_at_compile(model, mode):
             warnings.warn(
                 f"Model '{model.name}' comes from `unit_scale(mode='{mode}')`, which {why}; "
                 f"Keras's {type(optimizer).__name__} applies one learning rate to all, so training will not "
-                "follow the original script. Compile with `keras_unitscale.optimizers.from_keras(optimizer)`: "
+                "follow the original script. Compile with `keras_unitscale.convert.from_keras(optimizer)`: "
                 "the same optimizer, arguments and schedule, with the multipliers.",
                 stacklevel=2,
             )

@@ -24,7 +24,7 @@ def _checked(converted, original):
     if not isinstance(optimizer, optimizers.UnitScaledOptimizer):
         raise ValueError(
             "`match_epsilon` sets the per-weight factors of `keras_unitscale.optimizers`: compile `converted` "
-            "with one first (`optimizers.from_keras(optimizer)` converts a Keras optimizer). "
+            "with one first (`convert.from_keras(optimizer)` converts a Keras optimizer). "
             f"Received: optimizer={type(optimizer).__name__}"
         )
     for name, model in (("converted", converted), ("original", original)):

@@ -58,7 +58,7 @@ def _aligned(*layer_lists):
 
 
 @contextlib.contextmanager
-def _recording(layers):
+def recording(layers):
     """Records the arguments of each call of `layers` (their `call`, wrapped on the instances for the time being)."""
     records = {id(layer): [] for layer in layers}
     for layer in layers:
@@ -106,7 +106,7 @@ def _scope_of(original):
         yield
 
 
-def _convert_sublayer(conversion, original, calls):
+def convert_sublayer(conversion, original, calls):
     """The converted counterpart of `original`, called on its recorded inputs, its output at ratio 1; or None."""
     args, kwargs = _symbolic_call(calls)
     tensors = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
@@ -125,7 +125,7 @@ def _convert_sublayer(conversion, original, calls):
             del conversion.converted[id(original)]
             conversion.sources = sources
             conversion.note(original.name, "its unit-scaled output differs from the original's by a constant that "
-                                           "nothing inside its custom parent can absorb, so it is kept")
+                                           "nothing around it can absorb (it feeds Python code), so it is kept")
             return None
         ratio.rescale(1.0 / ratio.value)
     return new
@@ -200,7 +200,7 @@ def convert(conversion, layer, call):
         return None
     _name_as(copy, layer)
     call = conversion.inputs_at(call, [1.0] * len(call.inputs), layer.name)
-    with _recording([s for _, s in found_in_probe]) as records:
+    with recording([s for _, s in found_in_probe]) as records:
         probe(*call.args, **call.kwargs)
         if not all(records.values()):
             # A layer with its own `compute_output_shape` (a wrapper) is not
@@ -210,7 +210,7 @@ def convert(conversion, layer, call):
     for (_, original), (parent, copied), (_, probed) in zip(found, found_in_copy, found_in_probe):
         calls = records[id(probed)]
         cached = conversion.converted.get(id(original))
-        new = cached[0] if cached is not None else (_convert_sublayer(conversion, original, calls) if calls else None)
+        new = cached[0] if cached is not None else (convert_sublayer(conversion, original, calls) if calls else None)
         if new is not None:
             _substitute(parent, copied, new)
             new_ids.add(id(new))

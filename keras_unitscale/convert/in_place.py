@@ -1,0 +1,79 @@
+"""Converting a built model in place: the same layer objects become their unit-scaled classes.
+
+`UnitScaleCallback` works on the model `fit` is training, so it cannot swap
+it for a twin. Our layers *are* Keras's layers (subclasses), so a plain
+layer can become its unit-scaled class in place: its converted twin is
+built on the inputs the layer saw (one recorded trace of the model), in
+`equivalent` mode with its output at the original's scale (`inside`), and
+then the layer takes the twin's class, its unit-scaling attributes, its
+weights' values (at unit RMS) and their records (role, weight multiplier,
+fixed learning-rate multiplier). The model keeps computing what it
+computed; the converted layers now run the unit-scaled ops, whose
+gradients are near unit scale, and their weights sit at unit scale.
+"""
+
+import keras
+
+from keras_unitscale import weights
+from keras_unitscale.convert import inside
+from keras_unitscale.convert.walk import Conversion
+from keras_unitscale.graph import functional_graph
+
+
+def _plain_candidates(model):
+    """The plain Keras layers of `model` that have a converter to one of our classes, at any depth."""
+    # Leaves only: a layer with sublayers (attention, an LSTM and its cell) would need them converted too.
+    return [layer for _, layer in inside.convertible_sublayers(model)
+            if type(layer).__module__.startswith("keras.") and not isinstance(layer, keras.layers.Dropout)
+            and not inside.children(layer)]
+
+
+def _model_inputs(model):
+    graph = functional_graph(model)
+    if graph is not None:
+        return graph.inputs
+    input_shape = (model.get_build_config() or {}).get("input_shape")
+    return keras.tree.map_shape_structure(lambda shape: keras.Input(batch_shape=tuple(shape)), input_shape)
+
+
+def _transplant(layer, new):
+    """`layer` becomes `new`: its class, the attributes it lacks, its weights' values and records."""
+    originals = {v.name: v for v in new.weights}
+    values = {name: keras.ops.convert_to_numpy(v) for name, v in originals.items()}
+    layer.__class__ = type(new)
+    for key, value in vars(new).items():
+        if key not in vars(layer):  # the unit-scaling options (role, constraint, multipliers waiting, ...)
+            object.__setattr__(layer, key, value)
+    if hasattr(new, "activation"):
+        layer.activation = new.activation
+    for variable in layer.weights:
+        variable.assign(values[variable.name])
+        weights.copy_record(originals[variable.name], variable)
+
+
+def convert_in_place(model):
+    """Turns the plain layers of `model` that have unit-scaled classes into them, keeping the function.
+
+    Returns:
+        `(converted, notes)`: the names of the layers converted, and
+        `(layer, why)` for those left as they were.
+    """
+    candidates = _plain_candidates(model)
+    if not candidates:
+        return [], []
+    conversion = Conversion("equivalent", "depth")
+    inputs = _model_inputs(model)
+    if isinstance(inputs, list) and len(inputs) == 1:
+        inputs = inputs[0]
+    with inside.recording(candidates) as records:
+        keras.src.backend.compute_output_spec(model.call, inputs)
+    converted = []
+    for layer in candidates:
+        new = inside.convert_sublayer(conversion, layer, records[id(layer)]) if records[id(layer)] else None
+        if new is None or type(new) is type(layer) or not type(new).__module__.startswith("keras_unitscale"):
+            continue
+        _transplant(layer, new)
+        converted.append(layer.name)
+    # Functions traced before hold the old calls.
+    model.train_function = model.test_function = model.predict_function = None
+    return converted, list(conversion.notes)
