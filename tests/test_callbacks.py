@@ -430,3 +430,26 @@ def test_a_subclassed_model_is_built_as_fit_builds_it_and_converted():
     assert len(callback.record["converted_layers"]) == 3
     assert all(type(layer).__module__.startswith("keras_unitscale") for layer in (model.hidden, model.norm, model.readout))
     np.testing.assert_allclose(with_callback, script, rtol=0.01)
+
+
+def test_in_custom_layers_attention_and_all_become_ours_in_place():
+    # The Keras example's text classifier: custom layers around MultiHeadAttention (causal here), Dense,
+    # LayerNormalization and Embedding, each converted where it stands, its sublayers too.
+    from tests.test_convert_inside import _classifier
+    from tests.test_convert_inside import _tokens
+
+    x, y = _tokens(64)
+
+    def run(callbacks):
+        model = _classifier(causal=True)
+        model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+        history = model.fit(x, y, epochs=4, batch_size=16, verbose=0, shuffle=False, callbacks=callbacks)
+        return np.array(history.history["loss"]), model
+
+    script, _ = run([])
+    callback = UnitScaleCallback(verbose=0)
+    with_callback, model = run([callback])
+    assert len(callback.record["converted_layers"]) == 9  # 2 embeddings, attention, 4 dense, 2 norms
+    attention = model.layers[2].att
+    assert type(attention) is L.MultiHeadAttention and type(attention._query_dense) is L.EinsumDense
+    np.testing.assert_allclose(with_callback, script, rtol=0.01)

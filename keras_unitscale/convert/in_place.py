@@ -22,10 +22,8 @@ from keras_unitscale.graph import functional_graph
 
 def _plain_candidates(model):
     """The plain Keras layers of `model` that have a converter to one of our classes, at any depth."""
-    # Leaves only: a layer with sublayers (attention, an LSTM and its cell) would need them converted too.
     return [layer for _, layer in inside.convertible_sublayers(model)
-            if type(layer).__module__.startswith("keras.") and not isinstance(layer, keras.layers.Dropout)
-            and not inside.children(layer)]
+            if type(layer).__module__.startswith("keras.") and not isinstance(layer, keras.layers.Dropout)]
 
 
 def _model_inputs(model):
@@ -36,19 +34,29 @@ def _model_inputs(model):
     return keras.tree.map_shape_structure(lambda shape: keras.Input(batch_shape=tuple(shape)), input_shape)
 
 
+def _same_structure(layer, new):
+    """Whether `new` has `layer`'s sublayers, each of the same class or of ours for it, in the same order."""
+    pairs = list(zip(inside.children(layer), inside.children(new)))
+    return len(pairs) == len(inside.children(layer)) == len(inside.children(new)) and all(
+        isinstance(new_child, type(child)) and _same_structure(child, new_child) for child, new_child in pairs)
+
+
 def _transplant(layer, new):
-    """`layer` becomes `new`: its class, the attributes it lacks, its weights' values and records."""
-    originals = {v.name: v for v in new.weights}
-    values = {name: keras.ops.convert_to_numpy(v) for name, v in originals.items()}
+    """`layer` becomes `new`: its class, the attributes it lacks, its own weights' values and records; its sublayers likewise."""
+    sources = {v.name: v for v in inside.own_state(new)}
+    values = {name: keras.ops.convert_to_numpy(v) for name, v in sources.items()}
     layer.__class__ = type(new)
     for key, value in vars(new).items():
         if key not in vars(layer):  # the unit-scaling options (role, constraint, multipliers waiting, ...)
             object.__setattr__(layer, key, value)
     if hasattr(new, "activation"):
         layer.activation = new.activation
-    for variable in layer.weights:
+    for variable in inside.own_state(layer):
         variable.assign(values[variable.name])
-        weights.copy_record(originals[variable.name], variable)
+        weights.copy_record(sources[variable.name], variable)
+    for child, new_child in zip(inside.children(layer), inside.children(new)):
+        if type(child) is not type(new_child):
+            _transplant(child, new_child)
 
 
 def convert_in_place(model):
@@ -67,13 +75,16 @@ def convert_in_place(model):
         inputs = inputs[0]
     with inside.recording(candidates) as records:
         keras.src.backend.compute_output_spec(model.call, inputs)
-    converted = []
+    converted, notes = [], []
     for layer in candidates:
         new = inside.convert_sublayer(conversion, layer, records[id(layer)]) if records[id(layer)] else None
         if new is None or type(new) is type(layer) or not type(new).__module__.startswith("keras_unitscale"):
+            continue
+        if not _same_structure(layer, new):
+            notes.append((layer.name, "its unit-scaled class builds other sublayers, so it cannot become it in place"))
             continue
         _transplant(layer, new)
         converted.append(layer.name)
     # Functions traced before hold the old calls.
     model.train_function = model.test_function = model.predict_function = None
-    return converted, list(conversion.notes)
+    return converted, notes + [note for note in conversion.notes if note not in notes]

@@ -148,14 +148,14 @@ def _substitute(parent, old, new):
     parent._layers[:] = unique
 
 
-def _own_state(layer):
+def own_state(layer):
     """A layer's own variables, trained or not (a counter, moving statistics), not its sublayers'."""
     return list(layer._trainable_variables) + list(layer._non_trainable_variables)
 
 
 def _carry_kept(conversion, original, copy, new_ids):
     """The copy's own weights, and those of the sublayers it kept, from the original's (equivalent mode)."""
-    for variable, source in zip(_own_state(copy), _own_state(original)):
+    for variable, source in zip(own_state(copy), own_state(original)):
         variable.assign(keras.ops.convert_to_numpy(source))
         conversion.add_sources([variable], [source])
     for original_child, copy_child in zip(children(original), children(copy)):
