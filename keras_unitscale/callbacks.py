@@ -37,8 +37,9 @@ class UnitScaleCallback(keras.callbacks.Callback):
 
     - `mode="unit"`: every selected weight moves to unit scale. First, each
       plain Keras layer that has a unit-scaled class (`Dense`, the
-      convolutions, `Embedding`, the norms, the activation layers) becomes it
-      *in place* (`convert.in_place`): the same object, its function kept,
+      convolutions, `Embedding`, the norms, `MultiHeadAttention`) becomes it
+      *in place* (`convert.in_place`), where its unit-scaled output can be
+      brought back to its old scale (not an activation layer's or an LSTM's): the same object, its function kept,
       its weights at unit RMS with the rest of their scale in their weight
       multipliers and a fixed learning-rate factor `1/rms`; a Keras Adam,
       AdamW, RMSprop or Lion becomes ours in place (`convert.adopt`, its
@@ -172,6 +173,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             selected = list(variables)
         else:
             selected = [v for v in variables if roles[v.path].role not in ("bias", "norm")]
+        selected = [v for v in selected if not any(p.search(v.path) for p in self.exclude)]
         if self.mode == "unit":
             # A plain layer's weight has no multiplier to take its factor: moving it changes the function.
             self._left_plain = sorted({v.path.rsplit("/", 1)[0] for v in selected if not weights.is_declared(v)})
@@ -179,7 +181,6 @@ class UnitScaleCallback(keras.callbacks.Callback):
             if self._left_plain and not declared:
                 return []
             selected = declared
-        selected = [v for v in selected if not any(p.search(v.path) for p in self.exclude)]
         if not selected:
             raise ValueError(
                 f"UnitScaleCallback(mode={self.mode!r}) selects no variable of model "
@@ -188,13 +189,12 @@ class UnitScaleCallback(keras.callbacks.Callback):
             )
         return selected
 
-    def _weight_factor(self, values, target_rms):
+    def _weight_factor(self, values):
+        """`α`: to unit RMS ("unit"), unit L2 norm ("l2"), or `weight_scale`; None for an all-zero tensor."""
         if self.mode == "factor":
             return self.weight_scale
         size = math.sqrt(float(np.mean(values**2)) if self.mode == "unit" else float(np.sum(values**2)))
-        if not (size > 0 and math.isfinite(size)):
-            return None
-        return (target_rms if self.mode == "unit" else 1.0) / size
+        return 1.0 / size if size > 0 and math.isfinite(size) else None
 
     def _beta(self, weight_factor):
         if self.lr_scale == "auto":
@@ -319,6 +319,12 @@ class UnitScaleCallback(keras.callbacks.Callback):
         converted, notes = in_place.convert_in_place(model)
         if converted and not isinstance(optimizer, optimizers.UnitScaledOptimizer):
             optimizer_conversion.adopt(optimizer)
+        elif converted and optimizer.built:
+            # Built before the layers were converted (JAX's and PyTorch's `fit` build it first): the
+            # converted weights' fixed learning-rate factors are new.
+            for variable in model.trainable_variables:
+                if weights.lr_multiplier(variable) is not None:
+                    optimizer.set_lr_multiplier(variable, optimizer.default_lr_multiplier(variable))
         for name, why in notes:
             self._say(f"UnitScaleCallback: '{name}' stays as it is: {why}.")
         return converted
@@ -332,10 +338,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             layer = owners.get(id(variable))
             # Our layers declare their weights' roles, and apply their weight multipliers.
             function_kept = weights.is_declared(variable)
-            # A plain layer computes with its stored weight, so that weight
-            # takes the scale u-μP gives the effective weight.
-            target_rms = 1.0 if function_kept else roles[variable.path].forward_multiplier()
-            alpha = self._weight_factor(values, target_rms)
+            alpha = self._weight_factor(values)
             row = {
                 "path": variable.path, "layer": layer.name if layer else None,
                 "role": roles[variable.path].role, "old_rms": old_rms, "new_rms": old_rms,
@@ -380,9 +383,11 @@ class UnitScaleCallback(keras.callbacks.Callback):
         if self._left_plain:
             warnings.warn(
                 f"UnitScaleCallback left {len(self._left_plain)} plain Keras layer(s) as they are "
-                f"({', '.join(self._left_plain)}): they have no unit-scaled class to become, or the optimizer "
-                "(SGD, or one with no counterpart in keras_unitscale.optimizers) cannot give their weights the "
-                "learning-rate factors that keep the training. Moving their weights would change the function.",
+                f"({', '.join(self._left_plain)}): some layers have no unit-scaled class, some a unit-scaled "
+                "output that nothing in place can take (an activation layer, a tanh Dense, an LSTM), or the "
+                "optimizer (SGD, or one with no counterpart in keras_unitscale.optimizers) cannot give their "
+                "weights the learning-rate factors that keep the training (verbose=1 says which). Moving their "
+                "weights would change the function.",
                 stacklevel=3,
             )
         changed = sorted({r["layer"] for r in rows if not r["function_kept"] and r["weight_factor"] not in (None, 1.0)})

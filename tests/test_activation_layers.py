@@ -107,3 +107,25 @@ def test_unit_scale_converts_them_and_keeps_the_softmax_head():
     np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     fresh = unit_scale(model, mode="reinit")
     assert type(fresh.layers[8]) is L.PReLU
+
+
+class _Scores(keras.layers.Layer):
+    """(batch, T, 1) → (batch, T), passing the (batch, T) mask on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, x):
+        return ops.squeeze(x, -1)
+
+
+def test_softmax_takes_the_mask_keras_carries():
+    tokens = np.array([[1, 2, 0, 0], [3, 0, 0, 0]])
+    inputs = keras.Input((4,), dtype="int32")
+    scores = _Scores()(keras.layers.Embedding(5, 1, mask_zero=True)(inputs))
+    ours = keras.Model(inputs, L.Softmax()(scores))
+    theirs = keras.Model(inputs, keras.layers.Softmax()(scores))
+    y, reference = ours.predict(tokens, verbose=0), theirs.predict(tokens, verbose=0)
+    np.testing.assert_allclose(y, L.Softmax().scales((2, 4)).output * reference, rtol=1e-5, atol=1e-7)
+    assert (y[tokens == 0] == 0).all()

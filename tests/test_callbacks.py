@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_unitscale import layers as L
 from keras_unitscale import optimizers as O
+from keras_unitscale import weights
 from keras_unitscale.callbacks import UnitScaleCallback
 from keras_unitscale.demo import load_breast_cancer
 from tests.helpers import rms
@@ -453,3 +454,23 @@ def test_in_custom_layers_attention_and_all_become_ours_in_place():
     attention = model.layers[2].att
     assert type(attention) is L.MultiHeadAttention and type(attention._query_dense) is L.EinsumDense
     np.testing.assert_allclose(with_callback, script, rtol=0.01)
+
+
+def test_with_our_optimizer_the_converted_weights_take_their_learning_rates():
+    # JAX's and PyTorch's `fit` build the optimizer before the callbacks start, TensorFlow's after:
+    # either way the weights converted in place step with their fixed factors.
+    x, y = _regression_data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(1)])
+    model.compile(O.Adam(1e-3), "mse")
+    model.fit(x, y, epochs=1, batch_size=BATCH, verbose=0, callbacks=[UnitScaleCallback(verbose=0)])
+    kernel = model.layers[0].kernel
+    assert weights.lr_multiplier(kernel) is not None
+    assert model.optimizer.lr_multiplier(kernel) == pytest.approx(weights.lr_multiplier(kernel))
+
+
+def test_clipping_is_warned_about():
+    from keras_unitscale.convert import from_keras
+
+    with pytest.warns(UserWarning, match="clipnorm=1.0.*size, which unit scaling changes"):
+        from_keras(keras.optimizers.Adam(clipnorm=1.0))

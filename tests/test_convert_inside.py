@@ -242,3 +242,49 @@ def test_the_twin_of_a_custom_layer_model_saves_its_weights(tmp_path):
     restored, _ = _converted(_classifier())
     restored.load_weights(tmp_path / "twin.weights.h5")
     np.testing.assert_allclose(restored.predict(x, verbose=0), twin.predict(x, verbose=0), atol=1e-6)
+
+
+class SharedBlock(layers.Layer):
+    def __init__(self, shared, **kwargs):
+        super().__init__(**kwargs)
+        self.shared = shared
+        self.after = layers.Dense(8)
+
+    def call(self, x):
+        return self.after(self.shared(x)) + x
+
+
+class TiedModel(keras.Model):
+    """A layer two parents hold: the model and its block (weight tying)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.shared = layers.Dense(8, activation="relu")
+        self.block = SharedBlock(self.shared)
+
+    def call(self, x):
+        return self.shared(self.block(x))
+
+
+def test_a_layer_two_parents_hold_converts_once():
+    keras.utils.set_random_seed(0)
+    model = TiedModel()
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    model(x)
+    twin, _ = _converted(model)
+    assert twin.shared is twin.block.shared and type(twin.shared).__module__.startswith("keras_unitscale")
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_a_layer_the_graph_and_a_custom_layer_share():
+    # The graph's use gives the Dense an output ratio its two consumers cannot take back; inside the
+    # custom layer its output must be the original's: the converted twin is reused only where it fits.
+    keras.utils.set_random_seed(0)
+    shared = layers.Dense(8, activation="relu")
+    inputs = keras.Input((8,))
+    h = shared(inputs)
+    model = keras.Model(inputs, [layers.Dense(2)(h), layers.Dense(3)(h), SharedBlock(shared)(inputs)])
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    twin, _ = _converted(model)
+    for ours, theirs in zip(twin.predict(x, verbose=0), model.predict(x, verbose=0)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)

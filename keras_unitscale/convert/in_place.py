@@ -22,16 +22,14 @@ from keras_unitscale.graph import functional_graph
 
 def _plain_candidates(model):
     """The plain Keras layers of `model` that have a converter to one of our classes, at any depth."""
-    return [layer for _, layer in inside.convertible_sublayers(model)
+    found = {id(layer): layer for _, layer in inside.convertible_sublayers(model)}  # a shared layer once
+    return [layer for layer in found.values()
             if type(layer).__module__.startswith("keras.") and not isinstance(layer, keras.layers.Dropout)]
 
 
 def _model_inputs(model):
     graph = functional_graph(model)
-    if graph is not None:
-        return graph.inputs
-    input_shape = (model.get_build_config() or {}).get("input_shape")
-    return keras.tree.map_shape_structure(lambda shape: keras.Input(batch_shape=tuple(shape)), input_shape)
+    return inside.symbolic_inputs(model) if graph is None else graph.inputs
 
 
 def _same_structure(layer, new):

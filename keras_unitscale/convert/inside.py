@@ -28,6 +28,18 @@ from keras_unitscale.convert import registry
 from keras_unitscale.convert import walk  # the module, not its names: walk imports this one
 
 
+def symbolic_inputs(model):
+    """`keras.Input`s for a built subclassed model, of the input shape it was built with."""
+    input_shape = (model.get_build_config() or {}).get("input_shape")
+    if input_shape is None:
+        raise ValueError(
+            f"The subclassed model '{model.name}' records no single input shape (it is not built, or its "
+            "`call` takes several inputs, which this does not handle yet). Call it once on a batch of one "
+            f"input first, or write it as a functional model. Received: build config {model.get_build_config()}"
+        )
+    return keras.tree.map_shape_structure(lambda shape: keras.Input(batch_shape=tuple(shape)), input_shape)
+
+
 def children(layer):
     """The layers `layer` tracks directly (Keras keeps them in construction order)."""
     return layer._flatten_layers(include_self=False, recursive=False)
@@ -60,6 +72,7 @@ def _aligned(*layer_lists):
 @contextlib.contextmanager
 def recording(layers):
     """Records the arguments of each call of `layers` (their `call`, wrapped on the instances for the time being)."""
+    layers = list({id(layer): layer for layer in layers}.values())  # a layer two parents hold is wrapped once
     records = {id(layer): [] for layer in layers}
     for layer in layers:
         def recorder(*args, _calls=records[id(layer)], _call=layer.call, **kwargs):
@@ -128,7 +141,20 @@ def convert_sublayer(conversion, original, calls):
                                            "nothing around it can absorb (it feeds Python code), so it is kept")
             return None
         ratio.rescale(1.0 / ratio.value)
+    conversion.out_ratios[id(original)] = [1.0] * len(ratios)
     return new
+
+
+def _converted_at_ratio_one(conversion, original, calls, parent):
+    """The converted `original` whose output is the original's, made now or earlier (a shared layer); or None."""
+    cached = conversion.converted.get(id(original))
+    if cached is None:
+        return convert_sublayer(conversion, original, calls) if calls else None
+    if all(abs(ratio - 1.0) <= 1e-7 for ratio in conversion.out_ratios.get(id(original), [1.0])):
+        return cached[0]
+    conversion.note(original.name, f"it is shared with '{parent}', whose Python code needs its output at the "
+                                   "original's scale, which its converted twin elsewhere does not give: a copy is kept")
+    return None
 
 
 def _substitute(parent, old, new):
@@ -209,8 +235,7 @@ def convert(conversion, layer, call):
     new_ids = set()  # the converted sublayers put into the copy
     for (_, original), (parent, copied), (_, probed) in zip(found, found_in_copy, found_in_probe):
         calls = records[id(probed)]
-        cached = conversion.converted.get(id(original))
-        new = cached[0] if cached is not None else (convert_sublayer(conversion, original, calls) if calls else None)
+        new = _converted_at_ratio_one(conversion, original, calls, layer.name)
         if new is not None:
             _substitute(parent, copied, new)
             new_ids.add(id(new))

@@ -5,9 +5,9 @@ stores its weights at unit scale, each with a fixed learning-rate
 multiplier that only `keras_unitscale.optimizers` read.
 """
 
+import warnings
+
 import keras
-import numpy as np
-from keras import ops
 
 from keras_unitscale import optimizers
 
@@ -35,9 +35,10 @@ def from_keras(optimizer, parametrization="u-mup"):
 
     A twin from `unit_scale` needs one of our optimizers (module docstring).
     This makes the script's optimizer ours: the same learning rate or schedule, moments,
-    epsilon, clipping and EMA; Keras's weight decay, `weight_decay · η_t` a
-    step, becomes the independent decay that removes the same fraction a
-    step (`weight_decay · η_peak`); a `LossScaleOptimizer` is rebuilt around it.
+    epsilon and EMA, Keras's weight decay as ours computes it (see
+    `_config_as_ours`); a `LossScaleOptimizer` is rebuilt around it.
+    Clipping is kept, and warned about: it compares the gradient's size,
+    which unit scaling changes, with a threshold.
 
     Args:
         optimizer: an unbuilt `keras.optimizers.Adam`, `AdamW`, `SGD`,
@@ -49,8 +50,8 @@ def from_keras(optimizer, parametrization="u-mup"):
     Example:
 
     >>> ours = from_keras(keras.optimizers.AdamW(0.01, weight_decay=0.1, beta_1=0.8))
-    >>> type(ours).__name__, ours.beta_1, ours.weight_decay, ours.independent_weight_decay
-    ('AdamW', 0.8, 0.001, True)
+    >>> type(ours).__name__, ours.beta_1, ours.weight_decay, ours.peak_learning_rate
+    ('AdamW', 0.8, 0.1, 1.0)
     """
     optimizer = keras.optimizers.get(optimizer)
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -70,7 +71,8 @@ def from_keras(optimizer, parametrization="u-mup"):
             f"`from_keras` converts an optimizer before it trains: '{optimizer.name}' is built, and its state "
             "would be lost. Convert it before `compile`/`fit`, or build a new one."
         )
-    return ours.from_config({**_config_as_ours(optimizer, ours), "parametrization": parametrization})
+    warn_if_clipping(optimizer)
+    return ours.from_config({**_config_as_ours(optimizer), "parametrization": parametrization})
 
 
 def adopt(optimizer):
@@ -84,31 +86,37 @@ def adopt(optimizer):
     ours = counterpart(optimizer)
     if ours is None:
         return None
-    config = _config_as_ours(optimizer, ours)
+    warn_if_clipping(optimizer)
+    peak_learning_rate = _config_as_ours(optimizer).get("peak_learning_rate")  # from Keras's config, before the swap
     optimizer.__class__ = ours
-    optimizer.weight_decay = config.get("weight_decay")
-    optimizer._init_unit_scaling(None, None, True, config.get("peak_learning_rate"), None)
+    optimizer._init_unit_scaling(None, None, True, peak_learning_rate, None)
     if optimizer.built:
         optimizer._build_multipliers(optimizer._trainable_variables)
     return optimizer
 
 
-def _config_as_ours(optimizer, ours):
-    """`optimizer`'s config for `ours`: Keras's weight decay as the independent decay of the same fraction a step."""
+def _config_as_ours(optimizer):
+    """`optimizer`'s config for `ours`, its decay as ours computes Keras's.
+
+    Keras's decay removes `weight_decay · η_t` a step; our independent decay
+    removes `weight_decay · η_t / η_peak`: with `η_peak = 1` it is Keras's,
+    whatever the schedule.
+    """
     config = optimizer.get_config()
     if config.get("weight_decay"):
-        learning_rate = optimizer._learning_rate
-        peak = (optimizers.schedule_peak(learning_rate)
-                if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
-                # A float rate is stored in float32: its shortest decimal is the one the script gave.
-                else None if callable(learning_rate) else float(str(np.float32(ops.convert_to_numpy(learning_rate)))))
-        if not peak:
-            raise ValueError(
-                f"`from_keras` turns '{optimizer.name}'s weight decay, relative to the learning rate, into one "
-                "relative to the schedule's peak, which this schedule does not say. Build "
-                f"`keras_unitscale.optimizers.{ours.__name__}(..., peak_learning_rate=...)` instead. "
-                f"Received: learning_rate={learning_rate!r}"
-            )
-        config.update(weight_decay=config["weight_decay"] * peak, peak_learning_rate=peak)
+        config["peak_learning_rate"] = 1.0
     return {**config, "independent_weight_decay": True}
 
+
+def warn_if_clipping(optimizer):
+    """Clipping compares the gradient's size with a threshold, and unit scaling changes that size: say so."""
+    clips = {key: getattr(optimizer, key, None) for key in ("clipnorm", "clipvalue", "global_clipnorm")}
+    clips = {key: value for key, value in clips.items() if value is not None}
+    if clips:
+        warnings.warn(
+            f"'{optimizer.name}' clips gradients ({', '.join(f'{k}={v}' for k, v in clips.items())}), by their "
+            "size, which unit scaling changes: clipping will act at other steps than in the original script. "
+            "Scale the threshold by the gradients' ratio (`convert.match_epsilon` returns it per weight) or "
+            "leave clipping off.",
+            stacklevel=3,
+        )

@@ -149,13 +149,7 @@ class Conversion:
 
     def subclassed(self, model):
         """A subclassed model: a copy whose sublayers are converted, called on inputs of its build shape."""
-        input_shape = (model.get_build_config() or {}).get("input_shape")
-        if input_shape is None:
-            raise ValueError(
-                f"`unit_scale` builds a copy of the subclassed model '{model.name}' from the input shape it was "
-                "built with, which it does not record: call it once on a batch (or `model.build(shape)`) first."
-            )
-        inputs = keras.tree.map_shape_structure(lambda shape: keras.Input(batch_shape=tuple(shape)), input_shape)
+        inputs = inside.symbolic_inputs(model)
         for tensor in keras.tree.flatten(inputs):
             self.ratios[id(tensor)] = TensorRatio()
         call = registry.Call([inputs], {}, [TensorRatio() for _ in keras.tree.flatten(inputs)], False)

@@ -181,6 +181,10 @@ class Softmax(UnitScaledActivation, keras.layers.Softmax):
         super().__init__(axis=axis, **kwargs)
         self._init_rule(constraint)
 
+    # Keras passes a mask it carries (from `Embedding(mask_zero=True)`, say) to a `call` that names it.
+    def call(self, inputs, mask=None):
+        return super().call(inputs, mask=mask)
+
     def scales(self, input_shape=None):
         if input_shape is None:
             raise ValueError("The softmax rule depends on the size normalised over: pass `input_shape`.")
