@@ -288,3 +288,52 @@ def test_a_layer_the_graph_and_a_custom_layer_share():
     twin, _ = _converted(model)
     for ours, theirs in zip(twin.predict(x, verbose=0), model.predict(x, verbose=0)):
         np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+class NoKwargsEmbedding(layers.Layer):
+    """As the Keras examples write a layer: a constructor without `**kwargs`."""
+
+    def __init__(self, maxlen, vocab_size, embed_dim):
+        super().__init__()
+        self.token_emb = layers.Embedding(input_dim=vocab_size, output_dim=embed_dim)
+        self.pos_emb = layers.Embedding(input_dim=maxlen, output_dim=embed_dim)
+
+    def call(self, x):
+        return self.token_emb(x) + self.pos_emb(ops.arange(0, ops.shape(x)[-1]))
+
+
+def test_a_constructor_without_kwargs_is_copied_with_its_own_arguments():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10,), dtype="int32")
+    model = keras.Model(inputs, layers.Dense(3)(NoKwargsEmbedding(10, 20, 8)(inputs)))
+    x = np.random.default_rng(0).integers(0, 20, (4, 10))
+    twin, messages = _converted(model)
+    embedding = twin.layers[1]
+    assert embedding.name == model.layers[1].name and type(embedding.token_emb).__module__.startswith("keras_unitscale")
+    assert not any("no usable config" in m for m in messages)
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+class DroppingBlock(layers.Layer):
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = layers.Dense(units, activation="relu")
+        self.dropout = layers.Dropout(0.2)
+
+    def call(self, x, training=False):
+        return self.dropout(self.dense(x), training=training) + x
+
+
+@pytest.mark.skipif(keras.backend.backend() == "torch",
+                    reason="Keras's PyTorch dropout without a seed draws from torch's global generator")
+def test_dropout_drops_what_the_original_drops():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    h = layers.Dropout(0.3)(DroppingBlock(8)(inputs))
+    model = keras.Model(inputs, layers.Dense(2)(h))
+    twin, _ = _converted(model)
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
+    for _ in range(2):  # the generators' states move alike
+        np.testing.assert_allclose(ops.convert_to_numpy(twin(x, training=True)),
+                                   ops.convert_to_numpy(model(x, training=True)), atol=1e-5)

@@ -202,3 +202,4 @@ def test_convolutions_are_inferred_as_our_layers_declare_them():
                 if weights.role(v).role not in ("bias", "norm")}
     assert inferred == declared and len(declared) == 6
     assert declared[ours.layers[0].kernel.path] == (9, 16)
+    assert declared[ours.layers[1].kernel.path] == (9 * 16 // 4, 8)  # the transpose: taps × inputs / strides

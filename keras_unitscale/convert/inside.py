@@ -21,6 +21,7 @@ recorded.
 """
 
 import contextlib
+import inspect
 
 import keras
 
@@ -57,9 +58,26 @@ def convertible_sublayers(layer):
 
 
 def _copy(layer):
+    """`layer` rebuilt from its config, or None where it has none that rebuilds it."""
     try:
-        return type(layer).from_config(layer.get_config())
-    except (NotImplementedError, TypeError, ValueError, KeyError):
+        config = layer.get_config()
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    try:
+        return type(layer).from_config(config)
+    except TypeError:
+        # The Keras examples write constructors without `**kwargs`: Keras's automatic config then
+        # holds base arguments (`trainable`, `dtype`) they do not take. Call it with its own only.
+        parameters = inspect.signature(type(layer).__init__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return None
+        try:
+            copy = type(layer)(**{key: value for key, value in config.items() if key in parameters})
+        except (TypeError, ValueError):
+            return None
+        copy.name, copy.trainable, copy.dtype_policy = layer.name, layer.trainable, layer.dtype_policy
+        return copy
+    except (NotImplementedError, ValueError, KeyError):
         return None
 
 
@@ -184,6 +202,7 @@ def _carry_kept(conversion, original, copy, new_ids):
     for variable, source in zip(own_state(copy), own_state(original)):
         variable.assign(keras.ops.convert_to_numpy(source))
         conversion.add_sources([variable], [source])
+    walk.copy_random_state(original, copy)
     for original_child, copy_child in zip(children(original), children(copy)):
         if id(copy_child) not in new_ids:
             _carry_kept(conversion, original_child, copy_child, new_ids)

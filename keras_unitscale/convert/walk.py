@@ -38,6 +38,12 @@ def unit_rms(values):
     return (values / rms).astype(values.dtype), rms
 
 
+def copy_random_state(original, copy):
+    """Gives `copy` the state of `original`'s random generators (a dropout's): the twin drops what it drops."""
+    for source, target in zip(getattr(original, "_seed_generators", []), getattr(copy, "_seed_generators", [])):
+        target.state.assign(ops.convert_to_numpy(source.state))
+
+
 def own_weights(layer):
     return P.owned_variables(layer)
 
@@ -191,6 +197,8 @@ class Conversion:
         new = type(layer).from_config(layer.get_config())
         out = new(*call.args, **call.kwargs)
         self.record(layer, new, call.inputs)
+        if self.equivalent:
+            copy_random_state(layer, new)
         ratio = call.inputs[0]
         return out, [TensorRatio(ratio.value, ratio.rescale, ratio.grad_ratio)]
 
