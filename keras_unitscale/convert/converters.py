@@ -124,10 +124,7 @@ def layer_norm(conversion, layer, call):
     conversion.record(layer, new, call.inputs)
     if not conversion.equivalent:
         return out, [TensorRatio()]
-    for variable, original in zip(own_weights(new), layer.weights):
-        variable.assign(keras.ops.convert_to_numpy(original))
-        new.set_lr_multiplier(variable.name, 1.0)
-    conversion.add_sources(own_weights(new), layer.weights)
+    conversion.copy_as_is(new, layer)
     gain = new.gamma if isinstance(new, L.LayerNormalization) else new.scale
     rescale = None if gain is None else conversion.rescaler(new, [v.name for v in own_weights(new)])
     return out, [TensorRatio(1.0, rescale, call.inputs[0].grad_ratio)]
@@ -141,13 +138,7 @@ def batch_norm(conversion, layer, call):
     conversion.record(layer, new, call.inputs)
     if not conversion.equivalent:
         return out, [TensorRatio()]
-    # The moving statistics too (`own_weights` are the trained ones).
-    originals = [next(o for o in layer.weights if o.name == v.name) for v in new.weights]
-    for variable, original in zip(new.weights, originals):
-        variable.assign(keras.ops.convert_to_numpy(original))
-        if variable.trainable:
-            new.set_lr_multiplier(variable.name, 1.0)
-    conversion.add_sources(new.weights, originals)
+    conversion.copy_as_is(new, layer)  # the moving statistics too
     affine = [v.name for v in (new.gamma, new.beta) if v is not None]
     return out, [TensorRatio(1.0, conversion.rescaler(new, affine) if affine else None, call.inputs[0].grad_ratio)]
 
@@ -171,9 +162,7 @@ def _elementwise(conversion, layer, new, call, ratio, homogeneous):
     out = new(*call.args, **call.kwargs)
     conversion.record(layer, new, call.inputs)
     if conversion.equivalent and layer.weights:  # PReLU's slopes: as they were, stepped as they were
-        for variable, original in zip(own_weights(new), layer.weights):
-            variable.assign(keras.ops.convert_to_numpy(original))
-        conversion.add_sources(own_weights(new), layer.weights)
+        conversion.copy_as_is(new, layer)
     if homogeneous:
         return out, [TensorRatio(source.value * ratio, source.rescale, source.grad_ratio)]
     return out, [TensorRatio(ratio, None, source.grad_ratio)]

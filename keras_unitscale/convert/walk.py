@@ -235,6 +235,15 @@ class Conversion:
             new.set_weight_multiplier(name, value)
         return multipliers
 
+    def copy_as_is(self, new, original):
+        """`new`'s weights, trained or not, set to `original`'s by name; the trained ones step as they did (factor 1)."""
+        originals = [next(o for o in original.weights if o.name == v.name) for v in new.weights]
+        for variable, source in zip(new.weights, originals):
+            variable.assign(ops.convert_to_numpy(source))
+            if variable.trainable and hasattr(new, "set_lr_multiplier"):
+                new.set_lr_multiplier(variable.name, 1.0)
+        self.add_sources(new.weights, originals)
+
     def add_sources(self, variables, originals):
         self.sources.update((v.path, o.path) for v, o in zip(variables, originals))
 
