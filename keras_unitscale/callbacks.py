@@ -11,6 +11,7 @@ from keras.src.utils import io_utils
 from keras_unitscale import analysis
 from keras_unitscale import checks
 from keras_unitscale import optimizers
+from keras_unitscale.convert import epsilon
 from keras_unitscale.convert import in_place
 from keras_unitscale.convert import optimizer as optimizer_conversion
 from keras_unitscale import parametrization as P
@@ -43,7 +44,9 @@ class UnitScaleCallback(keras.callbacks.Callback):
       its weights at unit RMS with the rest of their scale in their weight
       multipliers and a fixed learning-rate factor `1/rms`; a Keras Adam,
       AdamW, RMSprop or Lion becomes ours in place (`convert.adopt`, its
-      state kept), so that the training follows the script's. Under SGD
+      state kept), so that the training follows the script's; Adam's and
+      RMSprop's epsilon, which sees the gradient's scale, is matched per
+      weight (`convert.epsilon.InPlaceEpsilon`). Under SGD
       (whose step grows with the gradient the unit-scaled ops rescale) or an
       optimizer we have no counterpart for, plain layers are left as they are,
       and named. Then in every `keras_unitscale` layer the stored weight gets
@@ -147,6 +150,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
         self.record = None
         self._acted = False
         self._left_plain = []
+        self._epsilon = None
 
     def get_config(self):
         """The constructor's arguments: `UnitScaleCallback.from_config(config)` makes the same callback."""
@@ -224,7 +228,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             io_utils.print_msg(message)
 
     def on_train_begin(self, logs=None):
-        self._acted, self._left_plain = False, []
+        self._acted, self._left_plain, self._epsilon = False, [], None
         model = self.model
         optimizer = self._check_ready(model)
         if getattr(model, _RECORD, None) is not None:
@@ -282,6 +286,8 @@ class UnitScaleCallback(keras.callbacks.Callback):
                 optimizer.build(model.trainable_variables)
             for variable in untagged:
                 optimizer.set_lr_multiplier(variable, optimizer.default_lr_multiplier(variable))
+            if self._epsilon is not None:
+                self._epsilon.install(optimizer)
         rows = self._rescale(model, optimizer, selected, roles, per_variable)
         global_lr_factor = None if per_variable else self._scale_global_lr(optimizer, rows)
         # Functions traced before now hold the old multipliers.
@@ -294,6 +300,11 @@ class UnitScaleCallback(keras.callbacks.Callback):
             "global_lr_factor": global_lr_factor,
             "weight_factor": _geometric_mean([r["weight_factor"] for r in rows if r["weight_factor"]]),
             "lr_factor": global_lr_factor or _geometric_mean([r["lr_factor"] for r in rows if r["lr_factor"]]),
+            # Each matched weight's gradient ratio to the plain model's at `PROBE_BATCHES[0]` rows, and its batch power.
+            "epsilon": None if self._epsilon is None else {
+                "rows": epsilon.PROBE_BATCHES[0],
+                "ratios": {path: (ratio, power) for path, ratio, power in self._epsilon.fitted.values()},
+            },
         }
         object.__setattr__(model, _RECORD, self.record)
         self._acted = True
@@ -316,7 +327,13 @@ class UnitScaleCallback(keras.callbacks.Callback):
             adoptable = counterpart is not None and counterpart.family != "sgd"
         if not adoptable:
             return []
+        family = optimizer if isinstance(optimizer, optimizers.UnitScaledOptimizer) else counterpart
+        # Adam's and RMSprop's epsilon sees the gradient's scale, which the conversion changes: measured
+        # before and after it (`InPlaceEpsilon`), so that the training stays the script's.
+        probe = (self._epsilon_probe(model)
+                 if family.epsilon_power is not None and in_place.plain_candidates(model) else None)
         converted, notes = in_place.convert_in_place(model)
+        self._epsilon = probe if converted else None
         if converted and not isinstance(optimizer, optimizers.UnitScaledOptimizer):
             optimizer_conversion.adopt(optimizer)
         elif converted and optimizer.built:
@@ -328,6 +345,18 @@ class UnitScaleCallback(keras.callbacks.Callback):
         for name, why in notes:
             self._say(f"UnitScaleCallback: '{name}' stays as it is: {why}.")
         return converted
+
+    def _epsilon_probe(self, model):
+        try:
+            return epsilon.InPlaceEpsilon(model, in_place.model_inputs(model))
+        except Exception as error:  # a refinement of the step: the conversion goes on without it, and says so
+            warnings.warn(
+                f"UnitScaleCallback could not probe model '{model.name}' to match the optimizer's epsilon to the "
+                f"converted layers' gradient scale ({type(error).__name__}: {error}). The training follows the "
+                "script's up to epsilon, the one term of Adam's and RMSprop's step that sees a gradient's scale.",
+                stacklevel=4,
+            )
+            return None
 
     def _rescale(self, model, optimizer, selected, roles, per_variable):
         owners = P.variable_owners(model)

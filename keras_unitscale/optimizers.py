@@ -265,6 +265,12 @@ class UnitScaledOptimizer:
             raise ValueError(f"The optimizer '{self.name}' has no `epsilon`; Adam, AdamW and RMSprop have.")
         return self._multiplier_variable("_epsilon_multiplier_variables", variable, "epsilon")
 
+    @staticmethod
+    def epsilon_batch_factor(variable):
+        """A factor on `variable`'s epsilon multiplier in the step being traced: 1, unless `UnitScaleCallback` matched
+        the epsilon of a model it converted in place (`convert.epsilon.InPlaceEpsilon`), which sets its own."""
+        return 1.0
+
     def epsilon_multiplier(self, variable):
         """The epsilon multiplier of `variable`: the ratio of its gradient's scale to the original's (a Python float).
 
@@ -315,7 +321,8 @@ class UnitScaledOptimizer:
         # turns an embedding's sparse gradient dense, and Keras's Adam treats
         # those differently.)
         epsilon = self.epsilon
-        self.epsilon = epsilon * ops.cast(self._epsilon_multiplier_variable(variable), "float32") ** self.epsilon_power
+        multiplier = ops.cast(self._epsilon_multiplier_variable(variable), "float32") * self.epsilon_batch_factor(variable)
+        self.epsilon = epsilon * multiplier ** self.epsilon_power
         try:
             super().update_step(gradient, variable, learning_rate * lr_multiplier)
         finally:

@@ -456,6 +456,34 @@ def test_in_custom_layers_attention_and_all_become_ours_in_place():
     np.testing.assert_allclose(with_callback, script, rtol=0.01)
 
 
+@pytest.mark.parametrize("make_optimizer", [lambda: keras.optimizers.Adam(1e-3), lambda: keras.optimizers.RMSprop(1e-3)],
+                         ids=["adam", "rmsprop"])
+def test_epsilon_is_matched_for_every_batch_size_so_each_step_is_the_scripts(make_optimizer):
+    # Adam's and RMSprop's epsilon sees the gradient's scale, which the conversion changes by a ratio that
+    # follows the unit-scaled ops' batch rules: batches of 20 rows, the last of 10, none the probe's 32.
+    from tests.test_convert_inside import _classifier
+    from tests.test_convert_inside import _tokens
+
+    x, y = _tokens(150)
+
+    def run(callbacks):
+        model = _classifier()
+        model.compile(make_optimizer(), "sparse_categorical_crossentropy")
+        steps = StepLosses()
+        model.fit(x, y, epochs=1, batch_size=20, verbose=0, shuffle=False, callbacks=[steps, *callbacks])
+        return steps.losses, model
+
+    script, _ = run([])
+    callback = UnitScaleCallback(verbose=0)
+    with_callback, model = run([callback])
+    assert len(with_callback) == 8
+    np.testing.assert_allclose(with_callback, script, rtol=1e-4)
+    ratios = callback.record["epsilon"]["ratios"]
+    assert sorted(ratios) == sorted(v.path for v in model.trainable_variables)
+    kernel_powers = [power for path, (_, power) in ratios.items() if path.endswith("/kernel")]
+    np.testing.assert_allclose(kernel_powers, 0.5, atol=1e-3)  # a weight gradient's batch^-1/2
+
+
 def test_with_our_optimizer_the_converted_weights_take_their_learning_rates():
     # JAX's and PyTorch's `fit` build the optimizer before the callbacks start, TensorFlow's after:
     # either way the weights converted in place step with their fixed factors.

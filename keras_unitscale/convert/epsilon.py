@@ -1,9 +1,14 @@
 """`match_epsilon`: the optimizer's epsilon per weight, so that a converted twin trains exactly as its original."""
 
+import math
+
+import keras
 import numpy as np
+from keras import ops
 
 from keras_unitscale import optimizers
 from keras_unitscale.analysis import ScaleReporter
+from keras_unitscale.sizes import replicas
 
 __all__ = ["match_epsilon"]
 
@@ -73,13 +78,120 @@ def match_epsilon(converted, original, x, y):
         source = original_grads.get(sources.get(variable.path))
         if source is None:
             continue
-        rms, source_rms = _gradient_rms(grad), _gradient_rms(source)
-        if rms > 0 and source_rms > 0:
-            ratio = ratios[variable.path] = float(rms / source_rms)
-            if optimizer.epsilon_power is not None:
-                optimizer.set_epsilon_multiplier(variable, ratio)
-            elif optimizer.family == "sgd":
-                # SGD's step is the gradient itself: r times the gradient needs 1/r the learning rate.
-                optimizer.set_lr_multiplier(variable, optimizer.default_lr_multiplier(variable) / ratio)
-            # Lion steps by a sign, which r does not change.
+        ratio = _ratio(grad, source)
+        if ratio is not None:
+            ratios[variable.path] = ratio
+            _follow(optimizer, variable, ratio)
     return ratios
+
+
+def _ratio(grad, source):
+    """`rms(grad) / rms(source)`, or None where either is zero (nothing to measure)."""
+    rms, source_rms = _gradient_rms(grad), _gradient_rms(source)
+    return float(rms / source_rms) if rms > 0 and source_rms > 0 else None
+
+
+def _follow(optimizer, variable, ratio):
+    """Makes `optimizer`'s step for `variable`, whose gradient is `ratio` times the original's, the original's."""
+    if optimizer.epsilon_power is not None:
+        optimizer.set_epsilon_multiplier(variable, ratio)
+    elif optimizer.family == "sgd":
+        # SGD's step is the gradient itself: r times the gradient needs 1/r the learning rate.
+        optimizer.set_lr_multiplier(variable, optimizer.default_lr_multiplier(variable) / ratio)
+    # Lion steps by a sign, which r does not change.
+
+
+# The probe's batch sizes: two give each weight's batch power. Sizes the probe's input spec leaves open
+# other than the batch are taken as `_OPEN_SIZE`.
+PROBE_BATCHES = (32, 64)
+_OPEN_SIZE = 16
+
+
+def _probe_batch(specs, batch):
+    """Inputs shaped as `specs` (Keras tensors) with `batch` rows: unit normals, or ones for integer ids (a valid id
+    in any vocabulary, and not the padding id 0 that a mask drops), True for booleans."""
+    rng = np.random.default_rng(0)
+
+    def one(spec):
+        shape = (batch,) + tuple(_OPEN_SIZE if size is None else size for size in spec.shape[1:])
+        dtype = keras.backend.standardize_dtype(spec.dtype)
+        if "float" in dtype:
+            return rng.standard_normal(shape).astype(dtype)
+        return np.ones(shape, "bool" if dtype == "bool" else dtype)
+
+    return keras.tree.map_structure(one, specs)
+
+
+class InPlaceEpsilon:
+    """`match_epsilon` for a model converted in place (`UnitScaleCallback`), which has no original left to compare.
+
+    Made before the conversion, it records each trainable weight's gradient
+    on probe batches of `PROBE_BATCHES` rows (from the model's input spec,
+    `_probe_batch`; a unit-normal gradient at each output, as `scale_report`
+    without targets). `install(model, optimizer)`, after the conversion,
+    measures them again. The ratio `r` of a weight's gradient to the plain
+    model's is a constant of the model (every backward op is linear in its
+    upstream gradient), except for the unit-scaled ops' batch rules:
+    `r = r₀ · (rows / rows₀)^-p`, with `p` read from the two probe sizes.
+    The optimizer's epsilon multiplier of each weight is set to `r₀` (at
+    `rows₀ = PROBE_BATCHES[0]`), and each step multiplies it by
+    `(rows₀ / rows)^p` for the rows that step trains on (the model's
+    `train_step` is wrapped to read them), so that a batch of any size, a
+    smaller last batch included, steps as the script's does.
+    The gradients of plain layers a conversion keeps change too (those of
+    the converted layers above them reach them rescaled), and are matched
+    alike. An input with an open size other than its batch is probed at
+    `_OPEN_SIZE`; there the ratio depends on that size too, and epsilon
+    matches batches of that size only.
+    """
+
+    def __init__(self, model, specs):
+        self.model, self.specs = model, specs
+        self.before = [self._gradients(batch) for batch in PROBE_BATCHES]
+        self.fitted = {}  # {the optimizer's index of a weight: (its path, r₀, p)}
+        self.optimizer = None
+        self.rows = None  # the rows of the step being traced, while `train_step` runs
+
+    def _gradients(self, batch):
+        x = _probe_batch(self.specs, batch)
+        grads = ScaleReporter(self.model, jit_compile=False).weight_gradients(x)
+        return {id(v): grad for v, grad in zip(self.model.trainable_variables, grads)}
+
+    def install(self, optimizer):
+        """Measures each weight's ratio and power after the conversion; makes `optimizer` and the model follow them.
+
+        Returns:
+            {variable path: (r₀, p)}, for the weights it matched.
+        """
+        after = [self._gradients(batch) for batch in PROBE_BATCHES]
+        for variable in self.model.trainable_variables:
+            key = id(variable)
+            ratios = [_ratio(a[key], b[key]) if key in a and key in b else None
+                      for a, b in zip(after, self.before)]
+            if None in ratios:
+                continue
+            power = math.log(ratios[0] / ratios[1]) / math.log(PROBE_BATCHES[1] / PROBE_BATCHES[0])
+            # By the optimizer's index: its update sees the backend's variable, not the Keras one.
+            self.fitted[optimizer._get_variable_index(variable)] = (variable.path, ratios[0], power)
+            _follow(optimizer, variable, ratios[0])
+        self.optimizer = optimizer
+        object.__setattr__(optimizer, "epsilon_batch_factor", self.batch_factor)
+        train_step = self.model.train_step
+
+        def train_step_reading_rows(*args):  # (data) on TensorFlow and PyTorch, (state, data) on JAX
+            self.rows = ops.shape(keras.tree.flatten(args[-1])[0])[0] * replicas()
+            try:
+                return train_step(*args)
+            finally:
+                self.rows = None
+
+        object.__setattr__(self.model, "train_step", train_step_reading_rows)
+        return {path: (ratio, power) for path, ratio, power in self.fitted.values()}
+
+    def batch_factor(self, variable):
+        """`(rows₀ / rows)^p` for `variable` in the step being traced; 1 outside `train_step` or for a weight not matched."""
+        index = self.optimizer._get_variable_index(variable)
+        if self.rows is None or index not in self.fitted:
+            return 1.0
+        power = self.fitted[index][2]
+        return ops.power(ops.cast(PROBE_BATCHES[0], "float32") / ops.cast(self.rows, "float32"), power)

@@ -20,14 +20,14 @@ from keras_unitscale.convert.walk import Conversion
 from keras_unitscale.graph import functional_graph
 
 
-def _plain_candidates(model):
+def plain_candidates(model):
     """The plain Keras layers of `model` that have a converter to one of our classes, at any depth."""
     found = {id(layer): layer for _, layer in inside.convertible_sublayers(model)}  # a shared layer once
     return [layer for layer in found.values()
             if type(layer).__module__.startswith("keras.") and not isinstance(layer, keras.layers.Dropout)]
 
 
-def _model_inputs(model):
+def model_inputs(model):
     graph = functional_graph(model)
     return inside.symbolic_inputs(model) if graph is None else graph.inputs
 
@@ -64,11 +64,11 @@ def convert_in_place(model):
         `(converted, notes)`: the names of the layers converted, and
         `(layer, why)` for those left as they were.
     """
-    candidates = _plain_candidates(model)
+    candidates = plain_candidates(model)
     if not candidates:
         return [], []
     conversion = Conversion("equivalent", "depth")
-    inputs = _model_inputs(model)
+    inputs = model_inputs(model)
     if isinstance(inputs, list) and len(inputs) == 1:
         inputs = inputs[0]
     with inside.recording(candidates) as records:
