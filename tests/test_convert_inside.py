@@ -216,6 +216,32 @@ def test_a_subclassed_model():
     assert all(type(layer).__module__.startswith("keras_unitscale") for layer in (twin.hidden, twin.norm, twin.readout))
     np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     assert any("'residual_model' (ResidualModel)" in m for m in messages)
+    # The dense layer that makes the model's output is its readout, as in a functional model.
+    assert twin.readout.role == "output" and twin.hidden.role != "output"
+    reinit, _ = _converted(model, mode="reinit")
+    assert reinit.readout.role == "output" and reinit.hidden.role != "output"
+
+
+class SoftmaxHeadModel(keras.Model):
+    """The readout's output passes through Python (`ops.softmax`) before it is the model's: the last dense called is the readout."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = layers.Dense(8, activation="relu")
+        self.head = layers.Dense(3)
+        self.unused_probe = layers.Dense(2)  # made, never called
+
+    def call(self, x):
+        return ops.softmax(self.head(self.hidden(x)))
+
+
+def test_a_subclassed_models_readout_is_the_last_dense_called():
+    keras.utils.set_random_seed(0)
+    model = SoftmaxHeadModel()
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    model(x)
+    twin, _ = _converted(model, mode="reinit")
+    assert twin.head.role == "output" and twin.hidden.role != "output"
 
 
 def test_a_layer_that_makes_its_sublayers_in_build_is_kept_as_a_copy():

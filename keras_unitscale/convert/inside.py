@@ -57,7 +57,7 @@ def convertible_sublayers(layer):
     return found
 
 
-def _copy(layer):
+def copy_layer(layer):
     """`layer` rebuilt from its config, or None where it has none that rebuilds it."""
     try:
         config = layer.get_config()
@@ -87,15 +87,25 @@ def _aligned(*layer_lists):
     )
 
 
+class _Records(dict):
+    """{id(layer): [(args, kwargs) of each call]}, with `outputs`: (id(layer), output) of every call, in call order."""
+
+    def __init__(self, layers):
+        super().__init__({id(layer): [] for layer in layers})
+        self.outputs = []
+
+
 @contextlib.contextmanager
 def recording(layers):
     """Records the arguments of each call of `layers` (their `call`, wrapped on the instances for the time being)."""
     layers = list({id(layer): layer for layer in layers}.values())  # a layer two parents hold is wrapped once
-    records = {id(layer): [] for layer in layers}
+    records = _Records(layers)
     for layer in layers:
-        def recorder(*args, _calls=records[id(layer)], _call=layer.call, **kwargs):
+        def recorder(*args, _calls=records[id(layer)], _call=layer.call, _key=id(layer), **kwargs):
             _calls.append((args, kwargs))
-            return _call(*args, **kwargs)
+            output = _call(*args, **kwargs)
+            records.outputs.append((_key, output))
+            return output
 
         # An instance attribute, outside Keras's tracking: removed below.
         object.__setattr__(layer, "call", recorder)
@@ -137,7 +147,22 @@ def _scope_of(original):
         yield
 
 
-def convert_sublayer(conversion, original, calls):
+def _readout_of(sublayers, records, output):
+    """The id of the dense sublayer that is the readout of a model whose `call` returned `output`, or None.
+
+    As `walk` decides it in a graph: the dense layer whose output is the
+    model's output, else, for one output, the last dense layer called.
+    """
+    dense = {id(layer) for layer in sublayers if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))}
+    outputs = {id(tensor) for tensor in keras.tree.flatten(output)}
+    calls = [(key, out) for key, out in records.outputs if key in dense]
+    direct = [key for key, out in calls if any(id(tensor) in outputs for tensor in keras.tree.flatten(out))]
+    if direct:
+        return direct[-1]
+    return calls[-1][0] if calls and len(outputs) == 1 else None
+
+
+def convert_sublayer(conversion, original, calls, readout=False):
     """The converted counterpart of `original`, called on its recorded inputs, its output at ratio 1; or None."""
     args, kwargs = _symbolic_call(calls)
     tensors = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
@@ -146,7 +171,8 @@ def convert_sublayer(conversion, original, calls):
     convert = registry.converter_for(original)
     sources = dict(conversion.sources)
     with _scope_of(original):
-        _, ratios = convert(conversion, original, registry.Call(args, kwargs, [walk.TensorRatio() for _ in tensors], False))
+        _, ratios = convert(conversion, original,
+                            registry.Call(args, kwargs, [walk.TensorRatio() for _ in tensors], readout))
     new, _ = conversion.converted[id(original)]
     for ratio in ratios:
         if abs(ratio.value - 1.0) <= 1e-7:
@@ -163,11 +189,11 @@ def convert_sublayer(conversion, original, calls):
     return new
 
 
-def _converted_at_ratio_one(conversion, original, calls, parent):
+def _converted_at_ratio_one(conversion, original, calls, parent, readout=False):
     """The converted `original` whose output is the original's, made now or earlier (a shared layer); or None."""
     cached = conversion.converted.get(id(original))
     if cached is None:
-        return convert_sublayer(conversion, original, calls) if calls else None
+        return convert_sublayer(conversion, original, calls, readout) if calls else None
     if all(abs(ratio - 1.0) <= 1e-7 for ratio in conversion.out_ratios.get(id(original), [1.0])):
         return cached[0]
     conversion.note(original.name, f"it is shared with '{parent}', whose Python code needs its output at the "
@@ -175,7 +201,7 @@ def _converted_at_ratio_one(conversion, original, calls, parent):
     return None
 
 
-def _substitute(parent, old, new):
+def substitute(parent, old, new):
     """Puts `new` wherever `parent` holds `old` (an attribute, a list or dict entry), in `old`'s place among its layers."""
     for name, value in list(vars(parent).items()):
         if value is old:
@@ -234,7 +260,7 @@ def convert(conversion, layer, call):
     found = convertible_sublayers(layer)
     if not found:
         return None
-    copy, probe = _copy(layer), _copy(layer)
+    copy, probe = copy_layer(layer), copy_layer(layer)
     if copy is None:
         conversion.note(layer.name, "it has no usable config, so its sublayers could not be converted")
         return None
@@ -246,17 +272,19 @@ def convert(conversion, layer, call):
     _name_as(copy, layer)
     call = conversion.inputs_at(call, [1.0] * len(call.inputs), layer.name)
     with recording([s for _, s in found_in_probe]) as records:
-        probe(*call.args, **call.kwargs)
+        output = probe(*call.args, **call.kwargs)
         if not all(records.values()):
             # A layer with its own `compute_output_shape` (a wrapper) is not
             # traced by its symbolic call: trace its `call`, as Keras does otherwise.
-            keras.src.backend.compute_output_spec(probe.call, *call.args, **call.kwargs)
+            output = keras.src.backend.compute_output_spec(probe.call, *call.args, **call.kwargs)
+    # `call.readout` here: `layer` is a model whose output is the whole model's (a subclassed model).
+    readout = _readout_of([s for _, s in found_in_probe], records, output) if call.readout else None
     new_ids = set()  # the converted sublayers put into the copy
     for (_, original), (parent, copied), (_, probed) in zip(found, found_in_copy, found_in_probe):
         calls = records[id(probed)]
-        new = _converted_at_ratio_one(conversion, original, calls, layer.name)
+        new = _converted_at_ratio_one(conversion, original, calls, layer.name, readout=id(probed) == readout)
         if new is not None:
-            _substitute(parent, copied, new)
+            substitute(parent, copied, new)
             new_ids.add(id(new))
     out = copy(*call.args, **call.kwargs)
     if conversion.equivalent:

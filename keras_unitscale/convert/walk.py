@@ -158,7 +158,8 @@ class Conversion:
         inputs = inside.symbolic_inputs(model)
         for tensor in keras.tree.flatten(inputs):
             self.ratios[id(tensor)] = TensorRatio()
-        call = registry.Call([inputs], {}, [TensorRatio() for _ in keras.tree.flatten(inputs)], False)
+        # readout=True: the model's output is the output; `inside.convert` finds the dense layer that makes it.
+        call = registry.Call([inputs], {}, [TensorRatio() for _ in keras.tree.flatten(inputs)], True)
         converted = inside.convert(self, model, call)
         if converted is None:
             raise ValueError(
