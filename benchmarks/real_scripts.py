@@ -23,8 +23,11 @@ script's optimizer, after `convert.match_epsilon`; it should follow the
 script's trajectory) and `reinit` (`unit_scale(model, mode="reinit")`, u-μP's
 initialisation and learning rates: not expected to match). Each in float32,
 in `mixed_float16` without loss scaling (`auto_scale_loss=False`), and in
-simulated scale-free FP8 (`precision.simulate_fp8` for the plain models,
-`precision.fp8()` for the unit-scaled twins).
+simulated scale-free FP8: `precision.simulate_fp8` for the plain script
+(every Keras matmul cast, inside custom layers too), `precision.fp8()` for
+the unit-scaled twins and for the callback's run (the script's model, whose
+layers the callback turns into ours: those it keeps as Keras's stay in
+float32, and the census says how many).
 
 Per run: the final training loss (mean of the last 10% of per-step losses),
 the loss on held-out data, whether anything was NaN/inf, the median step time
@@ -335,7 +338,7 @@ def prepare(spec, info, variant, fp8, first_batch, row):
     keras.utils.set_random_seed(SEED)
     script = build(info)
     if variant in ("script", "callback"):
-        model = precision.simulate_fp8(script) if fp8 else script
+        model = precision.simulate_fp8(script) if fp8 and variant == "script" else script
         model.compile(make_optimizer(), make_loss(), auto_scale_loss=False)
         return model, [UnitScaleCallback(verbose=0)] if variant == "callback" else []
     twin = keras_unitscale.unit_scale(script, mode="reinit" if variant == "reinit" else "equivalent")
@@ -355,7 +358,7 @@ def prepare(spec, info, variant, fp8, first_batch, row):
 def train_and_measure(spec, data, variant, precision_name, row):
     (x, y), held_out, info = data
     batch = spec[4]
-    twin_fp8 = precision_name == "fp8" and variant in ("equivalent", "reinit")
+    twin_fp8 = precision_name == "fp8" and variant != "script"
     with precision.fp8(enabled=twin_fp8):
         model, callbacks = prepare(spec, info, variant, precision_name == "fp8", (x[:batch], y[:batch]), row)
         recorder = StepRecorder()

@@ -108,6 +108,22 @@ def cast_inputs(*tensors):
     return [F.quantize_fwd(t, FORWARD_FORMAT) for t in tensors]
 
 
+def fp8_product(product, a, b):
+    """`product(a, b)` (a matmul, an einsum, a convolution) as scale-free FP8 runs it: on E4M3 inputs, with an E5M2 output gradient.
+
+    No scales: the unit-scaled ops keep their inputs and gradients near unit
+    scale, where these formats are accurate.
+
+    Example:
+
+    >>> y = fp8_product(keras.ops.multiply, np.array([1.05], "float32"), np.array([2.0], "float32"))
+    >>> keras.ops.convert_to_numpy(y).tolist()  # E4M3 holds 1.0 and 1.125 on each side of 1.05
+    [2.0]
+    """
+    a, b = cast_inputs(a, b)
+    return cast_output_gradient(product(a, b))
+
+
 def cast_output_gradient(y):
     """`y` unchanged, with the gradient that reaches it rounded to E5M2 (saturating).
 
@@ -176,18 +192,31 @@ class _FP8LSTM(keras.layers.LSTM):
         self.cell.__class__ = _FP8LSTMCell
 
 
+def _fp8_convolution(keras_class):
+    """`keras_class` (Conv1D/2D/3D) with its convolution as `fp8_product` runs it; LoRA's kernel included."""
+    def convolution_op(self, inputs, kernel):
+        return fp8_product(super(cls, self).convolution_op, inputs, kernel)
+
+    cls = type(f"_FP8{keras_class.__name__}", (keras_class,), {"convolution_op": convolution_op, "__module__": __name__})
+    return cls
+
+
 _SIMULATED = {keras.layers.Dense: _FP8Dense, keras.layers.EinsumDense: _FP8EinsumDense,
-              keras.layers.MultiHeadAttention: _FP8MultiHeadAttention, keras.layers.LSTM: _FP8LSTM}
+              keras.layers.MultiHeadAttention: _FP8MultiHeadAttention, keras.layers.LSTM: _FP8LSTM,
+              **{keras_class: _fp8_convolution(keras_class)
+                 for keras_class in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)}}
 
 
 def simulate_fp8(model):
     """A copy of a plain Keras model whose matmuls cast as scale-free FP8 ones do, and nothing else changed.
 
-    Every `keras.layers.Dense`, `EinsumDense`, `MultiHeadAttention` projection
-    and `LSTM` kernel casts its matmul's inputs to E4M3 and the gradient of
-    its output to E5M2 (`cast_inputs`, `cast_output_gradient`), with no
-    per-tensor scales: the baseline that shows what unit scaling adds. The
-    copy has `model`'s weights; other layers are copied as they are.
+    Every `keras.layers.Dense`, `EinsumDense`, `MultiHeadAttention` projection,
+    `LSTM` kernel and `Conv1D`/`2D`/`3D` convolution casts its matmul's
+    inputs to E4M3 and the gradient of its output to E5M2 (`fp8_product`), with no
+    per-tensor scales: the baseline that shows what unit scaling adds. Those
+    inside custom layers and nested models are cast too (the layer is copied,
+    `convert.inside.copy_layer`, and its matmul sublayers swapped). The copy
+    has `model`'s weights; other layers are copied as they are.
 
     Args:
         model: a built Sequential or functional Keras model.
@@ -204,10 +233,33 @@ def simulate_fp8(model):
     >>> bool(np.allclose(keras.ops.convert_to_numpy(twin(x)), keras.ops.convert_to_numpy(expected)))
     True
     """
-    def clone(layer):
-        fp8_class = _SIMULATED.get(type(layer), type(layer))
-        return fp8_class.from_config(layer.get_config())
+    from keras_unitscale.convert import inside  # convert imports this module
 
-    twin = keras.models.clone_model(model, clone_function=clone)
+    def simulated(layer):
+        return _SIMULATED[type(layer)].from_config(layer.get_config())
+
+    def cast_sublayers(layer):
+        for child in inside.children(layer):
+            if type(child) in _SIMULATED:
+                inside.substitute(layer, child, simulated(child))
+            else:
+                cast_sublayers(child)
+
+    def clone(layer):
+        if type(layer) in _SIMULATED:
+            return simulated(layer)
+        if not isinstance(layer, keras.layers.Layer) or not inside.children(layer):  # an op (`x + y`) or a leaf
+            return type(layer).from_config(layer.get_config())
+        # A custom layer (or a nested model): a copy, its matmuls cast wherever they sit.
+        copy = inside.copy_layer(layer)
+        if copy is None:
+            raise ValueError(
+                f"`simulate_fp8` copies each layer from its config, and '{layer.name}' "
+                f"({type(layer).__name__}) has none that rebuilds it: give it a `get_config`."
+            )
+        cast_sublayers(copy)
+        return copy
+
+    twin = keras.models.clone_model(model, clone_function=clone, recursive=True)  # into nested models
     twin.set_weights(model.get_weights())
     return twin

@@ -97,6 +97,26 @@ def test_the_global_setting_and_the_layer_switch():
     assert precision.fp8_setting() == {"enabled": False, "critical": False}
 
 
+def test_fp8_convolutions_are_float32_on_pre_quantised_values():
+    x = unit_normal(2, 6, 6, 4, seed=0) * 1.7
+    conv, separable = L.Conv2D(8, 3, fp8=True), L.SeparableConv2D(8, 3, fp8=True)
+    outputs = ops.convert_to_numpy(conv(x)), ops.convert_to_numpy(separable(x))
+    np.testing.assert_allclose(outputs[0], ops.convert_to_numpy(U.conv(_e4m3(x), _e4m3(conv.kernel), conv.bias)),
+                               rtol=1e-6, atol=1e-6)
+    # A separable layer's two convolutions are each cast: the depthwise one's output is rounded again.
+    depthwise = ops.convert_to_numpy(U.depthwise_conv(_e4m3(x), _e4m3(separable.depthwise_kernel)))
+    expected = U.conv(_e4m3(depthwise), _e4m3(separable.pointwise_kernel), separable.bias)
+    np.testing.assert_allclose(outputs[1], ops.convert_to_numpy(expected), rtol=1e-6, atol=1e-6)
+    # Off by default, on under `precision.fp8()`; `fp8=False` is off there too.
+    plain, off = L.Conv1D(8, 3), L.Conv1D(8, 3, fp8=False)
+    signal = x[:, 0]
+    outside = [ops.convert_to_numpy(layer(signal)) for layer in (plain, off)]
+    with precision.fp8():
+        inside = [ops.convert_to_numpy(layer(signal)) for layer in (plain, off)]
+    assert not np.array_equal(outside[0], inside[0]) and np.array_equal(outside[1], inside[1])
+    assert L.Conv2D.from_config(conv.get_config()).fp8 is True
+
+
 def test_attention_keeps_its_output_projection_critical():
     keras.utils.set_random_seed(0)
     x = unit_normal(2, 8, 16, seed=0) * 1.7
@@ -166,6 +186,68 @@ def test_simulate_fp8_casts_plain_keras_matmuls():
     np.testing.assert_allclose(fp8, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="dropout=0.5"):
         precision.simulate_fp8(keras.Sequential([keras.Input((3, 4)), keras.layers.LSTM(4, dropout=0.5)]))
+
+
+class _NoKwargsBlock(keras.layers.Layer):
+    """As the Keras examples write a custom layer: sublayers made in the constructor, which takes no `**kwargs`."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.att = keras.layers.MultiHeadAttention(heads, width // heads)
+        self.ffn = keras.Sequential([keras.layers.Dense(2 * width, activation="relu"), keras.layers.Dense(width)])
+        self.norm = keras.layers.LayerNormalization()
+
+    def call(self, x):
+        x = self.norm(x + self.att(x, x))
+        return x + self.ffn(x)
+
+
+def test_simulate_fp8_casts_the_matmuls_inside_custom_layers():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 8))
+    model = keras.Model(inputs, keras.layers.Dense(3)(_NoKwargsBlock(8, 2)(inputs)))
+    twin = precision.simulate_fp8(model)
+    block = twin.layers[1]
+    assert type(block) is _NoKwargsBlock and block is not model.layers[1]
+    cast = [layer for layer in block._flatten_layers(include_self=False) if type(layer).__module__ == precision.__name__]
+    # attention and its four projections, the feed-forward's two Dense
+    assert sorted(type(layer).__name__ for layer in cast) == ["_FP8Dense"] * 2 + ["_FP8EinsumDense"] * 4 + [
+        "_FP8MultiHeadAttention"]
+    assert type(block.norm) is keras.layers.LayerNormalization
+    assert {id(v) for v in twin.weights}.isdisjoint(id(v) for v in model.weights)
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).normal(size=(4, 6, 8)).astype("float32")
+    original, fp8 = ops.convert_to_numpy(model(x)), ops.convert_to_numpy(twin(x))
+    relative_error = np.sqrt(np.mean((fp8 - original) ** 2) / np.mean(original**2))
+    assert 1e-3 < relative_error < 0.2, relative_error  # cast, not lost
+
+
+def test_simulate_fp8_casts_keras_convolutions():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    twin = precision.simulate_fp8(model)
+    assert type(twin.layers[0]).__name__ == "_FP8Conv2D" and isinstance(twin.layers[0], keras.layers.Conv2D)
+    x = unit_normal(2, 6, 6, 3, seed=0)
+    conv = model.layers[0]
+    expected = ops.relu(ops.conv(_e4m3(x), _e4m3(conv.kernel)) + conv.bias)
+    features = keras.Model(twin.inputs, twin.layers[0].output)(x)
+    np.testing.assert_allclose(ops.convert_to_numpy(features), ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_simulate_fp8_names_a_custom_layer_it_cannot_copy():
+    class Unconfigurable(keras.layers.Layer):
+        def __init__(self, dense, **kwargs):  # a layer argument Keras's automatic config cannot hold
+            super().__init__(**kwargs)
+            self.dense = dense
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = keras.Sequential([keras.Input((4,)), Unconfigurable(keras.layers.Dense(2))])
+    with pytest.raises(ValueError, match="'unconfigurable' \\(Unconfigurable\\) has none that rebuilds it"):
+        precision.simulate_fp8(model)
 
 
 def test_config_round_trip_and_saving(tmp_path):

@@ -17,6 +17,8 @@ The unit-scaling arguments every class adds to Keras's:
 - mult: the u-μP multiplier of the activation.
 - weight_multipliers, lr_multipliers: as for `Dense` (set by
   `UnitScaleCallback` and `unit_scale`).
+- fp8, fp8_critical: as for `Dense`: the convolution (each, in a separable
+  layer) on E4M3 input and kernel, with an E5M2 output gradient.
 """
 
 import math
@@ -29,7 +31,7 @@ from keras_unitscale.layers import activation as activations
 from keras_unitscale.layers.common import LowRankAdapters
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
-from keras_unitscale.layers.dense import Projection
+from keras_unitscale.layers.dense import MatmulProjection
 from keras_unitscale.ops import convolution as conv_ops
 
 __all__ = [
@@ -38,21 +40,21 @@ __all__ = [
 ]
 
 
-class Convolution(Projection, WeightMultipliers):
+class Convolution(MatmulProjection, WeightMultipliers):
     """What the unit-scaled convolutions share: their extra arguments, defaults and activation."""
 
     # The Keras arguments that initialise kernels: unit-normal unless given.
     _KERNEL_INITIALIZERS = ("kernel_initializer",)
 
     def __init__(self, *args, activation=None, role=None, constraint="default", mult=1.0, weight_multipliers=None,
-                 lr_multipliers=None, **kwargs):
+                 lr_multipliers=None, fp8=None, fp8_critical=False, **kwargs):
         for name in self._KERNEL_INITIALIZERS:
             kwargs[name] = kwargs.get(name) or unit_normal()
         if isinstance(self, LowRankAdapters):
             kwargs["lora_alpha"] = self._default_lora_alpha(kwargs.get("lora_rank"), kwargs.get("lora_alpha"))
         super().__init__(*args, activation=activations.resolve(activation), **kwargs)
         self._init_weight_multipliers(weight_multipliers, lr_multipliers)
-        self._init_projection(role, constraint, mult)
+        self._init_projection(role, constraint, mult, fp8, fp8_critical)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -76,7 +78,8 @@ class Convolution(Projection, WeightMultipliers):
                                powers=self._scale_power if powers is None else powers).output
 
     def _op_arguments(self):
-        return {"data_format": self.data_format, "constraint": self.constraint, "scale_power": self._scale_power}
+        return {"data_format": self.data_format, "constraint": self.constraint, "scale_power": self._scale_power,
+                "fp8": self._uses_fp8()}
 
     def get_config(self):
         return {**super().get_config(), **self.projection_config()}

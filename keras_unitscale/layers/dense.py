@@ -51,7 +51,7 @@ class Projection:
 
 
 class MatmulProjection(Projection):
-    """A projection whose product is a matmul (`Dense`, `EinsumDense`), which may run in scale-free FP8."""
+    """A projection whose product is a matmul (`Dense`, `EinsumDense`) or a convolution (a matmul over taps), which may run in scale-free FP8."""
 
     def _init_projection(self, role, constraint, mult, fp8=None, fp8_critical=False):
         self.fp8 = check_fp8(fp8)

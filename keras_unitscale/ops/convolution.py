@@ -11,6 +11,7 @@ import keras
 from keras import ops
 
 from keras_unitscale import checks
+from keras_unitscale import precision
 from keras_unitscale import rules
 from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import check_dims_match
@@ -27,7 +28,7 @@ __all__ = ["conv", "conv_transpose", "depthwise_conv", "separable_conv"]
 
 
 def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data_format=None,
-         constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS):
+         constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False):
     """A unit-scaled convolution: `keras.ops.conv` (+ bias) inside `rules.conv.conv`'s scales.
 
     Rule, for a kernel `(*kernel_size, in_channels / groups, filters)`: output
@@ -42,7 +43,8 @@ def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data
         kernel: `(*kernel_size, in_channels / groups, filters)`.
         bias: optional, `(filters,)`.
         strides, padding, dilation_rate, data_format: as for `keras.ops.conv`.
-        constraint, scale_power: as for `ops.dense`.
+        constraint, scale_power, fp8: as for `ops.dense` (FP8: the
+            convolution's input and kernel in E4M3, its output's gradient in E5M2).
 
     Example:
 
@@ -65,12 +67,12 @@ def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data
     strides = _spatial("strides", strides, len(kernel_shape) - 2)
     scales = _scales(x, channel_axis, kernel_shape[:-2], in_per_group, filters // groups, strides, False,
                      constraint, scale_power)
-    return _around(x, kernel, bias, scales, channel_axis, lambda x, kernel: ops.conv(
+    return _around(x, kernel, bias, scales, channel_axis, fp8, lambda x, kernel: ops.conv(
         x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate, data_format=data_format))
 
 
 def conv_transpose(x, kernel, bias=None, strides=1, padding="valid", output_padding=None, dilation_rate=1,
-                   data_format=None, constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS):
+                   data_format=None, constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False):
     """A unit-scaled transposed convolution: `keras.ops.conv_transpose` (+ bias) inside `rules.conv.conv`'s scales.
 
     The kernel is `(*kernel_size, filters, in_channels)`, as Keras lays it
@@ -96,13 +98,13 @@ def conv_transpose(x, kernel, bias=None, strides=1, padding="valid", output_padd
     strides = _spatial("strides", strides, len(kernel_shape) - 2)
     scales = _scales(x, channel_axis, kernel_shape[:-2], in_channels, filters, strides, True,
                      constraint, scale_power)
-    return _around(x, kernel, bias, scales, channel_axis, lambda x, kernel: ops.conv_transpose(
+    return _around(x, kernel, bias, scales, channel_axis, fp8, lambda x, kernel: ops.conv_transpose(
         x, kernel, strides=strides, padding=padding, output_padding=output_padding,
         dilation_rate=dilation_rate, data_format=data_format))
 
 
 def depthwise_conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data_format=None,
-                   constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS):
+                   constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False):
     """A unit-scaled depthwise convolution: each channel is its own group (`in_per_group = 1`).
 
     The kernel is `(*kernel_size, in_channels, depth_multiplier)`: fan-in
@@ -125,12 +127,12 @@ def depthwise_conv(x, kernel, bias=None, strides=1, padding="valid", dilation_ra
     strides = _spatial("strides", strides, len(kernel_shape) - 2)
     scales = _scales(x, channel_axis, kernel_shape[:-2], 1, kernel_shape[-1], strides, False,
                      constraint, scale_power)
-    return _around(x, kernel, bias, scales, channel_axis, lambda x, kernel: ops.depthwise_conv(
+    return _around(x, kernel, bias, scales, channel_axis, fp8, lambda x, kernel: ops.depthwise_conv(
         x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate, data_format=data_format))
 
 
 def separable_conv(x, depthwise_kernel, pointwise_kernel, bias=None, strides=1, padding="valid", dilation_rate=1,
-                   data_format=None, constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS):
+                   data_format=None, constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False):
     """A unit-scaled separable convolution: `depthwise_conv` then a 1×…×1 `conv`, each with its own rule.
 
     Keras fuses the two; here each is scaled as the op it is, so the
@@ -149,8 +151,9 @@ def separable_conv(x, depthwise_kernel, pointwise_kernel, bias=None, strides=1, 
     ((8, 32, 32, 24), True)
     """
     h = depthwise_conv(x, depthwise_kernel, strides=strides, padding=padding, dilation_rate=dilation_rate,
-                       data_format=data_format, constraint=constraint)
-    return conv(h, pointwise_kernel, bias, data_format=data_format, constraint=constraint, scale_power=scale_power)
+                       data_format=data_format, constraint=constraint, fp8=fp8)
+    return conv(h, pointwise_kernel, bias, data_format=data_format, constraint=constraint, scale_power=scale_power,
+                fp8=fp8)
 
 
 def _checked(x, kernel, data_format):
@@ -185,9 +188,10 @@ def _scales(x, channel_axis, kernel_size, in_per_group, out_per_group, strides, 
                            constraint, powers)
 
 
-def _around(x, kernel, bias, scales, channel_axis, product):
+def _around(x, kernel, bias, scales, channel_axis, fp8, product):
     """`product(x, kernel) + bias` with the scales applied: the inputs' gradients backward, the output forward."""
-    y = product(scale_bwd(x, scales.grad_input), scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight))
+    x, kernel = scale_bwd(x, scales.grad_input), scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight)
+    y = precision.fp8_product(product, x, kernel) if fp8 else product(x, kernel)
     if bias is not None:
         bias = scale_bwd(as_compute_dtype(to_tensor(bias, "bias"), x), scales.grad_weight)
         shape = [1] * len(shape_of(y))

@@ -298,19 +298,14 @@ def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
 
 
 def _einsum(equation, a, b, fp8):
-    """`einsum(equation, a, b)`; with `fp8`, as `_matmul`."""
-    if not fp8:
-        return ops.einsum(equation, a, b)
-    a, b = precision.cast_inputs(a, b)
-    return precision.cast_output_gradient(ops.einsum(equation, a, b))
+    """`einsum(equation, a, b)`; with `fp8`, as `precision.fp8_product` runs it."""
+    product = lambda a, b: ops.einsum(equation, a, b)  # noqa: E731
+    return precision.fp8_product(product, a, b) if fp8 else product(a, b)
 
 
 def _matmul(a, b, fp8):
-    """`a @ b`; with `fp8`, on E4M3 inputs and with an E5M2 output gradient (no scales: the ops keep unit scale)."""
-    if not fp8:
-        return ops.matmul(a, b)
-    a, b = precision.cast_inputs(a, b)
-    return precision.cast_output_gradient(ops.matmul(a, b))
+    """`a @ b`; with `fp8`, as `precision.fp8_product` runs it."""
+    return precision.fp8_product(ops.matmul, a, b) if fp8 else ops.matmul(a, b)
 
 
 def dense_readout(x, kernel, bias=None, constraint=None, fp8=False):
