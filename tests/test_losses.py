@@ -71,13 +71,15 @@ NO_LOGITS_ON_JAX = pytest.mark.skipif(
 )
 
 
-@NO_LOGITS_ON_JAX
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("probability", [1e-2, 1e-4, 1e-6])
 def test_a_float16_head_gives_the_float32_gradient_at_small_probabilities(activation, probability):
+    # Our head gives its probabilities in float32 (on JAX, where they cannot carry their logits, too).
+    head_and_data = _head_and_data(layers.Dense, activation, CLASSES, probability, "mixed_float16")
+    assert keras.backend.standardize_dtype(head_and_data[0](head_and_data[1]).dtype) == "float32"
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # the head carries what the loss needs: no warning
-        low_value, low_grad = _kernel_grad(*_head_and_data(layers.Dense, activation, CLASSES, probability, "mixed_float16"))
+        warnings.simplefilter("error", UserWarning)  # the head gives what the loss needs: no warning
+        low_value, low_grad = _kernel_grad(*head_and_data)
     value, grad = _kernel_grad(*_head_and_data(layers.Dense, activation, CLASSES, probability, "float32"))
     assert np.isfinite(low_grad).all(), low_grad
     # The true class's logit is rounded to float16 (3 significant digits).
@@ -88,12 +90,29 @@ def test_a_float16_head_gives_the_float32_gradient_at_small_probabilities(activa
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="TensorFlow's and PyTorch's outputs carry their logits")
-def test_on_jax_a_float16_probability_head_is_warned_about_and_a_float32_one_is_bounded():
-    with pytest.warns(UserWarning, match="float16 probabilities"):
-        _kernel_grad(*_head_and_data(layers.Dense, "softmax", CLASSES, 1e-6, "mixed_float16"))
-    # The advice the warning gives: a float32 head's gradient is finite and unit-scaled on the logits.
-    _, grad = _kernel_grad(*_head_and_data(layers.Dense, "softmax", CLASSES, 1e-6, "float32"))
-    assert np.isfinite(grad).all() and np.abs(grad).max() < 10 * BATCH
+@pytest.mark.parametrize("ours", [True, False], ids=["ours", "plain"])
+def test_on_jax_our_float16_head_trains_where_a_plain_one_is_warned_about_and_overflows(ours):
+    # A jit-compiled `fit` step: the traced output cannot carry its logits. Ours gives float32
+    # probabilities; Keras's gives float16 ones, whose gradient -1/p × the loss's scale overflows.
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        head = (layers.Dense(CLASSES, activation="softmax", use_bias=False) if ours
+                else keras.layers.Dense(CLASSES, activation="softmax", use_bias=False))
+        model = keras.Sequential([keras.Input((1,)), head])
+        kernel = np.zeros((1, CLASSES), "float32")
+        kernel[0, 0] = _logit_for(1e-6, CLASSES)
+        head.kernel.assign(kernel)
+        model.compile(keras.optimizers.SGD(1e-3), losses.CategoricalCrossentropy(), auto_scale_loss=False,
+                      jit_compile=True)
+        y = np.eye(CLASSES, dtype="float32")[np.zeros(BATCH, int)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(np.ones((BATCH, 1), "float32"), y, batch_size=BATCH, epochs=1, verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    warned = any("float16 probabilities" in str(w.message) for w in caught)
+    finite = bool(np.isfinite(keras.ops.convert_to_numpy(head.kernel)).all())
+    assert (warned, finite) == ((False, True) if ours else (True, False))
 
 
 @NO_LOGITS_ON_JAX

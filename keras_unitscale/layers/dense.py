@@ -13,6 +13,7 @@ from keras_unitscale.layers.common import check_fp8
 from keras_unitscale.layers.common import unit_normal
 from keras_unitscale.layers.common import without_activation
 from keras_unitscale.ops import linear
+from keras_unitscale.ops.common import LOW_PRECISION
 
 # The roles of a kernel (biases and gains have their own).
 ROLES = ("input", "hidden", "output")
@@ -42,8 +43,34 @@ class Projection:
         if self.role == "output":
             # A readout's activation gives the prediction (a probability, say),
             # whose values mean something: it stays Keras's plain function.
-            return x if self.activation is None else self.activation(x)
+            if self.activation is None:
+                return x
+            if self._probabilities_in_float32():
+                x = keras.ops.cast(x, "float32")
+            return self.activation(x)
         return activations.apply(x, self.activation, self.mult, self.constraint)
+
+    def _probabilities_in_float32(self):
+        """Whether this readout gives its probabilities in float32: a softmax or sigmoid head under float16/bfloat16.
+
+        A loss on probabilities differentiates `-1/p`, which overflows float16
+        once the true class's probability falls to about 1e-4; the losses
+        read the logits a Keras softmax attaches to its output instead, but a
+        JAX array traced in a training step cannot carry them. So the head
+        does what Keras's mixed-precision guide advises for a model's output
+        (`dtype="float32"` on its last layer): its logits are computed in the
+        policy's dtype, its probabilities in float32, and the gradient that
+        comes back through them to the logits, `p - target` times the loss's
+        scale, is bounded.
+        """
+        return (self.role == "output" and self._gives_probabilities()
+                and keras.backend.standardize_dtype(self.compute_dtype) in LOW_PRECISION)
+
+    def compute_output_spec(self, *args, **kwargs):
+        spec = super().compute_output_spec(*args, **kwargs)
+        if not self._probabilities_in_float32():
+            return spec
+        return keras.tree.map_structure(lambda t: keras.KerasTensor(t.shape, "float32", sparse=t.sparse), spec)
 
     def projection_config(self):
         """The config entries of the unit-scaling options and the multipliers, for `get_config`."""
