@@ -128,7 +128,7 @@ class InPlaceEpsilon:
     Made before the conversion, it records each trainable weight's gradient
     on probe batches of `PROBE_BATCHES` rows (from the model's input spec,
     `_probe_batch`; a unit-normal gradient at each output, as `scale_report`
-    without targets). `install(model, optimizer)`, after the conversion,
+    without targets). `install(optimizer)`, after the conversion,
     measures them again. The ratio `r` of a weight's gradient to the plain
     model's is a constant of the model (every backward op is linear in its
     upstream gradient), except for the unit-scaled ops' batch rules:
