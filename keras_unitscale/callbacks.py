@@ -40,7 +40,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
       plain Keras layer that has a unit-scaled class (`Dense`, the
       convolutions, `Embedding`, the norms, `MultiHeadAttention`) becomes it
       *in place* (`convert.in_place`), where its unit-scaled output can be
-      brought back to its old scale (not an activation layer's or an LSTM's): the same object, its function kept,
+      brought back to its old scale (not an activation layer's, an LSTM's or a GRU's): the same object, its function kept,
       its weights at unit RMS with the rest of their scale in their weight
       multipliers and a fixed learning-rate factor `1/rms`; a Keras Adam,
       AdamW, RMSprop or Lion becomes ours in place (`convert.adopt`, its
@@ -413,7 +413,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             warnings.warn(
                 f"UnitScaleCallback left {len(self._left_plain)} plain Keras layer(s) as they are "
                 f"({', '.join(self._left_plain)}): some layers have no unit-scaled class, some a unit-scaled "
-                "output that nothing in place can take (an activation layer, a tanh Dense, an LSTM), or the "
+                "output that nothing in place can take (an activation layer, a tanh Dense, an LSTM or a GRU), or the "
                 "optimizer (SGD, or one with no counterpart in keras_unitscale.optimizers) cannot give their "
                 "weights the learning-rate factors that keep the training (verbose=1 says which). Moving their "
                 "weights would change the function.",

@@ -13,7 +13,7 @@ kernels and `data_format`.
 
 Where the reference package `unit-scaling` 0.3.5 defines an op, the forward
 values and gradients here are the same (the parity tests check it). The ops
-it lacks (`relu`, `tanh`, `sigmoid`, the LSTM) have rules derived for
+it lacks (`relu`, `tanh`, `sigmoid`, the LSTM and the GRU) have rules derived for
 unit-normal inputs; see their docstrings.
 """
 
@@ -30,6 +30,11 @@ from keras_unitscale.ops import dot_product_attention
 from keras_unitscale.ops import dropout
 from keras_unitscale.ops import embedding
 from keras_unitscale.ops import gelu
+from keras_unitscale.ops import gru_cell
+from keras_unitscale.ops import gru_hidden_in
+from keras_unitscale.ops import gru_hidden_out
+from keras_unitscale.ops import gru_inputs
+from keras_unitscale.ops import gru_weights
 from keras_unitscale.ops import layer_norm
 from keras_unitscale.ops import lstm_cell
 from keras_unitscale.ops import lstm_dropout
@@ -51,6 +56,8 @@ from keras_unitscale.ops import silu_glu
 from keras_unitscale.ops import softmax
 from keras_unitscale.ops import tanh
 from keras_unitscale.rules.common import logarithmic_interpolation
+from keras_unitscale.rules.gru import GRURule
+from keras_unitscale.rules.gru import gru_rule
 from keras_unitscale.rules.lstm import LSTMRule
 from keras_unitscale.rules.lstm import lstm_rule
 from keras_unitscale.rules.residual import transformer_residual_scaling_rule
@@ -94,4 +101,11 @@ __all__ = [
     "lstm_hidden_out",
     "lstm_dropout",
     "lstm_cell",
+    "GRURule",
+    "gru_rule",
+    "gru_weights",
+    "gru_inputs",
+    "gru_hidden_in",
+    "gru_hidden_out",
+    "gru_cell",
 ]

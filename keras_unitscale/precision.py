@@ -9,7 +9,7 @@ FP8 (Hopper and later), XLA rewrites such a cast-then-dot into an FP8 GEMM,
 forward and backward; elsewhere it simulates FP8's rounding exactly.
 
 The matmul-bearing layers of `keras_unitscale.layers` (`Dense`, the
-projections of `MultiHeadAttention`, `LSTM`'s kernels, and through them
+projections of `MultiHeadAttention`, `LSTM`'s and `GRU`'s kernels, and through them
 `TransformerBlock`) take `fp8=None | True | False`. `None` follows the global
 setting, `fp8()` as a context or `set_fp8()`. u-μP's two *critical* matmuls,
 the attention output projection and the MLP's down projection, stay in the
@@ -192,6 +192,35 @@ class _FP8LSTM(keras.layers.LSTM):
         self.cell.__class__ = _FP8LSTMCell
 
 
+class _FP8GRUCell(keras.layers.GRUCell):
+    def call(self, inputs, states, training=False):
+        from keras_unitscale.ops.gru import gru_cell  # the ops import this module
+        from keras_unitscale.scale import scaling_disabled
+
+        nested = keras.tree.is_nested(states)
+        kernel, recurrent_kernel = cast_inputs(self.kernel, self.recurrent_kernel)
+        # Keras's GRU step is our op's without its scales; with fp8=True it casts its matmuls' inputs and
+        # output gradients, here on the raw weights.
+        with scaling_disabled():
+            h = gru_cell(inputs, states[0] if nested else states, kernel, recurrent_kernel, self.bias,
+                         reset_after=self.reset_after, fp8=True)
+        return h, ([h] if nested else h)
+
+
+class _FP8GRU(keras.layers.GRU):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "use_cudnn": False})  # the fused kernel has no casts inside
+        cell = self.cell
+        plain = cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
+        if cell.dropout or cell.recurrent_dropout or not plain:
+            raise ValueError(
+                "`simulate_fp8` runs a GRU's cell step by step, with tanh and sigmoid and without dropout. "
+                f"Received: activation={cell.activation.__name__}, recurrent_activation="
+                f"{cell.recurrent_activation.__name__}, dropout={cell.dropout}, recurrent_dropout={cell.recurrent_dropout}"
+            )
+        self.cell.__class__ = _FP8GRUCell
+
+
 def _fp8_convolution(keras_class):
     """`keras_class` (Conv1D/2D/3D) with its convolution as `fp8_product` runs it; LoRA's kernel included."""
     def convolution_op(self, inputs, kernel):
@@ -203,6 +232,7 @@ def _fp8_convolution(keras_class):
 
 _SIMULATED = {keras.layers.Dense: _FP8Dense, keras.layers.EinsumDense: _FP8EinsumDense,
               keras.layers.MultiHeadAttention: _FP8MultiHeadAttention, keras.layers.LSTM: _FP8LSTM,
+              keras.layers.GRU: _FP8GRU,
               **{keras_class: _fp8_convolution(keras_class)
                  for keras_class in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)}}
 
@@ -211,7 +241,7 @@ def simulate_fp8(model):
     """A copy of a plain Keras model whose matmuls cast as scale-free FP8 ones do, and nothing else changed.
 
     Every `keras.layers.Dense`, `EinsumDense`, `MultiHeadAttention` projection,
-    `LSTM` kernel and `Conv1D`/`2D`/`3D` convolution casts its matmul's
+    `LSTM` and `GRU` kernel and `Conv1D`/`2D`/`3D` convolution casts its matmul's
     inputs to E4M3 and the gradient of its output to E5M2 (`fp8_product`), with no
     per-tensor scales: the baseline that shows what unit scaling adds. Those
     inside custom layers and nested models are cast too (the layer is copied,

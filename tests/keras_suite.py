@@ -85,9 +85,9 @@ class Suite:
         return self.keras_module.replace(".", "/") + ".py"
 
 
-# Keras 3.15 has no test file of its own for `LSTMCell`; the stacked-cells
-# tests are where Keras exercises `LSTMCell` directly (and `LSTM`, ours, builds
-# its own cell).
+# Keras 3.15 has no test file of its own for `LSTMCell` or `GRUCell`; the
+# stacked-cells tests are where Keras exercises them directly (and `LSTM` and
+# `GRU`, ours, build their own cells).
 SUITES = (
     Suite("keras.src.layers.core.dense_test", "Dense"),
     Suite("keras.src.layers.core.einsum_dense_test", "EinsumDense"),
@@ -95,6 +95,8 @@ SUITES = (
     Suite("keras.src.layers.attention.multi_head_attention_test", "MultiHeadAttention"),
     Suite("keras.src.layers.rnn.lstm_test", "LSTM"),
     Suite("keras.src.layers.rnn.stacked_rnn_cells_test", "LSTMCell", only_tests_using_class=True),
+    Suite("keras.src.layers.rnn.gru_test", "GRU"),
+    Suite("keras.src.layers.rnn.stacked_rnn_cells_test", "GRUCell", only_tests_using_class=True),
     Suite("keras.src.layers.normalization.layer_normalization_test", "LayerNormalization"),
     Suite("keras.src.layers.normalization.rms_normalization_test", "RMSNormalization"),
     Suite("keras.src.layers.normalization.batch_normalization_test", "BatchNormalization"),

@@ -8,6 +8,7 @@ import pytest
 from keras import layers
 from keras import ops
 
+from keras_unitscale import layers as L
 from keras_unitscale import unit_scale
 from keras_unitscale.convert import from_keras
 from keras_unitscale.convert import match_epsilon
@@ -181,9 +182,11 @@ def test_wrappers():
     x = np.random.default_rng(0).normal(size=(4, 6, 8)).astype("float32")
     twin, messages = _converted(model)
     assert type(twin.get_layer("per_step").layer).__module__.startswith("keras_unitscale")
-    # An LSTM's unit-scaled output is a constant times Keras's; inside a wrapper nothing takes it.
-    assert type(twin.get_layer("bi").forward_layer) is layers.LSTM
-    assert any("'forward_lstm" in m for m in messages)  # (a suffix where other tests named one before)
+    # An LSTM's unit-scaled output is a constant times Keras's, the same in both directions: the merge
+    # commutes with it, and the Dense after it takes it.
+    bi = twin.get_layer("bi")
+    assert type(bi.forward_layer) is type(bi.backward_layer) is L.LSTM and bi.backward_layer.go_backwards
+    assert not any("forward_lstm" in m or "'bi'" in m for m in messages), messages
     np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     fresh, _ = _converted(model, mode="reinit")
     bi = fresh.get_layer("bi")

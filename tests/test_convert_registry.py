@@ -101,5 +101,6 @@ def test_registration_errors_name_the_value():
 def test_the_default_registry_knows_keras_layers():
     assert converter_for(keras.layers.Dense(3)) is not None
     assert converter_for(keras.layers.Conv2D(3, 3)) is not None
-    assert converter_for(keras.layers.GRU(3)) is None  # no unit-scaled counterpart yet
+    assert converter_for(keras.layers.GRU(3)) is not None
+    assert converter_for(keras.layers.SimpleRNN(3)) is None  # no unit-scaled counterpart
     assert converter_for(L.Dense(3)) is not None  # ours: kept as they are

@@ -14,8 +14,9 @@ MODULE_LINES = 600
 FUNCTION_LINES = 60
 # Functions allowed past the limit, each with the reason the README gives.
 LONG_FUNCTIONS = {
-    # Lists Keras's own LSTM arguments one per line and hands them to the cell, as Keras's LSTM does.
+    # List Keras's own LSTM and GRU arguments one per line and hand them to the cell, as Keras's layers do.
     "keras_unitscale.layers.lstm.__init__",
+    "keras_unitscale.layers.gru.__init__",
 }
 # Which part of the package may import which: data flows one way (rules and
 # ops below layers; layers below models, conversion, analysis and the rest).

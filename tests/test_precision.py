@@ -188,6 +188,27 @@ def test_simulate_fp8_casts_plain_keras_matmuls():
         precision.simulate_fp8(keras.Sequential([keras.Input((3, 4)), keras.layers.LSTM(4, dropout=0.5)]))
 
 
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_simulate_fp8_casts_keras_grus(reset_after):
+    """Keras's GRU step on E4M3-cast inputs, states and kernels: its numbers move by the casts' rounding, no more."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 5)), keras.layers.GRU(8, return_sequences=True, reset_after=reset_after),
+                              keras.layers.GRU(4, reset_after=reset_after)])
+    twin = precision.simulate_fp8(model)
+    assert [type(layer).__name__ for layer in twin.layers] == ["_FP8GRU", "_FP8GRU"]
+    assert all(isinstance(layer, keras.layers.GRU) for layer in twin.layers)
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).normal(size=(3, 6, 5)).astype("float32")
+    original, fp8 = ops.convert_to_numpy(model(x)), ops.convert_to_numpy(twin(x))
+    relative_error = np.sqrt(np.mean((fp8 - original) ** 2) / np.mean(original**2))
+    assert 0.001 < relative_error < 0.2, relative_error
+    with pytest.raises(ValueError, match="recurrent_dropout=0.5"):
+        precision.simulate_fp8(keras.Sequential([keras.Input((3, 4)), keras.layers.GRU(4, recurrent_dropout=0.5)]))
+    with pytest.raises(ValueError, match="activation=relu"):
+        precision.simulate_fp8(keras.Sequential([keras.Input((3, 4)), keras.layers.GRU(4, activation="relu")]))
+
+
 class _NoKwargsBlock(keras.layers.Layer):
     """As the Keras examples write a custom layer: sublayers made in the constructor, which takes no `**kwargs`."""
 

@@ -78,7 +78,7 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
     """Returns the unit-scaled twin of a Keras model; `model` is left untouched.
 
     Converts the layers that have a registered converter (`Dense`,
-    `EinsumDense` where it is a plain projection, `Embedding`, `LSTM`,
+    `EinsumDense` where it is a plain projection, `Embedding`, `LSTM`, `GRU`,
     `MultiHeadAttention`, the norms (`LayerNormalization`, `RMSNormalization`,
     `BatchNormalization`, `GroupNormalization`),
     `Activation` and activations named inside layers, the activation
@@ -108,8 +108,8 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
         A new model of the same kind (a subclassed model: a copy of it). Its
         `unit_scale_sources` maps each converted variable's path to the original's. Its `unit_scale_notes`
         lists `(layer, why)` for what could not be made exactly equivalent
-        (also warned): dropout inside an LSTM or attention (training rescales
-        differently), an LSTM given initial states, attention over keys of
+        (also warned): dropout inside an LSTM, a GRU or attention (training
+        rescales differently), an LSTM or GRU given initial states, attention over keys of
         unfixed length.
 
     Example:

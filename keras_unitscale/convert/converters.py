@@ -210,30 +210,88 @@ def add(conversion, layer, call):
     return out, [TensorRatio(target * rules.linear.add_output(*shapes), None, first.grad_ratio)]
 
 
-def lstm(conversion, layer, call):
+def _recurrent_twin(layer):
+    """Our LSTM or GRU with `layer`'s settings (unbuilt), the scale of its output and of its returned states."""
     cell = layer.cell
-    if len(call.inputs) > 1:
-        conversion.note(layer.name, "it is given initial states, which are not rescaled to the unit-scaled state")
-    new = L.LSTM(
-        cell.units, use_bias=cell.use_bias, unit_forget_bias=cell.unit_forget_bias, dropout=cell.dropout,
-        recurrent_dropout=cell.recurrent_dropout, return_sequences=layer.return_sequences,
-        return_state=layer.return_state, go_backwards=layer.go_backwards, stateful=layer.stateful,
-        unroll=layer.unroll, zero_output_for_mask=layer.zero_output_for_mask, seed=cell.seed,
-        use_cudnn=layer.use_cudnn, name=layer.name, dtype=layer.dtype_policy,
+    common = dict(
+        use_bias=cell.use_bias, dropout=cell.dropout, recurrent_dropout=cell.recurrent_dropout,
+        return_sequences=layer.return_sequences, return_state=layer.return_state,
+        go_backwards=layer.go_backwards, stateful=layer.stateful, unroll=layer.unroll,
+        zero_output_for_mask=layer.zero_output_for_mask, seed=cell.seed, use_cudnn=layer.use_cudnn,
+        name=layer.name, dtype=layer.dtype_policy,
     )
-    out = new(*call.args, **call.kwargs)
-    conversion.record(layer, new, call.inputs)
-    hidden_scale = rules.lstm.lstm_rule(new.cell.forget_bias).output_scale
-    ratios = [hidden_scale] + ([hidden_scale, 1.0] if layer.return_state else [])
-    if not conversion.equivalent:
-        return out, [TensorRatio() for _ in ratios]
+    if isinstance(layer, keras.layers.LSTM):
+        new = L.LSTM(cell.units, unit_forget_bias=cell.unit_forget_bias, **common)
+        hidden_scale = rules.lstm.lstm_rule(new.cell.forget_bias).output_scale
+        return new, hidden_scale, [hidden_scale, 1.0]  # h, and the cell state as it is
+    new = L.GRU(cell.units, reset_after=cell.reset_after, **common)
+    hidden_scale = rules.gru.gru_rule(cell.reset_after).output_scale
+    return new, hidden_scale, [hidden_scale]
+
+
+def _carry_recurrent(conversion, layer, new, input_ratio):
+    """The original's weights into `new`'s cell, through the multipliers that make the same pre-activations."""
+    cell = layer.cell
     if cell.dropout or cell.recurrent_dropout:
         conversion.note(layer.name, "its dropout rescales differently in training (predictions are equal)")
-    scales = rules.lstm.weights(int(cell.kernel.shape[0]), cell.units, forget_bias=new.cell.forget_bias)
+    if isinstance(layer, keras.layers.LSTM):
+        scales = rules.lstm.weights(int(cell.kernel.shape[0]), cell.units, forget_bias=new.cell.forget_bias)
+    else:
+        scales = rules.gru.weights(int(cell.kernel.shape[0]), cell.units, reset_after=cell.reset_after)
     originals = [cell.kernel, cell.recurrent_kernel] + ([cell.bias] if cell.use_bias else [])
-    op_scales = [scales.kernel.forward * call.inputs[0].value, scales.recurrent_kernel.forward, scales.bias.forward]
+    op_scales = [scales.kernel.forward * input_ratio, scales.recurrent_kernel.forward, scales.bias.forward]
     conversion.carry(new.cell, originals, op_scales[: len(originals)])
+
+
+def _given_initial_state(call):
+    return len(call.args) > 1 or call.kwargs.get("initial_state") is not None
+
+
+def recurrent(conversion, layer, call):
+    """An `LSTM` or a `GRU`: the same recurrence on the plain hidden state, its output times the rule's scale."""
+    if _given_initial_state(call):
+        conversion.note(layer.name, "it is given initial states, which are not rescaled to the unit-scaled state")
+    new, hidden_scale, states = _recurrent_twin(layer)
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    ratios = [hidden_scale] + (states if layer.return_state else [])
+    if not conversion.equivalent:
+        return out, [TensorRatio() for _ in ratios]
+    _carry_recurrent(conversion, layer, new, call.inputs[0].value)
     return out, [TensorRatio(r) for r in ratios]
+
+
+# How a merge mode combines two outputs at one ratio r: the merged output's ratio.
+_MERGED_RATIO = {"concat": lambda r: r, "sum": lambda r: r, "ave": lambda r: r, "mul": lambda r: r * r}
+
+
+def bidirectional(conversion, layer, call):
+    """A `Bidirectional` LSTM or GRU: both directions converted; the merge commutes with their common scale."""
+    if _given_initial_state(call):
+        conversion.note(layer.name, "it is given initial states, which are not rescaled to the unit-scaled state")
+    forward, hidden_scale, states = _recurrent_twin(layer.forward_layer)
+    backward, _, _ = _recurrent_twin(layer.backward_layer)
+    new = keras.layers.Bidirectional(forward, merge_mode=layer.merge_mode, backward_layer=backward,
+                                     name=layer.name, dtype=layer.dtype_policy)
+    out = new(*call.args, **call.kwargs)
+    conversion.record(layer, new, call.inputs)
+    if layer.merge_mode is None:
+        ratios = [hidden_scale, hidden_scale]
+    else:
+        ratios = [_MERGED_RATIO[layer.merge_mode](hidden_scale)]
+    ratios += states * 2 if layer.return_state else []
+    if not conversion.equivalent:
+        return out, [TensorRatio() for _ in ratios]
+    for original, twin in ((layer.forward_layer, new.forward_layer), (layer.backward_layer, new.backward_layer)):
+        _carry_recurrent(conversion, original, twin, call.inputs[0].value)
+    return out, [TensorRatio(r) for r in ratios]
+
+
+def _bidirectional_ok(layer):
+    return all(
+        type(direction) in (keras.layers.LSTM, keras.layers.GRU) and _recurrent_ok(direction)
+        for direction in (layer.forward_layer, layer.backward_layer)
+    ) and layer.merge_mode in (None, *_MERGED_RATIO)
 
 
 def _attention_parts(layer, call, conversion):
@@ -318,7 +376,7 @@ def _plain_projection(layer):
     return bool(plain) and _dense_activation_ok(layer)
 
 
-def _lstm_ok(layer):
+def _recurrent_ok(layer):
     return (activation_name(layer.cell.activation) == "tanh"
             and activation_name(layer.cell.recurrent_activation) == "sigmoid")
 
@@ -360,7 +418,9 @@ def register_defaults():
     register_converter(keras.layers.Softmax, softmax_layer)
     register_converter(keras.layers.Dropout, dropout)
     register_converter(keras.layers.Add, add)
-    register_converter(keras.layers.LSTM, lstm, accepts=_lstm_ok)
+    register_converter(keras.layers.LSTM, recurrent, accepts=_recurrent_ok)
+    register_converter(keras.layers.GRU, recurrent, accepts=_recurrent_ok)
+    register_converter(keras.layers.Bidirectional, bidirectional, accepts=_bidirectional_ok)
     register_converter(keras.layers.MultiHeadAttention, attention)
     for name in L.__all__:
         register_converter(getattr(L, name), ours)

@@ -257,6 +257,8 @@ def _refuse_config(copy):
 
 def convert(conversion, layer, call):
     """A copy of `layer` whose convertible sublayers are converted; or None where it cannot be copied so."""
+    if not isinstance(layer, keras.layers.Layer):
+        return None  # an op of the graph (a mask's `not_equal`): it has no sublayers
     found = convertible_sublayers(layer)
     if not found:
         return None

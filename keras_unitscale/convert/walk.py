@@ -178,14 +178,18 @@ class Conversion:
 
     def keep(self, layer, call, known=True):
         """A copy of `layer` with its weights; its floating-point inputs must come at their original scale."""
-        if not known:
+        # An op of the graph that is not a layer (a mask's `not_equal`, a `keras.ops.multiply` on symbolic
+        # tensors) has no weights and no state: the same op, on its inputs at their original scale, is exact.
+        is_op = not isinstance(layer, keras.layers.Layer)
+        if not known and not is_op:
             self.unknown.append((layer.name, type(layer).__name__))
         call = self.inputs_at(call, [1.0] * len(call.inputs), layer.name)
-        try:
-            new = type(layer).from_config(layer.get_config())
-        except (NotImplementedError, TypeError, ValueError):
-            self.note(layer.name, "it has no usable config, so the converted model shares it with the original")
-            new = layer
+        new = layer
+        if not is_op:
+            try:
+                new = type(layer).from_config(layer.get_config())
+            except (NotImplementedError, TypeError, ValueError):
+                self.note(layer.name, "it has no usable config, so the converted model shares it with the original")
         out = new(*call.args, **call.kwargs)
         if new is not layer and self.equivalent and layer.weights:
             new.set_weights(layer.get_weights())

@@ -21,6 +21,8 @@ from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.dropout import Dropout
 from keras_unitscale.layers.einsum_dense import EinsumDense
 from keras_unitscale.layers.embedding import Embedding
+from keras_unitscale.layers.gru import GRU
+from keras_unitscale.layers.gru import GRUCell
 from keras_unitscale.layers.lstm import LSTM
 from keras_unitscale.layers.lstm import LSTMCell
 from keras_unitscale.layers.merging import Add
@@ -53,6 +55,8 @@ __all__ = [
     "EinsumDense",
     "Embedding",
     "GroupNormalization",
+    "GRU",
+    "GRUCell",
     "LayerNormalization",
     "LeakyReLU",
     "LSTM",

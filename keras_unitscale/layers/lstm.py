@@ -3,72 +3,32 @@
 The scaling rule and its derivation live in `keras_unitscale.rules.lstm`,
 the ops that apply it in `keras_unitscale.ops.lstm` (`lstm_weights`,
 `lstm_inputs`, `lstm_hidden_in`, `lstm_hidden_out`, `lstm_dropout`,
-`lstm_cell`). This module only wires them into Keras's recurrent machinery:
-the cell steps `lstm_cell`, and the layer hands the *scaled* weights to the
-backend's fused LSTM (cuDNN) where plain `keras.layers.LSTM` would hand it
-the raw ones. Everything else (sequences, states, masking, `go_backwards`,
+`lstm_cell`). This module only wires them into Keras's recurrent machinery
+(through `keras_unitscale.layers.recurrent`, shared with the GRU): the cell
+steps `lstm_cell`, and the layer hands the *scaled* weights to the backend's
+fused LSTM (cuDNN) where plain `keras.layers.LSTM` would hand it the raw
+ones. Everything else (sequences, states, masking, `go_backwards`,
 `stateful`, `unroll`, dropout masks, configs, shapes, dtype policies,
 variable names and paths) is Keras's.
 """
 
-import contextlib
-
 import keras
-from keras import ops
 from keras.src import backend as keras_backend
 
 from keras_unitscale import checks
-from keras_unitscale import precision
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import check_fp8
 from keras_unitscale.layers.common import unit_normal
+from keras_unitscale.layers.recurrent import ScaledCell
+from keras_unitscale.layers.recurrent import ScaledRNN
+from keras_unitscale.layers.recurrent import check_activation
+from keras_unitscale.layers.recurrent import check_use_cudnn
 from keras_unitscale.ops import lstm as lstm_ops
 
 __all__ = ["LSTM", "LSTMCell"]
 
-_USE_CUDNN = ("auto", True, False)
-
-
-def _check_activation(name, value, expected):
-    """Only the plain gates have a rule: their values have meaning, so they are not rescaled."""
-    try:
-        fn = keras.activations.get(value)
-    except (ValueError, TypeError):
-        fn = None
-    if fn is not keras.activations.get(expected):
-        raise ValueError(
-            f"The unit-scaled LSTM is derived for `{name}='{expected}'` only. "
-            f"Received: {name}={value!r}"
-        )
-    return expected
-
-
-def _check_use_cudnn(use_cudnn):
-    # By identity: 1 == True and 0 == False, but neither is a valid choice.
-    if any(use_cudnn is option for option in (True, False)) or (
-        isinstance(use_cudnn, str) and use_cudnn == "auto"
-    ):
-        return use_cudnn
-    raise ValueError(
-        f"`use_cudnn` must be one of {list(_USE_CUDNN)}. Received: use_cudnn={use_cudnn!r}"
-    )
-
-
-def _as_compute_dtype(x, dtype):
-    """Casts `x` to the compute dtype unless it is already there.
-
-    Floats: `__call__` autocasts them, `stateless_call` does not. Booleans
-    and integers: Keras's `__call__` leaves them, and Keras's LSTM computes
-    with them as its matmuls promote them, in the compute dtype.
-    """
-    x = ops.convert_to_tensor(x)
-    if keras.backend.standardize_dtype(x.dtype) != dtype:
-        x = ops.cast(x, dtype)
-    return x
-
-
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
+class LSTMCell(ScaledCell, WeightMultipliers, keras.layers.LSTMCell):
     """A unit-scaled LSTM cell: `keras.layers.LSTMCell` with the unit-scaled step.
 
     Weights start at unit variance; `keras_unitscale.ops.lstm_weights`
@@ -148,10 +108,8 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
         fp8 = check_fp8(fp8)
         dropout = checks.rate("dropout", dropout)
         recurrent_dropout = checks.rate("recurrent_dropout", recurrent_dropout)
-        activation = _check_activation("activation", activation, "tanh")
-        recurrent_activation = _check_activation(
-            "recurrent_activation", recurrent_activation, "sigmoid"
-        )
+        activation = check_activation("LSTM", "activation", activation, "tanh")
+        recurrent_activation = check_activation("LSTM", "recurrent_activation", recurrent_activation, "sigmoid")
         kwargs.pop("implementation", None)
         super().__init__(
             units,
@@ -174,15 +132,11 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             **kwargs,
         )
         self._init_weight_multipliers(weight_multipliers, lr_multipliers)
-        self.fp8 = fp8
+        self._init_sequence_weights(fp8)
         # One fused step (Keras's implementation 2) with one dropout mask
         # per tensor, whatever the recurrent dropout.
         self.implementation = 2
         self.dropout_mask_count = None
-        # The weights scaled for the current sequence, set by `LSTM` for the
-        # duration of its loop. Stored outside Keras's attribute tracking:
-        # these are tensors of one call, not state.
-        object.__setattr__(self, "_sequence_weights", None)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -191,6 +145,10 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
         self.declare_role(self.recurrent_kernel, "hidden", fan_in=self.units, fan_out=gates)
         if self.use_bias:
             self.declare_role(self.bias, "bias", fan_out=gates)
+
+    def scaled_inputs(self, inputs, return_sequences=True):
+        """The inputs with their gradient scaled by `ops.lstm_inputs` (a cut edge)."""
+        return lstm_ops.lstm_inputs(inputs, self.units, return_sequences, self.forget_bias)
 
     def scaled_weights(self, inputs, return_sequences=True):
         """The weights for one sequence: multiplied, then scaled by `ops.lstm_weights`."""
@@ -204,35 +162,14 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
             fp8=self.uses_fp8(),
         )
 
-    def uses_fp8(self):
-        """Whether the kernels' matmuls run in FP8 now (see `keras_unitscale.precision`)."""
-        return precision.uses_fp8(self.fp8)
-
-    def get_config(self):
-        return {**super().get_config(), "fp8": self.fp8, **self.multiplier_config()}
-
     @property
     def forget_bias(self):
         """The forget-gate bias at initialisation, which the rule is derived for."""
         return 1.0 if (self.use_bias and self.unit_forget_bias) else 0.0
 
-    @contextlib.contextmanager
-    def sequence_weights(self, weights):
-        """Within this context the cell steps with `weights` (from `lstm_weights`)."""
-        object.__setattr__(self, "_sequence_weights", weights)
-        try:
-            yield
-        finally:
-            object.__setattr__(self, "_sequence_weights", None)
-
     def call(self, inputs, states, training=False):
         h, c = states[0], states[1]
-        weights = self._sequence_weights
-        if weights is None:
-            # Standalone (in `keras.layers.RNN`): nothing cast the step yet.
-            inputs = _as_compute_dtype(inputs, self.compute_dtype)
-            inputs = lstm_ops.lstm_inputs(inputs, self.units, forget_bias=self.forget_bias)
-            weights = self.scaled_weights(inputs)
+        inputs, weights = self.step_weights(inputs)
         if training and self.dropout > 0:
             inputs = lstm_ops.lstm_dropout(inputs, self.get_dropout_mask(inputs), self.dropout)
         if training and self.recurrent_dropout > 0:
@@ -242,7 +179,7 @@ class LSTMCell(WeightMultipliers, keras.layers.LSTMCell):
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class LSTM(keras.layers.LSTM):
+class LSTM(ScaledRNN, keras.layers.LSTM):
     """A unit-scaled LSTM layer: `keras.layers.LSTM` with the unit-scaled cell and fused call.
 
     Same arguments and behaviour as `keras.layers.LSTM` (sequences, states,
@@ -261,13 +198,9 @@ class LSTM(keras.layers.LSTM):
     elsewhere it steps `LSTMCell`.
 
     `use_cudnn`: the constructor's choice is `fused_kernel` (saved in the
-    config as `use_cudnn`). The attribute `use_cudnn` reads None: Keras
-    reads it in `keras.layers.Bidirectional`, which hands both directions'
-    *raw* weights to the backend's fused bidirectional kernel (a plain LSTM,
-    without this layer's scales) when both say True or "auto". Saying
-    neither, wrapped in `Bidirectional`, each direction runs this layer (and
-    its own fused kernel). Setting `use_cudnn` to "auto", True or False sets
-    `fused_kernel`.
+    config as `use_cudnn`); the attribute `use_cudnn` reads None, so that
+    `keras.layers.Bidirectional` never hands Keras's fused kernel the raw
+    weights (see `layers.recurrent.ScaledRNN`).
 
     Args:
         units: positive integer, the output size.
@@ -335,7 +268,7 @@ class LSTM(keras.layers.LSTM):
         fp8=None,
         **kwargs,
     ):
-        use_cudnn = _check_use_cudnn(use_cudnn)
+        use_cudnn = check_use_cudnn(use_cudnn)
         kwargs.pop("implementation", None)
         cell = LSTMCell(
             units,
@@ -387,70 +320,9 @@ class LSTM(keras.layers.LSTM):
             # cuDNN ops are not XLA-compatible (as for keras.layers.LSTM).
             self.supports_jit = False
 
-    @property
-    def use_cudnn(self):
-        """None: Keras's own fused kernels never get this layer's raw weights (see the class docstring)."""
-        return None
-
-    @use_cudnn.setter
-    def use_cudnn(self, value):
-        # `Bidirectional` copies the wrapped layer's value (None) into its two
-        # copies, which keep the choice their config gave them.
-        if value is not None:
-            self.fused_kernel = _check_use_cudnn(value)
-
-    @staticmethod
-    def _check_rank(sequences_shape):
-        if len(sequences_shape) != 3:
-            raise ValueError(
-                "`sequences` (the LSTM's inputs) must have rank 3: (batch, "
-                f"timesteps, features). Received: sequences.shape={tuple(sequences_shape)}"
-            )
-
-    def build(self, sequences_shape, initial_state_shape=None):
-        self._check_rank(sequences_shape)
-        super().build(sequences_shape, initial_state_shape)
-
-    def call(self, sequences, initial_state=None, mask=None, training=False):
-        self._check_rank(sequences.shape)
-        sequences = _as_compute_dtype(sequences, self.compute_dtype)
-        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
-
-    def inner_loop(self, sequences, initial_state, mask, training=False):
-        if keras.tree.is_nested(mask):
-            mask = mask[0]
-        cell = self.cell
-        forget_bias = cell.forget_bias
-        # The input's gradient scale (a cut edge) and the scaled weights,
-        # once for the whole sequence.
-        sequences = lstm_ops.lstm_inputs(sequences, cell.units, self.return_sequences, forget_bias)
-        weights = cell.scaled_weights(sequences, self.return_sequences)
-        # The fused kernel has no FP8 casts inside its loop.
-        if self.fused_kernel in ("auto", True) and not cell.recurrent_dropout and not cell.uses_fp8():
-            try:
-                return self._fused_loop(sequences, initial_state, mask, training, weights)
-            except NotImplementedError:
-                pass
-        if self.fused_kernel is True:
-            raise ValueError(
-                "use_cudnn=True was specified, but the fused (cuDNN) LSTM is not "
-                "available for this layer configuration on this backend and "
-                "device. Pass use_cudnn='auto' to fall back to the step-by-step "
-                "implementation. Received: use_cudnn=True"
-            )
-        with cell.sequence_weights(weights):
-            # `RNN.inner_loop`: Keras's step loop over our cell.
-            return super(keras.layers.LSTM, self).inner_loop(
-                sequences, initial_state, mask=mask, training=training
-            )
-
-    def _fused_loop(self, sequences, initial_state, mask, training, weights):
+    def _fused_loop(self, sequences, initial_state, mask, weights):
         """The backend's fused LSTM on the plain hidden state, with the scaled weights."""
-        cell = self.cell
-        forget_bias = cell.forget_bias
-        if training and cell.dropout:
-            mask_step = cell.get_dropout_mask(sequences[:, 0, :])
-            sequences = lstm_ops.lstm_dropout(sequences, ops.expand_dims(mask_step, 1), cell.dropout)
+        forget_bias = self.cell.forget_bias
         kernel, recurrent_kernel, bias = weights
         last_output, outputs, states = keras_backend.lstm(
             sequences,
@@ -466,19 +338,8 @@ class LSTM(keras.layers.LSTM):
             go_backwards=self.go_backwards,
             unroll=self.unroll,
         )
-        if keras.backend.backend() == "tensorflow":
-            # cuDNN ops are not XLA-compatible (as for keras.layers.LSTM).
-            self.supports_jit = False
         return (
             lstm_ops.lstm_hidden_out(last_output, forget_bias),
             lstm_ops.lstm_hidden_out(outputs, forget_bias),
             [lstm_ops.lstm_hidden_out(states[0], forget_bias), states[1]],
         )
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "use_cudnn": self.fused_kernel,
-            "fp8": self.cell.fp8,
-            **self.cell.multiplier_config(),
-        }

@@ -21,6 +21,11 @@ from keras_unitscale.ops.convolution import conv
 from keras_unitscale.ops.convolution import conv_transpose
 from keras_unitscale.ops.convolution import depthwise_conv
 from keras_unitscale.ops.convolution import separable_conv
+from keras_unitscale.ops.gru import gru_cell
+from keras_unitscale.ops.gru import gru_hidden_in
+from keras_unitscale.ops.gru import gru_hidden_out
+from keras_unitscale.ops.gru import gru_inputs
+from keras_unitscale.ops.gru import gru_weights
 from keras_unitscale.ops.linear import add
 from keras_unitscale.ops.linear import dense
 from keras_unitscale.ops.linear import dense_readout
@@ -50,4 +55,5 @@ __all__ = [
     "cross_entropy", "cross_entropy_grad_scale", "mse", "MSE_GRAD_SCALE",
     "residual_split", "residual_add", "residual_apply",
     "lstm_weights", "lstm_inputs", "lstm_hidden_in", "lstm_hidden_out", "lstm_dropout", "lstm_cell",
+    "gru_weights", "gru_inputs", "gru_hidden_in", "gru_hidden_out", "gru_cell",
 ]

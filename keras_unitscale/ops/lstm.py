@@ -23,7 +23,7 @@ from keras_unitscale.sizes import shape as shape_of
 __all__ = ["lstm_weights", "lstm_inputs", "lstm_hidden_in", "lstm_hidden_out", "lstm_dropout", "lstm_cell"]
 
 
-def _sizes(x):
+def sequence_sizes(x):
     """`(batch, steps, features)` of a sequence `(batch, T, D)` or a step `(batch, D)`."""
     check_rank("x", x, 2, 3)
     dims = shape_of(x)
@@ -32,15 +32,17 @@ def _sizes(x):
     return dims
 
 
-def _check_units(kernel_name, kernel, rows, rows_name):
+def check_units(kernel_name, kernel, rows, rows_name, gates):
+    """A recurrent kernel's units: its rows must be `rows`, its columns one block per gate."""
     dims = shape_of(kernel)
+    count = len(gates.split(", "))
     check_dims_match(f"`{kernel_name}` rows and {rows_name}", f"{kernel_name}.shape[0]", dims[0], rows_name, rows)
-    if is_static(dims[1]) and dims[1] % 4:
+    if is_static(dims[1]) and dims[1] % count:
         raise ValueError(
-            f"`{kernel_name}` must have 4·units columns (gates i, f, g, o). "
+            f"`{kernel_name}` must have {count}·units columns (gates {gates}). "
             f"Received: {kernel_name}.shape={tuple(dims)}"
         )
-    return dims[1] // 4 if is_static(dims[1]) else dims[1] / 4.0
+    return dims[1] // count if is_static(dims[1]) else dims[1] / float(count)
 
 
 def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forget_bias=1.0, fp8=False):
@@ -78,15 +80,31 @@ def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forge
     >>> float(keras.ops.convert_to_numpy(k)[0, 0]), b is None
     (0.5, True)
     """
+    return scaled_recurrent_weights(
+        kernel, recurrent_kernel, bias, x, "i, f, g, o",
+        lambda features, units, batch, steps: rules.lstm.weights(
+            features, units, batch, steps, return_sequences, forget_bias),
+        lambda bias, units: check_rank("bias", bias, 1, 1),
+        fp8,
+    )
+
+
+def scaled_recurrent_weights(kernel, recurrent_kernel, bias, x, gates, rule, check_bias, fp8):
+    """What the LSTM's and the GRU's weight ops share: checks, dtypes, FP8 casts, then each weight's scales.
+
+    `rule(features, units, batch, steps)` gives the layer's `RecurrentWeightScales`
+    (`batch` counting every replica's rows); `check_bias(bias, units)` checks
+    the bias's shape.
+    """
     kernel = to_float(kernel, "kernel")
     x = to_float(x, "x", like=kernel)
     recurrent_kernel = to_tensor(recurrent_kernel, "recurrent_kernel")
     check_rank("kernel", kernel, 2, 2)
     check_rank("recurrent_kernel", recurrent_kernel, 2, 2)
-    batch, steps, features = _sizes(x)
-    units = _check_units("kernel", kernel, features, "x.shape[-1]")
-    _check_units("recurrent_kernel", recurrent_kernel, units, "units")
-    scales = rules.lstm.weights(features, units, batch * replicas(), steps, return_sequences, forget_bias)
+    batch, steps, features = sequence_sizes(x)
+    units = check_units("kernel", kernel, features, "x.shape[-1]", gates)
+    check_units("recurrent_kernel", recurrent_kernel, units, "units", gates)
+    scales = rule(features, units, batch * replicas(), steps)
     kernel, recurrent_kernel = as_compute_dtype(kernel, x), as_compute_dtype(recurrent_kernel, x)
     if fp8:
         kernel, recurrent_kernel = precision.cast_inputs(kernel, recurrent_kernel)
@@ -94,7 +112,7 @@ def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forge
     recurrent_kernel = scaled(recurrent_kernel, *scales.recurrent_kernel)
     if bias is not None:
         bias = to_tensor(bias, "bias")
-        check_rank("bias", bias, 1, 1)
+        check_bias(bias, units)
         bias = scaled(as_compute_dtype(bias, x), *scales.bias)
     return kernel, recurrent_kernel, bias
 
@@ -125,7 +143,7 @@ def lstm_inputs(x, units, return_sequences=True, forget_bias=1.0):
     """
     x = to_float(x, "x")
     checks.positive_int("units", units)
-    _, steps, features = _sizes(x)
+    _, steps, features = sequence_sizes(x)
     return scale_bwd(x, rules.lstm.input_grad(features, units, steps, return_sequences, forget_bias))
 
 
@@ -139,7 +157,7 @@ def lstm_hidden_in(h, forget_bias=1.0):
     >>> round(float(keras.ops.convert_to_numpy(y)[0]), 3)
     0.225
     """
-    return _times(h, rules.lstm.lstm_rule(forget_bias).hidden_rms)
+    return times_both_passes(h, rules.lstm.lstm_rule(forget_bias).hidden_rms)
 
 
 def lstm_hidden_out(h, forget_bias=1.0):
@@ -152,10 +170,10 @@ def lstm_hidden_out(h, forget_bias=1.0):
     >>> round(float(keras.ops.convert_to_numpy(y)[0]), 2)
     4.44
     """
-    return _times(h, rules.lstm.lstm_rule(forget_bias).output_scale)
+    return times_both_passes(h, rules.lstm.lstm_rule(forget_bias).output_scale)
 
 
-def _times(h, scale):
+def times_both_passes(h, scale):
     """`h · scale` in both passes: an edge inside the recurrence, which is not cut."""
     return scaled(to_tensor(h, "h"), scale, scale)
 
@@ -189,7 +207,7 @@ def lstm_dropout(x, mask, rate):
     return scaled(x * ops.cast(mask, x.dtype), scale, scale)
 
 
-def _sum(a, b):
+def add_rows(a, b):
     """`a + b` for two `(batch, n)` tensors, an empty batch included.
 
     On TensorFlow, `ops.add` takes a second operand that squeezes to one
@@ -240,11 +258,11 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8
     h_plain = lstm_hidden_in(to_tensor(h, "h"), forget_bias)
     if fp8:
         x, h_plain = precision.cast_inputs(x, h_plain)
-    z = _sum(ops.matmul(x, kernel), ops.matmul(h_plain, recurrent_kernel))
+    z = add_rows(ops.matmul(x, kernel), ops.matmul(h_plain, recurrent_kernel))
     if fp8:
         z = precision.cast_output_gradient(z)
     if bias is not None:
         z = ops.add(z, bias)
     z_i, z_f, z_g, z_o = ops.split(z, 4, axis=-1)
-    c = _sum(ops.sigmoid(z_f) * ops.cast(c, z.dtype), ops.sigmoid(z_i) * ops.tanh(z_g))
+    c = add_rows(ops.sigmoid(z_f) * ops.cast(c, z.dtype), ops.sigmoid(z_i) * ops.tanh(z_g))
     return lstm_hidden_out(ops.sigmoid(z_o) * ops.tanh(c), forget_bias), c

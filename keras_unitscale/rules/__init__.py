@@ -10,13 +10,14 @@ written twice. Rules compute on Python numbers; where a size is known only at
 run time (a traced batch), the same arithmetic runs on a float32 scalar.
 
 Modules: `linear` (matmul, dense, readout, add, embedding), `conv`, `activations`,
-`norms`, `attention`, `losses`, `residual` (the depth rule), `lstm`, `mup`
+`norms`, `attention`, `losses`, `residual` (the depth rule), `lstm`, `gru`, `mup`
 (u-μP's role table).
 """
 
 from keras_unitscale.rules import activations
 from keras_unitscale.rules import attention
 from keras_unitscale.rules import conv
+from keras_unitscale.rules import gru
 from keras_unitscale.rules import linear
 from keras_unitscale.rules import losses
 from keras_unitscale.rules import lstm
@@ -28,6 +29,6 @@ from keras_unitscale.rules.common import logarithmic_interpolation
 from keras_unitscale.rules.common import tie
 
 __all__ = [
-    "activations", "attention", "conv", "linear", "losses", "lstm", "mup", "norms", "residual",
+    "activations", "attention", "conv", "gru", "linear", "losses", "lstm", "mup", "norms", "residual",
     "gaussian_rms", "logarithmic_interpolation", "tie",
 ]

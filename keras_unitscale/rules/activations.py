@@ -26,6 +26,7 @@ from keras_unitscale import checks
 from keras_unitscale.rules.common import gaussian_grid
 from keras_unitscale.rules.common import gaussian_grid_rms
 from keras_unitscale.rules.common import logarithmic_interpolation
+from keras_unitscale.rules.common import sigmoid as _logistic
 from keras_unitscale.rules.common import tie
 from keras_unitscale.sizes import power
 
@@ -39,10 +40,6 @@ __all__ = [
 class ElementwiseScales(NamedTuple):
     output: float
     grad: float
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _inverse_rms(rms, what):
@@ -162,7 +159,7 @@ def tie_keeps_gradient(untied, tolerance=TIE_TOLERANCE):
 _RELU = math.sqrt(2.0)
 # Computed once, when the module loads.
 _TANH = quadrature(np.tanh, lambda z: 1.0 - np.tanh(z) ** 2, constraint=None)
-_SIGMOID = quadrature(_sigmoid, lambda z: _sigmoid(z) * (1.0 - _sigmoid(z)), constraint=None)
+_SIGMOID = quadrature(_logistic, lambda z: _logistic(z) * (1.0 - _logistic(z)), constraint=None)
 # The mult → ∞ limit of gelu's and silu's output rule: relu's standard deviation.
 _RELU_STD_SCALE = (2.0 / (1.0 - 1.0 / math.pi)) ** 0.5
 

@@ -10,7 +10,7 @@ from keras_unitscale.sizes import is_static
 from keras_unitscale.sizes import log
 
 __all__ = [
-    "tie", "logarithmic_interpolation", "gaussian_mean", "gaussian_rms", "gaussian_nodes", "gaussian_grid",
+    "Constants", "sigmoid", "geometric_tail", "tie", "logarithmic_interpolation", "gaussian_mean", "gaussian_rms", "gaussian_nodes", "gaussian_grid",
     "gaussian_grid_rms",
 ]
 
@@ -122,3 +122,32 @@ def gaussian_rms(fn):
     0.5
     """
     return gaussian_grid_rms(fn(_GRID))
+
+
+class Constants:
+    """Read-only named constants of a derived rule (`LSTMRule`, `GRURule`): a subclass lists them in `__slots__`."""
+
+    __slots__ = ()
+
+    def __init__(self, **values):
+        for name in self.__slots__:
+            object.__setattr__(self, name, float(values.pop(name)))
+        if values:
+            raise TypeError(f"Unknown {type(self).__name__} fields: {sorted(values)}")
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is read-only.")
+
+    def __repr__(self):
+        fields = ", ".join(f"{name}={getattr(self, name):.4g}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+def sigmoid(x):
+    """The logistic function on NumPy arrays (the gates of the recurrent rules' mean fields)."""
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def geometric_tail(ratio):
+    """Σ_{d ≥ 1} ratio^d, for |ratio| < 1: a lag correlation summed over every lag."""
+    return ratio / (1.0 - ratio)

@@ -62,16 +62,19 @@ from typing import NamedTuple
 
 import numpy as np
 
+from keras_unitscale.rules.common import Constants
 from keras_unitscale.rules.common import gaussian_mean as mean
 from keras_unitscale.rules.common import gaussian_nodes
+from keras_unitscale.rules.common import geometric_tail
+from keras_unitscale.rules.common import sigmoid
 from keras_unitscale.sizes import as_float
 from keras_unitscale.sizes import at_least_one
 from keras_unitscale.sizes import power
 
-__all__ = ["LSTMRule", "lstm_rule", "WeightScales", "LSTMWeightScales", "weights", "input_grad"]
+__all__ = ["LSTMRule", "lstm_rule", "WeightScales", "RecurrentWeightScales", "LSTMWeightScales", "weights", "input_grad"]
 
 
-class LSTMRule:
+class LSTMRule(Constants):
     """The constants of the unit-scaled LSTM for one forget-gate bias (read-only).
 
     Attributes:
@@ -98,22 +101,6 @@ class LSTMRule:
         "bias_grad_correlation",
     )
 
-    def __init__(self, **values):
-        for name in self.__slots__:
-            object.__setattr__(self, name, float(values.pop(name)))
-        if values:
-            raise TypeError(f"Unknown LSTMRule fields: {sorted(values)}")
-
-    def __setattr__(self, name, value):
-        raise AttributeError("LSTMRule is read-only.")
-
-    def __repr__(self):
-        fields = ", ".join(f"{name}={getattr(self, name):.4g}" for name in self.__slots__)
-        return f"LSTMRule({fields})"
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 class _Forward(NamedTuple):
@@ -138,7 +125,7 @@ def _forward(forget_bias):
     for _ in range(200):
         q = math.sqrt(1.0 + hidden_ms)
         z = q * nodes
-        i_gate, f_gate, g_gate = _sigmoid(z), _sigmoid(z + forget_bias), np.tanh(z)
+        i_gate, f_gate, g_gate = sigmoid(z), sigmoid(z + forget_bias), np.tanh(z)
         i_ms, f_ms, g_ms = mean(i_gate**2), mean(f_gate**2), mean(g_gate**2)
         cell_ms = i_ms * g_ms / (1.0 - f_ms)  # c = f·c + i·g, stationary
         tanh_c = np.tanh(math.sqrt(cell_ms) * nodes)
@@ -189,16 +176,13 @@ def _correlations(state, gate_grad_ms):
     lambda_f = mean(d_f) ** 2 / mean(d_f**2)
     rho_h = mean(state.i_gate) ** 2 / state.i_ms
 
-    def geometric(ratio):  # Σ_{d >= 1} ratio^d
-        return ratio / (1.0 - ratio)
-
     bias_ms = np.array(
-        [1.0, 1.0 + 2 * lambda_f * geometric(f_mean**2), 1.0 + 2 * lambda_g * geometric(f_mean), 1.0]
+        [1.0, 1.0 + 2 * lambda_f * geometric_tail(f_mean**2), 1.0 + 2 * lambda_g * geometric_tail(f_mean), 1.0]
     )
     recurrent_ms = np.array([
         1.0,
-        1.0 + 2 * rho_h * lambda_f * geometric(f_mean**3),
-        1.0 + 2 * rho_h * lambda_g * geometric(f_mean**2),
+        1.0 + 2 * rho_h * lambda_f * geometric_tail(f_mean**3),
+        1.0 + 2 * rho_h * lambda_g * geometric_tail(f_mean**2),
         1.0,
     ])
     total = gate_grad_ms.sum()
@@ -280,10 +264,15 @@ class WeightScales(NamedTuple):
     backward: float | None  # None where the batch was not given
 
 
-class LSTMWeightScales(NamedTuple):
+class RecurrentWeightScales(NamedTuple):
+    """The scales of a recurrent layer's three weights (the LSTM's and the GRU's)."""
+
     kernel: WeightScales
     recurrent_kernel: WeightScales
     bias: WeightScales
+
+
+LSTMWeightScales = RecurrentWeightScales
 
 
 def weights(features, units, batch=None, steps=1, return_sequences=True, forget_bias=1.0):
@@ -307,7 +296,7 @@ def weights(features, units, batch=None, steps=1, return_sequences=True, forget_
     if batch is not None:
         base = power(at_least_one(batch * (steps if return_sequences else 1)), -0.5) / rule.preactivation_grad_rms
     recurrent = None if base is None else base / (rule.hidden_rms * rule.recurrent_grad_correlation)
-    return LSTMWeightScales(
+    return RecurrentWeightScales(
         WeightScales(power(features, -0.5), base),
         WeightScales(power(units, -0.5), recurrent),
         WeightScales(1.0, None if base is None else base / rule.bias_grad_correlation),
