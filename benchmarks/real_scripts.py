@@ -19,8 +19,9 @@ Each model is trained in four variants from the same initial weights on the
 same batches (`shuffle=False`): `script` (compiled as the example compiles
 it), `callback` (the same, with `UnitScaleCallback()` in `fit`),
 `equivalent` (`unit_scale(model)` compiled with `convert.from_keras` of the
-script's optimizer, after `convert.match_epsilon`; it should follow the
-script's trajectory) and `reinit` (`unit_scale(model, mode="reinit")`, u-μP's
+script's optimizer, and the script's loss (`--twin-loss ours`: made ours by
+`convert.from_keras` too), after `convert.match_epsilon`; it should follow
+the script's trajectory) and `reinit` (`unit_scale(model, mode="reinit")`, u-μP's
 initialisation and learning rates: not expected to match). Each in float32,
 in `mixed_float16` without loss scaling (`auto_scale_loss=False`), and in
 simulated scale-free FP8: `precision.simulate_fp8` for the plain script
@@ -332,7 +333,7 @@ def layer_census(model):
             "keras_layers": kept, "classes": [f"{type(layer).__module__}.{type(layer).__name__}" for layer in leaves]}
 
 
-def prepare(spec, info, variant, fp8, first_batch, row):
+def prepare(spec, info, variant, fp8, first_batch, row, twin_loss):
     """The run's compiled model and its extra callbacks, built from the seed (so every variant starts alike)."""
     _, build, make_optimizer, make_loss, _ = spec
     keras.utils.set_random_seed(SEED)
@@ -342,7 +343,10 @@ def prepare(spec, info, variant, fp8, first_batch, row):
         model.compile(make_optimizer(), make_loss(), auto_scale_loss=False)
         return model, [UnitScaleCallback(verbose=0)] if variant == "callback" else []
     twin = keras_unitscale.unit_scale(script, mode="reinit" if variant == "reinit" else "equivalent")
-    twin.compile(convert.from_keras(make_optimizer()), make_loss(), auto_scale_loss=False)
+    # The script's optimizer made ours; its loss as written, or (`--twin-loss ours`) made ours too: the same value,
+    # its gradient unit-scaled (a Keras loss per token divides it by batch × length, below E5M2's range).
+    loss = convert.from_keras(make_loss()) if twin_loss == "ours" else make_loss()
+    twin.compile(convert.from_keras(make_optimizer()), loss, auto_scale_loss=False)
     if variant == "equivalent":
         # Inference mode: no dropout, so any difference is the conversion's (or FP16/FP8 rounding's).
         row["initial_output_max_diff"] = float(np.max(np.abs(
@@ -355,12 +359,13 @@ def prepare(spec, info, variant, fp8, first_batch, row):
     return twin, []
 
 
-def train_and_measure(spec, data, variant, precision_name, row):
+def train_and_measure(spec, data, variant, precision_name, row, twin_loss):
     (x, y), held_out, info = data
     batch = spec[4]
     twin_fp8 = precision_name == "fp8" and variant != "script"
     with precision.fp8(enabled=twin_fp8):
-        model, callbacks = prepare(spec, info, variant, precision_name == "fp8", (x[:batch], y[:batch]), row)
+        model, callbacks = prepare(spec, info, variant, precision_name == "fp8", (x[:batch], y[:batch]), row,
+                                   twin_loss)
         recorder = StepRecorder()
         keras.utils.set_random_seed(SEED)  # the same dropout masks wherever the layers draw them alike
         model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[recorder, *callbacks])
@@ -378,7 +383,7 @@ def train_and_measure(spec, data, variant, precision_name, row):
     })
 
 
-def run(name, data, variant, precision_name):
+def run(name, data, variant, precision_name, twin_loss="script"):
     """One row; a failure keeps its error text (type and message) in the row."""
     row = {"model": name, "variant": variant, "precision": precision_name}
     keras.config.set_dtype_policy("mixed_float16" if precision_name == "fp16" else "float32")
@@ -387,7 +392,7 @@ def run(name, data, variant, precision_name):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train_and_measure(MODELS[name], data, variant, precision_name, row)
+            train_and_measure(MODELS[name], data, variant, precision_name, row, twin_loss)
         row["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     except Exception as error:  # the row must say what failed, and the benchmark go on
         row["error"] = f"{type(error).__name__}: {error}"
@@ -478,7 +483,8 @@ def plot(rows, path):
 def write(rows, args, seconds, text):
     backend = keras.backend.backend()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"real_scripts_{backend}_{timing.device_name().replace(' ', '_').lower()}")
+    loss = "" if args.twin_loss == "script" else "_twin_loss_ours"
+    stem = os.path.join(args.out, f"real_scripts{loss}_{backend}_{timing.device_name().replace(' ', '_').lower()}")
     record = {
         "backend": backend, "device": timing.device_name(), "keras": keras.__version__,
         "keras_unitscale": keras_unitscale.__version__,
@@ -502,6 +508,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps per run (default {FULL_STEPS}, {QUICK_STEPS} with --quick)")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny data: a smoke run")
+    parser.add_argument("--twin-loss", choices=("script", "ours"), default="script",
+                        help="the converted twins' loss: the script's, or made ours by convert.from_keras")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     if args.steps is None:
@@ -517,13 +525,14 @@ def main():
         train, held_out, info = load(args.quick)
         data = (training_batches(train, args.steps, batch), held_out, info)
         for variant, precision_name in combinations:
-            rows.append(run(name, data, variant, precision_name))
+            rows.append(run(name, data, variant, precision_name, args.twin_loss))
             outcome = rows[-1].get("error") or f"final loss {rows[-1]['final_train_loss']:.4f}"
             print(f"{name} {variant} {precision_name}: {outcome.splitlines()[0][:200]} "
                   f"({rows[-1]['seconds']:.1f} s)", flush=True)
     seconds = time.perf_counter() - started
     text = (f"real_scripts, {keras.backend.backend()} backend, keras {keras.__version__}, "
-            f"keras_unitscale {keras_unitscale.__version__}, {os.cpu_count()} cores, {seconds:.0f} s\n\n"
+            f"keras_unitscale {keras_unitscale.__version__}, {os.cpu_count()} cores, {seconds:.0f} s, "
+            f"twins compiled with the script's loss{'' if args.twin_loss == 'script' else ', made ours'}\n\n"
             + table(rows, {name: args.steps for name in args.models}))
     print("\n" + text)
     write(rows, args, seconds, text)

@@ -41,10 +41,12 @@ import keras
 
 from keras_unitscale import checks
 from keras_unitscale import optimizers
+from keras_unitscale import precision
 from keras_unitscale.convert import converters
+from keras_unitscale.convert import loss as loss_conversion
+from keras_unitscale.convert import optimizer as optimizer_conversion
 from keras_unitscale.convert.epsilon import match_epsilon
 from keras_unitscale.convert.optimizer import adopt
-from keras_unitscale.convert.optimizer import from_keras
 from keras_unitscale.convert.registry import Call
 from keras_unitscale.convert.registry import converter_for
 from keras_unitscale.convert.registry import register_converter
@@ -127,15 +129,44 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
     conversion = Conversion(mode, residual_rule)
     converted = conversion.run(model)
     _warn(conversion)
-    _check_optimizer_at_compile(converted, mode)
+    _check_compile(converted, mode)
     converted.unit_scale_notes = list(conversion.notes)
     # Paths, not variables: a model tracks the variables it holds in attributes.
     converted.unit_scale_sources = dict(conversion.sources)
     return converted
 
 
-def _check_optimizer_at_compile(model, mode):
-    """Makes `model.compile` warn, once, when the optimizer cannot read the twin's learning-rate multipliers."""
+def from_keras(optimizer_or_loss, parametrization="u-mup"):
+    """The script's optimizer or loss, made ours: how a twin is compiled as the script compiles.
+
+    An optimizer (`keras.optimizers.Adam`, `AdamW`, `SGD`, `RMSprop`, `Lion`,
+    or a name Keras knows) becomes ours with its arguments
+    (`convert.optimizer.from_keras`, which `parametrization` is passed to). A
+    loss (`SparseCategoricalCrossentropy`, `CategoricalCrossentropy`,
+    `BinaryCrossentropy`, `MeanSquaredError`, an object, function or name)
+    becomes the unit-scaled one of `keras_unitscale.losses`: the same value,
+    its gradient not divided by the rows it averages, which FP8's E5M2 needs
+    for per-token losses (`convert.loss`). With a twin, call `match_epsilon`
+    after compiling, and its training follows the script's.
+
+    Example:
+
+    >>> type(from_keras("adam")).__module__, type(from_keras("sparse_categorical_crossentropy")).__module__
+    ('keras_unitscale.optimizers', 'keras_unitscale.losses')
+    """
+    if loss_conversion.is_loss(optimizer_or_loss):
+        return loss_conversion.loss_from_keras(optimizer_or_loss)
+    return optimizer_conversion.from_keras(optimizer_or_loss, parametrization)
+
+
+def _averaged_gradient_is_at_risk(model):
+    """Whether the twin will compute in FP8, where a gradient divided by its rows can fall below E5M2's range."""
+    return any(precision.uses_fp8(getattr(layer, "fp8", False)) for layer in model._flatten_layers(include_self=False))
+
+
+def _check_compile(model, mode):
+    """Makes `model.compile` warn, once each, when the optimizer cannot read the twin's learning-rate multipliers,
+    and when a Keras loss divides the gradient by its rows where FP8 cannot hold it."""
     keras_compile = model.compile
     why = {
         "equivalent": "stores each weight at unit scale with a fixed learning-rate multiplier, so that our "
@@ -145,6 +176,7 @@ def _check_optimizer_at_compile(model, mode):
 
     def compile(*args, **kwargs):
         keras_compile(*args, **kwargs)
+        _check_loss(model)
         optimizer = optimizers.unwrap(getattr(model, "optimizer", None))
         if optimizer is None or isinstance(optimizer, optimizers.UnitScaledOptimizer):
             return
@@ -160,6 +192,23 @@ def _check_optimizer_at_compile(model, mode):
 
     # An attribute of this model only: the twin is a plain Keras model otherwise.
     object.__setattr__(model, "compile", compile)
+
+
+def _check_loss(model):
+    loss = getattr(model, "loss", None)
+    if (getattr(model, "_averaged_loss_warned", False) or isinstance(loss, (list, dict, tuple))
+            or loss_conversion.counterpart(loss) is None or not _averaged_gradient_is_at_risk(model)):
+        return
+    object.__setattr__(model, "_averaged_loss_warned", True)
+    name = loss if isinstance(loss, str) else getattr(loss, "name", type(loss).__name__)
+    warnings.warn(
+        f"Model '{model.name}' is compiled with Keras's loss {name!r} and runs its matmuls in FP8: Keras's loss "
+        "divides its gradient by the rows it averages over, so with many rows (a loss per token) the logits' "
+        "gradient of unlikely classes falls below what E5M2 holds, and FP8 rounds it to zero. Compile with "
+        "`keras_unitscale.convert.from_keras(loss)`, the same loss value with a unit-scaled gradient, and call "
+        "`convert.match_epsilon(twin, script, x, y)` to keep following the script.",
+        stacklevel=3,  # the user's `compile`
+    )
 
 
 def _warn(conversion):
