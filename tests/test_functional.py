@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_unitscale import functional as U
 from keras_unitscale.autodiff import vjp
+from keras_unitscale.ops.linear import einsum_dense
 
 ANALYTIC = 0.10  # rules derived in closed form
 CALIBRATED = 0.25  # rules fitted to a limit or to measurements
@@ -421,3 +422,29 @@ def test_attention_scores_path_agrees_with_fused_path():
     assert probs.shape == (2, 2, 6, 6)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     assert np.all(probs[np.broadcast_to(~mask, probs.shape)] < 1e-6)
+
+
+BIAS_OPS = {
+    "dense": lambda x, kernel, bias: U.dense(x, kernel, bias),
+    "einsum_dense": lambda x, kernel, bias: einsum_dense("btd,de->bte", x, kernel, bias),
+    "conv": lambda x, kernel, bias: U.conv(x, kernel[None], bias),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BIAS_OPS))
+def test_a_bias_gradient_of_aligned_rows_stays_finite_in_float16(name):
+    """4096 rows each pushing the bias by 20: their sum (81920) is past float16's range, the scaled one (1280)
+    is not. The scale must apply to each row's term before the sum, as it does in float32."""
+    x = unit_normal(1, 4096, 8)
+    kernel, bias = unit_normal(8, 8, seed=1), np.zeros((8,), "float32")
+    cotangent = np.full((1, 4096, 8), 20.0, "float32")
+
+    def bias_gradient(dtype):
+        def fn(bias):
+            return BIAS_OPS[name](ops.cast(x, dtype), ops.cast(kernel, dtype), bias)
+
+        return np.asarray(vjp(fn, [bias], ops.cast(cotangent, dtype))[1][0], "float64")
+
+    exact, half = bias_gradient("float32"), bias_gradient("float16")
+    np.testing.assert_allclose(exact, 20.0 * 4096**0.5)  # the batch^-1/2 rule on 4096 aligned rows
+    np.testing.assert_allclose(half, exact, rtol=1e-2)

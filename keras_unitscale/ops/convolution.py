@@ -18,6 +18,7 @@ from keras_unitscale.ops.common import check_dims_match
 from keras_unitscale.ops.common import check_rank
 from keras_unitscale.ops.common import to_float
 from keras_unitscale.ops.common import to_tensor
+from keras_unitscale.ops.linear import add_bias
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 from keras_unitscale.sizes import as_float
@@ -193,8 +194,7 @@ def _around(x, kernel, bias, scales, channel_axis, fp8, product):
     x, kernel = scale_bwd(x, scales.grad_input), scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight)
     y = precision.fp8_product(product, x, kernel) if fp8 else product(x, kernel)
     if bias is not None:
-        bias = scale_bwd(as_compute_dtype(to_tensor(bias, "bias"), x), scales.grad_weight)
         shape = [1] * len(shape_of(y))
         shape[channel_axis] = -1
-        y = ops.add(y, ops.reshape(bias, shape))
+        y = add_bias(y, ops.reshape(to_tensor(bias, "bias"), shape), scales.grad_weight)
     return scale_fwd(y, scales.output)
