@@ -168,57 +168,53 @@ class _FP8MultiHeadAttention(keras.layers.MultiHeadAttention):
             projection.__class__ = _FP8EinsumDense
 
 
-class _FP8LSTMCell(keras.layers.LSTMCell):
+def _fp8_recurrent(keras_layer, keras_cell, cell_step):
+    """`keras_layer` (LSTM or GRU) stepping a cell whose step is our op's with its scales removed and FP8 casts on.
+
+    Keras's step is our op's without its scales (`scaling_disabled`); with
+    `fp8=True` the op casts its matmuls' inputs and output gradients, here on
+    the raw weights, cast once per step. The op computes with tanh and
+    sigmoid, so other activations are refused, as is dropout.
+    """
     def call(self, inputs, states, training=False):
-        h, c = states[0], states[1]
-        x, h_cast, kernel, recurrent_kernel = cast_inputs(inputs, h, self.kernel, self.recurrent_kernel)
-        z = cast_output_gradient(ops.add(ops.matmul(x, kernel), ops.matmul(h_cast, recurrent_kernel)))
-        if self.use_bias:
-            z = ops.add(z, self.bias)
-        z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
-        c = self.recurrent_activation(z_f) * c + self.recurrent_activation(z_i) * self.activation(z_c)
-        h = self.recurrent_activation(z_o) * self.activation(c)
-        return h, [h, c]
+        from keras_unitscale.scale import scaling_disabled  # the ops import this module
 
-
-class _FP8LSTM(keras.layers.LSTM):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "use_cudnn": False})  # the fused kernel has no casts inside
-        if self.cell.dropout or self.cell.recurrent_dropout:
-            raise ValueError(
-                "`simulate_fp8` runs an LSTM's cell step by step without dropout. Received: "
-                f"dropout={self.cell.dropout}, recurrent_dropout={self.cell.recurrent_dropout}"
-            )
-        self.cell.__class__ = _FP8LSTMCell
-
-
-class _FP8GRUCell(keras.layers.GRUCell):
-    def call(self, inputs, states, training=False):
-        from keras_unitscale.ops.gru import gru_cell  # the ops import this module
-        from keras_unitscale.scale import scaling_disabled
-
-        nested = keras.tree.is_nested(states)
         kernel, recurrent_kernel = cast_inputs(self.kernel, self.recurrent_kernel)
-        # Keras's GRU step is our op's without its scales; with fp8=True it casts its matmuls' inputs and
-        # output gradients, here on the raw weights.
         with scaling_disabled():
-            h = gru_cell(inputs, states[0] if nested else states, kernel, recurrent_kernel, self.bias,
-                         reset_after=self.reset_after, fp8=True)
-        return h, ([h] if nested else h)
+            return cell_step(self, inputs, states, kernel, recurrent_kernel)
 
+    cell_class = type(f"_FP8{keras_cell.__name__}", (keras_cell,), {"call": call, "__module__": __name__})
 
-class _FP8GRU(keras.layers.GRU):
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "use_cudnn": False})  # the fused kernel has no casts inside
+        super(layer_class, self).__init__(*args, **{**kwargs, "use_cudnn": False})  # the fused kernel has no casts
         cell = self.cell
         plain = cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
         if cell.dropout or cell.recurrent_dropout or not plain:
             raise ValueError(
-                "`simulate_fp8` runs a GRU's cell step by step, with tanh and sigmoid and without dropout. "
-                f"Received: activation={cell.activation.__name__}, recurrent_activation="
+                f"`simulate_fp8` runs a {keras_layer.__name__}'s cell step by step, with tanh and sigmoid and "
+                f"without dropout. Received: activation={cell.activation.__name__}, recurrent_activation="
                 f"{cell.recurrent_activation.__name__}, dropout={cell.dropout}, recurrent_dropout={cell.recurrent_dropout}"
             )
-        self.cell.__class__ = _FP8GRUCell
+        cell.__class__ = cell_class
+
+    layer_class = type(f"_FP8{keras_layer.__name__}", (keras_layer,), {"__init__": __init__, "__module__": __name__})
+    return layer_class
+
+
+def _lstm_step(cell, inputs, states, kernel, recurrent_kernel):
+    from keras_unitscale.ops.lstm import lstm_cell
+
+    h, c = lstm_cell(inputs, states[0], states[1], kernel, recurrent_kernel, cell.bias, fp8=True)
+    return h, [h, c]
+
+
+def _gru_step(cell, inputs, states, kernel, recurrent_kernel):
+    from keras_unitscale.ops.gru import gru_cell
+
+    nested = keras.tree.is_nested(states)
+    h = gru_cell(inputs, states[0] if nested else states, kernel, recurrent_kernel, cell.bias,
+                 reset_after=cell.reset_after, fp8=True)
+    return h, ([h] if nested else h)
 
 
 def _fp8_convolution(keras_class):
@@ -231,8 +227,8 @@ def _fp8_convolution(keras_class):
 
 
 _SIMULATED = {keras.layers.Dense: _FP8Dense, keras.layers.EinsumDense: _FP8EinsumDense,
-              keras.layers.MultiHeadAttention: _FP8MultiHeadAttention, keras.layers.LSTM: _FP8LSTM,
-              keras.layers.GRU: _FP8GRU,
+              keras.layers.MultiHeadAttention: _FP8MultiHeadAttention, keras.layers.LSTM: _fp8_recurrent(keras.layers.LSTM, keras.layers.LSTMCell, _lstm_step),
+              keras.layers.GRU: _fp8_recurrent(keras.layers.GRU, keras.layers.GRUCell, _gru_step),
               **{keras_class: _fp8_convolution(keras_class)
                  for keras_class in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)}}
 
