@@ -37,10 +37,19 @@ after warm-up with its ratio to the script's float32 run of the same model
 with weights that are `keras_unitscale` classes against those left as Keras's.
 A run that fails keeps its error text in its row.
 
+With `--seeds N` every run is made from N seeds (initial weights and dropout
+masks; the batches stay the same). These small models' training is chaotic:
+a rounding difference at the first step (FP16, FP8, or a conversion's
+multiplier) leads to a different late trajectory, and the final loss of one
+seed moves by several percent (the text classifier's float32 script alone
+ranges over 0.311 to 0.350 across seeds 0 to 4). The table then gives each
+Δ as the mean and standard deviation of the seeds' Δ, each against the
+script's float32 run of the same seed.
+
 Usage:
     python benchmarks/real_scripts.py [--models convnet char_lstm text_classifier timeseries mini_gpt]
         [--precisions float32 fp16 fp8] [--variants script callback equivalent reinit]
-        [--steps 200] [--quick] [--out benchmarks/results]
+        [--steps 200] [--seeds 1] [--twin-loss script] [--quick] [--out benchmarks/results]
 """
 
 import argparse
@@ -66,7 +75,8 @@ from keras_unitscale.callbacks import UnitScaleCallback
 
 import timing
 
-SEED = 0
+# The data's shuffle, the same for every run; `--seeds` vary the initial weights and the dropout masks.
+DATA_SEED = 0
 VARIANTS = ("script", "callback", "equivalent", "reinit")
 PRECISIONS = ("float32", "fp16", "fp8")
 REFERENCE = ("script", "float32")
@@ -200,7 +210,7 @@ def build_mini_gpt(info):
 
 def _split(x, y, held_out):
     """A fixed shuffle (so that unshuffled batches mix classes), then the last `held_out` examples held out."""
-    order = np.random.default_rng(SEED).permutation(len(x))
+    order = np.random.default_rng(DATA_SEED).permutation(len(x))
     x, y = x[order], y[order]
     return (x[:-held_out], y[:-held_out]), (x[-held_out:], y[-held_out:])
 
@@ -334,9 +344,9 @@ def layer_census(model):
 
 
 def prepare(spec, info, variant, fp8, first_batch, row, twin_loss):
-    """The run's compiled model and its extra callbacks, built from the seed (so every variant starts alike)."""
+    """The run's compiled model and its extra callbacks, built from the row's seed (so every variant starts alike)."""
     _, build, make_optimizer, make_loss, _ = spec
-    keras.utils.set_random_seed(SEED)
+    keras.utils.set_random_seed(row["seed"])
     script = build(info)
     if variant in ("script", "callback"):
         model = precision.simulate_fp8(script) if fp8 and variant == "script" else script
@@ -367,7 +377,7 @@ def train_and_measure(spec, data, variant, precision_name, row, twin_loss):
         model, callbacks = prepare(spec, info, variant, precision_name == "fp8", (x[:batch], y[:batch]), row,
                                    twin_loss)
         recorder = StepRecorder()
-        keras.utils.set_random_seed(SEED)  # the same dropout masks wherever the layers draw them alike
+        keras.utils.set_random_seed(row["seed"])  # the same dropout masks wherever the layers draw them alike
         model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[recorder, *callbacks])
         held_out_loss = model.evaluate(*held_out, batch_size=batch, verbose=0)
     held_out_loss = float(held_out_loss[0] if isinstance(held_out_loss, list) else held_out_loss)
@@ -383,9 +393,9 @@ def train_and_measure(spec, data, variant, precision_name, row, twin_loss):
     })
 
 
-def run(name, data, variant, precision_name, twin_loss="script"):
+def run(name, data, variant, precision_name, twin_loss="script", seed=0):
     """One row; a failure keeps its error text (type and message) in the row."""
-    row = {"model": name, "variant": variant, "precision": precision_name}
+    row = {"model": name, "variant": variant, "precision": precision_name, "seed": seed}
     keras.config.set_dtype_policy("mixed_float16" if precision_name == "fp16" else "float32")
     timing.fresh_compiler_cache()
     started = time.perf_counter()
@@ -409,23 +419,40 @@ def _cell(value, spec):
     return "—" if value is None else format(value, spec)
 
 
-def _table_row(row, reference):
-    if "error" in row:
-        return f"| {row['variant']} | {row['precision']} | failed (below) | | | | | | |"
-    base_loss, base_ms = (reference or {}).get("final_train_loss"), (reference or {}).get("step_ms")
-    delta = None if base_loss is None else 100 * (row["final_train_loss"] / base_loss - 1)
-    ratio = None if base_ms is None else row["step_ms"] / base_ms
-    census = row["layers"]
+def _mean_and_spread(values, spec):
+    """`mean`, or `mean ± standard deviation` over seeds; "—" for none."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.mean(values), spec)} ± {statistics.stdev(values):.2f}"
+
+
+def _table_row(runs, references):
+    """One (variant, precision) over its seeds; each seed compared with the script's float32 run of the same seed."""
+    first = runs[0]
+    if any("error" in row for row in runs):
+        return f"| {first['variant']} | {first['precision']} | failed (below) | | | | | | |"
+    deltas, ratios = [], []
+    for row in runs:
+        reference = references.get(row["seed"])
+        if reference is not None:
+            deltas.append(100 * (row["final_train_loss"] / reference["final_train_loss"] - 1))
+            ratios.append(row["step_ms"] / reference["step_ms"])
+    census = first["layers"]
     simulated = f" (+{census['fp8_simulated']} fp8-sim)" if census["fp8_simulated"] else ""
-    return (f"| {row['variant']} | {row['precision']} | {row['final_train_loss']:.4f} | {row['held_out_loss']:.4f} "
-            f"| {_cell(delta, '+.2f')} | {'yes' if row['nonfinite'] else 'no'} | {row['step_ms']:.1f} "
-            f"| {_cell(ratio, '.2f')} | {census['ours']}/{census['leaves']}{simulated} |")
+    return (f"| {first['variant']} | {first['precision']} "
+            f"| {statistics.mean(r['final_train_loss'] for r in runs):.4f} "
+            f"| {statistics.mean(r['held_out_loss'] for r in runs):.4f} | {_mean_and_spread(deltas, '+.2f')} "
+            f"| {'yes' if any(r['nonfinite'] for r in runs) else 'no'} "
+            f"| {statistics.median(r['step_ms'] for r in runs):.1f} "
+            f"| {_cell(statistics.median(ratios) if ratios else None, '.2f')} | {census['ours']}/{census['leaves']}{simulated} |")
 
 
 def _block_notes(group):
     notes = []
     for row in group:
-        label = f"{row['variant']} {row['precision']}"
+        label = f"{row['variant']} {row['precision']}" + (f" (seed {row['seed']})" if row["seed"] else "")
         if "error" in row:
             notes.append(f"- error, {label}: {row['error'].splitlines()[0][:400]}")
             continue
@@ -438,16 +465,30 @@ def _block_notes(group):
 
 
 def table(rows, steps_by_model):
+    seeds = sorted({row["seed"] for row in rows})
     lines = ["layers converted: leaf layers with weights (custom layers walked into) that are unit-scaled "
-             "keras_unitscale classes / all of them; fp8-sim: simulate_fp8's casting Keras layers", ""]
+             "keras_unitscale classes / all of them; fp8-sim: simulate_fp8's casting Keras layers"]
+    if len(seeds) > 1:
+        lines.append(f"over seeds {seeds} (initial weights and dropout masks; the same batches): losses are means; "
+                     "Δ is the mean ± standard deviation of each seed's Δ against the script's float32 run of that "
+                     "seed; step times are medians")
+    lines.append("")
     for name in dict.fromkeys(row["model"] for row in rows):
         group = [row for row in rows if row["model"] == name]
-        reference = next((r for r in group if (r["variant"], r["precision"]) == REFERENCE and "error" not in r), None)
+        references = {r["seed"]: r for r in group if (r["variant"], r["precision"]) == REFERENCE and "error" not in r}
+        cells = collections.defaultdict(list)
+        for row in group:
+            cells[row["variant"], row["precision"]].append(row)
         lines += [f"### {name} ({steps_by_model[name]} steps, batch {MODELS[name][4]})", "",
                   "| variant | precision | final train loss | held-out loss | Δ vs script float32 (%) | NaN? "
                   "| step ms | step ratio vs script float32 | layers converted |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        lines += [_table_row(row, reference) for row in group]
+        lines += [_table_row(runs, references) for runs in cells.values()]
+        if len(references) > 1:
+            finals = [r["final_train_loss"] for r in references.values()]
+            lines += ["", f"- the script's float32 final loss from seed to seed: {min(finals):.4f} to {max(finals):.4f} "
+                          f"(standard deviation {100 * statistics.stdev(finals) / statistics.mean(finals):.2f}% of "
+                          "its mean): how far the seeds alone move it"]
         lines += [""] + _block_notes(group) + [""]
     return "\n".join(lines)
 
@@ -464,7 +505,8 @@ def plot(rows, path):
     colors = dict(zip(VARIANTS, ("tab:gray", "tab:orange", "tab:blue", "tab:green")))
     for axes, name in zip(all_axes.flat, names):
         for row in rows:
-            if row["model"] == name and row["precision"] in ("float32", "fp16") and "error" not in row:
+            if (row["model"] == name and row["precision"] in ("float32", "fp16") and "error" not in row
+                    and row["seed"] == rows[0]["seed"]):
                 # The script's curve drawn wider: a twin that follows it lies on top of it.
                 axes.plot(row["step_losses"], color=colors[row["variant"]],
                           linewidth=3 if row["variant"] == "script" else 1,
@@ -510,10 +552,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny data: a smoke run")
     parser.add_argument("--twin-loss", choices=("script", "ours"), default="script",
                         help="the converted twins' loss: the script's, or made ours by convert.from_keras")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="runs of every combination, from seeds 0, 1, ...: the table gives means and spreads")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else FULL_STEPS
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1. Received: {args.seeds}")
     if args.steps < 2:
         parser.error(f"--steps must be at least 2 (one to warm up, one to time). Received: {args.steps}")
     # The script's float32 run is the reference of the Δ and ratio columns, so it is always made.
@@ -524,11 +570,12 @@ def main():
         load, *_, batch = MODELS[name]
         train, held_out, info = load(args.quick)
         data = (training_batches(train, args.steps, batch), held_out, info)
-        for variant, precision_name in combinations:
-            rows.append(run(name, data, variant, precision_name, args.twin_loss))
-            outcome = rows[-1].get("error") or f"final loss {rows[-1]['final_train_loss']:.4f}"
-            print(f"{name} {variant} {precision_name}: {outcome.splitlines()[0][:200]} "
-                  f"({rows[-1]['seconds']:.1f} s)", flush=True)
+        for seed in range(args.seeds):
+            for variant, precision_name in combinations:
+                rows.append(run(name, data, variant, precision_name, args.twin_loss, seed))
+                outcome = rows[-1].get("error") or f"final loss {rows[-1]['final_train_loss']:.4f}"
+                print(f"{name} seed {seed} {variant} {precision_name}: {outcome.splitlines()[0][:200]} "
+                      f"({rows[-1]['seconds']:.1f} s)", flush=True)
     seconds = time.perf_counter() - started
     text = (f"real_scripts, {keras.backend.backend()} backend, keras {keras.__version__}, "
             f"keras_unitscale {keras_unitscale.__version__}, {os.cpu_count()} cores, {seconds:.0f} s, "

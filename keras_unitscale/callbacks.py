@@ -13,6 +13,7 @@ from keras_unitscale import checks
 from keras_unitscale import optimizers
 from keras_unitscale.convert import epsilon
 from keras_unitscale.convert import in_place
+from keras_unitscale.convert import loss as loss_conversion
 from keras_unitscale.convert import optimizer as optimizer_conversion
 from keras_unitscale import parametrization as P
 from keras_unitscale import weights
@@ -46,7 +47,11 @@ class UnitScaleCallback(keras.callbacks.Callback):
       AdamW, RMSprop or Lion becomes ours in place (`convert.adopt`, its
       state kept), so that the training follows the script's; Adam's and
       RMSprop's epsilon, which sees the gradient's scale, is matched per
-      weight (`convert.epsilon.InPlaceEpsilon`). Under SGD
+      weight (`convert.epsilon.InPlaceEpsilon`); and the script's loss, where
+      `keras_unitscale.losses` has its counterpart, takes our loss's gradient
+      (`convert.loss.InPlaceLoss`: the same value, its gradient not divided
+      by the rows it averages, which FP8 would round to zero in a per-token
+      loss), epsilon following it. Under SGD
       (whose step grows with the gradient the unit-scaled ops rescale) or an
       optimizer we have no counterpart for, plain layers are left as they are,
       and named. Then in every `keras_unitscale` layer the stored weight gets
@@ -151,6 +156,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
         self._acted = False
         self._left_plain = []
         self._epsilon = None
+        self._loss = None
 
     def get_config(self):
         """The constructor's arguments: `UnitScaleCallback.from_config(config)` makes the same callback."""
@@ -228,7 +234,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
             io_utils.print_msg(message)
 
     def on_train_begin(self, logs=None):
-        self._acted, self._left_plain, self._epsilon = False, [], None
+        self._acted, self._left_plain, self._epsilon, self._loss = False, [], None, None
         model = self.model
         optimizer = self._check_ready(model)
         if getattr(model, _RECORD, None) is not None:
@@ -301,6 +307,8 @@ class UnitScaleCallback(keras.callbacks.Callback):
             "weight_factor": _geometric_mean([r["weight_factor"] for r in rows if r["weight_factor"]]),
             "lr_factor": global_lr_factor or _geometric_mean([r["lr_factor"] for r in rows if r["lr_factor"]]),
             # Each matched weight's gradient ratio to the plain model's at `PROBE_BATCHES[0]` rows, and its batch power.
+            # The class of ours whose gradient the script's loss took in place (`convert.loss.InPlaceLoss`), or None.
+            "loss": None if self._loss is None else type(self._loss.ours).__name__,
             "epsilon": None if self._epsilon is None else {
                 "rows": epsilon.PROBE_BATCHES[0],
                 "ratios": {path: (ratio, power) for path, ratio, power in self._epsilon.fitted.values()},
@@ -334,6 +342,14 @@ class UnitScaleCallback(keras.callbacks.Callback):
                  if family.epsilon_power is not None and in_place.plain_candidates(model) else None)
         converted, notes = in_place.convert_in_place(model)
         self._epsilon = probe if converted else None
+        # The script's loss made ours too, where every gradient's new factor can be matched: epsilon takes it, and
+        # Lion does not see it. Keras's loss divides its gradient by the rows it averages (batch × length per token).
+        if converted and (probe is not None or family.epsilon_power is None):
+            self._loss, why = loss_conversion.InPlaceLoss.adopt(model)
+            if self._epsilon is not None:
+                self._epsilon.loss = self._loss
+            if why:
+                self._say(f"UnitScaleCallback: the loss stays Keras's, its gradient divided by the rows it averages: {why}.")
         if converted and not isinstance(optimizer, optimizers.UnitScaledOptimizer):
             optimizer_conversion.adopt(optimizer)
         elif converted and optimizer.built:

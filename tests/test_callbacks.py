@@ -478,10 +478,94 @@ def test_epsilon_is_matched_for_every_batch_size_so_each_step_is_the_scripts(mak
     with_callback, model = run([callback])
     assert len(with_callback) == 8
     np.testing.assert_allclose(with_callback, script, rtol=1e-4)
+    assert callback.record["loss"] == "SparseCategoricalCrossentropy"  # every gradient × s, and epsilon with it
     ratios = callback.record["epsilon"]["ratios"]
     assert sorted(ratios) == sorted(v.path for v in model.trainable_variables)
     kernel_powers = [power for path, (_, power) in ratios.items() if path.endswith("/kernel")]
     np.testing.assert_allclose(kernel_powers, 0.5, atol=1e-3)  # a weight gradient's batch^-1/2
+
+
+VOCAB, LENGTH = 64, 64
+
+
+def _per_token_model(make_loss=lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)):
+    """A next-token model: a loss per token, averaged by Keras over batch × length rows."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((LENGTH,), dtype="int32"), keras.layers.Embedding(VOCAB, 32),
+                              keras.layers.Dense(64, activation="relu"), keras.layers.Dense(VOCAB)])
+    model.compile(keras.optimizers.Adam(1e-3), make_loss())
+    return model
+
+
+def _next_tokens(rows):
+    x = np.random.default_rng(0).integers(1, VOCAB, size=(rows, LENGTH)).astype("int32")
+    return x, np.roll(x, -1, axis=1)
+
+
+def test_the_scripts_loss_takes_our_gradient_in_place_so_fp8_keeps_the_logits_gradient():
+    # Keras's loss divides the logits' gradient by batch × length (4096 rows): E5M2 rounds all but the true
+    # classes' entries to zero. Made ours in place, it is at unit scale, and its value is the script's.
+    from keras_unitscale import formats
+    from keras_unitscale import rules
+    from keras_unitscale.autodiff import vjp
+
+    batch = 64
+    x, y = _next_tokens(batch)
+    model = _per_token_model()
+    callback = UnitScaleCallback(verbose=0)
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.record["loss"] == "SparseCategoricalCrossentropy"
+    logits = unit_normal(batch, LENGTH, VOCAB)
+    value, (gradient,) = vjp(lambda p: model.compute_loss(x, y, p), [logits], np.float32(1.0))
+    script_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    script_value, (script_gradient,) = vjp(lambda p: script_loss(y, p), [logits], np.float32(1.0))
+    gradient, script_gradient = ops.convert_to_numpy(gradient), ops.convert_to_numpy(script_gradient)
+    np.testing.assert_allclose(float(value), float(script_value), rtol=1e-6)
+    rows_averaged = batch * LENGTH
+    np.testing.assert_allclose(gradient, script_gradient * rows_averaged * rules.losses.cross_entropy_grad(VOCAB),
+                               rtol=1e-5, atol=1e-9)
+    assert 0.5 < rms(gradient) < 2
+    underflow = [float(np.mean(ops.convert_to_numpy(formats.quantize(g, formats.E5M2)) == 0))
+                 for g in (gradient, script_gradient)]
+    assert underflow[0] == 0 and underflow[1] > 0.5, underflow  # 87% of the script's
+
+
+def test_with_the_loss_made_ours_a_per_token_script_keeps_its_loss_curve():
+    x, y = _next_tokens(64)
+
+    def run(callbacks):
+        model = _per_token_model()
+        steps = StepLosses()
+        model.fit(x, y, batch_size=12, epochs=1, verbose=0, shuffle=False, callbacks=[steps, *callbacks])
+        return steps.losses
+
+    script = run([])
+    callback = UnitScaleCallback(verbose=0)
+    with_callback = run([callback])  # batches of 12 rows, the last of 4: each step's own `s`
+    assert callback.record["loss"] == "SparseCategoricalCrossentropy"
+    assert len(with_callback) == 6
+    np.testing.assert_allclose(with_callback, script, rtol=1e-4)
+
+
+class SequentialWithItsOwnLoss(keras.Sequential):
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return super().compute_loss(x, y, y_pred, sample_weight, training)
+
+
+@pytest.mark.parametrize("case", ["a loss we have no counterpart of", "a model's own compute_loss"])
+def test_a_loss_it_cannot_make_ours_stays_the_scripts_and_is_named(case, capsys):
+    x, y = _regression_data()
+    keras.utils.set_random_seed(0)
+    model_class = SequentialWithItsOwnLoss if case == "a model's own compute_loss" else keras.Sequential
+    model = model_class([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-3), "mse" if model_class is SequentialWithItsOwnLoss else "mean_absolute_error")
+    callback = UnitScaleCallback(verbose=1)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.record["loss"] is None
+    assert len(callback.record["converted_layers"]) == 2
+    said = capsys.readouterr().out
+    assert "the loss stays Keras's" in said
+    assert ("its own `compute_loss`" if model_class is SequentialWithItsOwnLoss else "no counterpart of 'mean_absolute_error'") in said
 
 
 def test_with_our_optimizer_the_converted_weights_take_their_learning_rates():

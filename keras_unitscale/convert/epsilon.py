@@ -140,7 +140,10 @@ class InPlaceEpsilon:
     smaller last batch included, steps as the script's does.
     The gradients of plain layers a conversion keeps change too (those of
     the converted layers above them reach them rescaled), and are matched
-    alike. An input with an open size other than its batch is probed at
+    alike. Where the script's loss is made ours too (`loss`, a
+    `convert.loss.InPlaceLoss`), every gradient is moreover `s` times the
+    script's, with `s` read from the step's predictions: each step
+    multiplies every weight's epsilon by it. An input with an open size other than its batch is probed at
     `_OPEN_SIZE`; there the ratio depends on that size too, and epsilon
     matches batches of that size only.
     """
@@ -151,6 +154,7 @@ class InPlaceEpsilon:
         self.fitted = {}  # {the optimizer's index of a weight: (its path, r₀, p)}
         self.optimizer = None
         self.rows = None  # the rows of the step being traced, while `train_step` runs
+        self.loss = None  # the script's loss made ours in place, if it is
 
     def _gradients(self, batch):
         x = _probe_batch(self.specs, batch)
@@ -184,14 +188,20 @@ class InPlaceEpsilon:
                 return train_step(*args)
             finally:
                 self.rows = None
+                if self.loss is not None:
+                    self.loss.factor = None
 
         object.__setattr__(self.model, "train_step", train_step_reading_rows)
         return {path: (ratio, power) for path, ratio, power in self.fitted.values()}
 
     def batch_factor(self, variable):
-        """`(rows₀ / rows)^p` for `variable` in the step being traced; 1 outside `train_step` or for a weight not matched."""
-        index = self.optimizer._get_variable_index(variable)
-        if self.rows is None or index not in self.fitted:
+        """`(rows₀ / rows)^p` for `variable` in the step being traced (1 for a weight not matched), times the loss's `s`
+        where the script's loss is made ours; 1 outside `train_step`."""
+        if self.rows is None:
             return 1.0
+        loss_factor = 1.0 if self.loss is None or self.loss.factor is None else self.loss.factor
+        index = self.optimizer._get_variable_index(variable)
+        if index not in self.fitted:
+            return loss_factor
         power = self.fitted[index][2]
-        return ops.power(ops.cast(PROBE_BATCHES[0], "float32") / ops.cast(self.rows, "float32"), power)
+        return loss_factor * ops.power(ops.cast(PROBE_BATCHES[0], "float32") / ops.cast(self.rows, "float32"), power)

@@ -14,8 +14,10 @@ a gradient's scale is epsilon).
 import keras
 
 from keras_unitscale import losses
+from keras_unitscale.scale import scale_bwd
+from keras_unitscale.sizes import replicas
 
-__all__ = ["loss_from_keras", "is_loss", "counterpart"]
+__all__ = ["loss_from_keras", "is_loss", "counterpart", "InPlaceLoss"]
 
 # Keras's loss classes and ours; the functions Keras resolves a name to, by name.
 _COUNTERPARTS = {
@@ -86,3 +88,59 @@ def loss_from_keras(loss):
     if isinstance(loss, keras.losses.Loss):
         return ours.from_config(loss.get_config())
     return ours()
+
+
+class InPlaceLoss:
+    """The script's compiled loss made ours on the model `fit` is training (`UnitScaleCallback`): its gradient.
+
+    A callback cannot recompile the model it trains, so the model's
+    `compute_loss` is wrapped instead: the total loss it returns, Keras's
+    value unchanged (regularisers and `add_loss` terms included), gets the
+    backward scale `s` of our counterpart of the compiled loss (its
+    `grad_scale`: the rows Keras averages over times the loss's own rule,
+    e.g. `V/sqrt(V-1)` on a cross-entropy's logits; times the replicas).
+    The loss's own backward then runs in float32 with `s` in it, so the
+    logits' gradient leaves it at unit scale, as our loss's does, instead of
+    divided by `batch × length` (below E5M2's range in a per-token loss).
+    Every gradient in the model is then `s` times the script's, the same `s`
+    for all: Adam's and RMSprop's steps see it only through epsilon, which
+    `InPlaceEpsilon` multiplies by `factor` (set while a training step is
+    traced); Lion's sign step does not see it. SGD's step would, so the
+    callback adopts no loss under it.
+    """
+
+    def __init__(self, model, ours):
+        self.ours = ours
+        self.factor = None  # `s` of the step being traced, from its predictions' shape; None outside a step
+        keras_compute_loss = model.compute_loss
+
+        def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            loss = keras_compute_loss(x, y, y_pred, sample_weight, training=training)
+            if loss is None or keras.tree.is_nested(y_pred):  # one scale per output would not be one `s`
+                return loss
+            self.factor = ours.grad_scale(y_pred) * replicas()
+            return scale_bwd(loss, self.factor)
+
+        object.__setattr__(model, "compute_loss", compute_loss)
+
+    @classmethod
+    def adopt(cls, model):
+        """Wraps `model.compute_loss` where the compiled loss has a counterpart of ours.
+
+        Returns:
+            `(InPlaceLoss, None)`, or `(None, why)` when the loss stays Keras's.
+        """
+        loss = getattr(model, "loss", None)
+        if loss is None or isinstance(loss, (list, tuple, dict)):
+            return None, f"it is not one loss (received: loss={loss!r})"
+        if type(model).compute_loss is not keras.Model.compute_loss or "compute_loss" in vars(model):
+            return None, f"model '{model.name}' computes its loss in its own `compute_loss`"
+        ours = counterpart(loss)
+        if ours is None:
+            name = loss if isinstance(loss, str) else getattr(loss, "name", type(loss).__name__)
+            return None, f"keras_unitscale.losses has no counterpart of {name!r}"
+        try:
+            ours = loss_from_keras(loss)
+        except ValueError as error:  # a reduction that is not an average: its rows are not what `s` undoes
+            return None, str(error)
+        return cls(model, ours), None
