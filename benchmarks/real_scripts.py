@@ -31,11 +31,15 @@ layers the callback turns into ours: those it keeps as Keras's stay in
 float32, and the census says how many).
 
 Per run: the final training loss (mean of the last 10% of per-step losses),
-the loss on held-out data, whether anything was NaN/inf, the median step time
-after warm-up with its ratio to the script's float32 run of the same model
-(measured in the same process; that run is always made), and the leaf layers
-with weights that are `keras_unitscale` classes against those left as Keras's.
-A run that fails keeps its error text in its row.
+the loss on held-out data, whether anything was NaN/inf, the step time with
+its ratio to the script's float32 run of the same model (that run is always
+made), and the leaf layers with weights that are `keras_unitscale` classes
+against those left as Keras's. A run that fails keeps its error text in its
+row. The step times are taken after training, the trained models timed in
+turn over `--timing-repeats` rounds of `TIMING_STEPS` steps each
+(`interleaved_step_times`), so that a shared machine's drift hits all alike;
+the median step time while training is kept in the JSON (and reported with
+`--timing-repeats 0`).
 
 With `--seeds N` every run is made from N seeds (initial weights and dropout
 masks; the batches stay the same). These small models' training is chaotic:
@@ -49,7 +53,7 @@ script's float32 run of the same seed.
 Usage:
     python benchmarks/real_scripts.py [--models convnet char_lstm text_classifier timeseries mini_gpt]
         [--precisions float32 fp16 fp8] [--variants script callback equivalent reinit]
-        [--steps 200] [--seeds 1] [--twin-loss script] [--quick] [--out benchmarks/results]
+        [--steps 200] [--seeds 1] [--timing-repeats 5] [--twin-loss script] [--quick] [--out benchmarks/results]
 """
 
 import argparse
@@ -83,6 +87,8 @@ REFERENCE = ("script", "float32")
 FULL_STEPS, QUICK_STEPS = 200, 12
 # Steps left out of the step time: the first ones trace and compile.
 WARMUP_STEPS = 5
+# Steps per model in each round of `interleaved_step_times`.
+TIMING_STEPS = 20
 
 
 # ---------------------------------------------------------------- the examples' custom layers, as they write them
@@ -391,10 +397,12 @@ def train_and_measure(spec, data, variant, precision_name, row, twin_loss):
         "step_losses": losses.tolist(),
         "layers": layer_census(model),
     })
+    return model, twin_fp8
 
 
-def run(name, data, variant, precision_name, twin_loss="script", seed=0):
-    """One row; a failure keeps its error text (type and message) in the row."""
+def run(name, data, variant, precision_name, twin_loss="script", seed=0, kept=None):
+    """One row; a failure keeps its error text (type and message) in the row. With `kept` (a dict), the trained
+    model and whether it computes in FP8 are kept there under (variant, precision), for `interleaved_step_times`."""
     row = {"model": name, "variant": variant, "precision": precision_name, "seed": seed}
     keras.config.set_dtype_policy("mixed_float16" if precision_name == "fp16" else "float32")
     timing.fresh_compiler_cache()
@@ -402,7 +410,9 @@ def run(name, data, variant, precision_name, twin_loss="script", seed=0):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train_and_measure(MODELS[name], data, variant, precision_name, row, twin_loss)
+            trained = train_and_measure(MODELS[name], data, variant, precision_name, row, twin_loss)
+            if kept is not None:
+                kept[variant, precision_name] = trained
         row["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     except Exception as error:  # the row must say what failed, and the benchmark go on
         row["error"] = f"{type(error).__name__}: {error}"
@@ -410,6 +420,34 @@ def run(name, data, variant, precision_name, twin_loss="script", seed=0):
         keras.config.set_dtype_policy("float32")
     row["seconds"] = time.perf_counter() - started
     return row
+
+
+def interleaved_step_times(kept, data, batch, repeats, steps):
+    """Step times of trained models, timed in rounds: each round times every model for `steps` steps, in turn.
+
+    Each round's time of a model is the median of its steps' own times.
+    A step time measured while a model trains comes from its own stretch of
+    the run, and a shared machine's speed drifts between stretches by more
+    than the differences measured here. Rounds spread each model over the
+    whole phase, and each round's ratio compares times taken moments apart.
+
+    Returns:
+        {(variant, precision): (median step ms, median of the rounds' ratios to the script's float32 run)}.
+    """
+    (x, y), _, _ = data
+    x, y = x[: steps * batch], y[: steps * batch]
+    times = collections.defaultdict(list)
+    for _ in range(repeats + 1):  # the first round traces what `fit` has not yet: left out
+        for key, (model, fp8) in kept.items():
+            recorder = StepRecorder()
+            with precision.fp8(enabled=fp8):
+                model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
+            # Each step's own time (not `fit`'s setup); the round's first step starts its data iterator.
+            times[key].append(statistics.median(recorder.seconds[1:]))
+    reference = times[REFERENCE][1:]
+    return {key: (1e3 * statistics.median(values[1:]),
+                  statistics.median(t / r for t, r in zip(values[1:], reference)))
+            for key, values in times.items()}
 
 
 # ---------------------------------------------------------------- report
@@ -439,13 +477,16 @@ def _table_row(runs, references):
         if reference is not None:
             deltas.append(100 * (row["final_train_loss"] / reference["final_train_loss"] - 1))
             ratios.append(row["step_ms"] / reference["step_ms"])
+    step_ms = statistics.median(r["step_ms"] for r in runs)
+    if "interleaved_step_ms" in first:
+        step_ms, ratios = first["interleaved_step_ms"], [first["interleaved_step_ratio"]]
     census = first["layers"]
     simulated = f" (+{census['fp8_simulated']} fp8-sim)" if census["fp8_simulated"] else ""
     return (f"| {first['variant']} | {first['precision']} "
             f"| {statistics.mean(r['final_train_loss'] for r in runs):.4f} "
             f"| {statistics.mean(r['held_out_loss'] for r in runs):.4f} | {_mean_and_spread(deltas, '+.2f')} "
             f"| {'yes' if any(r['nonfinite'] for r in runs) else 'no'} "
-            f"| {statistics.median(r['step_ms'] for r in runs):.1f} "
+            f"| {step_ms:.1f} "
             f"| {_cell(statistics.median(ratios) if ratios else None, '.2f')} | {census['ours']}/{census['leaves']}{simulated} |")
 
 
@@ -472,6 +513,10 @@ def table(rows, steps_by_model):
         lines.append(f"over seeds {seeds} (initial weights and dropout masks; the same batches): losses are means; "
                      "Δ is the mean ± standard deviation of each seed's Δ against the script's float32 run of that "
                      "seed; step times are medians")
+    if any("interleaved_step_ms" in row for row in rows):
+        lines.append("step ms and ratio: timed after training in interleaved rounds (`interleaved_step_times`, seed 0), "
+                     "each ratio the median of the rounds' ratios to the script's float32 run; the step times "
+                     "measured while training are in the JSON")
     lines.append("")
     for name in dict.fromkeys(row["model"] for row in rows):
         group = [row for row in rows if row["model"] == name]
@@ -552,6 +597,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny data: a smoke run")
     parser.add_argument("--twin-loss", choices=("script", "ours"), default="script",
                         help="the converted twins' loss: the script's, or made ours by convert.from_keras")
+    parser.add_argument("--timing-repeats", type=int, default=5,
+                        help="rounds of interleaved step timing after training (seed 0); 0: none, the step times "
+                             "measured while training are reported")
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs of every combination, from seeds 0, 1, ...: the table gives means and spreads")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -571,11 +619,19 @@ def main():
         train, held_out, info = load(args.quick)
         data = (training_batches(train, args.steps, batch), held_out, info)
         for seed in range(args.seeds):
+            kept = {} if seed == 0 and args.timing_repeats else None
             for variant, precision_name in combinations:
-                rows.append(run(name, data, variant, precision_name, args.twin_loss, seed))
+                rows.append(run(name, data, variant, precision_name, args.twin_loss, seed, kept))
                 outcome = rows[-1].get("error") or f"final loss {rows[-1]['final_train_loss']:.4f}"
                 print(f"{name} seed {seed} {variant} {precision_name}: {outcome.splitlines()[0][:200]} "
                       f"({rows[-1]['seconds']:.1f} s)", flush=True)
+            if kept and REFERENCE in kept:
+                timed = interleaved_step_times(kept, data, batch, args.timing_repeats, TIMING_STEPS)
+                for row in rows:
+                    if row["model"] == name and row["seed"] == seed and (row["variant"], row["precision"]) in timed:
+                        row["interleaved_step_ms"], row["interleaved_step_ratio"] = timed[row["variant"], row["precision"]]
+                print(f"{name}: interleaved step times taken ({args.timing_repeats} rounds)", flush=True)
+            kept = None
     seconds = time.perf_counter() - started
     text = (f"real_scripts, {keras.backend.backend()} backend, keras {keras.__version__}, "
             f"keras_unitscale {keras_unitscale.__version__}, {os.cpu_count()} cores, {seconds:.0f} s, "

@@ -101,7 +101,10 @@ class UnitScaleCallback(keras.callbacks.Callback):
     the factors differ between variables, a global learning rate cannot
     follow them all: the callback applies their geometric mean and says so.
 
-    It acts once, at the true start of training: not again in a second
+    It acts when `fit` hands it the model, before any callback's
+    `on_train_begin` (list it before or after `BackupAndRestore`: the backup
+    is restored into the converted model), and once, at the true start of
+    training: not again in a second
     `fit`, nor on a model whose optimizer has already taken steps (a model
     saved after training and loaded with its optimizer, or restored by
     `BackupAndRestore`), nor on a model whose layers already hold weight
@@ -157,6 +160,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
         self._left_plain = []
         self._epsilon = None
         self._loss = None
+        self._started = False  # in this `fit`, acted or decided not to
 
     def get_config(self):
         """The constructor's arguments: `UnitScaleCallback.from_config(config)` makes the same callback."""
@@ -233,7 +237,24 @@ class UnitScaleCallback(keras.callbacks.Callback):
         if self.verbose:
             io_utils.print_msg(message)
 
+    def set_model(self, model):
+        super().set_model(model)
+        self._started = False
+        # `fit` hands the callbacks its model once it is built, before any of them starts: acting here, a
+        # `BackupAndRestore` listed before this callback restores its backup into the converted model, whose
+        # weights and optimizer state the backup holds (a plain layer cannot load them). Where the model is not
+        # ready to act on (not built, not compiled), `on_train_begin` acts, or says why not.
+        optimizer = optimizers.unwrap(getattr(model, "optimizer", None))
+        if model.built and getattr(optimizer, "_learning_rate", None) is not None:
+            self._start()
+
     def on_train_begin(self, logs=None):
+        if not self._started:
+            self._start()
+        self._started = False  # the next `fit` hands the model over again
+
+    def _start(self):
+        self._started = True
         self._acted, self._left_plain, self._epsilon, self._loss = False, [], None, None
         model = self.model
         optimizer = self._check_ready(model)

@@ -1,6 +1,7 @@
 """UnitScaleCallback: same function and trajectory for our layers, the seeds' modes, once only, low precision."""
 
 import re
+import shutil
 import warnings
 
 import keras
@@ -545,6 +546,64 @@ def test_with_the_loss_made_ours_a_per_token_script_keeps_its_loss_curve():
     assert callback.record["loss"] == "SparseCategoricalCrossentropy"
     assert len(with_callback) == 6
     np.testing.assert_allclose(with_callback, script, rtol=1e-4)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _EpochMeans(keras.callbacks.Callback):
+    """The loss Keras logs at each step: the mean of its epoch so far (equal means, step by step, are equal losses)."""
+
+    def on_train_begin(self, logs=None):
+        self.means = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.means.append(float(logs["loss"]))
+
+
+class _KillAt(keras.callbacks.Callback):
+    def __init__(self, epoch, step):
+        super().__init__()
+        self.at, self.epoch = (epoch, step), None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise _Killed()
+
+
+@pytest.mark.parametrize("order", ["callback first", "backup first"])
+def test_a_killed_script_resumes_from_backup_and_restore_as_if_never_stopped(order, tmp_path):
+    # A plain script, its layers, optimizer and loss converted in place; batches of 12 (the last of 4), so each
+    # step's epsilon factor and loss factor differ from the probe's: the backup holds the converted model, so it
+    # must be converted before BackupAndRestore restores, wherever the callback stands in the list.
+    x, y = _next_tokens(40)
+
+    def run(kill_at=None):
+        model = _per_token_model()
+        steps = _EpochMeans()
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        unit = UnitScaleCallback(verbose=0)
+        listed = [unit, backup] if order == "callback first" else [backup, unit]
+        killer = [_KillAt(*kill_at)] if kill_at else []
+        try:
+            model.fit(x, y, batch_size=12, epochs=3, verbose=0, shuffle=False, callbacks=[*listed, steps, *killer])
+        except _Killed:
+            pass
+        return steps.means, unit
+
+    whole, unit = run()
+    shutil.rmtree(tmp_path / "backup", ignore_errors=True)
+    assert unit.record["loss"] == "SparseCategoricalCrossentropy"
+    killed, _ = run(kill_at=(1, 2))  # the backup of epoch 1 is written; epoch 2 dies at its third step
+    assert len(killed) == 4 + 3
+    resumed, again = run()  # a fresh plain model: converted as the first was, then the backup restored into it
+    assert again.record["converted_layers"] == [layer.name for layer in again.model.layers]
+    assert len(whole) == 12 and len(resumed) == 8  # epochs 2 and 3
+    np.testing.assert_allclose(resumed, whole[4:], rtol=1e-6)
 
 
 class SequentialWithItsOwnLoss(keras.Sequential):
