@@ -268,6 +268,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
                 f"UnitScaleCallback: the optimizer has already taken {steps} steps, so this is a "
                 "resumed run: the weights are left as they are."
             )
+            self._resume_in_place(model, optimizer)
             return
         if not model.built and keras.backend.backend() == "tensorflow":
             # Keras's TensorFlow `fit` builds a subclassed model as it traces the first step: build it
@@ -300,6 +301,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
                 f"{', '.join(multiplied[:3])}{', ...' if len(multiplied) > 3 else ''}): it was "
                 "rescaled or converted before, so it is left as it is."
             )
+            self._resume_in_place(model, optimizer)
             return
         converted = self._convert_plain_layers(model, optimizer) if self.mode == "unit" else []
         optimizer = optimizers.unwrap(model.optimizer)
@@ -338,6 +340,29 @@ class UnitScaleCallback(keras.callbacks.Callback):
         object.__setattr__(model, _RECORD, self.record)
         self._acted = True
         self._report(rows, per_variable)
+
+    def _resume_in_place(self, model, optimizer):
+        """A model this callback converted in a run before, saved and loaded: the steps follow that run's again.
+
+        The optimizer's state holds the epsilon batch rule the conversion set
+        (`InPlaceEpsilon`); the model's `train_step` and `compute_loss`, which
+        that run wrapped (to read each step's rows and give the script's loss
+        our gradient), are Keras's again after loading: wrapped anew.
+        """
+        if "train_step" in vars(model) or not isinstance(optimizer, optimizers.UnitScaledOptimizer):
+            return  # the same model object, still wrapped; or not ours
+        if optimizer.epsilon_power is None:
+            return
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        self._epsilon = epsilon.InPlaceEpsilon.resume(model, optimizer)
+        if self._epsilon is None:
+            return
+        self._loss, _ = loss_conversion.InPlaceLoss.adopt(model)
+        self._epsilon.loss = self._loss
+        model.make_train_function(force=True)
+        self._say("UnitScaleCallback: the epsilon batch rule of the run that converted this model is followed again"
+                  + (", and its loss takes our gradient again." if self._loss else "."))
 
     def _convert_plain_layers(self, model, optimizer):
         """Turns the plain layers that have unit-scaled classes into them, in place; makes the optimizer ours.

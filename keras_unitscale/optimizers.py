@@ -236,6 +236,20 @@ class UnitScaledOptimizer:
                 )
                 for variable in variables
             ]
+            # The batch rule of a model converted in place (`convert.epsilon.InPlaceEpsilon`), saved with the state
+            # so that a resumed run steps as the first did: each weight's power, and the rows its multiplier is for
+            # (0: none).
+            self._epsilon_batch_power_variables = [
+                self.add_variable(
+                    shape=(), initializer="zeros", dtype="float32", aggregation="only_first_replica",
+                    name=variable.path.replace("/", "_") + "_epsilon_batch_power",
+                )
+                for variable in variables
+            ]
+            self._epsilon_reference_rows = self.add_variable(
+                shape=(), initializer="zeros", dtype="float32", aggregation="only_first_replica",
+                name="epsilon_reference_rows",
+            )
         waiting = getattr(self, "_waiting_state", None)
         if waiting is not None:
             object.__setattr__(self, "_waiting_state", None)
@@ -282,6 +296,23 @@ class UnitScaledOptimizer:
         """Sets the epsilon multiplier of `variable`; set it before training (the moments keep its units)."""
         checks.positive("value", value)
         self._epsilon_multiplier_variable(variable).assign(float(value))
+
+    def epsilon_batch_rule(self, variable):
+        """`(rows₀, p)`: `variable`'s epsilon multiplier holds at `rows₀` rows and scales as `(rows₀ / rows)^p`, as set by
+        `UnitScaleCallback` on a model it converted in place; None where none was set."""
+        self._epsilon_multiplier_variable(variable)  # the checks
+        rows = float(ops.convert_to_numpy(self._epsilon_reference_rows))
+        if rows == 0:
+            return None
+        power = self._multiplier_variable("_epsilon_batch_power_variables", variable, "epsilon")
+        return rows, float(ops.convert_to_numpy(power))
+
+    def set_epsilon_batch_rule(self, variable, reference_rows, power):
+        """Sets `variable`'s batch rule (see `epsilon_batch_rule`); one `reference_rows` holds for every variable."""
+        self._epsilon_multiplier_variable(variable)
+        checks.positive("reference_rows", reference_rows)
+        self._epsilon_reference_rows.assign(float(reference_rows))
+        self._multiplier_variable("_epsilon_batch_power_variables", variable, "epsilon").assign(float(power))
 
     def lr_multiplier(self, variable):
         """The learning-rate multiplier of `variable`, the factor on the base learning rate (a Python float)."""

@@ -606,6 +606,33 @@ def test_a_killed_script_resumes_from_backup_and_restore_as_if_never_stopped(ord
     np.testing.assert_allclose(resumed, whole[4:], rtol=1e-6)
 
 
+def test_a_converted_script_saved_and_loaded_trains_on_as_if_never_stopped(tmp_path):
+    # The epsilon batch rule is in the optimizer's state; the loaded model's `train_step` and `compute_loss` are
+    # Keras's again, and the callback of the resumed `fit` wraps them anew.
+    x, y = _next_tokens(40)
+
+    def fit(model, epochs, initial_epoch=0):
+        means, unit = _EpochMeans(), UnitScaleCallback(verbose=0)
+        model.fit(x, y, batch_size=12, epochs=epochs, initial_epoch=initial_epoch, verbose=0, shuffle=False,
+                  callbacks=[unit, means])
+        return means.means, unit
+
+    whole, _ = fit(_per_token_model(), 3)
+    model = _per_token_model()
+    first, unit = fit(model, 1)
+    assert unit.record["loss"] == "SparseCategoricalCrossentropy"
+    rules = [model.optimizer.epsilon_batch_rule(v) for v in model.trainable_variables]
+    model.save(tmp_path / "halfway.keras")
+
+    loaded = keras.saving.load_model(tmp_path / "halfway.keras")
+    assert [loaded.optimizer.epsilon_batch_rule(v) for v in loaded.trainable_variables] == rules
+    assert {rows for rows, _ in rules} == {32} and max(power for _, power in rules) > 0.4
+    resumed, again = fit(loaded, 3, initial_epoch=1)
+    assert again.record is None and again._loss is not None  # not converted again; its steps followed again
+    assert len(first) + len(resumed) == len(whole) == 12
+    np.testing.assert_allclose(first + resumed, whole, rtol=1e-6)
+
+
 class SequentialWithItsOwnLoss(keras.Sequential):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         return super().compute_loss(x, y, y_pred, sample_weight, training)

@@ -146,15 +146,43 @@ class InPlaceEpsilon:
     multiplies every weight's epsilon by it. An input with an open size other than its batch is probed at
     `_OPEN_SIZE`; there the ratio depends on that size too, and epsilon
     matches batches of that size only.
+
+    `rows₀` and each `p` are saved in the optimizer's state
+    (`set_epsilon_batch_rule`), `r₀` in its epsilon multipliers: `resume`
+    follows them again on a model saved and loaded after its conversion.
     """
 
     def __init__(self, model, specs):
         self.model, self.specs = model, specs
         self.before = [self._gradients(batch) for batch in PROBE_BATCHES]
         self.fitted = {}  # {the optimizer's index of a weight: (its path, r₀, p)}
+        self.reference_rows = PROBE_BATCHES[0]
         self.optimizer = None
         self.rows = None  # the rows of the step being traced, while `train_step` runs
         self.loss = None  # the script's loss made ours in place, if it is
+
+    @classmethod
+    def resume(cls, model, optimizer):
+        """Follows the batch rule saved in `optimizer`'s state again (a model converted in place, saved and loaded).
+
+        Returns:
+            The `InPlaceEpsilon` it installed, or None where the state holds no rule.
+        """
+        fitted, reference_rows = {}, None
+        for variable in model.trainable_variables:
+            rule = optimizer.epsilon_batch_rule(variable)
+            if rule is None:
+                return None
+            reference_rows, power = rule
+            fitted[optimizer._get_variable_index(variable)] = (variable.path, optimizer.epsilon_multiplier(variable), power)
+        if not fitted:
+            return None
+        matched = cls.__new__(cls)  # nothing to probe: the conversion happened in the run that saved the state
+        matched.model, matched.specs, matched.before = model, None, None
+        matched.fitted, matched.reference_rows = fitted, reference_rows
+        matched.rows, matched.loss = None, None
+        matched._follow_steps(optimizer)
+        return matched
 
     def _gradients(self, batch):
         x = _probe_batch(self.specs, batch)
@@ -178,6 +206,14 @@ class InPlaceEpsilon:
             # By the optimizer's index: its update sees the backend's variable, not the Keras one.
             self.fitted[optimizer._get_variable_index(variable)] = (variable.path, ratios[0], power)
             _follow(optimizer, variable, ratios[0])
+        for variable in self.model.trainable_variables:  # a weight not matched keeps 1, at any rows
+            fitted = self.fitted.get(optimizer._get_variable_index(variable))
+            optimizer.set_epsilon_batch_rule(variable, self.reference_rows, 0.0 if fitted is None else fitted[2])
+        self._follow_steps(optimizer)
+        return {path: (ratio, power) for path, ratio, power in self.fitted.values()}
+
+    def _follow_steps(self, optimizer):
+        """Makes `optimizer` read `batch_factor`, and the model's `train_step` record the rows each step trains on."""
         self.optimizer = optimizer
         object.__setattr__(optimizer, "epsilon_batch_factor", self.batch_factor)
         train_step = self.model.train_step
@@ -192,7 +228,6 @@ class InPlaceEpsilon:
                     self.loss.factor = None
 
         object.__setattr__(self.model, "train_step", train_step_reading_rows)
-        return {path: (ratio, power) for path, ratio, power in self.fitted.values()}
 
     def batch_factor(self, variable):
         """`(rows₀ / rows)^p` for `variable` in the step being traced (1 for a weight not matched), times the loss's `s`
@@ -204,4 +239,4 @@ class InPlaceEpsilon:
         if index not in self.fitted:
             return loss_factor
         power = self.fitted[index][2]
-        return loss_factor * ops.power(ops.cast(PROBE_BATCHES[0], "float32") / ops.cast(self.rows, "float32"), power)
+        return loss_factor * ops.power(ops.cast(self.reference_rows, "float32") / ops.cast(self.rows, "float32"), power)
