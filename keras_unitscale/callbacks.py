@@ -329,11 +329,11 @@ class UnitScaleCallback(keras.callbacks.Callback):
             "global_lr_factor": global_lr_factor,
             "weight_factor": _geometric_mean([r["weight_factor"] for r in rows if r["weight_factor"]]),
             "lr_factor": global_lr_factor or _geometric_mean([r["lr_factor"] for r in rows if r["lr_factor"]]),
-            # Each matched weight's gradient ratio to the plain model's at `PROBE_BATCHES[0]` rows, and its batch power.
             # The class of ours whose gradient the script's loss took in place (`convert.loss.InPlaceLoss`), or None.
             "loss": None if self._loss is None else type(self._loss.ours).__name__,
+            # Each matched weight's gradient ratio to the plain model's at `rows` rows, and its batch power.
             "epsilon": None if self._epsilon is None else {
-                "rows": epsilon.PROBE_BATCHES[0],
+                "rows": self._epsilon.reference_rows,
                 "ratios": {path: (ratio, power) for path, ratio, power in self._epsilon.fitted.values()},
             },
         }
