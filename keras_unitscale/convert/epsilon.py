@@ -153,8 +153,9 @@ class InPlaceEpsilon:
     """
 
     def __init__(self, model, specs):
+        """Probes `model` on inputs shaped as `specs`; None: no probe (`resume`, whose rule is in the optimizer)."""
         self.model, self.specs = model, specs
-        self.before = [self._gradients(batch) for batch in PROBE_BATCHES]
+        self.before = None if specs is None else [self._gradients(batch) for batch in PROBE_BATCHES]
         self.fitted = {}  # {the optimizer's index of a weight: (its path, r₀, p)}
         self.reference_rows = PROBE_BATCHES[0]
         self.optimizer = None
@@ -177,10 +178,8 @@ class InPlaceEpsilon:
             fitted[optimizer._get_variable_index(variable)] = (variable.path, optimizer.epsilon_multiplier(variable), power)
         if not fitted:
             return None
-        matched = cls.__new__(cls)  # nothing to probe: the conversion happened in the run that saved the state
-        matched.model, matched.specs, matched.before = model, None, None
+        matched = cls(model, None)  # nothing to probe: the conversion happened in the run that saved the state
         matched.fitted, matched.reference_rows = fitted, reference_rows
-        matched.rows, matched.loss = None, None
         matched._follow_steps(optimizer)
         return matched
 
