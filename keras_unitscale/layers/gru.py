@@ -171,6 +171,14 @@ class GRUCell(ScaledCell, WeightMultipliers, keras.layers.GRUCell):
             fp8=self.uses_fp8(),
         )
 
+    def hidden_in(self, h):
+        """The unit-scaled state h → the plain state h̃ (`ops.gru_hidden_in`)."""
+        return gru_ops.gru_hidden_in(h, self.reset_after)
+
+    def hidden_out(self, h):
+        """The plain state h̃ → the unit-scaled state (`ops.gru_hidden_out`)."""
+        return gru_ops.gru_hidden_out(h, self.reset_after)
+
     def call(self, inputs, states, training=False):
         nested = keras.tree.is_nested(states)
         h = states[0] if nested else states
@@ -179,7 +187,8 @@ class GRUCell(ScaledCell, WeightMultipliers, keras.layers.GRUCell):
             inputs = lstm_ops.lstm_dropout(inputs, self.get_dropout_mask(inputs), self.dropout)
         if training and self.recurrent_dropout > 0:
             h = lstm_ops.lstm_dropout(h, self.get_recurrent_dropout_mask(h), self.recurrent_dropout)
-        h = gru_ops.gru_cell(inputs, h, *weights, reset_after=self.reset_after, fp8=self.uses_fp8())
+        h = gru_ops.gru_cell(inputs, h, *weights, reset_after=self.reset_after, fp8=self.uses_fp8(),
+                             plain_state=self.steps_plain_state)
         return h, ([h] if nested else h)
 
 
@@ -322,13 +331,12 @@ class GRU(ScaledRNN, keras.layers.GRU):
 
     def _fused_loop(self, sequences, initial_state, mask, weights):
         """The backend's fused GRU on the plain state, with the scaled weights."""
-        if keras.tree.is_nested(initial_state):
-            initial_state = initial_state[0]
         reset_after = self.cell.reset_after
         kernel, recurrent_kernel, bias = weights
-        last_output, outputs, states = keras_backend.gru(
+        (h,) = self._plain_state_in(initial_state)
+        return self._scaled_state_out(*keras_backend.gru(
             sequences,
-            gru_ops.gru_hidden_in(initial_state, reset_after),
+            h,
             mask,
             kernel=kernel,
             recurrent_kernel=recurrent_kernel,
@@ -339,9 +347,4 @@ class GRU(ScaledRNN, keras.layers.GRU):
             go_backwards=self.go_backwards,
             unroll=self.unroll,
             reset_after=reset_after,
-        )
-        return (
-            gru_ops.gru_hidden_out(last_output, reset_after),
-            gru_ops.gru_hidden_out(outputs, reset_after),
-            [gru_ops.gru_hidden_out(state, reset_after) for state in states],
-        )
+        ))

@@ -162,6 +162,14 @@ class LSTMCell(ScaledCell, WeightMultipliers, keras.layers.LSTMCell):
             fp8=self.uses_fp8(),
         )
 
+    def hidden_in(self, h):
+        """The unit-scaled state h → the plain state h̃ (`ops.lstm_hidden_in`)."""
+        return lstm_ops.lstm_hidden_in(h, self.forget_bias)
+
+    def hidden_out(self, h):
+        """The plain state h̃ → the unit-scaled state (`ops.lstm_hidden_out`)."""
+        return lstm_ops.lstm_hidden_out(h, self.forget_bias)
+
     @property
     def forget_bias(self):
         """The forget-gate bias at initialisation, which the rule is derived for."""
@@ -174,7 +182,8 @@ class LSTMCell(ScaledCell, WeightMultipliers, keras.layers.LSTMCell):
             inputs = lstm_ops.lstm_dropout(inputs, self.get_dropout_mask(inputs), self.dropout)
         if training and self.recurrent_dropout > 0:
             h = lstm_ops.lstm_dropout(h, self.get_recurrent_dropout_mask(h), self.recurrent_dropout)
-        h, c = lstm_ops.lstm_cell(inputs, h, c, *weights, forget_bias=self.forget_bias, fp8=self.uses_fp8())
+        h, c = lstm_ops.lstm_cell(inputs, h, c, *weights, forget_bias=self.forget_bias, fp8=self.uses_fp8(),
+                                  plain_state=self.steps_plain_state)
         return h, [h, c]
 
 
@@ -322,12 +331,12 @@ class LSTM(ScaledRNN, keras.layers.LSTM):
 
     def _fused_loop(self, sequences, initial_state, mask, weights):
         """The backend's fused LSTM on the plain hidden state, with the scaled weights."""
-        forget_bias = self.cell.forget_bias
         kernel, recurrent_kernel, bias = weights
-        last_output, outputs, states = keras_backend.lstm(
+        h, c = self._plain_state_in(initial_state)
+        return self._scaled_state_out(*keras_backend.lstm(
             sequences,
-            lstm_ops.lstm_hidden_in(initial_state[0], forget_bias),
-            initial_state[1],
+            h,
+            c,
             mask,
             kernel=kernel,
             recurrent_kernel=recurrent_kernel,
@@ -337,9 +346,4 @@ class LSTM(ScaledRNN, keras.layers.LSTM):
             return_sequences=self.return_sequences,
             go_backwards=self.go_backwards,
             unroll=self.unroll,
-        )
-        return (
-            lstm_ops.lstm_hidden_out(last_output, forget_bias),
-            lstm_ops.lstm_hidden_out(outputs, forget_bias),
-            [lstm_ops.lstm_hidden_out(states[0], forget_bias), states[1]],
-        )
+        ))

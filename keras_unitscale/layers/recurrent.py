@@ -65,8 +65,9 @@ class ScaledCell:
     """Mixin for a unit-scaled recurrent cell: the weights of the current sequence, FP8, the config.
 
     A subclass defines `scaled_inputs(inputs, return_sequences)` (the input's
-    gradient scale) and `scaled_weights(inputs, return_sequences)`, and calls
-    `_init_sequence_weights(fp8)` in its constructor.
+    gradient scale), `scaled_weights(inputs, return_sequences)`, and
+    `hidden_in(h)` / `hidden_out(h)` (the unit-scaled state to the plain
+    one and back), and calls `_init_sequence_weights(fp8)` in its constructor.
     """
 
     def _init_sequence_weights(self, fp8):
@@ -82,12 +83,23 @@ class ScaledCell:
 
     @contextlib.contextmanager
     def sequence_weights(self, weights):
-        """Within this context the cell steps with `weights` (from `scaled_weights`)."""
+        """Within this context the cell steps with `weights` (from `scaled_weights`), on the plain state.
+
+        The layer's loop hands the cell the plain state h̃ (`hidden_in` of
+        the unit-scaled state) and scales what comes out (`hidden_out`) once
+        per sequence, as around the fused kernel: two multiplications a step
+        fewer, and the same values.
+        """
         object.__setattr__(self, "_sequence_weights", weights)
         try:
             yield
         finally:
             object.__setattr__(self, "_sequence_weights", None)
+
+    @property
+    def steps_plain_state(self):
+        """Whether the cell now steps the plain state h̃ (inside a layer's loop) rather than the unit-scaled one."""
+        return self._sequence_weights is not None
 
     def step_weights(self, inputs):
         """`(inputs, weights)` for one step: the sequence's, or, standalone in `keras.layers.RNN`, this step's own.
@@ -182,8 +194,19 @@ class ScaledRNN:
                 "implementation. Received: use_cudnn=True"
             )
         with cell.sequence_weights(weights):
-            # Keras's step loop over our cell.
-            return keras.layers.RNN.inner_loop(self, sequences, initial_state, mask=mask, training=training)
+            # Keras's step loop over our cell, on the plain state.
+            return self._scaled_state_out(*keras.layers.RNN.inner_loop(
+                self, sequences, self._plain_state_in(initial_state), mask=mask, training=training))
+
+    def _plain_state_in(self, initial_state):
+        """The initial states for a loop on the plain state: `hidden_in` of h; an LSTM's cell state as it is."""
+        states = list(initial_state) if keras.tree.is_nested(initial_state) else [initial_state]
+        return [self.cell.hidden_in(states[0]), *states[1:]]
+
+    def _scaled_state_out(self, last_output, outputs, states):
+        """A loop's `(last_output, outputs, states)` on the plain state, back at unit scale (`hidden_out` of h)."""
+        hidden_out = self.cell.hidden_out
+        return hidden_out(last_output), hidden_out(outputs), [hidden_out(states[0]), *states[1:]]
 
     def get_config(self):
         return {

@@ -10,6 +10,7 @@ from keras_unitscale import checks
 from keras_unitscale import precision
 from keras_unitscale import rules
 from keras_unitscale.ops.common import to_float
+from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.ops.lstm import add_rows
 from keras_unitscale.ops.lstm import scaled_recurrent_weights
 from keras_unitscale.ops.lstm import sequence_sizes
@@ -130,7 +131,7 @@ def _project(x, kernel, bias, fp8):
     return projected if bias is None else ops.add(projected, bias)
 
 
-def gru_cell(x, h, kernel, recurrent_kernel, bias=None, reset_after=True, fp8=False):
+def gru_cell(x, h, kernel, recurrent_kernel, bias=None, reset_after=True, fp8=False, plain_state=False):
     """One step of the unit-scaled GRU, given the weights from `gru_weights`.
 
     Keras's GRU step (gate order z, r, h; `reset_after` as in Keras) on the
@@ -147,6 +148,9 @@ def gru_cell(x, h, kernel, recurrent_kernel, bias=None, reset_after=True, fp8=Fa
         fp8: the matmuls in scale-free FP8: their inputs cast to E4M3, the
             gradients of their outputs to E5M2 (the kernels come cast from
             `gru_weights(..., fp8=True)`).
+        plain_state: `h` is the plain state h̃ and the plain new state is
+            returned, as a loop over a whole sequence steps it (see
+            `lstm_cell`).
 
     Returns:
         The new unit-scaled state (also the step's output).
@@ -161,7 +165,8 @@ def gru_cell(x, h, kernel, recurrent_kernel, bias=None, reset_after=True, fp8=Fa
     (2, 3)
     """
     x = to_float(x, "x", like=kernel)
-    h_plain = gru_hidden_in(h, reset_after)
+    h = to_tensor(h, "h")
+    h_plain = h if plain_state else gru_hidden_in(h, reset_after)
     units = h_plain.shape[-1]
     input_bias, recurrent_bias = (bias[0], bias[1]) if reset_after and bias is not None else (bias, None)
     x_z, x_r, x_h = ops.split(_project(x, kernel, input_bias, fp8), 3, axis=-1)
@@ -175,4 +180,5 @@ def gru_cell(x, h, kernel, recurrent_kernel, bias=None, reset_after=True, fp8=Fa
     else:
         candidate_h = _project(r * h_plain, recurrent_kernel[:, 2 * units :], None, fp8)
     candidate = ops.tanh(add_rows(x_h, candidate_h))
-    return gru_hidden_out(z * h_plain + (1.0 - z) * candidate, reset_after)
+    h = z * h_plain + (1.0 - z) * candidate
+    return h if plain_state else gru_hidden_out(h, reset_after)

@@ -222,7 +222,7 @@ def add_rows(a, b):
     return a + b
 
 
-def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8=False):
+def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8=False, plain_state=False):
     """One step of the unit-scaled LSTM, given the weights from `lstm_weights`.
 
     `z = x·kernel + h̃·recurrent_kernel + bias` with `h̃ = lstm_hidden_in(h)`;
@@ -240,6 +240,10 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8
         fp8: the two matmuls in scale-free FP8: `x` and h̃ cast to E4M3, the
             gradient of `z` to E5M2 (the kernels come cast from
             `lstm_weights(..., fp8=True)`).
+        plain_state: `h` is the plain state h̃ and the plain h̃' is returned,
+            as a loop over a whole sequence steps it: the state's two scales
+            then apply once per sequence (`lstm_hidden_in` on the initial
+            state, `lstm_hidden_out` on the outputs), not at every step.
 
     Returns:
         `(h', c')`.
@@ -255,7 +259,8 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8
     ((2, 3), (2, 3))
     """
     x = to_float(x, "x", like=kernel)
-    h_plain = lstm_hidden_in(to_tensor(h, "h"), forget_bias)
+    h = to_tensor(h, "h")
+    h_plain = h if plain_state else lstm_hidden_in(h, forget_bias)
     if fp8:
         x, h_plain = precision.cast_inputs(x, h_plain)
     z = add_rows(ops.matmul(x, kernel), ops.matmul(h_plain, recurrent_kernel))
@@ -265,4 +270,5 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8
         z = ops.add(z, bias)
     z_i, z_f, z_g, z_o = ops.split(z, 4, axis=-1)
     c = add_rows(ops.sigmoid(z_f) * ops.cast(c, z.dtype), ops.sigmoid(z_i) * ops.tanh(z_g))
-    return lstm_hidden_out(ops.sigmoid(z_o) * ops.tanh(c), forget_bias), c
+    h = ops.sigmoid(z_o) * ops.tanh(c)
+    return (h if plain_state else lstm_hidden_out(h, forget_bias)), c
