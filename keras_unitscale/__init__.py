@@ -18,6 +18,8 @@ from keras_unitscale import parametrization
 from keras_unitscale import precision
 from keras_unitscale.callbacks import UnitScaleCallback
 from keras_unitscale.convert import unit_scale
+from keras_unitscale.resize import grow
+from keras_unitscale.resize import shrink
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 from keras_unitscale.scale import scaled
@@ -33,6 +35,7 @@ __all__ = [
     "convert",
     "formats",
     "functional",
+    "grow",
     "layers",
     "losses",
     "models",
@@ -43,5 +46,6 @@ __all__ = [
     "scale_fwd",
     "scale_bwd",
     "scaling_disabled",
+    "shrink",
     "unit_scale",
 ]

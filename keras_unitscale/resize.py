@@ -1,0 +1,412 @@
+"""Grow and shrink a trained u-μP model's width: the same function, and the same learning rate.
+
+`grow(model, width=2)` returns a model whose every hidden width (units,
+embedding and residual widths, attention heads, LSTM units) is twice the
+original's, and whose outputs equal the original's on any input. `shrink`
+folds a grown model back. The learning rate stays right because u-μP reads
+every width from the layers: the new model's layers declare their roles at
+the new widths when they build, so their forward multipliers
+(`rules.mup`: `fan_in^-1/2` for a hidden kernel, `fan_in^-1` for the
+readout) and the u-μP optimizers' per-weight learning-rate factors are the
+new width's, and its weights are stored at unit scale as a model built at
+that width starts.
+
+How the weights are carried. New unit `u` of a width `n` grown to `n'` is a
+copy of old unit `u mod n` (an LSTM's or GRU's gate blocks each grow so).
+Along a weight's *output* axes (the units it produces) each new unit takes
+its old unit's values, so every copy computes the same value. Along its
+*contracted* axes (the units it sums over) the copies of unit `j` share its
+old values: `Σ_copies W' = W · m(fan_in) / m(fan_in')`, where `m` is the
+forward multiplier of the weight's role, so the sum, after the new
+multiplier, is the old one's. A bias the op adds inside its output scale (a
+`Dense`'s) follows its kernel's ratio.
+
+The share of each copy is `W · ratio / copies` plus zero-sum noise
+(`split="zero_sum"`, the default): the noise cancels over the copies, so the
+function is kept (up to float rounding), and it is sized so that each
+weight's RMS stays what it was where the ratio allows it (a hidden kernel
+grown ×k: `W/√k + ε`, `E[ε²] = (1 - 1/k)·E[W²]`). Without it
+(`split="even"`), copies stay tied: units whose incoming and outgoing
+weights are the same copies get the same gradient and never part. A
+readout's copies carry no noise (its ratio equals the copy count, leaving
+none), so with `split="zero_sum"` the symmetry is broken by the layers
+below it. `noise=σ` adds `σ·RMS(W)·N(0, 1)` to the copies' incoming weights
+as well: that breaks every tie at once, and moves the outputs by about `σ`
+(their RMS change over their RMS: 0.8σ to 1.9σ measured on a 3-hidden-layer
+MLP, `tests/test_resize.py`).
+
+Which widths grow is data (`WIDTH_ARGUMENTS`): a `Dense`'s `units` unless
+its role is "output", an `Embedding`'s `output_dim`, an LSTM's or GRU's
+`units`, an attention's `num_heads` (its `key_dim` kept, so the softmax's
+`1/key_dim` is unchanged). Which axes of each weight are contracted is data
+too (`weight_axes`). A fractional factor duplicates some units and not
+others; a norm over such a width would then see other statistics, so it is
+refused there. The optimizer's state is not carried: compile the new model
+afresh (its moments start at zero, as after any change of shapes).
+"""
+
+import dataclasses
+import math
+import numbers
+
+import keras
+import numpy as np
+
+from keras_unitscale import layers as L
+from keras_unitscale import parametrization
+
+__all__ = ["grow", "shrink", "WIDTH_ARGUMENTS", "weight_axes", "GrowthError"]
+
+SPLITS = ("zero_sum", "even")
+
+
+class GrowthError(ValueError):
+    """A model, layer or factor that cannot be resized, with what was received."""
+
+
+def _dense_units(layer):
+    # The readout's units are the model's outputs: they keep their size.
+    return None if layer.role == "output" else "units"
+
+
+# Our layer classes and the config argument that holds each one's width (a
+# function of the layer, for those whose width depends on its role).
+WIDTH_ARGUMENTS = {
+    L.Dense: _dense_units,
+    L.Embedding: lambda layer: "output_dim",
+    L.LSTM: lambda layer: "units",
+    L.GRU: lambda layer: "units",
+    L.MultiHeadAttention: lambda layer: "num_heads",
+    L.TransformerBlock: lambda layer: "num_heads",
+}
+
+# Layers with weights but no width of their own: their weights follow the widths around them.
+_FOLLOWERS = (L.LayerNormalization, L.RMSNormalization, L.EinsumDense)
+_NORMS = (L.LayerNormalization, L.RMSNormalization)
+
+
+@dataclasses.dataclass(frozen=True)
+class Axes:
+    """How one weight grows: the axes it sums over, its gate blocks, and whose ratio it takes.
+
+    contracted: the axes the op sums over (split across copies).
+    blocks: {axis: number of blocks} for axes that hold several gates of one
+        width side by side (an LSTM's `4·units`).
+    ratio_of: the attribute of the weight whose forward-multiplier ratio
+        this one takes (a bias inside its kernel's scale), or None for its own.
+    """
+
+    contracted: tuple = ()
+    blocks: dict = dataclasses.field(default_factory=dict)
+    ratio_of: str | None = None
+
+
+def _einsum_contracted(equation):
+    inputs, output = equation.split("->")
+    kernel = inputs.split(",")[1]
+    return tuple(axis for axis, label in enumerate(kernel) if label not in output)
+
+
+def weight_axes(layer):
+    """{attribute: `Axes`} for a leaf layer's weights, or None if this module has no rule for its class.
+
+    Example:
+
+    >>> weight_axes(keras_unitscale.layers.Dense(4))["kernel"].contracted
+    (0,)
+    """
+    if isinstance(layer, L.Dense):
+        return {"kernel": Axes((0,)), "bias": Axes(ratio_of="kernel")}
+    if isinstance(layer, L.EinsumDense):
+        return {"kernel": Axes(_einsum_contracted(layer.equation)), "bias": Axes(ratio_of="kernel")}
+    if isinstance(layer, L.Embedding):
+        return {"embeddings": Axes()}
+    if isinstance(layer, L.LayerNormalization):
+        return {"gamma": Axes(), "beta": Axes()}
+    if isinstance(layer, L.RMSNormalization):
+        return {"scale": Axes()}
+    for cell, gates in ((L.LSTMCell, 4), (L.GRUCell, 3)):
+        if isinstance(layer, cell):
+            bias_axis = 1 if getattr(layer, "reset_after", False) else 0  # a reset-after GRU's bias is (2, 3·units)
+            return {"kernel": Axes((0,), {1: gates}), "recurrent_kernel": Axes((0,), {1: gates}),
+                    "bias": Axes((), {bias_axis: gates})}
+    return None
+
+
+def _factor(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise GrowthError(f"`{name}` must be a number > 0. Received: {name}={value!r}")
+    return float(value)
+
+
+def _new_width(old, factor, what):
+    new = old * factor
+    if abs(new - round(new)) > 1e-9 or round(new) < 1:
+        raise GrowthError(
+            f"{what} of {old} times {factor:g} is {new:g}, not a whole number: choose a factor that gives whole "
+            f"widths. Received: widths × {factor:g}"
+        )
+    return int(round(new))
+
+
+def _leaves(model):
+    """The layers that own weights directly, in a fixed order (for pairing an old model's with a new one's)."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if layer.weights and not any(sub.weights for sub in layer._flatten_layers(include_self=False))]
+
+
+def _resized_clone(model, factor, what):
+    """The model rebuilt with every width × `factor` (new weights, to be filled)."""
+    # A functional model keeps its graph (`_nodes_by_depth`); a subclassed one has only its code.
+    if not isinstance(model, keras.Model) or not (isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")):
+        raise GrowthError(
+            f"{what} takes a Sequential or functional Keras model (a subclassed model's widths are in its code). "
+            f"Received: {type(model).__name__}"
+        )
+    parametrization.check_built(model)
+
+    def clone(layer):
+        config = layer.get_config()
+        rule = WIDTH_ARGUMENTS.get(type(layer))
+        argument = rule(layer) if rule else None
+        if argument is not None:
+            config[argument] = _new_width(config[argument], factor, f"{layer.name}'s {argument}")
+        elif rule is None and layer.weights and type(layer) not in _FOLLOWERS:
+            raise GrowthError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) has weights but no rule to resize them: "
+                f"{what} knows {sorted(c.__name__ for c in {*WIDTH_ARGUMENTS, *_FOLLOWERS})}."
+            )
+        return type(layer).from_config(config)
+
+    new = keras.models.clone_model(model, clone_function=clone)
+    old_shapes = [tuple(t.shape) for t in model.outputs]
+    new_shapes = [tuple(t.shape) for t in new.outputs]
+    if old_shapes != new_shapes:
+        raise GrowthError(
+            f"The resized model's outputs have other shapes ({new_shapes}, from {old_shapes}): a layer that "
+            "produces an output is sized by a width. Give that layer role='output' (a readout keeps its units)."
+        )
+    return new
+
+
+def _width_map(old_size, new_size, blocks):
+    """For each new index along an axis, the old index it copies (unit `u` of each block copies `u mod n`)."""
+    old_n, new_n = old_size // blocks, new_size // blocks
+    if old_n * blocks != old_size or new_n * blocks != new_size:
+        raise GrowthError(f"An axis of {old_size} → {new_size} does not split into {blocks} gate blocks.")
+    return np.concatenate([block * old_n + np.arange(new_n) % old_n for block in range(blocks)])
+
+
+def _forward_multiplier(variable):
+    role = parametrization.role_of(variable)
+    return 1.0 if role is None else role.forward_multiplier()
+
+
+def _grow_weight(old, new, axes, ratio, split, noise, rng):
+    """The new weight's values from the old one's (see the module docstring)."""
+    values = keras.ops.convert_to_numpy(old.value).astype("float64")
+    old_shape, new_shape = values.shape, tuple(new.shape)
+    if len(old_shape) != len(new_shape):
+        raise GrowthError(f"'{old.path}' changes rank: {old_shape} → {new_shape}.")
+    copies = np.ones(new_shape)
+    grown_contracted = []
+    for axis, (before, after) in enumerate(zip(old_shape, new_shape)):
+        if before == after:
+            continue
+        index = _width_map(before, after, axes.blocks.get(axis, 1))
+        values = np.take(values, index, axis=axis)
+        if axis in axes.contracted:
+            count = np.bincount(index, minlength=before)[index]
+            shape = [1] * len(new_shape)
+            shape[axis] = after
+            copies = copies * count.reshape(shape)
+            grown_contracted.append((axis, index, before))
+    rms = math.sqrt(float(np.mean(values**2))) if values.size else 0.0
+    share = ratio / copies
+    values = values * share
+    if grown_contracted and split == "zero_sum":
+        # Noise that sums to zero over the copies of each old unit, sized so each entry's mean square is the old
+        # weight's where the share is at most 1 (removing the copies' mean leaves (1 - 1/c) of the variance).
+        axis, index, before = grown_contracted[0]
+        count = np.bincount(index, minlength=before)
+        shape = [1] * len(new_shape)
+        shape[axis] = len(index)
+        along = count[index].reshape(shape)
+        spread = np.sqrt(np.clip(1.0 - share**2, 0.0, None) / np.where(along > 1, 1.0 - 1.0 / along, 1.0)) * rms
+        eps = np.moveaxis(rng.standard_normal(new_shape) * spread * (along > 1), axis, -1)
+        copies_of = np.eye(before)[index]  # (new units, old units): which old unit each copies
+        mean = (eps @ copies_of / count)[..., index]  # each copy's share of its old unit's sum
+        values = values + np.moveaxis(eps - mean, -1, axis)
+    if noise:
+        values = values + _new_copies_mask(old_shape, new_shape, axes) * noise * rms * rng.standard_normal(new_shape)
+    return values
+
+
+def _new_copies_mask(old_shape, new_shape, axes):
+    """1 where an entry belongs to a new copy of a unit along an output axis (not the original), else 0."""
+    mask = np.zeros(new_shape)
+    for axis, (before, after) in enumerate(zip(old_shape, new_shape)):
+        if before == after or axis in axes.contracted:
+            continue
+        blocks = axes.blocks.get(axis, 1)
+        new_n, old_n = after // blocks, before // blocks
+        is_copy = (np.arange(after) % new_n) >= old_n
+        shape = [1] * len(new_shape)
+        shape[axis] = after
+        mask = np.maximum(mask, is_copy.reshape(shape))
+    return mask
+
+
+def _pairs(old_model, new_model):
+    old_leaves, new_leaves = _leaves(old_model), _leaves(new_model)
+    if [type(layer) for layer in old_leaves] != [type(layer) for layer in new_leaves]:
+        raise GrowthError("The resized model's layers do not line up with the original's.")
+    for old, new in zip(old_leaves, new_leaves):
+        table = weight_axes(old)
+        if table is None:
+            raise GrowthError(
+                f"Layer '{old.name}' ({type(old).__name__}) has weights but no rule to resize them "
+                "(`keras_unitscale.resize.weight_axes`)."
+            )
+        yield old, new, table
+
+
+def _check_resizable(layer):
+    if getattr(layer, "lora_enabled", False):
+        raise GrowthError(f"Layer '{layer.name}' has LoRA enabled: merge or disable its adapters before resizing.")
+    if getattr(layer, "quantization_mode", None):
+        raise GrowthError(
+            f"Layer '{layer.name}' is quantized ({layer.quantization_mode}): resize the float model, then quantize."
+        )
+
+
+def _check_norm(layer, old_layer, factor):
+    """A norm over a width resized by a fraction would see other statistics: refused."""
+    whole = factor if factor >= 1 else 1.0 / factor
+    if isinstance(layer, _NORMS) and abs(whole - round(whole)) > 1e-9:
+        raise GrowthError(
+            f"Layer '{old_layer.name}' ({type(old_layer).__name__}) normalises over a width grown by {whole:g}: "
+            "some units would be copied and others not, which changes its mean and variance. Grow by a whole "
+            f"factor. Received: width={whole:g}"
+        )
+
+
+def grow(model, width=1, split="zero_sum", noise=0.0, seed=None):
+    """A copy of `model` with every hidden width × `width` and the same outputs (see the module docstring).
+
+    Args:
+        model: a built Sequential or functional model of `keras_unitscale.layers`.
+        width: the factor on every hidden width: a whole number, or a
+            fraction that gives whole widths (no norm over a width grown by a
+            fraction).
+        split: "zero_sum" (the copies of a summed-over unit share its
+            weights with zero-sum noise that keeps their RMS) or "even".
+        noise: the RMS, relative to each weight's, of noise added to the new
+            copies' incoming weights; 0 keeps the function.
+        seed: the noise's seed.
+
+    Returns:
+        The grown model, built, uncompiled; `grown.resize_record` holds the
+        arguments ({"width", "split", "noise"}).
+
+    Example:
+
+    >>> model = keras_unitscale.models.mlp(8, width=16)
+    >>> grown = grow(model, width=2)
+    >>> x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    >>> bool(np.allclose(grown.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6))
+    True
+    >>> grown.get_layer("hidden0").units
+    32
+    """
+    factor = _factor("width", width)
+    if split not in SPLITS:
+        raise GrowthError(f"`split` must be one of {SPLITS}. Received: split={split!r}")
+    noise = float(noise)
+    if not (noise >= 0 and math.isfinite(noise)):
+        raise GrowthError(f"`noise` must be a number >= 0. Received: noise={noise!r}")
+    rng = np.random.default_rng(seed)
+    new_model = _resize(model, factor, "grow",
+                        lambda old, new, axes, ratio: _grow_weight(old, new, axes, ratio, split, noise, rng))
+    new_model.resize_record = {"width": factor, "split": split, "noise": noise}
+    return new_model
+
+
+def _resize(model, factor, what, resized_weight):
+    """The model rebuilt at `factor` × its widths, each weight from `resized_weight(old, new, axes, ratio)`.
+
+    `ratio` is the forward-multiplier ratio, old over new, of the weight (or
+    of the kernel whose scale it is inside).
+    """
+    new_model = _resized_clone(model, factor, what)
+    for old_layer, new_layer, table in _pairs(model, new_model):
+        _check_resizable(old_layer)
+        for name, axes in table.items():
+            old, new = getattr(old_layer, name, None), getattr(new_layer, name, None)
+            if old is None:
+                continue
+            if tuple(old.shape) != tuple(new.shape):
+                _check_norm(new_layer, old_layer, factor)
+            source = getattr(old_layer, axes.ratio_of or name)
+            target = getattr(new_layer, axes.ratio_of or name)
+            ratio = _forward_multiplier(source) / _forward_multiplier(target)
+            new.assign(resized_weight(old, new, axes, ratio).astype(new.dtype))
+        _carry_other_weights(old_layer, new_layer, table)
+    return new_model
+
+
+def _carry_other_weights(old_layer, new_layer, table):
+    """Weights outside the table (multipliers kept as variables, say) must not change shape: copied as they are."""
+    named = {id(getattr(old_layer, name)) for name in table if getattr(old_layer, name, None) is not None}
+    for old, new in zip(old_layer.weights, new_layer.weights):
+        if id(old) in named:
+            continue
+        if tuple(old.shape) != tuple(new.shape):
+            raise GrowthError(f"'{old.path}' changes shape ({tuple(old.shape)} → {tuple(new.shape)}) without a rule.")
+        new.assign(old.value)
+
+
+def shrink(model, width):
+    """The inverse of `grow`: every hidden width ÷ `width`, copies folded back into the unit they copy.
+
+    Along output axes the first `n` units are kept; along contracted axes
+    each kept unit's weights are the sum of its copies' divided by the
+    forward-multiplier ratio. For a model just grown by the same factor
+    this gives back the original (up to float rounding: the split is
+    undone in float64 and stored in the weights' dtype). For a model
+    trained since, it folds the copies, which have drifted apart, into one:
+    an approximation whose loss change the caller should measure.
+
+    Args:
+        model: a built Sequential or functional model of `keras_unitscale.layers`.
+        width: the factor every hidden width is divided by.
+
+    Returns:
+        The shrunk model, built, uncompiled.
+
+    Example:
+
+    >>> model = keras_unitscale.models.mlp(8, width=16)
+    >>> back = shrink(grow(model, width=2), width=2)
+    >>> bool(np.allclose(back.get_layer("hidden1").kernel.numpy(), model.get_layer("hidden1").kernel.numpy(),
+    ...                  atol=1e-6))
+    True
+    """
+    return _resize(model, 1.0 / _factor("width", width), "shrink", _fold_weight)
+
+
+def _fold_weight(old, new, axes, ratio):
+    values = keras.ops.convert_to_numpy(old.value).astype("float64")
+    for axis, (after, before) in enumerate(zip(values.shape, tuple(new.shape))):
+        if before == after:
+            continue
+        index = _width_map(before, after, axes.blocks.get(axis, 1))
+        if axis in axes.contracted:
+            moved = np.moveaxis(values, axis, 0)
+            folded = np.zeros((before,) + moved.shape[1:])
+            np.add.at(folded, index, moved)
+            values = np.moveaxis(folded, 0, axis)
+        else:
+            first = np.array([np.flatnonzero(index == j)[0] for j in range(before)])
+            values = np.take(values, first, axis=axis)
+    return values * ratio
