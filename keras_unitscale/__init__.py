@@ -16,6 +16,7 @@ from keras_unitscale import models
 from keras_unitscale import optimizers
 from keras_unitscale import parametrization
 from keras_unitscale import precision
+from keras_unitscale import resize
 from keras_unitscale.callbacks import UnitScaleCallback
 from keras_unitscale.convert import unit_scale
 from keras_unitscale.resize import grow
@@ -42,6 +43,7 @@ __all__ = [
     "optimizers",
     "parametrization",
     "precision",
+    "resize",
     "scaled",
     "scale_fwd",
     "scale_bwd",

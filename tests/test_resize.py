@@ -12,8 +12,8 @@ from keras_unitscale import models
 from keras_unitscale import optimizers
 from keras_unitscale import parametrization
 from keras_unitscale.resize import GrowthError
-from keras_unitscale.resize import grow
-from keras_unitscale.resize import shrink
+from keras_unitscale import grow
+from keras_unitscale import shrink
 
 # The largest output difference allowed after a resize, relative to the outputs' RMS (float32).
 FUNCTION_KEPT = 1e-5
@@ -143,25 +143,26 @@ def test_noise_moves_the_outputs_by_about_its_size(noise):
     assert noise / 4 < change < 4 * noise
 
 
-def test_a_grown_model_trains_on_from_the_loss_it_had(tmp_path):
+@pytest.mark.parametrize("name, sizes", [("lstm_lm", {"width": 2}), ("transformer_lm", {"width": 2, "depth": 2})])
+def test_a_grown_model_trains_on_from_the_loss_it_had_and_saves(name, sizes, tmp_path):
     keras.utils.set_random_seed(0)
-    model = _lstm()
-    x = _inputs("lstm_lm")
+    model = BUILDERS[name]()
+    x = _inputs(name)
     y = np.roll(x, -1, axis=1)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizers.Adam(0.01), loss)
-    model.fit(x, y, epochs=5, batch_size=4, verbose=0)
+    model.fit(x, y, epochs=3, batch_size=4, verbose=0)
     before = model.evaluate(x, y, verbose=0)
-    grown = grow(model, width=2, seed=0)
-    grown.compile(optimizers.Adam(0.01), loss)
+    grown = grow(model, seed=0, **sizes)
+    grown.compile(optimizers.Adam(0.01), loss)  # the same learning rate
     assert grown.evaluate(x, y, verbose=0) == pytest.approx(before, rel=1e-5)
-    grown.fit(x, y, epochs=5, batch_size=4, verbose=0)
+    grown.fit(x, y, epochs=3, batch_size=4, verbose=0)
     assert grown.evaluate(x, y, verbose=0) < before
-    # Saved and reloaded: the same model.
+    # Saved and reloaded (multipliers and norms' epsilons in the configs): the same model.
     path = os.path.join(tmp_path, "grown.keras")
     grown.save(path)
     reloaded = keras.saving.load_model(path)
-    np.testing.assert_allclose(_outputs(reloaded, x), _outputs(grown, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_outputs(reloaded, x), _outputs(grown, x), rtol=1e-5, atol=1e-5)
 
 
 def test_what_cannot_be_grown_is_named():
@@ -198,3 +199,106 @@ def test_what_cannot_be_grown_is_named():
     lora.get_layer("hidden1").enable_lora(2)
     with pytest.raises(GrowthError, match="'hidden1' has LoRA enabled"):
         grow(lora, width=2)
+
+
+# ---------------------------------------------------------------- depth
+
+
+def _blocks(model):
+    return [layer for layer in model.layers if isinstance(layer, L.TransformerBlock)]
+
+
+@pytest.mark.parametrize("depth, insert", [(2, "interleave"), (2, "end"), (3, "interleave"), (1.5, [1]), (2, [0, 3])])
+def test_growing_the_depth_keeps_the_function(depth, insert):
+    keras.utils.set_random_seed(0)
+    model = _transformer()
+    x = _inputs("transformer_lm")
+    grown = grow(model, depth=depth, insert=insert)
+    blocks = _blocks(grown)
+    assert len(blocks) == int(2 * depth)
+    assert [block.index for block in blocks] == list(range(len(blocks)))
+    assert {block.depth for block in blocks} == {len(blocks)}
+    assert _relative_change(_outputs(grown, x), _outputs(model, x)) < FUNCTION_KEPT
+
+
+def test_inserted_blocks_add_nothing_and_kept_ones_carry_the_depth_rule():
+    keras.utils.set_random_seed(0)
+    model = _transformer()
+    grown = grow(model, depth=2)
+    from keras_unitscale.resize.depth import block_contributions
+
+    chain = [layer for layer in grown.layers if not isinstance(layer, keras.layers.InputLayer)]
+    positions = [i for i, layer in enumerate(chain) if isinstance(layer, L.TransformerBlock)]
+    shares = block_contributions(chain, positions, _inputs("transformer_lm"))
+    names = [chain[i].name for i in positions]
+    assert names == ["block0", "block0_grown1", "block1", "block1_grown3"]
+    assert shares[1] < 1e-6 and shares[3] < 1e-6  # zero, but for the float32 rounding of b_attention·b_mlp·x
+    assert min(shares[0], shares[2]) > 0.1
+    # Interleaved ×2: each kept branch's output × √2 (its tau fell by about √2), in its weight multiplier; the
+    # stored weights are the original's.
+    kept = grown.get_layer("block1")
+    assert kept.weight_multipliers["mlp_down/kernel"] == pytest.approx(2**0.5, rel=1e-6)
+    assert kept.weight_multipliers["attention/attention_output/kernel"] == pytest.approx(2**0.5, rel=1e-6)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(kept.mlp_down.kernel),
+                                  keras.ops.convert_to_numpy(model.get_layer("block1").mlp_down.kernel))
+
+
+def test_a_deeper_model_has_the_new_depths_learning_rates():
+    keras.utils.set_random_seed(0)
+    grown = grow(_transformer(), depth=2)
+    fresh = models.transformer_lm(vocab_size=32, width=32, depth=4, head_dim=16, seq_len=8)
+    assert sorted(parametrization.lr_multipliers(grown).values()) == pytest.approx(
+        sorted(parametrization.lr_multipliers(fresh).values()))
+    assert {parametrization.role_of(v).depth for block in _blocks(grown) for v in block.trainable_weights} == {4}
+
+
+def test_shrinking_a_deepened_model_removes_the_inserted_blocks():
+    keras.utils.set_random_seed(0)
+    model = _transformer()
+    x = _inputs("transformer_lm")
+    back = shrink(grow(model, width=2, depth=2), width=2, depth=2, data=x)
+    assert back.resize_record["removed"] == ["block0_grown1", "block1_grown3"]
+    assert back.resize_record["output_change"] < FUNCTION_KEPT
+    assert [v.path for v in back.weights] == [v.path for v in model.weights]
+    for old, new in zip(model.weights, back.weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(new), keras.ops.convert_to_numpy(old), atol=1e-6)
+    for block in _blocks(back):
+        assert all(value == pytest.approx(1.0, rel=1e-9) for value in block.weight_multipliers.values())
+        assert block.depth == 2
+
+
+def test_shrinking_a_trained_stack_removes_the_blocks_that_add_least_and_says_how_far_the_outputs_moved():
+    keras.utils.set_random_seed(0)
+    model = models.transformer_lm(vocab_size=32, width=32, depth=4, head_dim=16, seq_len=8)
+    x = _inputs("transformer_lm")
+    shrunk = shrink(model, depth=2, data=x)
+    record = shrunk.resize_record
+    assert len(_blocks(shrunk)) == 2
+    contributions = record["contributions"]
+    kept = [name for name in contributions if name not in record["removed"]]
+    assert min(contributions[name] for name in kept) >= max(contributions[name] for name in record["removed"])
+    assert record["output_change"] == pytest.approx(
+        rms(_outputs(shrunk, x) - _outputs(model, x)) / rms(_outputs(model, x)), rel=1e-4)
+    assert 0 < record["output_change"] < 10
+
+
+def test_what_cannot_be_deepened_is_named():
+    with pytest.raises(GrowthError, match="needs a stack of TransformerBlocks"):
+        grow(_mlp(), depth=2)
+    with pytest.raises(GrowthError, match=r"2 blocks times 1\.25 is 2\.5, not a whole number"):
+        grow(_transformer(), depth=1.25)
+    with pytest.raises(GrowthError, match="give it as `data=`"):
+        shrink(_transformer(), depth=2)
+    with pytest.raises(GrowthError, match=r"2 distinct positions in the new stack of 4 blocks. Received: insert=\[1, 1\]"):
+        grow(_transformer(), depth=2, insert=[1, 1])
+    with pytest.raises(GrowthError, match="`insert` must be one of"):
+        grow(_transformer(), depth=2, insert="middle")
+    tokens = keras.Input((8,), dtype="int32")
+    h = L.TransformerBlock(num_heads=2, index=0, depth=1)(L.Embedding(32, 32)(tokens))
+    unnormed = keras.Model(tokens, L.Dense(32, role="output")(h))
+    with pytest.raises(GrowthError, match="A norm must follow the stack"):
+        grow(unnormed, depth=2)
+    h = L.Embedding(32, 32)(tokens)
+    branched = keras.Model(tokens, L.LayerNormalization()(keras.layers.Add()([h, L.TransformerBlock(num_heads=2)(h)])))
+    with pytest.raises(GrowthError, match="one chain"):
+        grow(branched, depth=2)

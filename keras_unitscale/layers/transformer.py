@@ -19,10 +19,24 @@ from keras_unitscale.layers.normalization import RMSNormalization
 _NORMS = {"layer": LayerNormalization, "rms": RMSNormalization}
 
 
-def _norm(kind, name, weight_multipliers):
+def _norm(kind, name, weight_multipliers, epsilon):
     """A gain-only norm: a layer norm without its bias, or an RMS norm (which has none)."""
-    center = {"center": False} if kind == "layer" else {}
-    return _NORMS[kind](name=name, weight_multipliers=weight_multipliers, **center)
+    options = {"center": False} if kind == "layer" else {}
+    if epsilon is not None:
+        options["epsilon"] = epsilon
+    return _NORMS[kind](name=name, weight_multipliers=weight_multipliers, **options)
+
+
+def _norm_epsilons(value):
+    """`norm_epsilon` as (attention_norm's, mlp_norm's): one number for both, or a pair; None: the norms' defaults."""
+    if value is None:
+        return (None, None)
+    pair = tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(
+            f"`norm_epsilon` must be a number or a pair (attention_norm's, mlp_norm's). Received: norm_epsilon={value!r}"
+        )
+    return tuple(float(checks.non_negative("norm_epsilon", eps)) for eps in pair)
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -45,6 +59,10 @@ class TransformerBlock(keras.layers.Layer):
         dropout: dropout on the attention probabilities and after each
             branch, in [0, 1).
         norm: "layer" (LayerNormalization) or "rms" (RMSNormalization).
+        norm_epsilon: the norms' epsilon, one for both or a pair
+            (attention_norm's, mlp_norm's); None: each norm's default.
+            `keras_unitscale.grow` sets a pair: a stream that arrives at
+            `c` times its scale is normalised as before with `c²·epsilon`.
         use_causal_mask: causal self-attention (a decoder block).
         attention_mult: the u-μP attention-logit multiplier.
         activation_mult: the u-μP multiplier of the MLP's activation.
@@ -81,6 +99,7 @@ class TransformerBlock(keras.layers.Layer):
         depth=1,
         dropout=0.0,
         norm="layer",
+        norm_epsilon=None,
         use_causal_mask=True,
         attention_mult=1.0,
         activation_mult=1.0,
@@ -102,6 +121,7 @@ class TransformerBlock(keras.layers.Layer):
         self.index = checks.index("index", index, depth, "depth")
         self.dropout = checks.rate("dropout", dropout)
         self.norm = checks.one_of("norm", norm, tuple(_NORMS))
+        self.norm_epsilon = _norm_epsilons(norm_epsilon)
         self.use_causal_mask = bool(use_causal_mask)
         self.attention_mult = attention_mult
         self.activation_mult = activation_mult
@@ -125,13 +145,14 @@ class TransformerBlock(keras.layers.Layer):
         # No norm biases and, by default, no projection biases, as in u-μP:
         # at initialisation every position's gradient into a bias points the
         # same way, so a bias's gradient grows with the sequence length.
-        self.attention_norm = _norm(self.norm, "attention_norm", _part(multipliers, "attention_norm"))
+        self.attention_norm = _norm(self.norm, "attention_norm", _part(multipliers, "attention_norm"),
+                                    self.norm_epsilon[0])
         self.attention = MultiHeadAttention(
             self.num_heads, key_dim, dropout=self.dropout, mult=self.attention_mult,
             use_bias=self.use_bias, name="attention", weight_multipliers=_part(multipliers, "attention"),
             fp8=self.fp8,
         )
-        self.mlp_norm = _norm(self.norm, "mlp_norm", _part(multipliers, "mlp_norm"))
+        self.mlp_norm = _norm(self.norm, "mlp_norm", _part(multipliers, "mlp_norm"), self.norm_epsilon[1])
         self.mlp_up = Dense(int(self.mlp_ratio * width), activation=self.activation, mult=self.activation_mult,
                             use_bias=self.use_bias, name="mlp_up", weight_multipliers=_part(multipliers, "mlp_up"),
                             fp8=self.fp8)
@@ -191,6 +212,7 @@ class TransformerBlock(keras.layers.Layer):
             "depth": self.depth,
             "dropout": self.dropout,
             "norm": self.norm,
+            "norm_epsilon": self.norm_epsilon[0] if len(set(self.norm_epsilon)) == 1 else list(self.norm_epsilon),
             "use_causal_mask": self.use_causal_mask,
             "attention_mult": self.attention_mult,
             "activation_mult": self.activation_mult,

@@ -1,9 +1,9 @@
-"""Grow and shrink a trained u-μP model's width: the same function, and the same learning rate.
+"""Growing and shrinking a u-μP model's width: the same function, and the same learning rate.
 
-`grow(model, width=2)` returns a model whose every hidden width (units,
-embedding and residual widths, attention heads, LSTM units) is twice the
-original's, and whose outputs equal the original's on any input. `shrink`
-folds a grown model back. The learning rate stays right because u-μP reads
+`keras_unitscale.grow(model, width=2)` returns a model whose every hidden
+width (units, embedding and residual widths, attention heads, LSTM units)
+is twice the original's, and whose outputs equal the original's on any
+input. `shrink` folds a grown model back. The learning rate stays right because u-μP reads
 every width from the layers: the new model's layers declare their roles at
 the new widths when they build, so their forward multipliers
 (`rules.mup`: `fan_in^-1/2` for a hidden kernel, `fan_in^-1` for the
@@ -47,21 +47,19 @@ afresh (its moments start at zero, as after any change of shapes).
 
 import dataclasses
 import math
-import numbers
 
 import keras
 import numpy as np
 
 from keras_unitscale import layers as L
 from keras_unitscale import parametrization
+from keras_unitscale.resize.common import GrowthError
+from keras_unitscale.resize.common import check_model
 
-__all__ = ["grow", "shrink", "WIDTH_ARGUMENTS", "weight_axes", "GrowthError"]
+__all__ = ["grow_width", "shrink_width", "WIDTH_ARGUMENTS", "SPLITS", "weight_axes", "Axes"]
 
+# How the copies of a summed-over unit share its weights (see the module docstring).
 SPLITS = ("zero_sum", "even")
-
-
-class GrowthError(ValueError):
-    """A model, layer or factor that cannot be resized, with what was received."""
 
 
 def _dense_units(layer):
@@ -133,12 +131,6 @@ def weight_axes(layer):
     return None
 
 
-def _factor(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise GrowthError(f"`{name}` must be a number > 0. Received: {name}={value!r}")
-    return float(value)
-
-
 def _new_width(old, factor, what):
     new = old * factor
     if abs(new - round(new)) > 1e-9 or round(new) < 1:
@@ -157,13 +149,7 @@ def _leaves(model):
 
 def _resized_clone(model, factor, what):
     """The model rebuilt with every width × `factor` (new weights, to be filled)."""
-    # A functional model keeps its graph (`_nodes_by_depth`); a subclassed one has only its code.
-    if not isinstance(model, keras.Model) or not (isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")):
-        raise GrowthError(
-            f"{what} takes a Sequential or functional Keras model (a subclassed model's widths are in its code). "
-            f"Received: {type(model).__name__}"
-        )
-    parametrization.check_built(model)
+    check_model(model, what)
 
     def clone(layer):
         config = layer.get_config()
@@ -291,45 +277,10 @@ def _check_norm(layer, old_layer, factor):
         )
 
 
-def grow(model, width=1, split="zero_sum", noise=0.0, seed=None):
-    """A copy of `model` with every hidden width × `width` and the same outputs (see the module docstring).
-
-    Args:
-        model: a built Sequential or functional model of `keras_unitscale.layers`.
-        width: the factor on every hidden width: a whole number, or a
-            fraction that gives whole widths (no norm over a width grown by a
-            fraction).
-        split: "zero_sum" (the copies of a summed-over unit share its
-            weights with zero-sum noise that keeps their RMS) or "even".
-        noise: the RMS, relative to each weight's, of noise added to the new
-            copies' incoming weights; 0 keeps the function.
-        seed: the noise's seed.
-
-    Returns:
-        The grown model, built, uncompiled; `grown.resize_record` holds the
-        arguments ({"width", "split", "noise"}).
-
-    Example:
-
-    >>> model = keras_unitscale.models.mlp(8, width=16)
-    >>> grown = grow(model, width=2)
-    >>> x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
-    >>> bool(np.allclose(grown.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6))
-    True
-    >>> grown.get_layer("hidden0").units
-    32
-    """
-    factor = _factor("width", width)
-    if split not in SPLITS:
-        raise GrowthError(f"`split` must be one of {SPLITS}. Received: split={split!r}")
-    noise = float(noise)
-    if not (noise >= 0 and math.isfinite(noise)):
-        raise GrowthError(f"`noise` must be a number >= 0. Received: noise={noise!r}")
-    rng = np.random.default_rng(seed)
-    new_model = _resize(model, factor, "grow",
-                        lambda old, new, axes, ratio: _grow_weight(old, new, axes, ratio, split, noise, rng))
-    new_model.resize_record = {"width": factor, "split": split, "noise": noise}
-    return new_model
+def grow_width(model, factor, split, noise, rng):
+    """`model` with every hidden width × `factor` and the same function (see the module docstring)."""
+    return _resize(model, factor, "grow",
+                   lambda old, new, axes, ratio: _grow_weight(old, new, axes, ratio, split, noise, rng))
 
 
 def _resize(model, factor, what, resized_weight):
@@ -366,33 +317,9 @@ def _carry_other_weights(old_layer, new_layer, table):
         new.assign(old.value)
 
 
-def shrink(model, width):
-    """The inverse of `grow`: every hidden width ÷ `width`, copies folded back into the unit they copy.
-
-    Along output axes the first `n` units are kept; along contracted axes
-    each kept unit's weights are the sum of its copies' divided by the
-    forward-multiplier ratio. For a model just grown by the same factor
-    this gives back the original (up to float rounding: the split is
-    undone in float64 and stored in the weights' dtype). For a model
-    trained since, it folds the copies, which have drifted apart, into one:
-    an approximation whose loss change the caller should measure.
-
-    Args:
-        model: a built Sequential or functional model of `keras_unitscale.layers`.
-        width: the factor every hidden width is divided by.
-
-    Returns:
-        The shrunk model, built, uncompiled.
-
-    Example:
-
-    >>> model = keras_unitscale.models.mlp(8, width=16)
-    >>> back = shrink(grow(model, width=2), width=2)
-    >>> bool(np.allclose(back.get_layer("hidden1").kernel.numpy(), model.get_layer("hidden1").kernel.numpy(),
-    ...                  atol=1e-6))
-    True
-    """
-    return _resize(model, 1.0 / _factor("width", width), "shrink", _fold_weight)
+def shrink_width(model, factor):
+    """Every hidden width ÷ `factor`, each unit's copies folded back into it (see `keras_unitscale.resize.shrink`)."""
+    return _resize(model, 1.0 / factor, "shrink", _fold_weight)
 
 
 def _fold_weight(old, new, axes, ratio):

@@ -1,0 +1,244 @@
+"""Growing and shrinking a residual stack's depth: u-μP's depth rule at the new depth, the function kept.
+
+A stack of `TransformerBlock`s joins each branch `f` to the stream as
+`x ← a·f(x) + b·x`, with `(a, b) = rules.residual.branch_weights(tau)` and
+each branch's `tau` given by u-μP's depth rule for its index in the stack
+(`rules.residual.transformer_residual_scaling_rule`): a deeper stack gives
+every branch a smaller `tau`. Going from N blocks to N':
+
+- an inserted block's branches add nothing at first: its output
+  projections (attention's and the MLP's) start at zero;
+- every block takes its new index and the depth N', so its `tau` and u-μP's
+  `depth^-1/2` learning-rate factor are those of the new depth;
+- the stream then reaches each kept branch at `c` times its old value, `c`
+  tracked branch by branch: a kept branch multiplies it by `b'/b`, an
+  inserted one by `b'`, a removed one divides it by `b`. A pre-norm branch
+  sees `norm(c·x)`, which is `norm(x)` when the norm's epsilon is `c²·ε`
+  (the block's `norm_epsilon`). Its output is multiplied by
+  `γ = c_after·a/a'` through its output projection's weight multiplier
+  (the stored weights stay as they were, at unit scale), so the stream
+  after it is `c_after` times the old one. The norm after the stack (one
+  must follow it) takes `c_end²·ε`, and the outputs are the old ones.
+
+Growing ×k with the new blocks interleaved gives every kept branch
+`γ = √k`: its `tau` fell by about √k.
+
+Shrinking removes the blocks whose branches add least to the stream on a
+batch the caller gives: the RMS of `block(x) - b_attention·b_mlp·x` over the
+RMS of `block(x)`, the part of a block's output its branches put there. A
+block just inserted adds nothing, so a grown model shrinks back to the
+original; otherwise the removed branches are dropped as if they had added
+nothing, and the record says how far the outputs moved.
+"""
+
+import keras
+import numpy as np
+
+from keras_unitscale import layers as L
+from keras_unitscale import rules
+from keras_unitscale.resize.common import GrowthError
+
+__all__ = ["grow_depth", "shrink_depth", "INSERTS"]
+
+INSERTS = ("interleave", "end")
+_NORMS = (L.LayerNormalization, L.RMSNormalization)
+
+
+def _chain(model):
+    """The model's layers after its input when each takes the previous one's output (a chain), else None."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        return None
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    previous = model.inputs[0]
+    for layer in layers:
+        nodes = layer._inbound_nodes
+        if len(nodes) != 1 or len(nodes[0].input_tensors) != 1 or nodes[0].input_tensors[0] is not previous:
+            return None
+        previous = nodes[0].output_tensors[0]
+    return layers if previous is model.outputs[0] else None
+
+
+def _stack(model, what):
+    """The chain of layers and the positions of its residual stack, checked."""
+    chain = _chain(model)
+    if chain is None:
+        raise GrowthError(
+            f"{what} of the depth takes a model whose layers form one chain, each taking the one before's output "
+            f"(as `keras_unitscale.models.transformer_lm` does). Received: '{model.name}', which branches."
+        )
+    positions = [i for i, layer in enumerate(chain) if isinstance(layer, L.TransformerBlock)]
+    names = [layer.name for layer in chain]
+    if not positions:
+        raise GrowthError(f"{what} of the depth needs a stack of TransformerBlocks. Received layers: {names}")
+    if positions != list(range(positions[0], positions[-1] + 1)):
+        raise GrowthError(f"The TransformerBlocks must follow one another. Received layers: {names}")
+    after = positions[-1] + 1
+    if after == len(chain) or not isinstance(chain[after], _NORMS):
+        raise GrowthError(
+            "A norm must follow the stack: it takes the stream's change of scale (see `keras_unitscale.resize.depth`). "
+            f"Received layers: {names}"
+        )
+    return chain, positions
+
+
+def _new_taus(block, index, depth):
+    rule = rules.residual.transformer_residual_scaling_rule(block.residual_mult, block.residual_attn_ratio)
+    return rule(2 * index, 2 * depth), rule(2 * index + 1, 2 * depth)
+
+
+def _output_keys(block, branch):
+    """The block's multiplier keys of a branch's output projection (its kernel, and its bias if any)."""
+    layer = ("attention/attention_output", "mlp_down")[branch]
+    return [f"{layer}/kernel"] + ([f"{layer}/bias"] if block.use_bias else [])
+
+
+def _plan_configs(entries, depth, taken):
+    """The new blocks' configs from `entries` ("keep" | "insert" | "drop", block), and the stream's final scale.
+
+    See the module docstring for `c`, `γ` and the norms' epsilons. `taken`:
+    the model's layer names, which an inserted block's name must avoid.
+    """
+    scale, configs, index, taken = 1.0, [], 0, set(taken)
+    for kind, block in entries:
+        old_taus = (block.attention_tau, block.mlp_tau)
+        if kind == "drop":
+            for tau in old_taus:
+                scale /= rules.residual.branch_weights(tau)[1]
+            continue
+        config = block.get_config()
+        new_taus = _new_taus(block, index, depth)
+        if kind == "insert":
+            for tau in new_taus:
+                scale *= rules.residual.branch_weights(tau)[1]
+            name = f"{block.name}_grown{index}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            config.update(weight_multipliers={}, norm_epsilon=None, name=name)
+        else:
+            multipliers, epsilons = dict(config["weight_multipliers"]), []
+            for branch, norm in enumerate((block.attention_norm, block.mlp_norm)):
+                (a, b), (a_new, b_new) = (rules.residual.branch_weights(t) for t in (old_taus[branch], new_taus[branch]))
+                epsilons.append(norm.epsilon * scale**2)
+                scale *= b_new / b
+                for key in _output_keys(block, branch):
+                    multipliers[key] = multipliers.get(key, 1.0) * scale * a / a_new
+            config.update(weight_multipliers=multipliers, norm_epsilon=epsilons)
+        config.update(index=index, depth=depth)
+        configs.append((kind, block, config))
+        index += 1
+    return configs, scale
+
+
+def _rebuild(model, chain, positions, configs, scale):
+    """The chain with the new stack (kept blocks' weights carried, inserted ones' output projections at zero)."""
+    source = model.inputs[0]
+    x = inputs = keras.Input(batch_shape=tuple(source.shape), dtype=source.dtype)
+    pairs = []
+    for i, layer in enumerate(chain):
+        if i in positions:
+            if i == positions[0]:
+                for kind, block, config in configs:
+                    new = L.TransformerBlock.from_config(config)
+                    x = new(x)
+                    pairs.append((block if kind == "keep" else None, new))
+            continue
+        config = layer.get_config()
+        if i == positions[-1] + 1:
+            config["epsilon"] = config["epsilon"] * scale**2
+        new = type(layer).from_config(config)
+        x = new(x)
+        pairs.append((layer, new))
+    for old, new in pairs:
+        if old is None:
+            for projection in (new.attention._output_dense, new.mlp_down):
+                for variable in projection.weights:
+                    variable.assign(np.zeros(tuple(variable.shape), variable.dtype))
+        else:
+            for old_variable, new_variable in zip(old.weights, new.weights):
+                new_variable.assign(old_variable.value)
+    if isinstance(model, keras.Sequential):
+        return keras.Sequential([inputs, *(new for _, new in pairs)], name=model.name)
+    return keras.Model(inputs, x, name=model.name)
+
+
+def _new_depth(old, factor, what):
+    new = old * factor
+    if abs(new - round(new)) > 1e-9 or round(new) < 1:
+        raise GrowthError(
+            f"{what}: {old} blocks times {factor:g} is {new:g}, not a whole number of blocks. Received: depth={factor:g}"
+        )
+    return int(round(new))
+
+
+def _insert_positions(old, new, insert):
+    """The new stack's positions of the inserted blocks."""
+    if insert == "interleave":
+        kept = {i * new // old for i in range(old)}
+        return [j for j in range(new) if j not in kept]
+    if insert == "end":
+        return list(range(old, new))
+    positions = sorted(set(int(j) for j in insert))
+    if len(positions) != new - old or len(list(insert)) != len(positions) or not all(0 <= j < new for j in positions):
+        raise GrowthError(
+            f"`insert` must be one of {INSERTS} or {new - old} distinct positions in the new stack of {new} blocks. "
+            f"Received: insert={insert!r}"
+        )
+    return positions
+
+
+def grow_depth(model, factor, insert):
+    """`model` with its stack of N blocks grown to `factor`·N, the function kept (see the module docstring)."""
+    chain, positions = _stack(model, "Growth")
+    blocks = [chain[i] for i in positions]
+    depth = _new_depth(len(blocks), factor, "grow")
+    inserted = set(_insert_positions(len(blocks), depth, insert))
+    entries, kept = [], iter(blocks)
+    template = blocks[0]
+    for j in range(depth):
+        if j in inserted:
+            entries.append(("insert", template))
+        else:
+            template = next(kept)
+            entries.append(("keep", template))
+    configs, scale = _plan_configs(entries, depth, [layer.name for layer in chain])
+    return _rebuild(model, chain, positions, configs, scale)
+
+
+def _rms(x):
+    return float(np.sqrt(np.mean(np.square(keras.ops.convert_to_numpy(x).astype("float64")))))
+
+
+def block_contributions(chain, positions, data):
+    """Each block's share of its output that its branches add, on `data` (see the module docstring)."""
+    x = data
+    for layer in chain[: positions[0]]:
+        x = layer(x, training=False)
+    shares = []
+    for i in positions:
+        block = chain[i]
+        y = block(x, training=False)
+        skip = rules.residual.branch_weights(block.attention_tau)[1] * rules.residual.branch_weights(block.mlp_tau)[1]
+        shares.append(_rms(y - skip * x) / _rms(y))
+        x = y
+    return shares
+
+
+def shrink_depth(model, factor, data):
+    """`model` with its stack of N blocks cut to N/`factor`, the blocks that add least removed.
+
+    Returns:
+        `(model, record)`: the record gives each block's contribution and the removed blocks' names.
+    """
+    chain, positions = _stack(model, "Shrinking")
+    blocks = [chain[i] for i in positions]
+    depth = _new_depth(len(blocks), 1.0 / factor, "shrink")
+    if data is None:
+        raise GrowthError("Shrinking the depth removes the blocks that add least on a batch: give it as `data=`.")
+    shares = block_contributions(chain, positions, data)
+    keep = set(np.argsort(shares, kind="stable")[::-1][:depth].tolist())
+    entries = [("keep" if i in keep else "drop", block) for i, block in enumerate(blocks)]
+    configs, scale = _plan_configs(entries, depth, [layer.name for layer in chain])
+    record = {"contributions": {block.name: share for block, share in zip(blocks, shares)},
+              "removed": [block.name for i, block in enumerate(blocks) if i not in keep]}
+    return _rebuild(model, chain, positions, configs, scale), record
