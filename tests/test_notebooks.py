@@ -17,6 +17,7 @@ SMALL = {
     "04_u_mup_transfer": "WIDTHS = (16, 32)\nLOG2_LRS = {'u-mup': (-3, -1), 'standard': (-10, -8)}\n"
                          "STEPS = 3\nDEPTH = 1\nSEQ_LEN = 16",
     "05_scale_analysis": "STEPS = 6\nWIDTH = 32\nDEPTH = 1\nSEQ_LEN = 16",
+    "07_grow_shrink": "STEPS_BEFORE = 4\nSTEPS_AFTER = 4\nWIDTH = 32\nGROWN_WIDTH = 64\nSEQ_LEN = 16",
 }
 
 

@@ -31,14 +31,24 @@ def _transformer(width=32):
     return models.transformer_lm(vocab_size=32, width=width, depth=2, head_dim=16, seq_len=8)
 
 
-BUILDERS = {"mlp": _mlp, "lstm_lm": _lstm, "transformer_lm": _transformer}
+def _gru(width=16):
+    # A GRU language model with an RMS norm, of both of Keras's GRU conventions.
+    return keras.Sequential([
+        keras.Input((8,), dtype="int32"), L.Embedding(20, width, name="embed"),
+        L.GRU(width, return_sequences=True, name="gru0"), L.GRU(width, return_sequences=True, reset_after=False,
+                                                                 name="gru1"),
+        L.RMSNormalization(name="norm"), L.Dense(20, role="output", name="readout"),
+    ], name="gru_lm")
+
+
+BUILDERS = {"mlp": _mlp, "lstm_lm": _lstm, "gru_lm": _gru, "transformer_lm": _transformer}
 
 
 def _inputs(name, seed=0):
     rng = np.random.default_rng(seed)
     if name == "mlp":
         return rng.normal(size=(16, 8)).astype("float32")
-    vocab = 20 if name == "lstm_lm" else 32
+    vocab = 32 if name == "transformer_lm" else 20
     return rng.integers(0, vocab, size=(4, 8)).astype("int32")
 
 
@@ -221,6 +231,20 @@ def test_growing_the_depth_keeps_the_function(depth, insert):
     assert _relative_change(_outputs(grown, x), _outputs(model, x)) < FUNCTION_KEPT
 
 
+@pytest.mark.parametrize("depth, insert", [(2, "interleave"), (2, "end"), (3, [1, 2, 4, 5, 7, 8])])
+def test_deepening_a_relu_mlp_inserts_identity_layers_and_keeps_the_function(depth, insert):
+    keras.utils.set_random_seed(0)
+    model = _mlp()
+    x = _inputs("mlp")
+    grown = grow(model, width=2, depth=depth, insert=insert)
+    hidden = [layer for layer in grown.layers if layer.role != "output"]
+    assert len(hidden) == 3 * depth
+    assert _relative_change(_outputs(grown, x), _outputs(model, x)) < FUNCTION_KEPT
+    back = shrink(grown, width=2, depth=depth, data=x)
+    assert [layer.name for layer in back.layers] == [layer.name for layer in model.layers]
+    assert back.resize_record["output_change"] < FUNCTION_KEPT
+
+
 def test_inserted_blocks_add_nothing_and_kept_ones_carry_the_depth_rule():
     keras.utils.set_random_seed(0)
     model = _transformer()
@@ -283,8 +307,13 @@ def test_shrinking_a_trained_stack_removes_the_blocks_that_add_least_and_says_ho
 
 
 def test_what_cannot_be_deepened_is_named():
-    with pytest.raises(GrowthError, match="needs a stack of TransformerBlocks"):
-        grow(_mlp(), depth=2)
+    with pytest.raises(GrowthError, match="needs a stack of TransformerBlocks or of hidden Dense layers"):
+        grow(_lstm(), depth=2)
+    gelu = models.mlp(8, width=16, depth=2, activation="gelu")
+    with pytest.raises(GrowthError, match="'hidden0' has the activation 'gelu': a layer after it cannot start as the identity"):
+        grow(gelu, depth=2)
+    with pytest.raises(GrowthError, match="position 0 of a plain stack is taken"):
+        grow(_mlp(), depth=2, insert=[0, 1, 2])
     with pytest.raises(GrowthError, match=r"2 blocks times 1\.25 is 2\.5, not a whole number"):
         grow(_transformer(), depth=1.25)
     with pytest.raises(GrowthError, match="give it as `data=`"):

@@ -77,7 +77,7 @@ def grow(model, width=1, depth=1, insert="interleave", split="zero_sum", noise=0
         raise GrowthError(f"`insert` must be one of {INSERTS} or positions in the new stack. Received: insert={insert!r}")
     check_model(model, "grow")
     grown = model
-    if width != 1:
+    if width != 1 or depth == 1:  # at factor 1, a copy
         grown = grow_width(grown, width, split, noise, np.random.default_rng(seed))
     if depth != 1:
         grown = grow_depth(grown, depth, insert)
@@ -125,7 +125,7 @@ def shrink(model, width=1, depth=1, data=None):
     if depth != 1:
         shrunk, depth_record = shrink_depth(shrunk, depth, data)
         record.update(depth_record)
-    if width != 1:
+    if width != 1 or depth == 1:  # at factor 1, a copy
         shrunk = shrink_width(shrunk, width)
     if data is not None:
         before = keras.ops.convert_to_numpy(model(data, training=False)).astype("float64")

@@ -23,19 +23,30 @@ every branch a smaller `tau`. Going from N blocks to N':
 Growing ×k with the new blocks interleaved gives every kept branch
 `γ = √k`: its `tau` fell by about √k.
 
+A stack of hidden `Dense` layers (an MLP, with no residual joins and no
+depth rule) deepens by layers that start as the identity on what reaches
+them: after a ReLU layer, a ReLU layer whose kernel is the identity over
+its measured response (its op's and activation's scales divided out), or
+with no activation, any input. Other activations cannot start as the
+identity, and are refused.
+
 Shrinking removes the blocks whose branches add least to the stream on a
-batch the caller gives: the RMS of `block(x) - b_attention·b_mlp·x` over the
+batch the caller gives (a plain layer: the RMS of `layer(x) - x` over the
+RMS of `layer(x)`): the RMS of `block(x) - b_attention·b_mlp·x` over the
 RMS of `block(x)`, the part of a block's output its branches put there. A
 block just inserted adds nothing, so a grown model shrinks back to the
 original; otherwise the removed branches are dropped as if they had added
 nothing, and the record says how far the outputs moved.
 """
 
+import math
+
 import keras
 import numpy as np
 
 from keras_unitscale import layers as L
 from keras_unitscale import rules
+from keras_unitscale.layers import activation as activations
 from keras_unitscale.resize.common import GrowthError
 
 __all__ = ["grow_depth", "shrink_depth", "INSERTS"]
@@ -59,26 +70,35 @@ def _chain(model):
 
 
 def _stack(model, what):
-    """The chain of layers and the positions of its residual stack, checked."""
+    """The chain of layers and the positions of its stack, checked: TransformerBlocks, else hidden Dense layers."""
     chain = _chain(model)
     if chain is None:
         raise GrowthError(
             f"{what} of the depth takes a model whose layers form one chain, each taking the one before's output "
-            f"(as `keras_unitscale.models.transformer_lm` does). Received: '{model.name}', which branches."
+            f"(as `keras_unitscale.models.transformer_lm` and `mlp` do). Received: '{model.name}', which branches."
         )
-    positions = [i for i, layer in enumerate(chain) if isinstance(layer, L.TransformerBlock)]
     names = [layer.name for layer in chain]
+    positions = [i for i, layer in enumerate(chain) if isinstance(layer, L.TransformerBlock)]
     if not positions:
-        raise GrowthError(f"{what} of the depth needs a stack of TransformerBlocks. Received layers: {names}")
+        positions = [i for i, layer in enumerate(chain) if isinstance(layer, L.Dense) and layer.role != "output"]
+        if not positions:
+            raise GrowthError(
+                f"{what} of the depth needs a stack of TransformerBlocks or of hidden Dense layers. Received layers: "
+                f"{names}"
+            )
     if positions != list(range(positions[0], positions[-1] + 1)):
-        raise GrowthError(f"The TransformerBlocks must follow one another. Received layers: {names}")
+        raise GrowthError(f"The stack's layers must follow one another. Received layers: {names}")
     after = positions[-1] + 1
-    if after == len(chain) or not isinstance(chain[after], _NORMS):
+    if _is_residual(chain[positions[0]]) and (after == len(chain) or not isinstance(chain[after], _NORMS)):
         raise GrowthError(
             "A norm must follow the stack: it takes the stream's change of scale (see `keras_unitscale.resize.depth`). "
             f"Received layers: {names}"
         )
     return chain, positions
+
+
+def _is_residual(layer):
+    return isinstance(layer, L.TransformerBlock)
 
 
 def _new_taus(block, index, depth):
@@ -100,6 +120,12 @@ def _plan_configs(entries, depth, taken):
     """
     scale, configs, index, taken = 1.0, [], 0, set(taken)
     for kind, block in entries:
+        if not _is_residual(block):  # a plain layer: kept as it is, or inserted as the identity
+            if kind != "drop":
+                configs.append((kind, block, _inserted_config(block, index, taken) if kind == "insert"
+                                else block.get_config()))
+                index += 1
+            continue
         old_taus = (block.attention_tau, block.mlp_tau)
         if kind == "drop":
             for tau in old_taus:
@@ -110,11 +136,8 @@ def _plan_configs(entries, depth, taken):
         if kind == "insert":
             for tau in new_taus:
                 scale *= rules.residual.branch_weights(tau)[1]
-            name = f"{block.name}_grown{index}"
-            while name in taken:
-                name += "_"
-            taken.add(name)
-            config.update(weight_multipliers={}, norm_epsilon=None, name=name)
+            config = _inserted_config(block, index, taken)
+            config.update(norm_epsilon=None)
         else:
             multipliers, epsilons = dict(config["weight_multipliers"]), []
             for branch, norm in enumerate((block.attention_norm, block.mlp_norm)):
@@ -130,36 +153,61 @@ def _plan_configs(entries, depth, taken):
     return configs, scale
 
 
+def _inserted_config(template, index, taken):
+    """An inserted layer's config: the layer before it's, a new name (added to `taken`), no multipliers."""
+    name = f"{template.name}_grown{index}"
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return {**template.get_config(), "name": name, "weight_multipliers": {}}
+
+
+def _start_inserted(layer):
+    """An inserted layer computes what leaves its input as it is (see the module docstring)."""
+    if _is_residual(layer):  # its branches add nothing
+        for projection in (layer.attention._output_dense, layer.mlp_down):
+            for variable in projection.weights:
+                variable.assign(np.zeros(tuple(variable.shape), variable.dtype))
+        return
+    # A hidden Dense: the identity on what reaches it. Its response to the identity kernel (the op's and the
+    # activation's scales, whatever their rules) is measured once, then divided out.
+    width = layer.units
+    if layer.bias is not None:
+        layer.bias.assign(np.zeros((width,), layer.bias.dtype))
+    layer.kernel.assign(np.eye(width, dtype=layer.kernel.dtype))
+    response = float(keras.ops.convert_to_numpy(layer(np.ones((1, width), "float32")))[0, 0])
+    layer.kernel.assign(np.eye(width, dtype=layer.kernel.dtype) / response)
+
+
 def _rebuild(model, chain, positions, configs, scale):
-    """The chain with the new stack (kept blocks' weights carried, inserted ones' output projections at zero)."""
-    source = model.inputs[0]
-    x = inputs = keras.Input(batch_shape=tuple(source.shape), dtype=source.dtype)
+    """The chain with the new stack (kept layers' weights carried, inserted ones started as in `_start_inserted`)."""
     pairs = []
     for i, layer in enumerate(chain):
-        if i in positions:
-            if i == positions[0]:
-                for kind, block, config in configs:
-                    new = L.TransformerBlock.from_config(config)
-                    x = new(x)
-                    pairs.append((block if kind == "keep" else None, new))
-            continue
-        config = layer.get_config()
-        if i == positions[-1] + 1:
-            config["epsilon"] = config["epsilon"] * scale**2
-        new = type(layer).from_config(config)
-        x = new(x)
-        pairs.append((layer, new))
+        if i == positions[0]:
+            pairs += [(block if kind == "keep" else None, type(block).from_config(config))
+                      for kind, block, config in configs]
+        elif i not in positions:
+            config = layer.get_config()
+            if i == positions[-1] + 1 and _is_residual(chain[positions[0]]):
+                config["epsilon"] = config["epsilon"] * scale**2
+            pairs.append((layer, type(layer).from_config(config)))
+    source = model.inputs[0]
+    inputs = keras.Input(batch_shape=tuple(source.shape), dtype=source.dtype)
+    layers = [new for _, new in pairs]
+    if isinstance(model, keras.Sequential):
+        new_model = keras.Sequential([inputs, *layers], name=model.name)
+    else:
+        x = inputs
+        for layer in layers:
+            x = layer(x)
+        new_model = keras.Model(inputs, x, name=model.name)
     for old, new in pairs:
         if old is None:
-            for projection in (new.attention._output_dense, new.mlp_down):
-                for variable in projection.weights:
-                    variable.assign(np.zeros(tuple(variable.shape), variable.dtype))
+            _start_inserted(new)
         else:
             for old_variable, new_variable in zip(old.weights, new.weights):
                 new_variable.assign(old_variable.value)
-    if isinstance(model, keras.Sequential):
-        return keras.Sequential([inputs, *(new for _, new in pairs)], name=model.name)
-    return keras.Model(inputs, x, name=model.name)
+    return new_model
 
 
 def _new_depth(old, factor, what):
@@ -193,16 +241,38 @@ def grow_depth(model, factor, insert):
     blocks = [chain[i] for i in positions]
     depth = _new_depth(len(blocks), factor, "grow")
     inserted = set(_insert_positions(len(blocks), depth, insert))
-    entries, kept = [], iter(blocks)
-    template = blocks[0]
+    entries, kept, template = [], iter(blocks), None
     for j in range(depth):
         if j in inserted:
-            entries.append(("insert", template))
+            entries.append(("insert", _insertable(template or blocks[0], template is not None)))
         else:
             template = next(kept)
             entries.append(("keep", template))
     configs, scale = _plan_configs(entries, depth, [layer.name for layer in chain])
     return _rebuild(model, chain, positions, configs, scale)
+
+
+# A hidden Dense can start as the identity on what reaches it: any input with no activation, or, with a ReLU,
+# the non-negative outputs of the ReLU layer it follows.
+_IDENTITY_ACTIVATIONS = ("linear", "relu")
+
+
+def _insertable(template, after_it):
+    """The layer an inserted one copies, checked: a plain layer is inserted after it, as the identity."""
+    if _is_residual(template):
+        return template
+    if not after_it:
+        raise GrowthError(
+            "A new Dense layer goes after an old one, as the identity on that layer's outputs: position 0 of a "
+            f"plain stack is taken. Received: a new layer before '{template.name}'"
+        )
+    name = activations.resolve(template.activation)
+    if name not in _IDENTITY_ACTIVATIONS:
+        raise GrowthError(
+            f"Layer '{template.name}' has the activation {name!r}: a layer after it cannot start as the identity on "
+            f"its outputs (that takes one of {_IDENTITY_ACTIVATIONS}), so its stack cannot deepen with its function kept."
+        )
+    return template
 
 
 def _rms(x):
@@ -218,8 +288,11 @@ def block_contributions(chain, positions, data):
     for i in positions:
         block = chain[i]
         y = block(x, training=False)
-        skip = rules.residual.branch_weights(block.attention_tau)[1] * rules.residual.branch_weights(block.mlp_tau)[1]
-        shares.append(_rms(y - skip * x) / _rms(y))
+        if _is_residual(block):
+            skip = rules.residual.branch_weights(block.attention_tau)[1] * rules.residual.branch_weights(block.mlp_tau)[1]
+            shares.append(_rms(y - skip * x) / _rms(y))
+        else:  # a plain layer adds what it changes; one that changes the width cannot go
+            shares.append(_rms(y - x) / _rms(y) if tuple(y.shape) == tuple(x.shape) else math.inf)
         x = y
     return shares
 
@@ -237,8 +310,11 @@ def shrink_depth(model, factor, data):
         raise GrowthError("Shrinking the depth removes the blocks that add least on a batch: give it as `data=`.")
     shares = block_contributions(chain, positions, data)
     keep = set(np.argsort(shares, kind="stable")[::-1][:depth].tolist())
+    removed = [block.name for i, block in enumerate(blocks) if i not in keep]
+    if any(math.isinf(shares[i]) for i in range(len(blocks)) if i not in keep):
+        raise GrowthError(f"Shrinking to {depth} layers would remove layers that change the width. Removed: {removed}")
     entries = [("keep" if i in keep else "drop", block) for i, block in enumerate(blocks)]
     configs, scale = _plan_configs(entries, depth, [layer.name for layer in chain])
     record = {"contributions": {block.name: share for block, share in zip(blocks, shares)},
-              "removed": [block.name for i, block in enumerate(blocks) if i not in keep]}
+              "removed": removed}
     return _rebuild(model, chain, positions, configs, scale), record

@@ -3,9 +3,9 @@
 `keras_unitscale.grow(model, width=2)` returns a model whose every hidden
 width (units, embedding and residual widths, attention heads, LSTM units)
 is twice the original's, and whose outputs equal the original's on any
-input. `shrink` folds a grown model back. The learning rate stays right because u-μP reads
-every width from the layers: the new model's layers declare their roles at
-the new widths when they build, so their forward multipliers
+input. `shrink` folds a grown model back. The learning rate stays right
+because u-μP reads every width from the layers: the new model's layers
+declare their roles at the new widths when they build, so their forward multipliers
 (`rules.mup`: `fan_in^-1/2` for a hidden kernel, `fan_in^-1` for the
 readout) and the u-μP optimizers' per-weight learning-rate factors are the
 new width's, and its weights are stored at unit scale as a model built at
