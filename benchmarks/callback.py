@@ -27,25 +27,13 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_unitscale import experiments
 from keras_unitscale import layers as L
 from keras_unitscale import optimizers as O
 from keras_unitscale.callbacks import UnitScaleCallback
 from keras_unitscale.demo import load_breast_cancer
 
 STEPS, BATCH = 30, 16
-
-
-class _StepLosses(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.means = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.means.append(float(logs["loss"]))
-
-    def losses(self):
-        means = np.asarray(self.means, "float64")
-        steps = np.arange(1, len(means) + 1)
-        return means * steps - np.concatenate([[0.0], means[:-1] * steps[:-1]])
 
 
 def _trajectory(make_optimizer, with_callback):
@@ -61,7 +49,7 @@ def _trajectory(make_optimizer, with_callback):
         L.Dense(1, role="output", kernel_initializer="glorot_uniform"),
     ])
     model.compile(make_optimizer(), "mse")
-    recorder = _StepLosses()
+    recorder = experiments.StepLosses()
     callbacks = [recorder] + ([UnitScaleCallback(verbose=0)] if with_callback else [])
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
     weights = [

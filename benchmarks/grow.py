@@ -50,21 +50,6 @@ from keras_unitscale import models
 from keras_unitscale import optimizers
 
 
-class StepLosses(keras.callbacks.Callback):
-    """Each step's own training loss (Keras logs the epoch's running mean)."""
-
-    def on_train_begin(self, logs=None):
-        self.means = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.means.append(float(logs["loss"]))
-
-    def losses(self):
-        means = np.asarray(self.means, "float64")
-        steps = np.arange(1, len(means) + 1)
-        return (means * steps - np.concatenate([[0.0], means[:-1] * steps[:-1]])).tolist()
-
-
 def _build(vocab_size, width, depth, seq):
     return models.transformer_lm(vocab_size, width, depth, head_dim=16, seq_len=seq)
 
@@ -72,9 +57,9 @@ def _build(vocab_size, width, depth, seq):
 def _train(model, optimizer, batches, validation, batch_size):
     """Trains `model` on `batches` (one pass, in order); returns its per-step losses and validation loss."""
     model.compile(optimizer=optimizer, loss=losses.SparseCategoricalCrossentropy(from_logits=True))
-    recorder = StepLosses()
+    recorder = experiments.StepLosses()
     model.fit(*batches, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
-    return recorder.losses(), _validation_loss(model, validation, batch_size)
+    return recorder.losses().tolist(), _validation_loss(model, validation, batch_size)
 
 
 def _validation_loss(model, validation, batch_size):

@@ -74,6 +74,7 @@ from keras import ops
 
 import keras_unitscale
 from keras_unitscale import convert
+from keras_unitscale import experiments
 from keras_unitscale import precision
 from keras_unitscale.callbacks import UnitScaleCallback
 
@@ -313,23 +314,19 @@ def training_batches(train, steps, batch):
 # ---------------------------------------------------------------- one run
 
 
-class StepRecorder(keras.callbacks.Callback):
-    """Each step's loss and wall time. Keras logs the epoch's running mean: the step's own loss is recovered."""
+class StepRecorder(experiments.StepLosses):
+    """Each step's own loss (`experiments.StepLosses`) and its wall time."""
 
     def on_train_begin(self, logs=None):
-        self.means, self.seconds = [], []
+        super().on_train_begin(logs)
+        self.seconds = []
 
     def on_train_batch_begin(self, batch, logs=None):
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.means.append(float(logs["loss"]))  # reading the loss waits for the step to finish
+        super().on_train_batch_end(batch, logs)
         self.seconds.append(time.perf_counter() - self._started)
-
-    def losses(self):
-        means = np.asarray(self.means, "float64")
-        steps = np.arange(1, len(means) + 1)
-        return means * steps - np.concatenate([[0.0], means[:-1] * steps[:-1]])
 
 
 def layer_census(model):

@@ -24,7 +24,33 @@ from keras_unitscale import losses
 from keras_unitscale import optimizers
 from keras_unitscale.plotting import new_figure
 
-__all__ = ["SweepResult", "lr_sweep", "pydoc_text", "char_lm_data"]
+__all__ = ["SweepResult", "lr_sweep", "pydoc_text", "char_lm_data", "StepLosses"]
+
+
+class StepLosses(keras.callbacks.Callback):
+    """Each training step's own loss, from the epoch's running mean that Keras logs.
+
+    Example:
+
+    >>> recorder = StepLosses()
+    >>> recorder.on_train_begin()
+    >>> for mean in (3.0, 2.5, 2.0):  # Keras logs the mean of the steps so far
+    ...     recorder.on_train_batch_end(0, {"loss": mean})
+    >>> recorder.losses().tolist()
+    [3.0, 2.0, 1.0]
+    """
+
+    def on_train_begin(self, logs=None):
+        self.means = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.means.append(float(logs["loss"]))  # reading the loss waits for the step to finish
+
+    def losses(self):
+        """The steps' own losses, float64 (one epoch's steps: Keras restarts the mean each epoch)."""
+        means = np.asarray(self.means, "float64")
+        steps = np.arange(1, len(means) + 1)
+        return means * steps - np.concatenate([[0.0], means[:-1] * steps[:-1]])
 
 
 def pydoc_text():
