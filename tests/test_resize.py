@@ -11,6 +11,7 @@ from keras_unitscale import layers as L
 from keras_unitscale import models
 from keras_unitscale import optimizers
 from keras_unitscale import parametrization
+from keras_unitscale import weights
 from keras_unitscale.resize import GrowthError
 from keras_unitscale import grow
 from keras_unitscale import shrink
@@ -243,6 +244,15 @@ def test_deepening_a_relu_mlp_inserts_identity_layers_and_keeps_the_function(dep
     back = shrink(grown, width=2, depth=depth, data=x)
     assert [layer.name for layer in back.layers] == [layer.name for layer in model.layers]
     assert back.resize_record["output_change"] < FUNCTION_KEPT
+
+
+def test_an_inserted_layer_takes_no_fixed_learning_rate_factor_of_the_layer_it_follows():
+    # A fixed factor is set where `unit_scale` moved a weight to unit scale: it belongs to that weight.
+    model = _mlp()
+    weights.set_lr_multiplier(model.get_layer("hidden0").kernel, 0.5)
+    grown = grow(model, depth=2)
+    assert weights.lr_multiplier(grown.get_layer("hidden0").kernel) == 0.5
+    assert weights.lr_multiplier(grown.get_layer("hidden0_grown1").kernel) is None
 
 
 def test_inserted_blocks_add_nothing_and_kept_ones_carry_the_depth_rule():

@@ -154,12 +154,19 @@ def _plan_configs(entries, depth, taken):
 
 
 def _inserted_config(template, index, taken):
-    """An inserted layer's config: the layer before it's, a new name (added to `taken`), no multipliers."""
+    """An inserted layer's config: the layer before it's, a new name (added to `taken`), no multipliers.
+
+    A fixed learning-rate factor (set where `unit_scale` moved a weight to
+    unit scale) belongs to the template's weights, not to a layer born in u-μP.
+    """
     name = f"{template.name}_grown{index}"
     while name in taken:
         name += "_"
     taken.add(name)
-    return {**template.get_config(), "name": name, "weight_multipliers": {}}
+    config = {**template.get_config(), "name": name, "weight_multipliers": {}}
+    if "lr_multipliers" in config:
+        config["lr_multipliers"] = {}
+    return config
 
 
 def _start_inserted(layer):
