@@ -317,7 +317,8 @@ def test_shrinking_a_trained_stack_removes_the_blocks_that_add_least_and_says_ho
 
 
 def test_what_cannot_be_deepened_is_named():
-    with pytest.raises(GrowthError, match="needs a stack of TransformerBlocks or of hidden Dense layers"):
+    with pytest.raises(GrowthError, match=r"needs a stack of TransformerBlocks or of hidden Dense layers\. An LSTM or "
+                                          r"GRU \(\['lstm0'\]\) cannot compute the identity"):
         grow(_lstm(), depth=2)
     gelu = models.mlp(8, width=16, depth=2, activation="gelu")
     with pytest.raises(GrowthError, match="'hidden0' has the activation 'gelu': a layer after it cannot start as the identity"):

@@ -82,9 +82,12 @@ def _stack(model, what):
     if not positions:
         positions = [i for i, layer in enumerate(chain) if isinstance(layer, L.Dense) and layer.role != "output"]
         if not positions:
+            recurrent = [layer.name for layer in chain if isinstance(layer, (L.LSTM, L.GRU))]
+            why = (f" An LSTM or GRU ({recurrent}) cannot compute the identity, so a recurrent stack cannot deepen "
+                   "with its function kept." if recurrent else "")
             raise GrowthError(
-                f"{what} of the depth needs a stack of TransformerBlocks or of hidden Dense layers. Received layers: "
-                f"{names}"
+                f"{what} of the depth needs a stack of TransformerBlocks or of hidden Dense layers.{why} "
+                f"Received layers: {names}"
             )
     if positions != list(range(positions[0], positions[-1] + 1)):
         raise GrowthError(f"The stack's layers must follow one another. Received layers: {names}")
