@@ -57,6 +57,11 @@ def _build(vocab_size, width, depth, seq):
 def _train(model, optimizer, batches, validation, batch_size):
     """Trains `model` on `batches` (one pass, in order); returns its per-step losses and validation loss."""
     model.compile(optimizer=optimizer, loss=losses.SparseCategoricalCrossentropy(from_logits=True))
+    return _train_on(model, batches, validation, batch_size)
+
+
+def _train_on(model, batches, validation, batch_size):
+    """`_train` with the model's optimizer as it is (its state kept)."""
     recorder = experiments.StepLosses()
     model.fit(*batches, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
     return recorder.losses().tolist(), _validation_loss(model, validation, batch_size)
@@ -120,7 +125,7 @@ def run(args):
             ("grown_keras_adam", keras.optimizers.Adam, (width / args.width, depth / args.depth)),
             ("not_grown", optimizers.Adam, (1, 1)),  # the base, trained on as it is (its optimizer restarted too)
         ):
-            grown = keras_unitscale.grow(base, width=sizes[0], depth=sizes[1], seed=args.seed)
+            grown = keras_unitscale.grow(base, width=sizes[0], depth=sizes[1], split=args.split, seed=args.seed)
             if variant == "grown":
                 row["validation_just_after"] = _validation_loss(grown, validation, args.batch)
             curve, val = _train(grown, optimizer(args.lr), after, validation, args.batch)
@@ -138,14 +143,19 @@ def run(args):
               f"{row['grown']['validation']:.4f}, Keras Adam {row['grown_keras_adam']['validation']:.4f}, not grown "
               f"{row['not_grown']['validation']:.4f}, scratch {val:.4f}, steps saved {row['steps_saved']} "
               f"({row['seconds']:.0f} s)", flush=True)
-    return {"base": {"curve": base_curve, "validation": base_validation}, "rows": rows}
+    # What restarting the optimizer costs: the base trained on with its Adam's moments and step count kept (last,
+    # as it moves the base the rows grew from).
+    kept_curve, kept_validation = _train_on(base, after, validation, args.batch)
+    print(f"not grown, optimizer state kept: validation {kept_validation:.4f}", flush=True)
+    return {"base": {"curve": base_curve, "validation": base_validation},
+            "not_grown_state_kept": {"curve": kept_curve, "validation": kept_validation}, "rows": rows}
 
 
 def table(result, args):
     lines = [
         f"growing a trained model: character transformer LM on pydoc_data.topics, {keras.backend.backend()} "
         f"{timing.device_name()}; base {args.width}x{args.depth} (width x depth) trained {args.steps_before} steps, "
-        f"then {args.steps_after} more; batch {args.batch} x {args.seq} characters; learning rate {args.lr:g} "
+        f"then {args.steps_after} more (split {args.split!r}); batch {args.batch} x {args.seq} characters; learning rate {args.lr:g} "
         f"throughout; validation on {args.validation} windows; steps saved on a running mean of {args.smooth} steps",
         "",
         "validation loss of each run at the end; final train loss: the mean of the last steps; steps saved: the "
@@ -167,6 +177,15 @@ def table(result, args):
             f"| {row['grown']['final_train']:.4f} / {row['scratch']['final_train']:.4f} | {saved} "
             f"| {'not reached' if reached is None else reached} |"
         )
+    kept = result["not_grown_state_kept"]
+    restarted = result["rows"][0]["not_grown"] if result["rows"] else None
+    if restarted is not None:
+        window = slice(0, args.smooth)
+        lines += ["", f"what restarting the optimizer costs, on the base trained on (not grown): validation "
+                  f"{restarted['validation']:.4f} restarted, {kept['validation']:.4f} with its state kept; training "
+                  f"loss over the first {args.smooth} steps after the cut {np.mean(restarted['curve'][window]):.4f} "
+                  f"restarted, {np.mean(kept['curve'][window]):.4f} kept (the last {args.smooth} before it: "
+                  f"{np.mean(result['base']['curve'][-args.smooth:]):.4f})"]
     return "\n".join(lines)
 
 
@@ -208,6 +227,8 @@ def main():
     parser.add_argument("--lr", type=float, default=2.0**-3)
     parser.add_argument("--validation", type=int, default=256)
     parser.add_argument("--smooth", type=int, default=20)
+    parser.add_argument("--split", default="partition", choices=keras_unitscale.resize.SPLITS,
+                        help="how the grown models' copies share their weights (`keras_unitscale.grow`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()

@@ -48,6 +48,7 @@ from keras_unitscale import layers as L
 from keras_unitscale import rules
 from keras_unitscale.layers import activation as activations
 from keras_unitscale.resize.common import GrowthError
+from keras_unitscale.resize.common import scaled_count
 
 __all__ = ["grow_depth", "shrink_depth", "INSERTS"]
 
@@ -145,15 +146,31 @@ def _plan_configs(entries, depth, taken):
             multipliers, epsilons = dict(config["weight_multipliers"]), []
             for branch, norm in enumerate((block.attention_norm, block.mlp_norm)):
                 (a, b), (a_new, b_new) = (rules.residual.branch_weights(t) for t in (old_taus[branch], new_taus[branch]))
-                epsilons.append(norm.epsilon * scale**2)
+                epsilons.append(_stored(norm.epsilon * scale**2))
                 scale *= b_new / b
                 for key in _output_keys(block, branch):
-                    multipliers[key] = multipliers.get(key, 1.0) * scale * a / a_new
-            config.update(weight_multipliers=multipliers, norm_epsilon=epsilons)
+                    multipliers[key] = _stored(multipliers.get(key, 1.0) * scale * a / a_new)
+                    if multipliers[key] == 1.0:  # a multiplier of 1 is none (and a round trip leaves none)
+                        del multipliers[key]
+            defaults = [type(norm)().epsilon for norm in (block.attention_norm, block.mlp_norm)]
+            config.update(weight_multipliers=multipliers, norm_epsilon=None if epsilons == defaults else epsilons)
         config.update(index=index, depth=depth)
         configs.append((kind, block, config))
         index += 1
     return configs, scale
+
+
+def _stored(value):
+    """A multiplier or epsilon as the config stores it: a short decimal where it is one up to float64 rounding.
+
+    A round trip multiplies by `c` and then by `1/c`; in float64 that can end
+    an ulp or two from where it started (1.0000000000000002 for 1). A value
+    within 1e-14 (relative) of a 12-digit decimal is stored as that decimal,
+    so the round trip gives back the number it started from; no float32
+    computation can tell the two apart.
+    """
+    short = float(f"{value:.12g}")
+    return short if abs(short - value) <= 1e-14 * abs(value) else value
 
 
 def _inserted_config(template, index, taken):
@@ -199,10 +216,12 @@ def _rebuild(model, chain, positions, configs, scale):
         elif i not in positions:
             config = layer.get_config()
             if i == positions[-1] + 1 and _is_residual(chain[positions[0]]):
-                config["epsilon"] = config["epsilon"] * scale**2
+                config["epsilon"] = _stored(config["epsilon"] * scale**2)
             pairs.append((layer, type(layer).from_config(config)))
     source = model.inputs[0]
-    inputs = keras.Input(batch_shape=tuple(source.shape), dtype=source.dtype)
+    # A functional model's input keeps its name (a Sequential's is not one of its layers).
+    name = None if isinstance(model, keras.Sequential) else source.name
+    inputs = keras.Input(batch_shape=tuple(source.shape), dtype=source.dtype, name=name)
     layers = [new for _, new in pairs]
     if isinstance(model, keras.Sequential):
         new_model = keras.Sequential([inputs, *layers], name=model.name)
@@ -218,15 +237,6 @@ def _rebuild(model, chain, positions, configs, scale):
             for old_variable, new_variable in zip(old.weights, new.weights):
                 new_variable.assign(old_variable.value)
     return new_model
-
-
-def _new_depth(old, factor, what):
-    new = old * factor
-    if abs(new - round(new)) > 1e-9 or round(new) < 1:
-        raise GrowthError(
-            f"{what}: {old} blocks times {factor:g} is {new:g}, not a whole number of blocks. Received: depth={factor:g}"
-        )
-    return int(round(new))
 
 
 def _insert_positions(old, new, insert):
@@ -249,7 +259,7 @@ def grow_depth(model, factor, insert):
     """`model` with its stack of N blocks grown to `factor`·N, the function kept (see the module docstring)."""
     chain, positions = _stack(model, "Growth")
     blocks = [chain[i] for i in positions]
-    depth = _new_depth(len(blocks), factor, "grow")
+    depth = scaled_count(len(blocks), factor, f"grow: {len(blocks)} blocks", f"depth={factor:g}")
     inserted = set(_insert_positions(len(blocks), depth, insert))
     entries, kept, template = [], iter(blocks), None
     for j in range(depth):
@@ -315,7 +325,7 @@ def shrink_depth(model, factor, data):
     """
     chain, positions = _stack(model, "Shrinking")
     blocks = [chain[i] for i in positions]
-    depth = _new_depth(len(blocks), 1.0 / factor, "shrink")
+    depth = scaled_count(len(blocks), 1.0 / factor, f"shrink: {len(blocks)} blocks", f"depth={factor:g}")
     if data is None:
         raise GrowthError("Shrinking the depth removes the blocks that add least on a batch: give it as `data=`.")
     shares = block_contributions(chain, positions, data)
