@@ -377,7 +377,10 @@ def test_shrinking_by_importance_removes_units_that_add_nothing_and_keeps_the_fu
         kernel[dead] = 0
         model.get_layer(reader).kernel.assign(kernel)
     x = _inputs("mlp")
+    weights_before = [keras.ops.convert_to_numpy(v) for v in model.weights]
     shrunk = shrink(model, width=2, data=x, units="important")
+    for before, variable in zip(weights_before, model.weights):  # each unit zeroed in turn, then given back
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), before)
     record = shrunk.resize_record
     assert record["kept"] == live
     assert all(record["importance"][key][unit] == 0 for key in live for unit in set(range(16)) - set(live[key]))

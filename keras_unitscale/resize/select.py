@@ -106,16 +106,18 @@ def unit_importance(model, groups, data):
             raise GrowthError(f"The axes of width '{key}' have different sizes: {sorted(units)}.")
         count = next(iter(units))[0]
         scores = []
-        for unit in range(count):
-            for where, axes in variables.items():
-                values = saved[where].copy()
-                for axis, blocks in axes:
-                    index = [slice(None)] * values.ndim
-                    index[axis] = _unit_entries(blocks, unit, count)
-                    values[tuple(index)] = 0
-                getattr(old_leaves[where[0]], where[1]).assign(values)
-            change = _outputs(model, data) - reference
-            scores.append(float(np.sqrt(np.mean(change**2))) / scale)
+        try:
+            for unit in range(count):
+                for where, axes in variables.items():
+                    values = saved[where].copy()
+                    for axis, blocks in axes:
+                        index = [slice(None)] * values.ndim
+                        index[axis] = _unit_entries(blocks, unit, count)
+                        values[tuple(index)] = 0
+                    getattr(old_leaves[where[0]], where[1]).assign(values)
+                change = _outputs(model, data) - reference
+                scores.append(float(np.sqrt(np.mean(change**2))) / scale)
+        finally:  # the user's model gets its weights back, whatever happened
             for where, values in saved.items():
                 getattr(old_leaves[where[0]], where[1]).assign(values)
         importance[key] = scores
