@@ -51,6 +51,7 @@ import numpy as np
 from keras import ops
 
 from keras_unitscale import checks
+from keras_unitscale import parallel_adam
 from keras_unitscale import parametrization as P
 from keras_unitscale import weights
 
@@ -334,6 +335,13 @@ class UnitScaledOptimizer:
         # Decay is applied per variable in `update_step`, where its learning
         # rate is known (and, under tf.distribute, on each replica's copy).
         return
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # On PyTorch an Adam updates every variable at once, as Keras's own torch Adam does (`parallel_adam`).
+        if parallel_adam.applies(self, grads, trainable_variables):
+            parallel_adam.update(self, grads, trainable_variables, learning_rate)
+            return
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
 
     def update_step(self, gradient, variable, learning_rate):
         lr_multiplier = ops.cast(self._lr_multiplier_variable(variable), "float32")

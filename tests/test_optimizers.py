@@ -300,3 +300,34 @@ def test_every_transformer_variable_gets_the_table_value(width, depth):
     for variable in model.trainable_variables:
         (expected,) = [value for name, value in expected_by_name.items() if variable.path.endswith(name)]
         assert optimizer.lr_multiplier(variable) == pytest.approx(expected), variable.path
+
+
+def _trained_weights(optimizer):
+    from keras_unitscale import models
+
+    keras.utils.set_random_seed(0)
+    model = models.mlp(8, width=16, depth=2, output_dim=3, output_activation=None)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(64, 3)).astype("float32")
+    model.compile(optimizer, "mse")
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    return [ops.convert_to_numpy(v) for v in model.weights]
+
+
+@pytest.mark.parametrize("make", [lambda: O.Adam(0.01), lambda: O.AdamW(0.01, weight_decay=0.1),
+                                  lambda: O.AdamW(0.01, weight_decay=0.01, independent_weight_decay=False),
+                                  lambda: O.Adam(0.01, amsgrad=True)], ids=["adam", "adamw", "adamw_dependent", "amsgrad"])
+def test_on_pytorch_adam_updates_every_variable_at_once_as_it_would_one_by_one(make, monkeypatch):
+    # Keras's torch Adam updates all variables with `torch._foreach_*` calls; ours does too (`parallel_adam`), with
+    # its per-variable learning rates, epsilons and decay: the same weights after 12 steps as the per-variable path.
+    from keras_unitscale import parallel_adam
+
+    taken = []
+    update = parallel_adam.update
+    monkeypatch.setattr(parallel_adam, "update", lambda *args: taken.append(1) or update(*args))
+    together = _trained_weights(make())
+    assert bool(taken) == (BACKEND == "torch")
+    monkeypatch.setattr(parallel_adam, "applies", lambda *args: False)
+    one_by_one = _trained_weights(make())
+    for a, b in zip(together, one_by_one):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -1,0 +1,89 @@
+"""Our Adam's update of every variable at once on PyTorch, as Keras's own torch Adam does it.
+
+Keras runs an optimizer's `update_step` once per variable, a dozen
+`keras.ops` calls each. On PyTorch every eager op costs Python time, so
+Keras's Adam there updates all the variables together with
+`torch._foreach_*` calls (`keras/src/backend/torch/optimizers/torch_adam.py`).
+Our Adam and AdamW are Keras's Adam with a learning-rate multiplier and an
+epsilon per variable and their own weight decay (`optimizers.UnitScaledOptimizer`);
+`update` is that update in the same form, the per-variable factors as
+lists of scalars, with the same arithmetic as `keras.optimizers.Adam.update_step`.
+"""
+
+import keras
+
+__all__ = ["applies", "update"]
+
+
+def applies(optimizer, grads, variables):
+    """Whether `update` can take this step: PyTorch, an Adam, dense gradients, one floating dtype."""
+    if keras.backend.backend() != "torch" or not isinstance(optimizer, keras.optimizers.Adam):
+        return False
+    if optimizer.epsilon_power is None or not variables:
+        return False
+    dtypes = {variable.value.dtype for variable in variables} | {grad.dtype for grad in grads}
+    return len(dtypes) == 1 and next(iter(dtypes)).is_floating_point and not any(grad.is_sparse for grad in grads)
+
+
+def update(optimizer, grads, variables, learning_rate):
+    """Adam's step for `variables` with each one's learning-rate multiplier, epsilon and weight decay."""
+    import torch
+
+    with torch.no_grad():
+        values = [variable.value for variable in variables]
+        dtype = values[0].dtype
+        indices = [optimizer._get_variable_index(variable) for variable in variables]
+        learning_rate = torch.as_tensor(keras.ops.convert_to_tensor(learning_rate), dtype=dtype)
+        lr_multipliers = [optimizer._lr_multiplier_variables[i].value.to(dtype) for i in indices]
+        _decay(optimizer, variables, values, learning_rate, lr_multipliers)
+
+        step = torch.as_tensor(keras.ops.convert_to_tensor(optimizer.iterations + 1), dtype=dtype)
+        beta_1_power = torch.pow(torch.as_tensor(optimizer.beta_1, dtype=dtype), step)
+        beta_2_power = torch.pow(torch.as_tensor(optimizer.beta_2, dtype=dtype), step)
+        alpha = learning_rate * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        alphas = [alpha * multiplier for multiplier in lr_multipliers]
+
+        momentums = [optimizer._momentums[i].value for i in indices]
+        velocities = [optimizer._velocities[i].value for i in indices]
+        # m += (g - m)(1 - β₁) and v += (g² - v)(1 - β₂), as Keras's update_step writes them.
+        torch._foreach_add_(momentums, torch._foreach_mul(torch._foreach_sub(grads, momentums), 1 - optimizer.beta_1))
+        squares = torch._foreach_mul(grads, grads)
+        torch._foreach_add_(velocities, torch._foreach_mul(torch._foreach_sub(squares, velocities),
+                                                           1 - optimizer.beta_2))
+        if optimizer.amsgrad:
+            maxima = [optimizer._velocity_hats[i].value for i in indices]
+            torch._foreach_maximum_(maxima, velocities)
+            velocities = maxima
+        epsilons = [_epsilon(optimizer, variable, i, dtype) for variable, i in zip(variables, indices)]
+        steps = torch._foreach_div(torch._foreach_mul(momentums, alphas),
+                                   torch._foreach_add(torch._foreach_sqrt(velocities), epsilons))
+        torch._foreach_sub_(values, steps)
+
+
+def _epsilon(optimizer, variable, index, dtype):
+    """`epsilon × (multiplier × batch factor) ** epsilon_power`, as `UnitScaledOptimizer.update_step` sets it."""
+    import torch
+
+    multiplier = optimizer._epsilon_multiplier_variables[index].value.to(dtype)
+    factor = torch.as_tensor(keras.ops.convert_to_tensor(optimizer.epsilon_batch_factor(variable)), dtype=dtype)
+    return optimizer.epsilon * (multiplier * factor) ** optimizer.epsilon_power
+
+
+def _decay(optimizer, variables, values, learning_rate, lr_multipliers):
+    """The optimizer's decoupled weight decay, as `UnitScaledOptimizer.update_step` applies it."""
+    import torch
+
+    if not optimizer.weight_decay:
+        return
+    decayed, factors = [], []
+    for variable, value, lr_multiplier in zip(variables, values, lr_multipliers):
+        if not optimizer._use_weight_decay(variable):
+            continue
+        if optimizer.independent_weight_decay:
+            decay = optimizer.weight_decay * learning_rate / optimizer.peak_learning_rate
+        else:
+            decay = optimizer.weight_decay * learning_rate * lr_multiplier
+        decayed.append(value)
+        factors.append(decay)
+    if decayed:
+        torch._foreach_sub_(decayed, torch._foreach_mul(decayed, factors))
