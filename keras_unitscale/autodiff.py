@@ -31,13 +31,12 @@ def vjp(fn, primals, cotangent):
         `(output, grads)`: the output as a NumPy array and a tuple of NumPy
         arrays, one gradient per primal.
 
-    Example:
-
-    >>> import numpy as np
-    >>> out, (grad,) = vjp(lambda x: x * 3.0, [np.ones((2,), "float32")],
-    ...                    np.ones((2,), "float32"))
-    >>> grad.tolist()
-    [3.0, 3.0]
+    Examples:
+        >>> import numpy as np
+        >>> out, (grad,) = vjp(lambda x: x * 3.0, [np.ones((2,), "float32")],
+        ...                    np.ones((2,), "float32"))
+        >>> grad.tolist()
+        [3.0, 3.0]
     """
     output, grads = vjp_tensors(fn, primals, cotangent)
     return ops.convert_to_numpy(output), tuple(ops.convert_to_numpy(g) for g in grads)
@@ -116,12 +115,11 @@ def layer_vjp(layer, inputs, cotangent, training=False):
         `None` for integer inputs; `weight_grads` maps each trainable
         variable's path to its gradient.
 
-    Example:
-
-    >>> layer = keras.layers.Dense(2, use_bias=False, kernel_initializer="ones")
-    >>> _, grad_x, grads = layer_vjp(layer, np.ones((1, 3), "float32"), np.ones((1, 2), "float32"))
-    >>> grad_x.tolist(), grads[layer.kernel.path].tolist()
-    ([[2.0, 2.0, 2.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    Examples:
+        >>> layer = keras.layers.Dense(2, use_bias=False, kernel_initializer="ones")
+        >>> _, grad_x, grads = layer_vjp(layer, np.ones((1, 3), "float32"), np.ones((1, 2), "float32"))
+        >>> grad_x.tolist(), grads[layer.kernel.path].tolist()
+        ([[2.0, 2.0, 2.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
     """
     inputs = ops.convert_to_tensor(inputs)
     if not layer.built:
@@ -159,13 +157,12 @@ def sequential_vjp(model, inputs, cotangent):
         A list of `(layer name, output, gradient)` with NumPy arrays, in
         layer order; the last gradient is `cotangent` itself.
 
-    Example:
-
-    >>> layer = keras.layers.Dense(2, kernel_initializer="ones", name="d")
-    >>> model = keras.Sequential([keras.Input((2,)), layer])
-    >>> [(name, grad.tolist()) for name, _, grad in
-    ...  sequential_vjp(model, np.ones((1, 2), "float32"), np.ones((1, 2), "float32"))]
-    [('d', [[1.0, 1.0]])]
+    Examples:
+        >>> layer = keras.layers.Dense(2, kernel_initializer="ones", name="d")
+        >>> model = keras.Sequential([keras.Input((2,)), layer])
+        >>> [(name, grad.tolist()) for name, _, grad in
+        ...  sequential_vjp(model, np.ones((1, 2), "float32"), np.ones((1, 2), "float32"))]
+        [('d', [[1.0, 1.0]])]
     """
     if not isinstance(model, keras.Sequential):
         raise ValueError(f"`model` must be a keras.Sequential. Received: model={type(model).__name__}")

@@ -114,16 +114,15 @@ class UnitScaleCallback(keras.callbacks.Callback):
     What it did is in `callback.record`, and the mean factors are in the
     `History` logs as `unit_scale_weight_factor` and `unit_scale_lr_factor`.
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(128, activation="relu"),
-    ...                           keras.layers.Dense(1, activation="sigmoid")])
-    >>> model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    >>> x, y = np.random.default_rng(0).normal(size=(64, 30)), np.ones((64, 1))
-    >>> callback = UnitScaleCallback(mode="factor", weight_scale=0.5, lr_scale="inverse", verbose=0)
-    >>> history = model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
-    >>> history.history["unit_scale_weight_factor"], history.history["unit_scale_lr_factor"]
-    ([0.5], [2.0])
+    Examples:
+        >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(128, activation="relu"),
+        ...                           keras.layers.Dense(1, activation="sigmoid")])
+        >>> model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+        >>> x, y = np.random.default_rng(0).normal(size=(64, 30)), np.ones((64, 1))
+        >>> callback = UnitScaleCallback(mode="factor", weight_scale=0.5, lr_scale="inverse", verbose=0)
+        >>> history = model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+        >>> history.history["unit_scale_weight_factor"], history.history["unit_scale_lr_factor"]
+        ([0.5], [2.0])
     """
 
     def __init__(self, mode="unit", weight_scale=None, lr_scale="auto", include=None, exclude=None, verbose=1):

@@ -31,10 +31,9 @@ __all__ = [
 def gmean(*scales):
     """Geometric mean of the scales.
 
-    Example:
-
-    >>> gmean(1.0, 4.0)
-    2.0
+    Examples:
+        >>> gmean(1.0, 4.0)
+        2.0
     """
     return _product(scales) ** (1.0 / len(scales))
 
@@ -49,10 +48,9 @@ def _product(scales):
 def hmean(*scales):
     """Harmonic mean of the scales (the choice of Glorot/Xavier initialisation).
 
-    Example:
-
-    >>> hmean(1.0, 3.0)
-    1.5
+    Examples:
+        >>> hmean(1.0, 3.0)
+        1.5
     """
     return len(scales) / sum(1.0 / s for s in scales)
 
@@ -60,10 +58,9 @@ def hmean(*scales):
 def amean(*scales):
     """Arithmetic mean of the scales.
 
-    Example:
-
-    >>> amean(1.0, 3.0)
-    2.0
+    Examples:
+        >>> amean(1.0, 3.0)
+        2.0
     """
     return sum(scales) / len(scales)
 
@@ -71,10 +68,9 @@ def amean(*scales):
 def to_output_scale(output_scale, *grad_input_scales):
     """Every slot takes the output (forward) scale: the default of every op.
 
-    Example:
-
-    >>> to_output_scale(0.5, 0.25, 0.125)
-    0.5
+    Examples:
+        >>> to_output_scale(0.5, 0.25, 0.125)
+        0.5
     """
     return output_scale
 
@@ -82,10 +78,9 @@ def to_output_scale(output_scale, *grad_input_scales):
 def to_grad_input_scale(output_scale, grad_input_scale):
     """Every slot takes the (single) input-gradient scale.
 
-    Example:
-
-    >>> to_grad_input_scale(0.5, 0.25)
-    0.25
+    Examples:
+        >>> to_grad_input_scale(0.5, 0.25)
+        0.25
     """
     return grad_input_scale
 
@@ -147,12 +142,11 @@ def apply_constraint(constraint, *scales):
         A tuple with one scale per slot: all equal to the constrained scale,
         or the scales unchanged when `constraint` is `None`.
 
-    Example:
-
-    >>> apply_constraint("gmean", 1.0, 0.25)
-    (0.5, 0.5)
-    >>> apply_constraint(None, 1.0, 0.25)
-    (1.0, 0.25)
+    Examples:
+        >>> apply_constraint("gmean", 1.0, 0.25)
+        (0.5, 0.5)
+        >>> apply_constraint(None, 1.0, 0.25)
+        (1.0, 0.25)
     """
     fn = get(constraint)
     if fn is None:

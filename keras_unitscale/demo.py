@@ -59,10 +59,9 @@ TOLERANCE = 0.02
 class Settings:
     """How much each task trains: `steps` is the transformer LM's, `mlp_steps` the MLP's.
 
-    Example:
-
-    >>> QUICK.with_steps(25).steps, DEFAULT.steps, DEFAULT.mlp_steps
-    (25, 200, 150)
+    Examples:
+        >>> QUICK.with_steps(25).steps, DEFAULT.steps, DEFAULT.mlp_steps
+        (25, 200, 150)
     """
 
     steps: int = 200
@@ -238,7 +237,7 @@ def _train(task, variant, mode, settings, bar):
         with precision.fp8(enabled=mode == "fp8" and task.uses_our_layers(variant), critical=True), \
                 warnings.catch_warnings():
             # UnitScaleCallback's warnings (a plain layer's function changes; one global learning
-            # rate for several factors) are the README's subject, not the demo's.
+            # rate for several factors) are the subject of docs/guides/callback-and-optimizers.md, not the demo's.
             warnings.filterwarnings("ignore", message="UnitScaleCallback", category=UserWarning)
             compile_args = task.compile_args(variant)
             model.compile(**compile_args, auto_scale_loss=False)

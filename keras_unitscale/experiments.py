@@ -30,14 +30,13 @@ __all__ = ["SweepResult", "lr_sweep", "pydoc_text", "char_lm_data", "StepLosses"
 class StepLosses(keras.callbacks.Callback):
     """Each training step's own loss, from the epoch's running mean that Keras logs.
 
-    Example:
-
-    >>> recorder = StepLosses()
-    >>> recorder.on_train_begin()
-    >>> for mean in (3.0, 2.5, 2.0):  # Keras logs the mean of the steps so far
-    ...     recorder.on_train_batch_end(0, {"loss": mean})
-    >>> recorder.losses().tolist()
-    [3.0, 2.0, 1.0]
+    Examples:
+        >>> recorder = StepLosses()
+        >>> recorder.on_train_begin()
+        >>> for mean in (3.0, 2.5, 2.0):  # Keras logs the mean of the steps so far
+        ...     recorder.on_train_batch_end(0, {"loss": mean})
+        >>> recorder.losses().tolist()
+        [3.0, 2.0, 1.0]
     """
 
     def on_train_begin(self, logs=None):
@@ -56,11 +55,10 @@ class StepLosses(keras.callbacks.Callback):
 def pydoc_text():
     """The English text of Python's help topics (`pydoc_data.topics`), about 0.5 MB.
 
-    Example:
-
-    >>> text = pydoc_text()
-    >>> len(text) > 400_000, "assignment statement" in text
-    (True, True)
+    Examples:
+        >>> text = pydoc_text()
+        >>> len(text) > 400_000, "assignment statement" in text
+        (True, True)
     """
     from pydoc_data import topics
 
@@ -81,11 +79,10 @@ def char_lm_data(seq_len, train_sequences, validation_sequences, text=None, seed
         `((x_train, y_train), (x_validation, y_validation), vocabulary)`:
         int32 arrays of shape `(n, seq_len)`, and the characters in id order.
 
-    Example:
-
-    >>> (x, y), (xv, yv), vocabulary = char_lm_data(32, 8, 4)
-    >>> x.shape, xv.shape, bool((x[:, 1:] == y[:, :-1]).all()), len(vocabulary) > 60
-    ((8, 32), (4, 32), True, True)
+    Examples:
+        >>> (x, y), (xv, yv), vocabulary = char_lm_data(32, 8, 4)
+        >>> x.shape, xv.shape, bool((x[:, 1:] == y[:, :-1]).all()), len(vocabulary) > 60
+        ((8, 32), (4, 32), True, True)
     """
     checks.positive_int("seq_len", seq_len)
     checks.positive_int("train_sequences", train_sequences)
@@ -119,8 +116,10 @@ def lr_sweep(build_model, learning_rates, train, validation, steps=200, batch_si
     Args:
         build_model: a function returning an uncompiled Keras model.
         learning_rates: the base learning rates to try.
-        train, validation: `(x, y)` arrays; training cycles through `train`.
-        steps, batch_size: the training budget of each run.
+        train: `(x, y)` arrays; training cycles through `train`.
+        validation: `(x, y)` arrays.
+        steps: the training budget of each run, in steps.
+        batch_size: the training budget of each run: its batch size.
         optimizer: a function `learning_rate -> optimizer` (default
             `keras_unitscale.optimizers.Adam`, which applies u-μP's
             per-weight factors; pass `keras.optimizers.Adam` for a
@@ -134,14 +133,13 @@ def lr_sweep(build_model, learning_rates, train, validation, steps=200, batch_si
     Returns:
         A `SweepResult`.
 
-    Example:
-
-    >>> from keras_unitscale import models
-    >>> (x, y), validation, vocabulary = char_lm_data(16, 64, 16)
-    >>> result = lr_sweep(lambda: models.lstm_lm(len(vocabulary), width=16, seq_len=16),
-    ...                   [2.0**-4, 2.0**-2], (x, y), validation, steps=4, batch_size=16, verbose=0)
-    >>> [row["learning_rate"] for row in result.rows], result.labels
-    ([0.0625, 0.25], [''])
+    Examples:
+        >>> from keras_unitscale import models
+        >>> (x, y), validation, vocabulary = char_lm_data(16, 64, 16)
+        >>> result = lr_sweep(lambda: models.lstm_lm(len(vocabulary), width=16, seq_len=16),
+        ...                   [2.0**-4, 2.0**-2], (x, y), validation, steps=4, batch_size=16, verbose=0)
+        >>> [row["learning_rate"] for row in result.rows], result.labels
+        ([0.0625, 0.25], [''])
     """
     learning_rates = [float(checks.positive("learning_rates", lr)) for lr in learning_rates]
     if not learning_rates:
@@ -185,13 +183,12 @@ def _one_run(build_model, optimizer, loss, train, validation, batch_size, seed):
 class SweepResult:
     """The validation loss of each (label, learning rate) run of `lr_sweep`; sweeps add up.
 
-    Example:
-
-    >>> rows = [{"label": f"width {w}", "learning_rate": 2.0**k, "log2_learning_rate": k,
-    ...          "validation_loss": (k + 3) ** 2 + w / 100} for w in (64, 128) for k in (-4, -3, -2)]
-    >>> result = SweepResult(rows[:3]) + SweepResult(rows[3:])
-    >>> result.labels, result.optima()
-    (['width 64', 'width 128'], {'width 64': 0.125, 'width 128': 0.125})
+    Examples:
+        >>> rows = [{"label": f"width {w}", "learning_rate": 2.0**k, "log2_learning_rate": k,
+        ...          "validation_loss": (k + 3) ** 2 + w / 100} for w in (64, 128) for k in (-4, -3, -2)]
+        >>> result = SweepResult(rows[:3]) + SweepResult(rows[3:])
+        >>> result.labels, result.optima()
+        (['width 64', 'width 128'], {'width 64': 0.125, 'width 128': 0.125})
     """
 
     def __init__(self, rows):

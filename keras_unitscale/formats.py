@@ -32,10 +32,9 @@ ROUNDINGS = ("nearest", "stochastic")
 class FPFormat:
     """A floating-point format's range.
 
-    Example:
-
-    >>> E4M3.underflow_fraction(np.array([1.0, 2.0**-12, 0.0])), E4M3.saturation_fraction(np.array([500.0, 1.0]))
-    (0.5, 0.5)
+    Examples:
+        >>> E4M3.underflow_fraction(np.array([1.0, 2.0**-12, 0.0])), E4M3.saturation_fraction(np.array([500.0, 1.0]))
+        (0.5, 0.5)
     """
 
     name: str
@@ -68,10 +67,9 @@ FORMATS = (FP16, BF16, E4M3, E5M2)
 def get(fmt):
     """The `FPFormat` named by `fmt`: itself, a name ("E4M3", "e5m2", "FP16", "BF16") or a dtype ("float8_e4m3fn").
 
-    Example:
-
-    >>> get("e4m3") is E4M3, get("bfloat16") is BF16
-    (True, True)
+    Examples:
+        >>> get("e4m3") is E4M3, get("bfloat16") is BF16
+        (True, True)
     """
     if isinstance(fmt, FPFormat):
         return fmt
@@ -104,12 +102,11 @@ def quantize(x, fmt, rounding="nearest", seed=None):
     Returns:
         A tensor of `x`'s shape and dtype holding values of `fmt`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.array([1.05, 500.0, -1e6, 2.0**-12], "float32")
-    >>> keras.ops.convert_to_numpy(quantize(x, "E4M3")).tolist()
-    [1.0, 448.0, -448.0, 0.0]
+    Examples:
+        >>> import numpy as np
+        >>> x = np.array([1.05, 500.0, -1e6, 2.0**-12], "float32")
+        >>> keras.ops.convert_to_numpy(quantize(x, "E4M3")).tolist()
+        [1.0, 448.0, -448.0, 0.0]
     """
     fmt = get(fmt)
     checks.one_of("rounding", rounding, ROUNDINGS)
@@ -143,11 +140,10 @@ def _round_stochastically(values, fmt, seed):
 def quantize_fwd(x, fmt, rounding="nearest", seed=None):
     """`quantize(x, fmt, ...)` in the forward pass; the gradient passes through unchanged (straight-through).
 
-    Example:
-
-    >>> import numpy as np
-    >>> keras.ops.convert_to_numpy(quantize_fwd(np.array([1.05], "float32"), E4M3)).tolist()
-    [1.0]
+    Examples:
+        >>> import numpy as np
+        >>> keras.ops.convert_to_numpy(quantize_fwd(np.array([1.05], "float32"), E4M3)).tolist()
+        [1.0]
     """
     fmt = get(fmt)
     return with_gradient(x, lambda v: quantize(v, fmt, rounding, seed), lambda g: g)
@@ -156,11 +152,10 @@ def quantize_fwd(x, fmt, rounding="nearest", seed=None):
 def quantize_bwd(x, fmt):
     """`x` unchanged in the forward pass; its gradient rounded to `fmt` (to nearest, saturating).
 
-    Example:
-
-    >>> import numpy as np
-    >>> keras.ops.convert_to_numpy(quantize_bwd(np.array([1.07], "float32"), E5M2)).tolist()
-    [1.0700000524520874]
+    Examples:
+        >>> import numpy as np
+        >>> keras.ops.convert_to_numpy(quantize_bwd(np.array([1.07], "float32"), E5M2)).tolist()
+        [1.0700000524520874]
     """
     fmt = get(fmt)
     return with_gradient(x, lambda v: v, lambda g: quantize(g, fmt))

@@ -11,16 +11,15 @@ def functional_graph(model):
     is its own graph; a subclassed model's `call` is Python, with no graph to
     walk or run node by node.
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> functional_graph(model) is model._functional
-    True
-    >>> class Subclassed(keras.Model):
-    ...     def call(self, x):
-    ...         return x
-    >>> functional_graph(Subclassed()) is None
-    True
+    Examples:
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> functional_graph(model) is model._functional
+        True
+        >>> class Subclassed(keras.Model):
+        ...     def call(self, x):
+        ...         return x
+        >>> functional_graph(Subclassed()) is None
+        True
     """
     if isinstance(model, keras.Sequential):
         return getattr(model, "_functional", None)

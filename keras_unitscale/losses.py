@@ -117,11 +117,10 @@ def _warn_low_precision_probabilities(loss_name, dtype):
 class SparseCategoricalCrossentropy(_UnitScaledLoss, keras.losses.SparseCategoricalCrossentropy):
     """Unit-scaled `keras.losses.SparseCategoricalCrossentropy` (integer labels).
 
-    Example:
-
-    >>> loss = SparseCategoricalCrossentropy(from_logits=True)
-    >>> round(float(loss(np.array([0, 3]), np.zeros((2, 4), "float32"))), 4)  # ln 4
-    1.3863
+    Examples:
+        >>> loss = SparseCategoricalCrossentropy(from_logits=True)
+        >>> round(float(loss(np.array([0, 3]), np.zeros((2, 4), "float32"))), 4)  # ln 4
+        1.3863
     """
 
     def __init__(self, from_logits=False, reduction="sum_over_batch_size", **kwargs):
@@ -139,12 +138,11 @@ class CategoricalCrossentropy(_UnitScaledLoss, keras.losses.CategoricalCrossentr
 
     Its value is Keras's; only its gradient is scaled.
 
-    Example:
-
-    >>> y, logits = np.eye(4, dtype="float32")[[0, 2]], np.zeros((2, 4), "float32")
-    >>> loss = CategoricalCrossentropy(from_logits=True)
-    >>> round(float(loss(y, logits)), 4)  # ln 4
-    1.3863
+    Examples:
+        >>> y, logits = np.eye(4, dtype="float32")[[0, 2]], np.zeros((2, 4), "float32")
+        >>> loss = CategoricalCrossentropy(from_logits=True)
+        >>> round(float(loss(y, logits)), 4)  # ln 4
+        1.3863
     """
 
     def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", **kwargs):
@@ -158,11 +156,10 @@ class CategoricalCrossentropy(_UnitScaledLoss, keras.losses.CategoricalCrossentr
 class BinaryCrossentropy(_UnitScaledLoss, keras.losses.BinaryCrossentropy):
     """Unit-scaled `keras.losses.BinaryCrossentropy`: the two-class rule, gradient × 2.
 
-    Example:
-
-    >>> loss = BinaryCrossentropy()
-    >>> round(float(loss(np.array([[1.0]]), np.array([[0.5]], "float32"))), 4)  # ln 2
-    0.6931
+    Examples:
+        >>> loss = BinaryCrossentropy()
+        >>> round(float(loss(np.array([[1.0]]), np.array([[0.5]], "float32"))), 4)  # ln 2
+        0.6931
     """
 
     def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", **kwargs):
@@ -178,11 +175,10 @@ class BinaryCrossentropy(_UnitScaledLoss, keras.losses.BinaryCrossentropy):
 class MeanSquaredError(_UnitScaledLoss, keras.losses.MeanSquaredError):
     """Unit-scaled `keras.losses.MeanSquaredError`: the gradient `2(p - t) · 8^-1/2`.
 
-    Example:
-
-    >>> loss = MeanSquaredError()
-    >>> float(loss(np.zeros((1, 2)), np.array([[1.0, 3.0]], "float32")))
-    5.0
+    Examples:
+        >>> loss = MeanSquaredError()
+        >>> float(loss(np.zeros((1, 2)), np.array([[1.0, 3.0]], "float32")))
+        5.0
     """
 
     def __init__(self, reduction="sum_over_batch_size", **kwargs):

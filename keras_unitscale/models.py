@@ -27,11 +27,10 @@ def mlp(input_dim, width=128, depth=2, output_dim=1, activation="relu", output_a
         parametrization="u-mup", name="mlp"):
     """The Keras Sequential MLP (Dense 128 relu → 64 relu → 1), generalised: `depth` hidden `Dense(width, activation)` layers and a readout.
 
-    Example:
-
-    >>> model = mlp(30, width=64)
-    >>> [layer.name for layer in model.layers], model.layers[-1].role
-    (['hidden0', 'hidden1', 'readout'], 'output')
+    Examples:
+        >>> model = mlp(30, width=64)
+        >>> [layer.name for layer in model.layers], model.layers[-1].role
+        (['hidden0', 'hidden1', 'readout'], 'output')
     """
     checks.positive_int("input_dim", input_dim)
     checks.positive_int("depth", depth)
@@ -49,11 +48,10 @@ def lstm_lm(vocab_size, width=256, depth=1, embedding_dim=None, seq_len=None, pa
             name="lstm_lm"):
     """A character-level LSTM language model (seeds 003/004): Embedding → `depth` LSTMs → readout logits.
 
-    Example:
-
-    >>> model = lstm_lm(vocab_size=50, width=32, seq_len=16)
-    >>> tuple(model.outputs[0].shape)
-    (None, 16, 50)
+    Examples:
+        >>> model = lstm_lm(vocab_size=50, width=32, seq_len=16)
+        >>> tuple(model.outputs[0].shape)
+        (None, 16, 50)
     """
     checks.positive_int("vocab_size", vocab_size)
     checks.positive_int("depth", depth)
@@ -74,9 +72,10 @@ def transformer_lm(vocab_size, width, depth, num_heads=None, head_dim=None, seq_
         vocab_size: tokens in and logits out.
         width: the residual stream's size.
         depth: the number of blocks (each an attention and an MLP branch).
-        num_heads, head_dim: give one (the other follows from `width`);
-            with neither, heads of 16. Fixing `head_dim` keeps a width sweep
-            to the one axis μP scales.
+        num_heads: the number of heads. Give `num_heads` or `head_dim`
+            (the other follows from `width`); with neither, heads of 16.
+        head_dim: the size of each head. Fixing `head_dim` keeps a width
+            sweep to the one axis μP scales.
         seq_len: the sequence length (None for any).
         mlp_ratio: the MLP's hidden size over `width`.
         parametrization: "u-mup" (`layers.TransformerBlock`: u-μP's
@@ -87,11 +86,10 @@ def transformer_lm(vocab_size, width, depth, num_heads=None, head_dim=None, seq_
             at zero at every width instead of at μP's `fan_in^-1/2`, and the
             first update gives them their width-independent size.
 
-    Example:
-
-    >>> model = transformer_lm(vocab_size=64, width=32, depth=2, head_dim=16, seq_len=8)
-    >>> [layer.name for layer in model.layers[1:]]
-    ['embed', 'block0', 'block1', 'final_norm', 'readout']
+    Examples:
+        >>> model = transformer_lm(vocab_size=64, width=32, depth=2, head_dim=16, seq_len=8)
+        >>> [layer.name for layer in model.layers[1:]]
+        ['embed', 'block0', 'block1', 'final_norm', 'readout']
     """
     checks.positive_int("vocab_size", vocab_size)
     checks.positive_int("width", width)

@@ -404,14 +404,13 @@ class Adam(UnitScaledOptimizer, keras.optimizers.Adam):
 """
         + _ARGS.replace("{keras_args}", "beta_1, beta_2, epsilon, amsgrad, clipnorm, ...")
         + """
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden"),
-    ...                           keras_unitscale.layers.Dense(1, role="output", name="readout")])
-    >>> optimizer = Adam(learning_rate=0.01)
-    >>> optimizer.build(model.trainable_variables)
-    >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)  # 16 ** -0.5
-    0.25
+    Examples:
+        >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden"),
+        ...                           keras_unitscale.layers.Dense(1, role="output", name="readout")])
+        >>> optimizer = Adam(learning_rate=0.01)
+        >>> optimizer.build(model.trainable_variables)
+        >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)  # 16 ** -0.5
+        0.25
     """
     )
 
@@ -429,13 +428,12 @@ class AdamW(UnitScaledOptimizer, keras.optimizers.AdamW):
 """
         + _ARGS.replace("{keras_args}", "beta_1, beta_2, epsilon, amsgrad, clipnorm, ...")
         + """
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden")])
-    >>> optimizer = AdamW(learning_rate=0.01)
-    >>> optimizer.build(model.trainable_variables)
-    >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel), optimizer.weight_decay
-    (0.25, 4e-06)
+    Examples:
+        >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden")])
+        >>> optimizer = AdamW(learning_rate=0.01)
+        >>> optimizer.build(model.trainable_variables)
+        >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel), optimizer.weight_decay
+        (0.25, 4e-06)
     """
     )
 
@@ -465,13 +463,12 @@ class RMSprop(UnitScaledOptimizer, keras.optimizers.RMSprop):
 """
         + _ARGS.replace("{keras_args}", "rho, momentum, epsilon, centered, clipnorm, ...")
         + """
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden")])
-    >>> optimizer = RMSprop(learning_rate=0.01)
-    >>> optimizer.build(model.trainable_variables)
-    >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)  # 16 ** -0.5, as Adam's
-    0.25
+    Examples:
+        >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden")])
+        >>> optimizer = RMSprop(learning_rate=0.01)
+        >>> optimizer.build(model.trainable_variables)
+        >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)  # 16 ** -0.5, as Adam's
+        0.25
     """
     )
 
@@ -489,13 +486,12 @@ class Lion(UnitScaledOptimizer, keras.optimizers.Lion):
 """
         + _ARGS.replace("{keras_args}", "beta_1, beta_2, clipnorm, ...")
         + """
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden")])
-    >>> optimizer = Lion(learning_rate=1e-4)
-    >>> optimizer.build(model.trainable_variables)
-    >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)
-    0.25
+    Examples:
+        >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(64, name="hidden")])
+        >>> optimizer = Lion(learning_rate=1e-4)
+        >>> optimizer.build(model.trainable_variables)
+        >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)
+        0.25
     """
     )
 
@@ -516,16 +512,15 @@ class SGD(UnitScaledOptimizer, keras.optimizers.SGD):
         + _ARGS.replace("{keras_args}", "momentum, nesterov, clipnorm, ...")
         + """        readout_constraint: None or "to_output_scale", as the readout's.
 
-    Example:
-
-    >>> layers = keras_unitscale.layers
-    >>> model = keras.Sequential([
-    ...     keras.Input((16,)), layers.Dense(64, name="hidden"),
-    ...     layers.Dense(1, role="output", constraint="to_output_scale", name="readout")])
-    >>> optimizer = SGD(0.1, momentum=0.9, readout_constraint="to_output_scale")
-    >>> optimizer.build(model.trainable_variables)
-    >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)  # fan_in ** 0.5
-    4.0
+    Examples:
+        >>> layers = keras_unitscale.layers
+        >>> model = keras.Sequential([
+        ...     keras.Input((16,)), layers.Dense(64, name="hidden"),
+        ...     layers.Dense(1, role="output", constraint="to_output_scale", name="readout")])
+        >>> optimizer = SGD(0.1, momentum=0.9, readout_constraint="to_output_scale")
+        >>> optimizer.build(model.trainable_variables)
+        >>> optimizer.lr_multiplier(model.get_layer("hidden").kernel)  # fan_in ** 0.5
+        4.0
     """
     )
 
@@ -554,11 +549,10 @@ class SGD(UnitScaledOptimizer, keras.optimizers.SGD):
 class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """A learning-rate schedule times a constant factor (how `UnitScaleCallback` scales a schedule).
 
-    Example:
-
-    >>> schedule = ScaledSchedule(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5), factor=2.0)
-    >>> round(float(schedule(10)), 6)
-    0.1
+    Examples:
+        >>> schedule = ScaledSchedule(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5), factor=2.0)
+        >>> round(float(schedule(10)), 6)
+        0.1
     """
 
     def __init__(self, schedule, factor):

@@ -46,16 +46,17 @@ def tag(variable, role, fan_in=None, fan_out=None, depth=None):
     Args:
         variable: a Keras variable.
         role: a `WeightRole`, or one of `ROLES` with the sizes below.
-        fan_in, fan_out, depth: the sizes, as for `WeightRole`.
+        fan_in: a size, as for `WeightRole`.
+        fan_out: a size, as for `WeightRole`.
+        depth: a size, as for `WeightRole`.
 
     Returns:
         The `WeightRole`.
 
-    Example:
-
-    >>> kernel = keras.Variable(np.ones((8, 4)), name="kernel")
-    >>> tag(kernel, "hidden", fan_in=8, fan_out=4).lr_multiplier("adam") == 8**-0.5
-    True
+    Examples:
+        >>> kernel = keras.Variable(np.ones((8, 4)), name="kernel")
+        >>> tag(kernel, "hidden", fan_in=8, fan_out=4).lr_multiplier("adam") == 8**-0.5
+        True
     """
     weight_role = role if isinstance(role, WeightRole) else WeightRole(role, fan_in, fan_out, depth)
     weights.declare(variable, weight_role)
@@ -70,12 +71,11 @@ def role_of(variable):
 def is_unit_scaled(variable):
     """Whether `variable` belongs to a layer of `keras_unitscale.layers` (its role declared by the layer).
 
-    Example:
-
-    >>> ours, plain = keras_unitscale.layers.Dense(4), keras.layers.Dense(4)
-    >>> ours.build((None, 8)); plain.build((None, 8))
-    >>> is_unit_scaled(ours.kernel), is_unit_scaled(plain.kernel)
-    (True, False)
+    Examples:
+        >>> ours, plain = keras_unitscale.layers.Dense(4), keras.layers.Dense(4)
+        >>> ours.build((None, 8)); plain.build((None, 8))
+        >>> is_unit_scaled(ours.kernel), is_unit_scaled(plain.kernel)
+        (True, False)
     """
     return weights.is_declared(variable)
 
@@ -211,13 +211,12 @@ def tag_model(model, overrides=None):
     Returns:
         dict {variable path: WeightRole}, in the model's variable order.
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(128, activation="relu", name="a"),
-    ...                           keras.layers.Dense(64, activation="relu", name="b"),
-    ...                           keras.layers.Dense(1, activation="sigmoid", name="c")], name="mlp")
-    >>> [(path, role.role) for path, role in tag_model(model).items()]
-    [('mlp/a/kernel', 'input'), ('mlp/a/bias', 'bias'), ('mlp/b/kernel', 'hidden'), ('mlp/b/bias', 'bias'), ('mlp/c/kernel', 'output'), ('mlp/c/bias', 'bias')]
+    Examples:
+        >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(128, activation="relu", name="a"),
+        ...                           keras.layers.Dense(64, activation="relu", name="b"),
+        ...                           keras.layers.Dense(1, activation="sigmoid", name="c")], name="mlp")
+        >>> [(path, role.role) for path, role in tag_model(model).items()]
+        [('mlp/a/kernel', 'input'), ('mlp/a/bias', 'bias'), ('mlp/b/kernel', 'hidden'), ('mlp/b/bias', 'bias'), ('mlp/c/kernel', 'output'), ('mlp/c/bias', 'bias')]
     """
     overrides = _check_overrides(overrides)
     check_built(model)
@@ -244,12 +243,11 @@ def tag_model(model, overrides=None):
 def lr_multipliers(model, family="adam", readout_constraint=None, overrides=None):
     """The u-μP learning-rate multiplier of every trainable variable of `model`, by path.
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(128, name="a"),
-    ...                           keras.layers.Dense(64, name="b"), keras.layers.Dense(1, name="c")], name="mlp")
-    >>> {path: round(m, 4) for path, m in lr_multipliers(model).items()}
-    {'mlp/a/kernel': 0.0884, 'mlp/a/bias': 1.0, 'mlp/b/kernel': 0.0884, 'mlp/b/bias': 1.0, 'mlp/c/kernel': 1.0, 'mlp/c/bias': 1.0}
+    Examples:
+        >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(128, name="a"),
+        ...                           keras.layers.Dense(64, name="b"), keras.layers.Dense(1, name="c")], name="mlp")
+        >>> {path: round(m, 4) for path, m in lr_multipliers(model).items()}
+        {'mlp/a/kernel': 0.0884, 'mlp/a/bias': 1.0, 'mlp/b/kernel': 0.0884, 'mlp/b/bias': 1.0, 'mlp/c/kernel': 1.0, 'mlp/c/bias': 1.0}
     """
     roles = tag_model(model, overrides)
     return {path: role.lr_multiplier(family, readout_constraint) for path, role in roles.items()}

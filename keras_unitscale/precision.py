@@ -48,11 +48,10 @@ def set_fp8(enabled=True, critical=False):
         critical: also the critical ones (attention output and MLP down
             projections).
 
-    Example:
-
-    >>> set_fp8(True); fp8_setting()
-    {'enabled': True, 'critical': False}
-    >>> set_fp8(False)
+    Examples:
+        >>> set_fp8(True); fp8_setting()
+        {'enabled': True, 'critical': False}
+        >>> set_fp8(False)
     """
     _setting.update(enabled=bool(enabled), critical=bool(critical))
 
@@ -66,13 +65,12 @@ def fp8_setting():
 def fp8(enabled=True, critical=False):
     """Within this context, layers with `fp8=None` run their matmuls in FP8 (see `set_fp8`).
 
-    Example:
-
-    >>> with fp8():
-    ...     fp8_setting()
-    {'enabled': True, 'critical': False}
-    >>> fp8_setting()
-    {'enabled': False, 'critical': False}
+    Examples:
+        >>> with fp8():
+        ...     fp8_setting()
+        {'enabled': True, 'critical': False}
+        >>> fp8_setting()
+        {'enabled': False, 'critical': False}
     """
     previous = fp8_setting()
     set_fp8(enabled, critical)
@@ -85,11 +83,10 @@ def fp8(enabled=True, critical=False):
 def uses_fp8(layer_fp8, critical=False):
     """Whether a matmul runs in FP8, given its layer's `fp8` (None, True or False) and whether it is critical.
 
-    Example:
-
-    >>> with fp8():
-    ...     uses_fp8(None), uses_fp8(None, critical=True), uses_fp8(False)
-    (True, False, False)
+    Examples:
+        >>> with fp8():
+        ...     uses_fp8(None), uses_fp8(None, critical=True), uses_fp8(False)
+        (True, False, False)
     """
     if layer_fp8 is not None:
         return bool(layer_fp8)
@@ -99,11 +96,10 @@ def uses_fp8(layer_fp8, critical=False):
 def cast_inputs(*tensors):
     """The matmul's inputs rounded to E4M3 (saturating), with straight-through gradients.
 
-    Example:
-
-    >>> x, w = cast_inputs(np.array([0.1, 1000.0], "float32"), np.array([3.3], "float32"))
-    >>> keras.ops.convert_to_numpy(x).tolist(), keras.ops.convert_to_numpy(w).tolist()
-    ([0.1015625, 448.0], [3.25])
+    Examples:
+        >>> x, w = cast_inputs(np.array([0.1, 1000.0], "float32"), np.array([3.3], "float32"))
+        >>> keras.ops.convert_to_numpy(x).tolist(), keras.ops.convert_to_numpy(w).tolist()
+        ([0.1015625, 448.0], [3.25])
     """
     return [F.quantize_fwd(t, FORWARD_FORMAT) for t in tensors]
 
@@ -114,11 +110,10 @@ def fp8_product(product, a, b):
     No scales: the unit-scaled ops keep their inputs and gradients near unit
     scale, where these formats are accurate.
 
-    Example:
-
-    >>> y = fp8_product(keras.ops.multiply, np.array([1.05], "float32"), np.array([2.0], "float32"))
-    >>> keras.ops.convert_to_numpy(y).tolist()  # E4M3 holds 1.0 and 1.125 on each side of 1.05
-    [2.0]
+    Examples:
+        >>> y = fp8_product(keras.ops.multiply, np.array([1.05], "float32"), np.array([2.0], "float32"))
+        >>> keras.ops.convert_to_numpy(y).tolist()  # E4M3 holds 1.0 and 1.125 on each side of 1.05
+        [2.0]
     """
     a, b = cast_inputs(a, b)
     return cast_output_gradient(product(a, b))
@@ -127,13 +122,12 @@ def fp8_product(product, a, b):
 def cast_output_gradient(y):
     """`y` unchanged, with the gradient that reaches it rounded to E5M2 (saturating).
 
-    Example:
-
-    >>> from keras_unitscale.autodiff import vjp
-    >>> y = np.array([1.0, 1.0], "float32")
-    >>> _, (grad,) = vjp(lambda t: cast_output_gradient(t), [y], np.array([0.3, 1e-9], "float32"))
-    >>> np.asarray(grad).tolist()  # 0.3 to E5M2's grid; 1e-9 below its smallest subnormal
-    [0.3125, 0.0]
+    Examples:
+        >>> from keras_unitscale.autodiff import vjp
+        >>> y = np.array([1.0, 1.0], "float32")
+        >>> _, (grad,) = vjp(lambda t: cast_output_gradient(t), [y], np.array([0.3, 1e-9], "float32"))
+        >>> np.asarray(grad).tolist()  # 0.3 to E5M2's grid; 1e-9 below its smallest subnormal
+        [0.3125, 0.0]
     """
     return F.quantize_bwd(y, BACKWARD_FORMAT)
 
@@ -250,14 +244,13 @@ def simulate_fp8(model):
     Returns:
         The new model (not compiled).
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> twin = simulate_fp8(model)
-    >>> x = np.full((1, 4), 1.05, "float32")  # E4M3 holds 1.0, not 1.05
-    >>> expected = F.quantize(x, "E4M3") @ F.quantize(model.layers[0].kernel, "E4M3")
-    >>> bool(np.allclose(keras.ops.convert_to_numpy(twin(x)), keras.ops.convert_to_numpy(expected)))
-    True
+    Examples:
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> twin = simulate_fp8(model)
+        >>> x = np.full((1, 4), 1.05, "float32")  # E4M3 holds 1.0, not 1.05
+        >>> expected = F.quantize(x, "E4M3") @ F.quantize(model.layers[0].kernel, "E4M3")
+        >>> bool(np.allclose(keras.ops.convert_to_numpy(twin(x)), keras.ops.convert_to_numpy(expected)))
+        True
     """
     from keras_unitscale.convert import inside  # convert imports this module
 

@@ -29,13 +29,12 @@ def scaling_disabled():
     and a way to see what a model would do without them. It acts where ops
     are traced or run, so build and first call (or `fit`) a model inside it.
 
-    Example:
-
-    >>> import numpy as np
-    >>> with scaling_disabled():
-    ...     y = scaled(np.ones((1,), "float32"), fwd=4.0)
-    >>> keras.ops.convert_to_numpy(y).tolist()
-    [1.0]
+    Examples:
+        >>> import numpy as np
+        >>> with scaling_disabled():
+        ...     y = scaled(np.ones((1,), "float32"), fwd=4.0)
+        >>> keras.ops.convert_to_numpy(y).tolist()
+        [1.0]
     """
     previous = getattr(_state, "disabled", False)
     _state.disabled = True
@@ -113,12 +112,11 @@ def scaled(x, fwd=1.0, bwd=1.0):
         `x * fwd`, whose gradient with respect to `x` is `bwd` times the
         incoming gradient.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = scaled(np.ones((2,), "float32"), fwd=4.0, bwd=0.5)
-    >>> keras.ops.convert_to_numpy(y).tolist()
-    [4.0, 4.0]
+    Examples:
+        >>> import numpy as np
+        >>> y = scaled(np.ones((2,), "float32"), fwd=4.0, bwd=0.5)
+        >>> keras.ops.convert_to_numpy(y).tolist()
+        [4.0, 4.0]
     """
     fwd = _check_scale("fwd", fwd)
     bwd = _check_scale("bwd", bwd)
@@ -153,12 +151,11 @@ def with_gradient(x, forward, backward):
         forward: tensor -> tensor, applied to `x`.
         backward: tensor -> tensor, applied to the incoming gradient.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = with_gradient(np.ones((2,), "float32"), lambda v: v + 1, lambda g: g)
-    >>> keras.ops.convert_to_numpy(y).tolist()
-    [2.0, 2.0]
+    Examples:
+        >>> import numpy as np
+        >>> y = with_gradient(np.ones((2,), "float32"), lambda v: v + 1, lambda g: g)
+        >>> keras.ops.convert_to_numpy(y).tolist()
+        [2.0, 2.0]
     """
     # The gradient function takes `*args` and an optional `upstream` keyword
     # because PyTorch calls it as `grad(*saved_inputs, upstream=g)` while
@@ -187,11 +184,10 @@ def scale_fwd(x, scale):
     Returns:
         `x * scale`, with the identity as its gradient.
 
-    Example:
-
-    >>> import numpy as np
-    >>> keras.ops.convert_to_numpy(scale_fwd(np.ones((1,), "float32"), 3.0)).tolist()
-    [3.0]
+    Examples:
+        >>> import numpy as np
+        >>> keras.ops.convert_to_numpy(scale_fwd(np.ones((1,), "float32"), 3.0)).tolist()
+        [3.0]
     """
     return scaled(x, fwd=scale, bwd=1.0)
 
@@ -206,10 +202,9 @@ def scale_bwd(x, scale):
     Returns:
         `x`, whose gradient is `scale` times the incoming gradient.
 
-    Example:
-
-    >>> import numpy as np
-    >>> keras.ops.convert_to_numpy(scale_bwd(np.ones((1,), "float32"), 3.0)).tolist()
-    [1.0]
+    Examples:
+        >>> import numpy as np
+        >>> keras.ops.convert_to_numpy(scale_bwd(np.ones((1,), "float32"), 3.0)).tolist()
+        [1.0]
     """
     return scaled(x, fwd=1.0, bwd=scale)

@@ -22,14 +22,13 @@ The record is saved twice, both read back into it: in the layer's config
 layer builds) and with the weights themselves (`saved_state`,
 `restore_state`), so that a weights-only checkpoint restores it too.
 
-Example:
-
->>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
->>> declare(kernel, WeightRole("hidden", fan_in=4, fan_out=2))
->>> set_multiplier(kernel, 0.5)
->>> current = record(kernel)
->>> current.role.role, current.model_role, current.multiplier, current.lr_multiplier
-('hidden', None, 0.5, None)
+Examples:
+    >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
+    >>> declare(kernel, WeightRole("hidden", fan_in=4, fan_out=2))
+    >>> set_multiplier(kernel, 0.5)
+    >>> current = record(kernel)
+    >>> current.role.role, current.model_role, current.multiplier, current.lr_multiplier
+    ('hidden', None, 0.5, None)
 """
 
 import dataclasses
@@ -89,12 +88,11 @@ def _check_role(name, value):
 def declare(variable, weight_role):
     """Declares `variable`'s role (a `WeightRole`), keeping its multipliers; layers call this as they build.
 
-    Example:
-
-    >>> bias = keras.Variable(np.zeros(3), name="bias")
-    >>> declare(bias, WeightRole("bias", fan_out=3))
-    >>> is_declared(bias), role(bias).role, multiplier(bias)
-    (True, 'bias', 1.0)
+    Examples:
+        >>> bias = keras.Variable(np.zeros(3), name="bias")
+        >>> declare(bias, WeightRole("bias", fan_out=3))
+        >>> is_declared(bias), role(bias).role, multiplier(bias)
+        (True, 'bias', 1.0)
     """
     _update(variable, role=_check_role("weight_role", weight_role))
 
@@ -140,16 +138,15 @@ def set_multiplier(variable, value):
     `layer.multiplied`) computes with it; functions traced before keep the
     old value.
 
-    Example:
-
-    >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
-    >>> set_multiplier(kernel, 2)
-    >>> multiplier(kernel)
-    2.0
-    >>> set_multiplier(kernel, -1.0)
-    Traceback (most recent call last):
-    ...
-    ValueError: `multiplier` must be a finite number > 0. Received: multiplier=-1.0
+    Examples:
+        >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
+        >>> set_multiplier(kernel, 2)
+        >>> multiplier(kernel)
+        2.0
+        >>> set_multiplier(kernel, -1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `multiplier` must be a finite number > 0. Received: multiplier=-1.0
     """
     _update(variable, multiplier=float(checks.positive("multiplier", value)))
 
@@ -167,14 +164,13 @@ def set_lr_multiplier(variable, value):
     multiplier instead of u-μP's (and do not divide it by the weight
     multiplier); an optimizer's own `lr_multipliers` patterns still win.
 
-    Example:
-
-    >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
-    >>> set_lr_multiplier(kernel, 0.25)
-    >>> lr_multiplier(kernel)
-    0.25
-    >>> set_lr_multiplier(kernel, None); lr_multiplier(kernel) is None
-    True
+    Examples:
+        >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
+        >>> set_lr_multiplier(kernel, 0.25)
+        >>> lr_multiplier(kernel)
+        0.25
+        >>> set_lr_multiplier(kernel, None); lr_multiplier(kernel) is None
+        True
     """
     if value is not None:
         value = float(checks.positive("lr_multiplier", value))
@@ -193,14 +189,13 @@ def check_multipliers(argument, values, keys="variable names"):
         values: the dict, or None.
         keys: what the keys are, for the message.
 
-    Example:
-
-    >>> check_multipliers("weight_multipliers", {"kernel": 2})
-    {'kernel': 2.0}
-    >>> check_multipliers("weight_multipliers", {"kernel": 0})
-    Traceback (most recent call last):
-    ...
-    ValueError: `weight_multipliers['kernel']` must be a finite number > 0. Received: weight_multipliers['kernel']=0, in weight_multipliers={'kernel': 0}
+    Examples:
+        >>> check_multipliers("weight_multipliers", {"kernel": 2})
+        {'kernel': 2.0}
+        >>> check_multipliers("weight_multipliers", {"kernel": 0})
+        Traceback (most recent call last):
+        ...
+        ValueError: `weight_multipliers['kernel']` must be a finite number > 0. Received: weight_multipliers['kernel']=0, in weight_multipliers={'kernel': 0}
     """
     if values is None:
         return {}
@@ -228,12 +223,11 @@ def saved_state(variables):
     did, not only one that holds the same values. A fixed learning-rate
     multiplier that is not set is saved as NaN.
 
-    Example:
-
-    >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
-    >>> set_multiplier(kernel, 0.5)
-    >>> {key: value.tolist() for key, value in saved_state([kernel]).items()}
-    {'weight_multipliers': [0.5], 'lr_multipliers': [nan]}
+    Examples:
+        >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
+        >>> set_multiplier(kernel, 0.5)
+        >>> {key: value.tolist() for key, value in saved_state([kernel]).items()}
+        {'weight_multipliers': [0.5], 'lr_multipliers': [nan]}
     """
     lr_multipliers = [lr_multiplier(v) for v in variables]
     return {
@@ -245,12 +239,11 @@ def saved_state(variables):
 def restore_state(variables, saved):
     """Writes multipliers saved by `saved_state` back into the records of `variables` (the same order).
 
-    Example:
-
-    >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
-    >>> restore_state([kernel], {"weight_multipliers": np.array([2.0]), "lr_multipliers": np.array([0.5])})
-    >>> multiplier(kernel), lr_multiplier(kernel)
-    (2.0, 0.5)
+    Examples:
+        >>> kernel = keras.Variable(np.ones((4, 2)), name="kernel")
+        >>> restore_state([kernel], {"weight_multipliers": np.array([2.0]), "lr_multipliers": np.array([0.5])})
+        >>> multiplier(kernel), lr_multiplier(kernel)
+        (2.0, 0.5)
     """
     multipliers = np.asarray(saved["weight_multipliers"], "float64").reshape(-1)
     lr_multipliers = np.asarray(saved["lr_multipliers"], "float64").reshape(-1)

@@ -266,7 +266,7 @@ def test_models_of_our_layers_are_unit_scaled_at_initialisation():
         _assert_in(name, rms(value), (0.25, 4))
 
     # Byte-sized vocabulary: with a tiny one the same rows recur along the
-    # sequence and the weight gradients add up coherently (see the README).
+    # sequence and the weight gradients add up coherently (see docs/limitations.md).
     ids = np.random.default_rng(0).integers(0, 256, size=(16, 32))
     lm = transformer_lm(layers, vocab=256)
     loss = losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -75,7 +75,7 @@ def test_a_file_saved_by_this_version_loads_bit_identical(trained):
     assert len(loaded.weights) == len(model.weights)
     for ours, theirs in zip(loaded.weights, model.weights):
         # Keras builds a reloaded wrapper's inner layer before the wrapper: "wrapped/inner/kernel" comes back
-        # as "inner/kernel" (see the README's limitations).
+        # as "inner/kernel" (see docs/limitations.md).
         assert theirs.path.endswith(ours.path), (ours.path, theirs.path)
         assert np.array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs)), ours.path
     assert np.array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))

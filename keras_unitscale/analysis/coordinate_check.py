@@ -81,11 +81,10 @@ class CoordCheck:
     def ratios(self, width_a, width_b):
         """{layer: [value at `width_b` / value at `width_a`, per step]} for the layers both widths have.
 
-        Example:
-
-        >>> result = CoordCheck([8, 32], 1, {"d": {8: [1.0, 2.0], 32: [2.0, 2.0]}})
-        >>> result.ratios(8, 32)
-        {'d': [2.0, 1.0]}
+        Examples:
+            >>> result = CoordCheck([8, 32], 1, {"d": {8: [1.0, 2.0], 32: [2.0, 2.0]}})
+            >>> result.ratios(8, 32)
+            {'d': [2.0, 1.0]}
         """
         for name, width in (("width_a", width_a), ("width_b", width_b)):
             if width not in self.widths:
@@ -144,18 +143,17 @@ def coord_check(build_model, widths, x, y, steps=3, optimizer_fn=None, loss=None
         ValueError: if `widths` or `steps` is invalid, a model has no
             `keras.Input`, or is neither compiled nor given an optimizer.
 
-    Example:
-
-    >>> def build(width):
-    ...     return keras.Sequential([keras.Input((8,)), keras_unitscale.layers.Dense(width, name="hidden"),
-    ...                              keras_unitscale.layers.Dense(1, role="output", name="readout")])
-    >>> x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
-    >>> result = coord_check(build, [16, 64], x, x[:, :1], steps=1,
-    ...                      optimizer_fn=lambda: keras_unitscale.optimizers.Adam(0.1), loss="mse")
-    >>> sorted(result.table), len(result.table["hidden"][64])
-    (['hidden', 'readout'], 2)
-    >>> bool(0.8 < result.ratios(16, 64)["hidden"][0] < 1.25)
-    True
+    Examples:
+        >>> def build(width):
+        ...     return keras.Sequential([keras.Input((8,)), keras_unitscale.layers.Dense(width, name="hidden"),
+        ...                              keras_unitscale.layers.Dense(1, role="output", name="readout")])
+        >>> x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
+        >>> result = coord_check(build, [16, 64], x, x[:, :1], steps=1,
+        ...                      optimizer_fn=lambda: keras_unitscale.optimizers.Adam(0.1), loss="mse")
+        >>> sorted(result.table), len(result.table["hidden"][64])
+        (['hidden', 'readout'], 2)
+        >>> bool(0.8 < result.ratios(16, 64)["hidden"][0] < 1.25)
+        True
     """
     widths = _check_widths(widths)
     steps = _check_steps(steps)
@@ -222,11 +220,10 @@ def plot_coord_check(result, path=None):
     Returns:
         The matplotlib `Figure`.
 
-    Example:
-
-    >>> result = CoordCheck([8, 32], 1, {"d": {8: [1.0, 2.0], 32: [1.0, 4.0]}})
-    >>> len(plot_coord_check(result).axes)
-    2
+    Examples:
+        >>> result = CoordCheck([8, 32], 1, {"d": {8: [1.0, 2.0], 32: [1.0, 4.0]}})
+        >>> len(plot_coord_check(result).axes)
+        2
     """
     if not isinstance(result, CoordCheck):
         raise ValueError(f"`result` must be a `CoordCheck`. Received: result={result!r}")

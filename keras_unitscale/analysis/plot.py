@@ -25,13 +25,12 @@ def plot_scales(report, path=None, axes=None):
     Returns:
         The matplotlib `Figure`.
 
-    Example:
-
-    >>> from keras_unitscale.analysis import scale_report
-    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
-    >>> figure = plot_scales(scale_report(model, np.ones((4, 16), "float32")))
-    >>> figure.axes[0].get_ylabel()
-    'log2 RMS'
+    Examples:
+        >>> from keras_unitscale.analysis import scale_report
+        >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
+        >>> figure = plot_scales(scale_report(model, np.ones((4, 16), "float32")))
+        >>> figure.axes[0].get_ylabel()
+        'log2 RMS'
     """
     layers = list(dict.fromkeys(row["layer"] for row in report.rows))
     position = {name: i for i, name in enumerate(layers)}

@@ -40,16 +40,15 @@ class ScaleReport:
     writes them, `to_dataframe()` makes a pandas DataFrame (pandas needed),
     and `offenders()` names the tensors FP8 would lose most of.
 
-    Example:
-
-    >>> from keras_unitscale.analysis import scale_report
-    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="d")])
-    >>> report = scale_report(model, np.full((4, 16), 1e-5, "float32"))
-    >>> report.mean_fraction("E4M3", kind=ACTIVATION)  # outputs near 1e-5: below E4M3's smallest subnormal
-    1.0
-    >>> losses = report.lost_fractions("E4M3", "E5M2")
-    >>> losses["activation_format"], losses["activation_underflow"], losses["gradient_format"]
-    ('E4M3', 1.0, 'E5M2')
+    Examples:
+        >>> from keras_unitscale.analysis import scale_report
+        >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="d")])
+        >>> report = scale_report(model, np.full((4, 16), 1e-5, "float32"))
+        >>> report.mean_fraction("E4M3", kind=ACTIVATION)  # outputs near 1e-5: below E4M3's smallest subnormal
+        1.0
+        >>> losses = report.lost_fractions("E4M3", "E5M2")
+        >>> losses["activation_format"], losses["activation_underflow"], losses["gradient_format"]
+        ('E4M3', 1.0, 'E5M2')
     """
 
     def __init__(self, rows, formats, model_name=""):

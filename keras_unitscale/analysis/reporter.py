@@ -90,13 +90,12 @@ class ScaleReporter:
         training: passed to the layers (dropout, ...).
         jit_compile: trace the pass once and reuse it.
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
-    >>> reporter = ScaleReporter(model, loss="mse")
-    >>> x, y = np.ones((8, 4), "float32"), np.zeros((8, 2), "float32")
-    >>> [len(reporter(x, y).rows) for _ in range(2)]
-    [6, 6]
+    Examples:
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+        >>> reporter = ScaleReporter(model, loss="mse")
+        >>> x, y = np.ones((8, 4), "float32"), np.zeros((8, 2), "float32")
+        >>> [len(reporter(x, y).rows) for _ in range(2)]
+        [6, 6]
     """
 
     def __init__(self, model, loss=None, training=False, jit_compile=True):
@@ -244,12 +243,11 @@ def scale_report(model, x, y=None, loss=None, training=False, formats=F.FORMATS)
     Returns:
         A `ScaleReport`.
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="d")])
-    >>> report = scale_report(model, np.ones((4, 16), "float32"))
-    >>> [(row["layer"], row["tensor"]) for row in report.rows]
-    [('d', 'output'), ('d', 'output gradient'), ('d', 'kernel'), ('d', 'kernel gradient'), ('d', 'bias'), ('d', 'bias gradient')]
+    Examples:
+        >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="d")])
+        >>> report = scale_report(model, np.ones((4, 16), "float32"))
+        >>> [(row["layer"], row["tensor"]) for row in report.rows]
+        [('d', 'output'), ('d', 'output gradient'), ('d', 'kernel'), ('d', 'kernel gradient'), ('d', 'bias'), ('d', 'bias gradient')]
     """
     return ScaleReporter(model, loss=loss, training=training, jit_compile=False)(x, y, formats)
 
@@ -262,11 +260,10 @@ def _weights_label(model, layer):
 def weight_report(model, formats=F.FORMATS):
     """The scales of `model`'s trainable weights alone: no data, no gradients.
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(8, use_bias=False, name="d")])
-    >>> [(row["layer"], row["tensor"], 0.8 < row["rms"] < 1.25) for row in weight_report(model).rows]
-    [('d', 'kernel', True)]
+    Examples:
+        >>> model = keras.Sequential([keras.Input((16,)), keras_unitscale.layers.Dense(8, use_bias=False, name="d")])
+        >>> [(row["layer"], row["tensor"], 0.8 < row["rms"] < 1.25) for row in weight_report(model).rows]
+        [('d', 'kernel', True)]
     """
     rows = [
         {"layer": _weights_label(model, layer), "tensor": variable.name, "kind": WEIGHT,

@@ -40,18 +40,18 @@ class ScaleTracker(keras.callbacks.Callback):
     Args:
         every: steps between reports (a positive integer).
         log_dir: a TensorBoard log directory, or None.
-        x, y: a fixed batch to measure on (y optional).
+        x: the inputs of a fixed batch to measure on.
+        y: the batch's targets (optional).
         stop_on_non_finite: stop training at the first non-finite tensor.
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
-    >>> model.compile("sgd", "mse")
-    >>> x, y = np.ones((16, 8), "float32"), np.zeros((16, 4), "float32")
-    >>> tracker = ScaleTracker(every=2, x=x[:4], y=y[:4])
-    >>> history = model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[tracker])
-    >>> [step for step, _ in tracker.reports], "scale_e4m3_underflow" in history.history
-    ([1, 2, 4], True)
+    Examples:
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
+        >>> model.compile("sgd", "mse")
+        >>> x, y = np.ones((16, 8), "float32"), np.zeros((16, 4), "float32")
+        >>> tracker = ScaleTracker(every=2, x=x[:4], y=y[:4])
+        >>> history = model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[tracker])
+        >>> [step for step, _ in tracker.reports], "scale_e4m3_underflow" in history.history
+        ([1, 2, 4], True)
     """
 
     def __init__(self, every=100, log_dir=None, x=None, y=None, stop_on_non_finite=False):

@@ -114,16 +114,15 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
         rescales differently), an LSTM or GRU given initial states, attention over keys of
         unfixed length.
 
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(64, activation="relu"),
-    ...                           keras.layers.Dense(1, activation="sigmoid")])
-    >>> twin = unit_scale(model)
-    >>> x = np.random.default_rng(0).normal(size=(8, 30)).astype("float32")
-    >>> bool(np.allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5))
-    True
-    >>> [type(layer).__name__ for layer in twin.layers], twin.layers[-1].role
-    (['Dense', 'Dense'], 'output')
+    Examples:
+        >>> model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(64, activation="relu"),
+        ...                           keras.layers.Dense(1, activation="sigmoid")])
+        >>> twin = unit_scale(model)
+        >>> x = np.random.default_rng(0).normal(size=(8, 30)).astype("float32")
+        >>> bool(np.allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5))
+        True
+        >>> [type(layer).__name__ for layer in twin.layers], twin.layers[-1].role
+        (['Dense', 'Dense'], 'output')
     """
     _check_arguments(model, mode, residual_rule)
     conversion = Conversion(mode, residual_rule)
@@ -149,10 +148,9 @@ def from_keras(optimizer_or_loss, parametrization="u-mup"):
     for per-token losses (`convert.loss`). With a twin, call `match_epsilon`
     after compiling, and its training follows the script's.
 
-    Example:
-
-    >>> type(from_keras("adam")).__module__, type(from_keras("sparse_categorical_crossentropy")).__module__
-    ('keras_unitscale.optimizers', 'keras_unitscale.losses')
+    Examples:
+        >>> type(from_keras("adam")).__module__, type(from_keras("sparse_categorical_crossentropy")).__module__
+        ('keras_unitscale.optimizers', 'keras_unitscale.losses')
     """
     if loss_conversion.is_loss(optimizer_or_loss):
         return loss_conversion.loss_from_keras(optimizer_or_loss)

@@ -59,8 +59,9 @@ def match_epsilon(converted, original, x, y):
         converted: a compiled model from `unit_scale(original, mode="equivalent")`,
             with one of `keras_unitscale.optimizers`.
         original: the compiled model it was converted from.
-        x, y: a batch of inputs and targets; each model is differentiated
-            with its own compiled loss.
+        x: a batch of inputs; each model is differentiated with its own
+            compiled loss.
+        y: the batch's targets.
 
     Returns:
         {converted variable path: r}, for the weights it set.

@@ -67,13 +67,12 @@ def loss_from_keras(loss):
             their function or name ("sparse_categorical_crossentropy", "mse").
             One of ours is returned as it is.
 
-    Example:
-
-    >>> ours = loss_from_keras(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> type(ours).__module__, ours.get_config()["from_logits"]
-    ('keras_unitscale.losses', True)
-    >>> type(loss_from_keras("mse")).__name__
-    'MeanSquaredError'
+    Examples:
+        >>> ours = loss_from_keras(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> type(ours).__module__, ours.get_config()["from_logits"]
+        ('keras_unitscale.losses', True)
+        >>> type(loss_from_keras("mse")).__name__
+        'MeanSquaredError'
     """
     if isinstance(loss, tuple(_COUNTERPARTS.values())):
         return loss

@@ -47,11 +47,10 @@ def from_keras(optimizer, parametrization="u-mup"):
         parametrization: "u-mup" (u-μP's learning rate per role, where no
             fixed multiplier says otherwise) or None.
 
-    Example:
-
-    >>> ours = from_keras(keras.optimizers.AdamW(0.01, weight_decay=0.1, beta_1=0.8))
-    >>> type(ours).__name__, ours.beta_1, ours.weight_decay, ours.peak_learning_rate
-    ('AdamW', 0.8, 0.1, 1.0)
+    Examples:
+        >>> ours = from_keras(keras.optimizers.AdamW(0.01, weight_decay=0.1, beta_1=0.8))
+        >>> type(ours).__name__, ours.beta_1, ours.weight_decay, ours.peak_learning_rate
+        ('AdamW', 0.8, 0.1, 1.0)
     """
     optimizer = keras.optimizers.get(optimizer)
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):

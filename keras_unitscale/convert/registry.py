@@ -46,16 +46,15 @@ def register_converter(layer_class, converter, subclasses=False, accepts=None):
         accepts: optional `fn(layer) -> bool`; a layer it refuses is kept
             unchanged (and named in `unit_scale`'s warning).
 
-    Example:
-
-    >>> class Doubler(keras.layers.Layer):
-    ...     def call(self, x):
-    ...         return 2 * x
-    >>> def convert_doubler(conversion, layer, call):
-    ...     return conversion.transparent(layer, call)
-    >>> register_converter(Doubler, convert_doubler)
-    >>> converter_for(Doubler()) is convert_doubler
-    True
+    Examples:
+        >>> class Doubler(keras.layers.Layer):
+        ...     def call(self, x):
+        ...         return 2 * x
+        >>> def convert_doubler(conversion, layer, call):
+        ...     return conversion.transparent(layer, call)
+        >>> register_converter(Doubler, convert_doubler)
+        >>> converter_for(Doubler()) is convert_doubler
+        True
     """
     if not isinstance(layer_class, type):
         raise ValueError(f"`layer_class` must be a class. Received: layer_class={layer_class!r}")

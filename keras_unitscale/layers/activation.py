@@ -47,11 +47,10 @@ class Activation(keras.layers.Activation):
             `keras_unitscale.constraints`).
         **kwargs: base layer arguments.
 
-    Example:
-
-    >>> layer = Activation("relu")
-    >>> keras.ops.convert_to_numpy(layer(np.array([[-1.0, 2.0]]))).astype("float64").round(3).tolist()
-    [[0.0, 2.828]]
+    Examples:
+        >>> layer = Activation("relu")
+        >>> keras.ops.convert_to_numpy(layer(np.array([[-1.0, 2.0]]))).astype("float64").round(3).tolist()
+        [[0.0, 2.828]]
     """
 
     def __init__(self, activation, mult=1.0, constraint="to_output_scale", **kwargs):

@@ -67,10 +67,9 @@ _ARGS = """
 class ReLU(UnitScaledActivation, keras.layers.ReLU):
     __doc__ = """A unit-scaled ReLU layer: `keras.layers.ReLU` with its rule (√2 for the plain ReLU).
 """ + _ARGS.replace("{name}", "ReLU") + """
-    Example:
-
-    >>> keras.ops.convert_to_numpy(ReLU()(np.array([-1.0, 2.0], "float32"))).astype("float64").round(3).tolist()
-    [0.0, 2.828]
+    Examples:
+        >>> keras.ops.convert_to_numpy(ReLU()(np.array([-1.0, 2.0], "float32"))).astype("float64").round(3).tolist()
+        [0.0, 2.828]
     """
 
     def __init__(self, max_value=None, negative_slope=0.0, threshold=0.0, constraint="to_output_scale", **kwargs):
@@ -91,10 +90,9 @@ class ReLU(UnitScaledActivation, keras.layers.ReLU):
 class LeakyReLU(UnitScaledActivation, keras.layers.LeakyReLU):
     __doc__ = """A unit-scaled leaky ReLU layer: `keras.layers.LeakyReLU` with the general rule of its function.
 """ + _ARGS.replace("{name}", "LeakyReLU") + """
-    Example:
-
-    >>> round(LeakyReLU(negative_slope=0.3).scales().output, 3)
-    1.355
+    Examples:
+        >>> round(LeakyReLU(negative_slope=0.3).scales().output, 3)
+        1.355
     """
 
     def __init__(self, negative_slope=0.3, constraint="to_output_scale", **kwargs):
@@ -112,10 +110,9 @@ class LeakyReLU(UnitScaledActivation, keras.layers.LeakyReLU):
 class ELU(UnitScaledActivation, keras.layers.ELU):
     __doc__ = """A unit-scaled ELU layer: `keras.layers.ELU` with the general rule of its function.
 """ + _ARGS.replace("{name}", "ELU") + """
-    Example:
-
-    >>> [round(s, 3) for s in ELU(constraint=None).scales()]
-    [1.245, 1.223]
+    Examples:
+        >>> [round(s, 3) for s in ELU(constraint=None).scales()]
+        [1.245, 1.223]
     """
 
     def __init__(self, alpha=1.0, constraint="to_output_scale", **kwargs):
@@ -139,10 +136,9 @@ class PReLU(UnitScaledActivation, keras.layers.PReLU):
     the plain ReLU's √2; any other initialiser: the ReLU's too), fixed as
     the layer is built, as every rule is fixed at initialisation.
 """ + _ARGS.replace("{name}", "PReLU") + """
-    Example:
-
-    >>> round(PReLU(alpha_initializer=keras.initializers.Constant(0.3)).scales().output, 3)
-    1.355
+    Examples:
+        >>> round(PReLU(alpha_initializer=keras.initializers.Constant(0.3)).scales().output, 3)
+        1.355
     """
 
     def __init__(self, alpha_initializer="Zeros", alpha_regularizer=None, alpha_constraint=None, shared_axes=None,
@@ -171,10 +167,9 @@ class Softmax(UnitScaledActivation, keras.layers.Softmax):
     `unit_scale` keeps Keras's `Softmax` where it makes predictions; use
     this one on hidden features, as `Activation("softmax")`.
 """ + _ARGS.replace("{name}", "Softmax") + """
-    Example:
-
-    >>> keras.ops.convert_to_numpy(Softmax()(np.zeros((1, 4), "float32"))).astype("float64").round(3).tolist()  # 1/4 each, × 4^0.9
-    [[0.871, 0.871, 0.871, 0.871]]
+    Examples:
+        >>> keras.ops.convert_to_numpy(Softmax()(np.zeros((1, 4), "float32"))).astype("float64").round(3).tolist()  # 1/4 each, × 4^0.9
+        [[0.871, 0.871, 0.871, 0.871]]
     """
 
     def __init__(self, axis=-1, constraint="to_output_scale", **kwargs):

@@ -115,11 +115,22 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
       inside the dense rule's scales (`EinsumDense.quantized_call`).
 
     Args:
-        num_heads, key_dim, value_dim, use_bias, output_shape,
-        attention_axes, sliding_window, flash_attention, bias_initializer,
-        kernel_regularizer, bias_regularizer, activity_regularizer,
-        kernel_constraint, bias_constraint, use_gate, seed: as for
-            `keras.layers.MultiHeadAttention`.
+        num_heads: as for `keras.layers.MultiHeadAttention`.
+        key_dim: as for `keras.layers.MultiHeadAttention`.
+        value_dim: as for `keras.layers.MultiHeadAttention`.
+        use_bias: as for `keras.layers.MultiHeadAttention`.
+        output_shape: as for `keras.layers.MultiHeadAttention`.
+        attention_axes: as for `keras.layers.MultiHeadAttention`.
+        sliding_window: as for `keras.layers.MultiHeadAttention`.
+        flash_attention: as for `keras.layers.MultiHeadAttention`.
+        bias_initializer: as for `keras.layers.MultiHeadAttention`.
+        kernel_regularizer: as for `keras.layers.MultiHeadAttention`.
+        bias_regularizer: as for `keras.layers.MultiHeadAttention`.
+        activity_regularizer: as for `keras.layers.MultiHeadAttention`.
+        kernel_constraint: as for `keras.layers.MultiHeadAttention`.
+        bias_constraint: as for `keras.layers.MultiHeadAttention`.
+        use_gate: as for `keras.layers.MultiHeadAttention`.
+        seed: as for `keras.layers.MultiHeadAttention`.
         dropout: dropout on the attention probabilities, in [0, 1); the
             rule's scale has its `sqrt(1 - p)` in training.
         kernel_initializer: defaults to unit-variance normal.
@@ -140,12 +151,11 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
     `value`, `key=None`, `attention_mask=None`, `return_attention_scores=False`,
     `training=None`, `use_causal_mask=False`).
 
-    Example:
-
-    >>> layer = MultiHeadAttention(num_heads=2, key_dim=8, name="mha")
-    >>> x = np.random.default_rng(0).normal(size=(2, 5, 16)).astype("float32")
-    >>> tuple(layer(x, x, use_causal_mask=True).shape), [v.path for v in layer.weights][:2]
-    ((2, 5, 16), ['mha/query/kernel', 'mha/query/bias'])
+    Examples:
+        >>> layer = MultiHeadAttention(num_heads=2, key_dim=8, name="mha")
+        >>> x = np.random.default_rng(0).normal(size=(2, 5, 16)).astype("float32")
+        >>> tuple(layer(x, x, use_causal_mask=True).shape), [v.path for v in layer.weights][:2]
+        ((2, 5, 16), ['mha/query/kernel', 'mha/query/bias'])
     """
 
     def __init__(

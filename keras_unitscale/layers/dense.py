@@ -118,9 +118,14 @@ class Dense(MatmulProjection, FoldedQuantization, LowRankAdapters, WeightMultipl
             feature.
         use_bias: whether to add a bias (zero-initialised).
         kernel_initializer: defaults to unit-variance normal.
-        bias_initializer, kernel_regularizer, bias_regularizer,
-        activity_regularizer, kernel_constraint, bias_constraint,
-        lora_rank, quantization_config: as for `keras.layers.Dense`.
+        bias_initializer: as for `keras.layers.Dense`.
+        kernel_regularizer: as for `keras.layers.Dense`.
+        bias_regularizer: as for `keras.layers.Dense`.
+        activity_regularizer: as for `keras.layers.Dense`.
+        kernel_constraint: as for `keras.layers.Dense`.
+        bias_constraint: as for `keras.layers.Dense`.
+        lora_rank: as for `keras.layers.Dense`.
+        quantization_config: as for `keras.layers.Dense`.
         lora_alpha: as for Keras; defaults to `rank^1/2` (see
             `common.LowRankAdapters`).
         role: the weight's u-μP role: "hidden", "input" (the first layer of
@@ -145,12 +150,11 @@ class Dense(MatmulProjection, FoldedQuantization, LowRankAdapters, WeightMultipl
             higher precision unless told otherwise.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
-    Example:
-
-    >>> layer = Dense(64, activation="relu")
-    >>> y = layer(np.random.default_rng(0).normal(size=(512, 256)))
-    >>> tuple(y.shape), bool(0.9 < float(keras.ops.sqrt(keras.ops.mean(y**2))) < 1.1)
-    ((512, 64), True)
+    Examples:
+        >>> layer = Dense(64, activation="relu")
+        >>> y = layer(np.random.default_rng(0).normal(size=(512, 256)))
+        >>> tuple(y.shape), bool(0.9 < float(keras.ops.sqrt(keras.ops.mean(y**2))) < 1.1)
+        ((512, 64), True)
     """
 
     def __init__(

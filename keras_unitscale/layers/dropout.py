@@ -13,12 +13,11 @@ class Dropout(keras.layers.Dropout):
     inverted dropout, so the output keeps unit RMS rather than unit mean.
     Arguments, masks (`noise_shape`, `seed`) and config are Keras's.
 
-    Example:
-
-    >>> layer = Dropout(0.5, seed=1)
-    >>> x = np.ones((2, 3), "float32")
-    >>> keras.ops.convert_to_numpy(layer(x, training=False)).tolist()
-    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    Examples:
+        >>> layer = Dropout(0.5, seed=1)
+        >>> x = np.ones((2, 3), "float32")
+        >>> keras.ops.convert_to_numpy(layer(x, training=False)).tolist()
+        [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
     """
 
     def call(self, inputs, training=False):

@@ -51,28 +51,38 @@ class EinsumDense(MatmulProjection, FoldedQuantization, LowRankAdapters, WeightM
       stored kernel first (`common.FoldedQuantization`).
 
     Args:
-        equation, output_shape, bias_axes: as for `keras.layers.EinsumDense`.
+        equation: as for `keras.layers.EinsumDense`.
+        output_shape: as for `keras.layers.EinsumDense`.
+        bias_axes: as for `keras.layers.EinsumDense`.
         activation: any activation Keras accepts, as for `Dense`: the
             unit-scaled op (`ops.activations.apply`), except sigmoid and
             softmax, which give probabilities (Keras's plain function, and
             the readout's role by default), as in `Dense`.
         kernel_initializer: defaults to unit-variance normal.
-        bias_initializer, kernel_regularizer, bias_regularizer,
-        activity_regularizer, kernel_constraint, bias_constraint, lora_rank,
-        gptq_unpacked_column_size, quantization_config: as for
-            `keras.layers.EinsumDense`.
+        bias_initializer: as for `keras.layers.EinsumDense`.
+        kernel_regularizer: as for `keras.layers.EinsumDense`.
+        bias_regularizer: as for `keras.layers.EinsumDense`.
+        kernel_constraint: as for `keras.layers.EinsumDense`.
+        bias_constraint: as for `keras.layers.EinsumDense`.
+        lora_rank: as for `keras.layers.EinsumDense`.
+        gptq_unpacked_column_size: as for `keras.layers.EinsumDense`.
+        quantization_config: as for `keras.layers.EinsumDense`.
         lora_alpha: as for Keras; defaults to `rank^1/2` (see above).
-        role, constraint, mult, weight_multipliers, lr_multipliers, fp8,
-        fp8_critical: as for `Dense`; the readout role ("output") applies
-            `fan_in^-1` instead of `fan_in^-1/2`.
-        **kwargs: base layer arguments (`name`, `dtype`, ...).
+        role: as for `Dense`; the readout role ("output") applies `fan_in^-1`
+            instead of `fan_in^-1/2`.
+        constraint: as for `Dense`.
+        mult: as for `Dense`.
+        weight_multipliers: as for `Dense`.
+        lr_multipliers: as for `Dense`.
+        fp8: as for `Dense`.
+        fp8_critical: as for `Dense`.
+        **kwargs: base layer arguments (`name`, `dtype`, `activity_regularizer`, ...).
 
-    Example:
-
-    >>> layer = EinsumDense("abc,cde->abde", output_shape=(None, 4, 16), bias_axes="de")
-    >>> y = layer(np.random.default_rng(0).normal(size=(8, 32, 256)))
-    >>> tuple(y.shape), bool(0.9 < float(keras.ops.sqrt(keras.ops.mean(y**2))) < 1.1)
-    ((8, 32, 4, 16), True)
+    Examples:
+        >>> layer = EinsumDense("abc,cde->abde", output_shape=(None, 4, 16), bias_axes="de")
+        >>> y = layer(np.random.default_rng(0).normal(size=(8, 32, 256)))
+        >>> tuple(y.shape), bool(0.9 < float(keras.ops.sqrt(keras.ops.mean(y**2))) < 1.1)
+        ((8, 32, 4, 16), True)
     """
 
     def __init__(

@@ -23,8 +23,13 @@ class Embedding(FoldedQuantization, LowRankAdapters, WeightMultipliers, keras.la
     trains), configs.
 
     Args:
-        input_dim, output_dim, embeddings_regularizer,
-        embeddings_constraint, mask_zero, weights, lora_rank,
+        input_dim: as for `keras.layers.Embedding`.
+        output_dim: as for `keras.layers.Embedding`.
+        embeddings_regularizer: as for `keras.layers.Embedding`.
+        embeddings_constraint: as for `keras.layers.Embedding`.
+        mask_zero: as for `keras.layers.Embedding`.
+        weights: as for `keras.layers.Embedding`.
+        lora_rank: as for `keras.layers.Embedding`.
         quantization_config: as for `keras.layers.Embedding`.
         embeddings_initializer: defaults to unit-variance normal.
         lora_alpha: as for Keras; defaults to `rank^1/2`.
@@ -34,13 +39,12 @@ class Embedding(FoldedQuantization, LowRankAdapters, WeightMultipliers, keras.la
             by `unit_scale`; see `common.WeightMultipliers`).
         **kwargs: base layer arguments.
 
-    Example:
-
-    >>> layer = Embedding(10, 4, mask_zero=True)
-    >>> tuple(layer(np.array([[1, 2, 0]])).shape)
-    (1, 3, 4)
-    >>> keras.ops.convert_to_numpy(layer.compute_mask(np.array([[1, 2, 0]]))).tolist()
-    [[True, True, False]]
+    Examples:
+        >>> layer = Embedding(10, 4, mask_zero=True)
+        >>> tuple(layer(np.array([[1, 2, 0]])).shape)
+        (1, 3, 4)
+        >>> keras.ops.convert_to_numpy(layer.compute_mask(np.array([[1, 2, 0]]))).tolist()
+        [[True, True, False]]
     """
 
     def __init__(

@@ -59,9 +59,12 @@ class GRUCell(ScaledCell, WeightMultipliers, keras.layers.GRUCell):
         kernel_initializer: defaults to unit-variance normal.
         recurrent_initializer: defaults to unit-variance normal.
         bias_initializer: defaults to zeros.
-        kernel_regularizer, recurrent_regularizer, bias_regularizer,
-        kernel_constraint, recurrent_constraint, bias_constraint: as for
-            `keras.layers.GRUCell`.
+        kernel_regularizer: as for `keras.layers.GRUCell`.
+        recurrent_regularizer: as for `keras.layers.GRUCell`.
+        bias_regularizer: as for `keras.layers.GRUCell`.
+        kernel_constraint: as for `keras.layers.GRUCell`.
+        recurrent_constraint: as for `keras.layers.GRUCell`.
+        bias_constraint: as for `keras.layers.GRUCell`.
         dropout: fraction of the inputs dropped, in [0, 1).
         recurrent_dropout: fraction of the recurrent state dropped, in
             [0, 1). One mask for the whole recurrent projection (Keras draws
@@ -81,11 +84,10 @@ class GRUCell(ScaledCell, WeightMultipliers, keras.layers.GRUCell):
             `implementation` is accepted and ignored: the cell always runs
             one fused step (Keras's implementation 2).
 
-    Example:
-
-    >>> rnn = keras.layers.RNN(GRUCell(4), return_sequences=True)
-    >>> tuple(rnn(np.random.default_rng(0).normal(size=(2, 5, 3))).shape)
-    (2, 5, 4)
+    Examples:
+        >>> rnn = keras.layers.RNN(GRUCell(4), return_sequences=True)
+        >>> tuple(rnn(np.random.default_rng(0).normal(size=(2, 5, 3))).shape)
+        (2, 5, 4)
     """
 
     def __init__(
@@ -216,12 +218,23 @@ class GRU(ScaledRNN, keras.layers.GRU):
         units: positive integer, the output size.
         activation: must be "tanh".
         recurrent_activation: must be "sigmoid".
-        use_bias, kernel_initializer, recurrent_initializer,
-        bias_initializer, kernel_regularizer, recurrent_regularizer,
-        bias_regularizer, activity_regularizer, kernel_constraint,
-        recurrent_constraint, bias_constraint, dropout, recurrent_dropout,
-        reset_after, seed: as for `GRUCell` (and `keras.layers.GRU`); the
-            initialisers default to unit-variance normal.
+        use_bias: as for `GRUCell` (and `keras.layers.GRU`).
+        kernel_initializer: as for `GRUCell` (and `keras.layers.GRU`); defaults
+            to unit-variance normal.
+        recurrent_initializer: as for `GRUCell` (and `keras.layers.GRU`);
+            defaults to unit-variance normal.
+        bias_initializer: as for `GRUCell` (and `keras.layers.GRU`).
+        kernel_regularizer: as for `GRUCell` (and `keras.layers.GRU`).
+        recurrent_regularizer: as for `GRUCell` (and `keras.layers.GRU`).
+        bias_regularizer: as for `GRUCell` (and `keras.layers.GRU`).
+        activity_regularizer: as for `GRUCell` (and `keras.layers.GRU`).
+        kernel_constraint: as for `GRUCell` (and `keras.layers.GRU`).
+        recurrent_constraint: as for `GRUCell` (and `keras.layers.GRU`).
+        bias_constraint: as for `GRUCell` (and `keras.layers.GRU`).
+        dropout: as for `GRUCell` (and `keras.layers.GRU`).
+        recurrent_dropout: as for `GRUCell` (and `keras.layers.GRU`).
+        reset_after: as for `GRUCell` (and `keras.layers.GRU`).
+        seed: as for `GRUCell` (and `keras.layers.GRU`).
         return_sequences: return the whole output sequence, not only the
             last output. It also says where the upstream gradient arrives,
             which the backward scales account for.
@@ -232,18 +245,19 @@ class GRU(ScaledRNN, keras.layers.GRU):
         unroll: unroll the loop.
         use_cudnn: "auto" (use the fused kernel where the backend has one,
             and the matmuls are not in FP8), True (require it) or False.
-        weight_multipliers, lr_multipliers, fp8: as for `GRUCell`.
+        weight_multipliers: as for `GRUCell`.
+        lr_multipliers: as for `GRUCell`.
+        fp8: as for `GRUCell`.
         **kwargs: base layer and `keras.layers.RNN` arguments (`name`,
             `dtype`, `zero_output_for_mask`, ...). Keras's `implementation`
             is accepted and ignored, as in `GRUCell`.
 
-    Example:
-
-    >>> layer = GRU(64, return_sequences=True)
-    >>> y = keras.ops.convert_to_numpy(layer(np.random.default_rng(0).normal(size=(8, 16, 32))))
-    >>> rms = float(np.sqrt(np.mean(y**2)))
-    >>> y.shape, bool(0.7 < rms < 1.4)
-    ((8, 16, 64), True)
+    Examples:
+        >>> layer = GRU(64, return_sequences=True)
+        >>> y = keras.ops.convert_to_numpy(layer(np.random.default_rng(0).normal(size=(8, 16, 32))))
+        >>> rms = float(np.sqrt(np.mean(y**2)))
+        >>> y.shape, bool(0.7 < rms < 1.4)
+        ((8, 16, 64), True)
     """
 
     def __init__(

@@ -54,9 +54,12 @@ class LSTMCell(ScaledCell, WeightMultipliers, keras.layers.LSTMCell):
         bias_initializer: defaults to zeros.
         unit_forget_bias: add 1 to the forget gate's bias at initialisation
             (and derive the rule for a forget bias of 1).
-        kernel_regularizer, recurrent_regularizer, bias_regularizer,
-        kernel_constraint, recurrent_constraint, bias_constraint: as for
-            `keras.layers.LSTMCell`.
+        kernel_regularizer: as for `keras.layers.LSTMCell`.
+        recurrent_regularizer: as for `keras.layers.LSTMCell`.
+        bias_regularizer: as for `keras.layers.LSTMCell`.
+        kernel_constraint: as for `keras.layers.LSTMCell`.
+        recurrent_constraint: as for `keras.layers.LSTMCell`.
+        bias_constraint: as for `keras.layers.LSTMCell`.
         dropout: fraction of the inputs dropped, in [0, 1).
         recurrent_dropout: fraction of the recurrent state dropped, in [0, 1).
             One mask for the whole recurrent projection (Keras draws one
@@ -73,11 +76,10 @@ class LSTMCell(ScaledCell, WeightMultipliers, keras.layers.LSTMCell):
             `implementation` is accepted and ignored: the cell always runs
             one fused step (Keras's implementation 2).
 
-    Example:
-
-    >>> rnn = keras.layers.RNN(LSTMCell(4), return_sequences=True)
-    >>> tuple(rnn(np.random.default_rng(0).normal(size=(2, 5, 3))).shape)
-    (2, 5, 4)
+    Examples:
+        >>> rnn = keras.layers.RNN(LSTMCell(4), return_sequences=True)
+        >>> tuple(rnn(np.random.default_rng(0).normal(size=(2, 5, 3))).shape)
+        (2, 5, 4)
     """
 
     def __init__(
@@ -215,13 +217,23 @@ class LSTM(ScaledRNN, keras.layers.LSTM):
         units: positive integer, the output size.
         activation: must be "tanh".
         recurrent_activation: must be "sigmoid".
-        use_bias, kernel_initializer, recurrent_initializer,
-        bias_initializer, unit_forget_bias, kernel_regularizer,
-        recurrent_regularizer, bias_regularizer, activity_regularizer,
-        kernel_constraint, recurrent_constraint, bias_constraint, dropout,
-        recurrent_dropout, seed: as for `LSTMCell` (and
-            `keras.layers.LSTM`); the initialisers default to unit-variance
-            normal.
+        use_bias: as for `LSTMCell` (and `keras.layers.LSTM`).
+        kernel_initializer: as for `LSTMCell` (and `keras.layers.LSTM`);
+            defaults to unit-variance normal.
+        recurrent_initializer: as for `LSTMCell` (and `keras.layers.LSTM`);
+            defaults to unit-variance normal.
+        bias_initializer: as for `LSTMCell` (and `keras.layers.LSTM`).
+        unit_forget_bias: as for `LSTMCell` (and `keras.layers.LSTM`).
+        kernel_regularizer: as for `LSTMCell` (and `keras.layers.LSTM`).
+        recurrent_regularizer: as for `LSTMCell` (and `keras.layers.LSTM`).
+        bias_regularizer: as for `LSTMCell` (and `keras.layers.LSTM`).
+        activity_regularizer: as for `LSTMCell` (and `keras.layers.LSTM`).
+        kernel_constraint: as for `LSTMCell` (and `keras.layers.LSTM`).
+        recurrent_constraint: as for `LSTMCell` (and `keras.layers.LSTM`).
+        bias_constraint: as for `LSTMCell` (and `keras.layers.LSTM`).
+        dropout: as for `LSTMCell` (and `keras.layers.LSTM`).
+        recurrent_dropout: as for `LSTMCell` (and `keras.layers.LSTM`).
+        seed: as for `LSTMCell` (and `keras.layers.LSTM`).
         return_sequences: return the whole output sequence, not only the
             last output. It also says where the upstream gradient arrives,
             which the backward scales account for.
@@ -232,18 +244,19 @@ class LSTM(ScaledRNN, keras.layers.LSTM):
         unroll: unroll the loop.
         use_cudnn: "auto" (use the fused kernel where the backend has one,
             and the matmuls are not in FP8), True (require it) or False.
-        weight_multipliers, lr_multipliers, fp8: as for `LSTMCell`.
+        weight_multipliers: as for `LSTMCell`.
+        lr_multipliers: as for `LSTMCell`.
+        fp8: as for `LSTMCell`.
         **kwargs: base layer and `keras.layers.RNN` arguments (`name`,
             `dtype`, `zero_output_for_mask`, ...). Keras's `implementation`
             is accepted and ignored, as in `LSTMCell`.
 
-    Example:
-
-    >>> layer = LSTM(64, return_sequences=True)
-    >>> y = keras.ops.convert_to_numpy(layer(np.random.default_rng(0).normal(size=(8, 16, 32))))
-    >>> rms = float(np.sqrt(np.mean(y**2)))
-    >>> y.shape, bool(0.7 < rms < 1.4)
-    ((8, 16, 64), True)
+    Examples:
+        >>> layer = LSTM(64, return_sequences=True)
+        >>> y = keras.ops.convert_to_numpy(layer(np.random.default_rng(0).normal(size=(8, 16, 32))))
+        >>> rms = float(np.sqrt(np.mean(y**2)))
+        >>> y.shape, bool(0.7 < rms < 1.4)
+        ((8, 16, 64), True)
     """
 
     def __init__(

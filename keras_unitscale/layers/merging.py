@@ -22,11 +22,10 @@ class Add(keras.layers.Add):
             `keras_unitscale.constraints`).
         **kwargs: base layer arguments.
 
-    Example:
-
-    >>> x = np.ones((1, 2), "float32")
-    >>> keras.ops.convert_to_numpy(Add()([x, x])).astype("float64").round(4).tolist()
-    [[1.4142, 1.4142]]
+    Examples:
+        >>> x = np.ones((1, 2), "float32")
+        >>> keras.ops.convert_to_numpy(Add()([x, x])).astype("float64").round(4).tolist()
+        [[1.4142, 1.4142]]
     """
 
     def __init__(self, constraint="to_output_scale", **kwargs):

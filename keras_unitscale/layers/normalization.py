@@ -34,17 +34,17 @@ class LayerNormalization(_Normalization, keras.layers.LayerNormalization):
     Arguments, defaults (`epsilon=1e-3`, `center` and `scale` on, the
     deprecated `rms_scaling`), weights and their float32 storage are Keras's.
 
+    The arguments not listed below are as for `keras.layers.LayerNormalization`.
+
     Args:
         weight_multipliers: fixed forward multipliers on the weights, by
             variable name (see `common.WeightMultipliers`).
         lr_multipliers: fixed learning-rate factors, by variable name.
-        The rest: as for `keras.layers.LayerNormalization`.
 
-    Example:
-
-    >>> y = LayerNormalization()(np.array([[1.0, 3.0]], "float32"))
-    >>> keras.ops.convert_to_numpy(y).astype("float64").round(2).tolist()
-    [[-1.0, 1.0]]
+    Examples:
+        >>> y = LayerNormalization()(np.array([[1.0, 3.0]], "float32"))
+        >>> keras.ops.convert_to_numpy(y).astype("float64").round(2).tolist()
+        [[-1.0, 1.0]]
     """
 
 
@@ -72,11 +72,10 @@ class RMSNormalization(_Normalization, keras.layers.RMSNormalization):
     a gain called `scale` and no bias, `epsilon=1e-6` by default. The
     gain's gradient is scaled by `1/sqrt(batch)` (`ops.norms.rms_norm`).
 
-    Example:
-
-    >>> y = RMSNormalization(epsilon=0.0)(np.array([[3.0, 4.0]], "float32"))
-    >>> keras.ops.convert_to_numpy(y).astype("float64").round(4).tolist()
-    [[0.8485, 1.1314]]
+    Examples:
+        >>> y = RMSNormalization(epsilon=0.0)(np.array([[3.0, 4.0]], "float32"))
+        >>> keras.ops.convert_to_numpy(y).astype("float64").round(4).tolist()
+        [[0.8485, 1.1314]]
     """
 
 
@@ -132,17 +131,17 @@ class BatchNormalization(_AffineGradients, keras.layers.BatchNormalization):
     rows each sums over. Arguments, moving statistics, renorm, masking and
     `synchronized` are Keras's.
 
+    The arguments not listed below are as for `keras.layers.BatchNormalization`.
+
     Args:
         weight_multipliers: fixed forward multipliers on the gain and bias,
             by variable name (see `common.WeightMultipliers`).
         lr_multipliers: fixed learning-rate factors, by variable name.
-        The rest: as for `keras.layers.BatchNormalization`.
 
-    Example:
-
-    >>> y = BatchNormalization()(np.array([[1.0], [3.0]], "float32"), training=True)
-    >>> keras.ops.convert_to_numpy(y).astype("float64").round(2).tolist()
-    [[-1.0], [1.0]]
+    Examples:
+        >>> y = BatchNormalization()(np.array([[1.0], [3.0]], "float32"), training=True)
+        >>> keras.ops.convert_to_numpy(y).astype("float64").round(2).tolist()
+        [[-1.0], [1.0]]
     """
 
     # Keras reads `training` and `mask` from the signature: it is Keras's.
@@ -158,16 +157,16 @@ class GroupNormalization(_AffineGradients, keras.layers.GroupNormalization):
     As `BatchNormalization`: Keras's output, the gain's and bias's gradients
     × `sqrt(channels / size)`.
 
+    The arguments not listed below are as for `keras.layers.GroupNormalization`.
+
     Args:
         weight_multipliers: fixed forward multipliers on the gain and bias.
         lr_multipliers: fixed learning-rate factors, by variable name.
-        The rest: as for `keras.layers.GroupNormalization`.
 
-    Example:
-
-    >>> y = GroupNormalization(groups=1)(np.array([[1.0, 3.0]], "float32"))
-    >>> keras.ops.convert_to_numpy(y).astype("float64").round(2).tolist()
-    [[-1.0, 1.0]]
+    Examples:
+        >>> y = GroupNormalization(groups=1)(np.array([[1.0, 3.0]], "float32"))
+        >>> keras.ops.convert_to_numpy(y).astype("float64").round(2).tolist()
+        [[-1.0, 1.0]]
     """
 
     def call(self, inputs):

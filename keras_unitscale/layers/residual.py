@@ -28,11 +28,10 @@ class ResidualSplit(_Join):
     Pair it with `ResidualAdd(tau)` after the branch. For a branch that is one
     layer, `Residual(layer, tau)` does both.
 
-    Example:
-
-    >>> residual, skip = ResidualSplit(tau=0.5)(np.ones((1, 2), "float32"))
-    >>> keras.ops.convert_to_numpy(skip).tolist()
-    [[1.0, 1.0]]
+    Examples:
+        >>> residual, skip = ResidualSplit(tau=0.5)(np.ones((1, 2), "float32"))
+        >>> keras.ops.convert_to_numpy(skip).tolist()
+        [[1.0, 1.0]]
     """
 
     def call(self, inputs):
@@ -51,11 +50,10 @@ class ResidualAdd(_Join):
     See `functional.residual_add`. Takes a list of two tensors, the
     residual branch's output first.
 
-    Example:
-
-    >>> x = np.ones((1, 2), "float32")
-    >>> keras.ops.convert_to_numpy(ResidualAdd(tau=1.0)([x, x])).astype("float64").round(4).tolist()
-    [[1.4142, 1.4142]]
+    Examples:
+        >>> x = np.ones((1, 2), "float32")
+        >>> keras.ops.convert_to_numpy(ResidualAdd(tau=1.0)([x, x])).astype("float64").round(4).tolist()
+        [[1.4142, 1.4142]]
     """
 
     def call(self, inputs):
@@ -86,12 +84,11 @@ class Residual(keras.layers.Layer):
             per branch).
         **kwargs: base layer arguments.
 
-    Example:
-
-    >>> from keras_unitscale.layers import Dense
-    >>> block = Residual(Dense(8), tau=0.5)
-    >>> tuple(block(np.ones((2, 8), "float32")).shape)
-    (2, 8)
+    Examples:
+        >>> from keras_unitscale.layers import Dense
+        >>> block = Residual(Dense(8), tau=0.5)
+        >>> tuple(block(np.ones((2, 8), "float32")).shape)
+        (2, 8)
     """
 
     def __init__(self, layer, tau=1.0, **kwargs):

@@ -66,7 +66,8 @@ class TransformerBlock(keras.layers.Layer):
         use_causal_mask: causal self-attention (a decoder block).
         attention_mult: the u-μP attention-logit multiplier.
         activation_mult: the u-μP multiplier of the MLP's activation.
-        residual_mult, residual_attn_ratio: the depth rule's hyperparameters.
+        residual_mult: a hyperparameter of the depth rule.
+        residual_attn_ratio: a hyperparameter of the depth rule.
         use_bias: biases on the attention and MLP projections (off, as in u-μP).
         weight_multipliers: fixed forward multipliers on the weights of the
             block's layers, by path within the block, e.g.
@@ -81,12 +82,11 @@ class TransformerBlock(keras.layers.Layer):
     Its variables belong to a residual stack of `depth` blocks: u-μP gives
     them a learning rate × `depth^-1/2` (see `keras_unitscale.parametrization`).
 
-    Example:
-
-    >>> block = TransformerBlock(num_heads=2, index=0, depth=4)
-    >>> x = np.random.default_rng(0).normal(size=(2, 8, 16)).astype("float32")
-    >>> tuple(block(x).shape), round(block.attention_tau, 3), round(block.mlp_tau, 3)
-    ((2, 8, 16), 0.5, 0.447)
+    Examples:
+        >>> block = TransformerBlock(num_heads=2, index=0, depth=4)
+        >>> x = np.random.default_rng(0).normal(size=(2, 8, 16)).astype("float32")
+        >>> tuple(block(x).shape), round(block.attention_tau, 3), round(block.mlp_tau, 3)
+        ((2, 8, 16), 0.5, 0.447)
     """
 
     def __init__(

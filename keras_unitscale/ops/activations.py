@@ -48,12 +48,11 @@ def dropout(x, rate, training=True, seed=None, noise_shape=None):
     Returns:
         The tensor with dropped elements zeroed and the rest rescaled.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = dropout(np.ones((4,), "float32"), 0.5, training=False)
-    >>> keras.ops.convert_to_numpy(y).tolist()
-    [1.0, 1.0, 1.0, 1.0]
+    Examples:
+        >>> import numpy as np
+        >>> y = dropout(np.ones((4,), "float32"), 0.5, training=False)
+        >>> keras.ops.convert_to_numpy(y).tolist()
+        [1.0, 1.0, 1.0, 1.0]
     """
     scale = rules.activations.dropout(rate)
     x = to_float(x, "x")
@@ -76,12 +75,11 @@ def relu(x, constraint="to_output_scale"):
     Returns:
         `sqrt(2) * relu(x)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = relu(np.array([-1.0, 2.0], "float32"))
-    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
-    [0.0, 2.8284]
+    Examples:
+        >>> import numpy as np
+        >>> y = relu(np.array([-1.0, 2.0], "float32"))
+        >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
+        [0.0, 2.8284]
     """
     return elementwise(ops.relu, to_float(x, "x"), rules.activations.relu(constraint))
 
@@ -99,12 +97,11 @@ def gelu(x, mult=1.0, constraint="to_output_scale", approximate=False):
     Returns:
         The scaled activation.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = gelu(np.array([0.0], "float32"))
-    >>> keras.ops.convert_to_numpy(y).tolist()
-    [0.0]
+    Examples:
+        >>> import numpy as np
+        >>> y = gelu(np.array([0.0], "float32"))
+        >>> keras.ops.convert_to_numpy(y).tolist()
+        [0.0]
     """
     scales = rules.activations.gelu(mult, constraint)
 
@@ -131,11 +128,10 @@ def silu(x, mult=1.0, constraint="to_output_scale"):
     Returns:
         The scaled activation.
 
-    Example:
-
-    >>> import numpy as np
-    >>> keras.ops.convert_to_numpy(silu(np.array([0.0], "float32"))).tolist()
-    [0.0]
+    Examples:
+        >>> import numpy as np
+        >>> keras.ops.convert_to_numpy(silu(np.array([0.0], "float32"))).tolist()
+        [0.0]
     """
     scales = rules.activations.silu(mult, constraint)
     return elementwise(lambda inputs: _silu(inputs, mult), to_float(x, "x"), scales)
@@ -155,12 +151,11 @@ def silu_glu(x, gate, mult=1.0):
     Returns:
         The scaled product, shape of `x`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = silu_glu(np.ones((1,), "float32"), np.zeros((1,), "float32"))
-    >>> keras.ops.convert_to_numpy(y).tolist()
-    [0.0]
+    Examples:
+        >>> import numpy as np
+        >>> y = silu_glu(np.ones((1,), "float32"), np.zeros((1,), "float32"))
+        >>> keras.ops.convert_to_numpy(y).tolist()
+        [0.0]
     """
     scale = rules.activations.silu_glu(mult)
     x = scale_bwd(to_float(x, "x"), scale)
@@ -182,11 +177,10 @@ def tanh(x, constraint="to_output_scale"):
     Returns:
         The scaled activation.
 
-    Example:
-
-    >>> import numpy as np
-    >>> keras.ops.convert_to_numpy(tanh(np.array([0.0], "float32"))).tolist()
-    [0.0]
+    Examples:
+        >>> import numpy as np
+        >>> keras.ops.convert_to_numpy(tanh(np.array([0.0], "float32"))).tolist()
+        [0.0]
     """
     return elementwise(ops.tanh, to_float(x, "x"), rules.activations.tanh(constraint))
 
@@ -205,12 +199,11 @@ def sigmoid(x, constraint="to_output_scale"):
     Returns:
         The scaled activation.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = sigmoid(np.array([0.0], "float32"))
-    >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y).tolist()]
-    [0.923]
+    Examples:
+        >>> import numpy as np
+        >>> y = sigmoid(np.array([0.0], "float32"))
+        >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y).tolist()]
+        [0.923]
     """
     return elementwise(ops.sigmoid, to_float(x, "x"), rules.activations.sigmoid(constraint))
 
@@ -231,12 +224,11 @@ def softmax(x, axis=-1, mult=1.0, constraint="to_output_scale"):
     Returns:
         The scaled probabilities.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = softmax(np.zeros((4,), "float32"))  # 1/4 each, × 4^0.9
-    >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y).tolist()]
-    [0.871, 0.871, 0.871, 0.871]
+    Examples:
+        >>> import numpy as np
+        >>> y = softmax(np.zeros((4,), "float32"))  # 1/4 each, × 4^0.9
+        >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y).tolist()]
+        [0.871, 0.871, 0.871, 0.871]
     """
     x = to_float(x, "x")
     check_rank("x", x, 1)
@@ -263,11 +255,10 @@ def apply(x, activation, mult=1.0, constraint="to_output_scale"):
     softplus, log_sigmoid, ...) has a gradient RMS below 1:
     `rules.activations.tied_gradient_rms` says by how much.
 
-    Example:
-
-    >>> import numpy as np
-    >>> [round(v, 3) for v in keras.ops.convert_to_numpy(apply(np.array([4.0], "float32"), "relu")).tolist()]
-    [5.657]
+    Examples:
+        >>> import numpy as np
+        >>> [round(v, 3) for v in keras.ops.convert_to_numpy(apply(np.array([4.0], "float32"), "relu")).tolist()]
+        [5.657]
     """
     activation = resolve(activation)
     if activation == "linear":

@@ -29,10 +29,9 @@ def keras_names():
     `keras.activations.get` returns for their own name), so that a name
     Keras adds is accepted too.
 
-    Example:
-
-    >>> keras_names()["relu"] is keras.activations.relu
-    True
+    Examples:
+        >>> keras_names()["relu"] is keras.activations.relu
+        True
     """
     names = {}
     for name in dir(keras.activations):
@@ -82,10 +81,9 @@ def resolve(activation):
             cannot give it ("threshold"), or anything else that is not
             callable.
 
-    Example:
-
-    >>> resolve(keras.activations.relu), resolve("swish"), resolve(None)
-    ('relu', 'silu', 'linear')
+    Examples:
+        >>> resolve(keras.activations.relu), resolve("swish"), resolve(None)
+        ('relu', 'silu', 'linear')
     """
     if activation is None:
         return "linear"
@@ -240,10 +238,9 @@ def is_elementwise(activation):
     rows kept when the others change (which changes a statistic over the
     whole tensor).
 
-    Example:
-
-    >>> is_elementwise("elu"), is_elementwise("log_softmax"), is_elementwise("glu")
-    (True, False, False)
+    Examples:
+        >>> is_elementwise("elu"), is_elementwise("log_softmax"), is_elementwise("glu")
+        (True, False, False)
     """
     activation = resolve(activation)
     key = _key(activation)
@@ -336,10 +333,9 @@ def rule(activation, mult=1.0, constraint="to_output_scale", size=None):
         size: the size of the last axis, for softmax and the activations
             that are not elementwise.
 
-    Example:
-
-    >>> [round(s, 3) for s in rule("elu", constraint=None)]
-    [1.245, 1.223]
+    Examples:
+        >>> [round(s, 3) for s in rule("elu", constraint=None)]
+        [1.245, 1.223]
     """
     activation = resolve(activation)
     if isinstance(activation, str) and activation in rules.activations.DERIVED:

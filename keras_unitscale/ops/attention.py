@@ -49,12 +49,11 @@ def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout
         `(batch, T, heads, value_dim)`; with `return_attention_scores`, a
         tuple of it and the probabilities `(batch, heads, T, S)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> q = np.random.default_rng(0).normal(size=(2, 8, 2, 16)).astype("float32")
-    >>> tuple(dot_product_attention(q, q, q, is_causal=True).shape)
-    (2, 8, 2, 16)
+    Examples:
+        >>> import numpy as np
+        >>> q = np.random.default_rng(0).normal(size=(2, 8, 2, 16)).astype("float32")
+        >>> tuple(dot_product_attention(q, q, q, is_causal=True).shape)
+        (2, 8, 2, 16)
     """
     checks.rate("dropout_rate", dropout_rate)
     query, key, value = _checked(query, key, value)

@@ -43,18 +43,22 @@ def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data
         x: inputs, `(batch, *spatial, channels)` (or channels first).
         kernel: `(*kernel_size, in_channels / groups, filters)`.
         bias: optional, `(filters,)`.
-        strides, padding, dilation_rate, data_format: as for `keras.ops.conv`.
-        constraint, scale_power, fp8: as for `ops.dense` (FP8: the
-            convolution's input and kernel in E4M3, its output's gradient in E5M2).
+        strides: as for `keras.ops.conv`.
+        padding: as for `keras.ops.conv`.
+        dilation_rate: as for `keras.ops.conv`.
+        data_format: as for `keras.ops.conv`.
+        constraint: as for `ops.dense`.
+        scale_power: as for `ops.dense`.
+        fp8: as for `ops.dense` (FP8: the convolution's input and kernel in
+            E4M3, its output's gradient in E5M2).
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.random.default_rng(0).normal(size=(8, 32, 32, 16)).astype("float32")
-    >>> w = np.random.default_rng(1).normal(size=(3, 3, 16, 32)).astype("float32")
-    >>> y = keras.ops.convert_to_numpy(conv(x, w, padding="same"))
-    >>> y.shape, bool(0.9 < y.std() < 1.1)
-    ((8, 32, 32, 32), True)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(8, 32, 32, 16)).astype("float32")
+        >>> w = np.random.default_rng(1).normal(size=(3, 3, 16, 32)).astype("float32")
+        >>> y = keras.ops.convert_to_numpy(conv(x, w, padding="same"))
+        >>> y.shape, bool(0.9 < y.std() < 1.1)
+        ((8, 32, 32, 32), True)
     """
     x, kernel, channel_axis = _checked(x, kernel, data_format)
     kernel_shape = shape_of(kernel)
@@ -82,14 +86,13 @@ def conv_transpose(x, kernel, bias=None, strides=1, padding="valid", output_padd
     `volume(kernel_size) · filters` outputs (its gradient's fan-out); the
     kernel's gradient sums over batch × input positions.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.random.default_rng(0).normal(size=(8, 16, 16, 32)).astype("float32")
-    >>> w = np.random.default_rng(1).normal(size=(4, 4, 16, 32)).astype("float32")
-    >>> y = keras.ops.convert_to_numpy(conv_transpose(x, w, strides=2, padding="same"))
-    >>> y.shape, bool(0.8 < y.std() < 1.2)
-    ((8, 32, 32, 16), True)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(8, 16, 16, 32)).astype("float32")
+        >>> w = np.random.default_rng(1).normal(size=(4, 4, 16, 32)).astype("float32")
+        >>> y = keras.ops.convert_to_numpy(conv_transpose(x, w, strides=2, padding="same"))
+        >>> y.shape, bool(0.8 < y.std() < 1.2)
+        ((8, 32, 32, 16), True)
     """
     x, kernel, channel_axis = _checked(x, kernel, data_format)
     kernel_shape = shape_of(kernel)
@@ -112,14 +115,13 @@ def depthwise_conv(x, kernel, bias=None, strides=1, padding="valid", dilation_ra
     `volume(kernel_size)`, fan-out `volume(kernel_size) · depth_multiplier /
     volume(strides)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.random.default_rng(0).normal(size=(8, 32, 32, 16)).astype("float32")
-    >>> w = np.random.default_rng(1).normal(size=(3, 3, 16, 2)).astype("float32")
-    >>> y = keras.ops.convert_to_numpy(depthwise_conv(x, w, padding="same"))
-    >>> y.shape, bool(0.9 < y.std() < 1.1)
-    ((8, 32, 32, 32), True)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(8, 32, 32, 16)).astype("float32")
+        >>> w = np.random.default_rng(1).normal(size=(3, 3, 16, 2)).astype("float32")
+        >>> y = keras.ops.convert_to_numpy(depthwise_conv(x, w, padding="same"))
+        >>> y.shape, bool(0.9 < y.std() < 1.1)
+        ((8, 32, 32, 32), True)
     """
     x, kernel, channel_axis = _checked(x, kernel, data_format)
     kernel_shape = shape_of(kernel)
@@ -141,15 +143,14 @@ def separable_conv(x, depthwise_kernel, pointwise_kernel, bias=None, strides=1, 
     op's, and the bias is the pointwise op's). `scale_power` applies to the
     pointwise op, which produces the output.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.random.default_rng(0).normal(size=(8, 32, 32, 16)).astype("float32")
-    >>> d = np.random.default_rng(1).normal(size=(3, 3, 16, 2)).astype("float32")
-    >>> p = np.random.default_rng(2).normal(size=(1, 1, 32, 24)).astype("float32")
-    >>> y = keras.ops.convert_to_numpy(separable_conv(x, d, p, padding="same"))
-    >>> y.shape, bool(0.9 < y.std() < 1.1)
-    ((8, 32, 32, 24), True)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(8, 32, 32, 16)).astype("float32")
+        >>> d = np.random.default_rng(1).normal(size=(3, 3, 16, 2)).astype("float32")
+        >>> p = np.random.default_rng(2).normal(size=(1, 1, 32, 24)).astype("float32")
+        >>> y = keras.ops.convert_to_numpy(separable_conv(x, d, p, padding="same"))
+        >>> y.shape, bool(0.9 < y.std() < 1.1)
+        ((8, 32, 32, 24), True)
     """
     h = depthwise_conv(x, depthwise_kernel, strides=strides, padding=padding, dilation_rate=dilation_rate,
                        data_format=data_format, constraint=constraint, fp8=fp8)

@@ -58,13 +58,12 @@ def gru_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, reset_
     Returns:
         `(kernel, recurrent_kernel, bias)`, scaled, in `x`'s dtype.
 
-    Example:
-
-    >>> import numpy as np
-    >>> k, r, b = gru_weights(np.ones((4, 6), "float32"), np.ones((2, 6), "float32"),
-    ...                       None, np.zeros((3, 5, 4), "float32"))
-    >>> float(keras.ops.convert_to_numpy(k)[0, 0]), b is None
-    (0.5, True)
+    Examples:
+        >>> import numpy as np
+        >>> k, r, b = gru_weights(np.ones((4, 6), "float32"), np.ones((2, 6), "float32"),
+        ...                       None, np.zeros((3, 5, 4), "float32"))
+        >>> float(keras.ops.convert_to_numpy(k)[0, 0]), b is None
+        (0.5, True)
     """
     return scaled_recurrent_weights(
         kernel, recurrent_kernel, bias, x, "z, r, h",
@@ -82,12 +81,11 @@ def gru_inputs(x, units, return_sequences=True, reset_after=True):
     `lstm_inputs`, right unless `x` also feeds something else whose
     gradient is added to this one.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = gru_inputs(np.ones((2, 3, 4), "float32"), units=8)
-    >>> keras.ops.convert_to_numpy(y).shape
-    (2, 3, 4)
+    Examples:
+        >>> import numpy as np
+        >>> y = gru_inputs(np.ones((2, 3, 4), "float32"), units=8)
+        >>> keras.ops.convert_to_numpy(y).shape
+        (2, 3, 4)
     """
     x = to_float(x, "x")
     checks.positive_int("units", units)
@@ -98,12 +96,11 @@ def gru_inputs(x, units, return_sequences=True, reset_after=True):
 def gru_hidden_in(h, reset_after=True):
     """The unit-scaled state h → the plain state h̃ = h·r_h (both passes).
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = gru_hidden_in(np.ones((1,), "float32"))
-    >>> round(float(keras.ops.convert_to_numpy(y)[0]), 3)
-    0.414
+    Examples:
+        >>> import numpy as np
+        >>> y = gru_hidden_in(np.ones((1,), "float32"))
+        >>> round(float(keras.ops.convert_to_numpy(y)[0]), 3)
+        0.414
     """
     return times_both_passes(h, rules.gru.gru_rule(reset_after).hidden_rms)
 
@@ -111,12 +108,11 @@ def gru_hidden_in(h, reset_after=True):
 def gru_hidden_out(h, reset_after=True):
     """The plain state h̃ → the unit-scaled output and state s·h̃ (both passes).
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = gru_hidden_out(np.ones((1,), "float32"))
-    >>> round(float(keras.ops.convert_to_numpy(y)[0]), 3)
-    2.414
+    Examples:
+        >>> import numpy as np
+        >>> y = gru_hidden_out(np.ones((1,), "float32"))
+        >>> round(float(keras.ops.convert_to_numpy(y)[0]), 3)
+        2.414
     """
     return times_both_passes(h, rules.gru.gru_rule(reset_after).output_scale)
 
@@ -143,7 +139,9 @@ def gru_cell(x, h, kernel, recurrent_kernel, bias=None, reset_after=True, fp8=Fa
     Args:
         x: `(batch, D)`, the step's input.
         h: `(batch, H)`, the unit-scaled state.
-        kernel, recurrent_kernel, bias: from `gru_weights`.
+        kernel: from `gru_weights`.
+        recurrent_kernel: from `gru_weights`.
+        bias: from `gru_weights`.
         reset_after: Keras's GRU convention.
         fp8: the matmuls in scale-free FP8: their inputs cast to E4M3, the
             gradients of their outputs to E5M2 (the kernels come cast from
@@ -155,14 +153,13 @@ def gru_cell(x, h, kernel, recurrent_kernel, bias=None, reset_after=True, fp8=Fa
     Returns:
         The new unit-scaled state (also the step's output).
 
-    Example:
-
-    >>> import numpy as np
-    >>> x, h = np.ones((2, 4), "float32"), np.zeros((2, 3), "float32")
-    >>> weights = gru_weights(np.ones((4, 9), "float32"), np.ones((3, 9), "float32"),
-    ...                       np.zeros((2, 9), "float32"), x)
-    >>> tuple(gru_cell(x, h, *weights).shape)
-    (2, 3)
+    Examples:
+        >>> import numpy as np
+        >>> x, h = np.ones((2, 4), "float32"), np.zeros((2, 3), "float32")
+        >>> weights = gru_weights(np.ones((4, 9), "float32"), np.ones((3, 9), "float32"),
+        ...                       np.zeros((2, 9), "float32"), x)
+        >>> tuple(gru_cell(x, h, *weights).shape)
+        (2, 3)
     """
     x = to_float(x, "x", like=kernel)
     h = to_tensor(h, "h")

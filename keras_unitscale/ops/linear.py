@@ -49,14 +49,13 @@ def matmul(a, b, constraint="to_output_scale"):
     Returns:
         The scaled product, shape `(..., m, n)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> a = np.random.default_rng(0).normal(size=(64, 256)).astype("float32")
-    >>> b = np.random.default_rng(1).normal(size=(256, 64)).astype("float32")
-    >>> y = keras.ops.convert_to_numpy(matmul(a, b))
-    >>> bool(0.9 < y.std() < 1.1)
-    True
+    Examples:
+        >>> import numpy as np
+        >>> a = np.random.default_rng(0).normal(size=(64, 256)).astype("float32")
+        >>> b = np.random.default_rng(1).normal(size=(256, 64)).astype("float32")
+        >>> y = keras.ops.convert_to_numpy(matmul(a, b))
+        >>> bool(0.9 < y.std() < 1.1)
+        True
     """
     a, b = to_tensor(a, "a"), to_tensor(b, "b")
     a, b = to_float(a, "a", like=b), to_float(b, "b", like=a)
@@ -94,14 +93,13 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.
     Returns:
         The output, shape `(..., fan_out)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.random.default_rng(0).normal(size=(128, 512)).astype("float32")
-    >>> w = np.random.default_rng(1).normal(size=(512, 64)).astype("float32")
-    >>> y = keras.ops.convert_to_numpy(dense(x, w))
-    >>> y.shape, bool(0.9 < y.std() < 1.1)
-    ((128, 64), True)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(128, 512)).astype("float32")
+        >>> w = np.random.default_rng(1).normal(size=(512, 64)).astype("float32")
+        >>> y = keras.ops.convert_to_numpy(dense(x, w))
+        >>> y.shape, bool(0.9 < y.std() < 1.1)
+        ((128, 64), True)
     """
     kernel = to_float(kernel, "kernel")
     x = to_float(x, "x", like=kernel)
@@ -159,17 +157,18 @@ def dense_around(x, fan_in, fan_out, product, constraint="to_output_scale", scal
 
     Args:
         x: inputs, shape `(..., fan_in)`.
-        fan_in, fan_out: the kernel's sizes.
+        fan_in: the kernel's input size.
+        fan_out: the kernel's output size.
         product: a function of `x` that returns `x @ kernel (+ bias)`.
-        constraint, scale_power: as for `dense`.
+        constraint: as for `dense`.
+        scale_power: as for `dense`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.ones((2, 4), "float32")
-    >>> y = dense_around(x, 4, 1, lambda x: keras.ops.matmul(x, np.ones((4, 1), "float32")))
-    >>> keras.ops.convert_to_numpy(y).tolist()
-    [[2.0], [2.0]]
+    Examples:
+        >>> import numpy as np
+        >>> x = np.ones((2, 4), "float32")
+        >>> y = dense_around(x, 4, 1, lambda x: keras.ops.matmul(x, np.ones((4, 1), "float32")))
+        >>> keras.ops.convert_to_numpy(y).tolist()
+        [[2.0], [2.0]]
     """
     x = to_tensor(x, "x")
     scales = _dense_scales(x, fan_in, fan_out, constraint, scale_power)
@@ -238,12 +237,11 @@ def einsum_sizes(equation, x_shape, kernel_shape):
     all share), and the kernel's gradient over x's labels that the kernel
     lacks: `size(x) / shared`, the batch of `rules.linear.dense`.
 
-    Example:
-
-    >>> einsum_sizes("abc,cde->abde", (2, 5, 16), (16, 4, 8))
-    EinsumSizes(fan_in=16, fan_out=32, shared=16)
-    >>> einsum_sizes("...cd,cde->...e", (2, 5, 4, 8), (4, 8, 16))
-    EinsumSizes(fan_in=32, fan_out=16, shared=32)
+    Examples:
+        >>> einsum_sizes("abc,cde->abde", (2, 5, 16), (16, 4, 8))
+        EinsumSizes(fan_in=16, fan_out=32, shared=16)
+        >>> einsum_sizes("...cd,cde->...e", (2, 5, 4, 8), (4, 8, 16))
+        EinsumSizes(fan_in=32, fan_out=16, shared=32)
     """
     x_spec, kernel_spec, out_spec = _einsum_specs(equation, len(x_shape))
     if len(kernel_spec) != len(kernel_shape):
@@ -292,14 +290,13 @@ def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
     Returns:
         The output, shaped by `equation`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.random.default_rng(0).normal(size=(16, 8, 256)).astype("float32")
-    >>> w = np.random.default_rng(1).normal(size=(256, 4, 16)).astype("float32")
-    >>> y = keras.ops.convert_to_numpy(einsum_dense("abc,cde->abde", x, w))
-    >>> y.shape, bool(0.9 < y.std() < 1.1)
-    ((16, 8, 4, 16), True)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(16, 8, 256)).astype("float32")
+        >>> w = np.random.default_rng(1).normal(size=(256, 4, 16)).astype("float32")
+        >>> y = keras.ops.convert_to_numpy(einsum_dense("abc,cde->abde", x, w))
+        >>> y.shape, bool(0.9 < y.std() < 1.1)
+        ((16, 8, 4, 16), True)
     """
     kernel = to_float(kernel, "kernel")
     x = to_float(x, "x", like=kernel)
@@ -348,12 +345,11 @@ def dense_readout(x, kernel, bias=None, constraint=None, fp8=False):
     Returns:
         The output, shape `(..., fan_out)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.ones((2, 4), "float32")
-    >>> keras.ops.convert_to_numpy(dense_readout(x, np.ones((4, 1), "float32"))).tolist()
-    [[1.0], [1.0]]
+    Examples:
+        >>> import numpy as np
+        >>> x = np.ones((2, 4), "float32")
+        >>> keras.ops.convert_to_numpy(dense_readout(x, np.ones((4, 1), "float32"))).tolist()
+        [[1.0], [1.0]]
     """
     return dense(x, kernel, bias, constraint=constraint, scale_power=rules.linear.READOUT_POWERS, fp8=fp8)
 
@@ -378,12 +374,11 @@ def add(a, b, constraint="to_output_scale"):
     Returns:
         The scaled sum, with the broadcast shape.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = add(np.ones((2,), "float32"), np.ones((2,), "float32"))
-    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
-    [1.4142, 1.4142]
+    Examples:
+        >>> import numpy as np
+        >>> y = add(np.ones((2,), "float32"), np.ones((2,), "float32"))
+        >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
+        [1.4142, 1.4142]
     """
     if isinstance(a, (int, float)) or isinstance(b, (int, float)):
         return ops.add(a, b)
@@ -405,12 +400,11 @@ def sum_of(tensors, constraint="to_output_scale", names=None):
     Returns:
         The scaled sum, with the broadcast shape.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = sum_of([np.ones((2,), "float32")] * 4)
-    >>> keras.ops.convert_to_numpy(y).tolist()
-    [2.0, 2.0]
+    Examples:
+        >>> import numpy as np
+        >>> y = sum_of([np.ones((2,), "float32")] * 4)
+        >>> keras.ops.convert_to_numpy(y).tolist()
+        [2.0, 2.0]
     """
     names = names or [f"tensors[{i}]" for i in range(len(tensors))]
     tensors = [to_tensor(t, name) for t, name in zip(tensors, names)]
@@ -445,12 +439,11 @@ def embedding(ids, table):
     Returns:
         The rows of `table`, shape `ids.shape + (dim,)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> table = np.arange(6, dtype="float32").reshape(3, 2)
-    >>> keras.ops.convert_to_numpy(embedding(np.array([2, 0]), table)).tolist()
-    [[4.0, 5.0], [0.0, 1.0]]
+    Examples:
+        >>> import numpy as np
+        >>> table = np.arange(6, dtype="float32").reshape(3, 2)
+        >>> keras.ops.convert_to_numpy(embedding(np.array([2, 0]), table)).tolist()
+        [[4.0, 5.0], [0.0, 1.0]]
     """
     ids = to_tensor(ids, "ids")
     table = to_tensor(table, "table")

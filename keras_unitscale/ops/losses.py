@@ -50,12 +50,11 @@ def cross_entropy(logits, labels, mult=1.0, reduction="mean"):
     Returns:
         A scalar loss in float32 (float64 for float64 logits).
 
-    Example:
-
-    >>> import numpy as np
-    >>> loss = cross_entropy(np.zeros((2, 4), "float32"), np.array([0, 3]))
-    >>> round(float(keras.ops.convert_to_numpy(loss)), 4)  # ln 4
-    1.3863
+    Examples:
+        >>> import numpy as np
+        >>> loss = cross_entropy(np.zeros((2, 4), "float32"), np.array([0, 3]))
+        >>> round(float(keras.ops.convert_to_numpy(loss)), 4)  # ln 4
+        1.3863
     """
     checks.positive("mult", mult)
     _check_reduction(reduction)
@@ -105,12 +104,11 @@ def mse(y_pred, y_true, reduction="mean"):
     Returns:
         A scalar loss.
 
-    Example:
-
-    >>> import numpy as np
-    >>> loss = mse(np.array([1.0, 3.0], "float32"), np.zeros((2,), "float32"))
-    >>> float(keras.ops.convert_to_numpy(loss))
-    5.0
+    Examples:
+        >>> import numpy as np
+        >>> loss = mse(np.array([1.0, 3.0], "float32"), np.zeros((2,), "float32"))
+        >>> float(keras.ops.convert_to_numpy(loss))
+        5.0
     """
     _check_reduction(reduction)
     y_pred = to_tensor(y_pred, "y_pred")

@@ -72,13 +72,12 @@ def lstm_weights(kernel, recurrent_kernel, bias, x, return_sequences=True, forge
         `(kernel, recurrent_kernel, bias)`, scaled, in `x`'s dtype (`bias`
         stays `None` if it was).
 
-    Example:
-
-    >>> import numpy as np
-    >>> k, r, b = lstm_weights(np.ones((4, 8), "float32"), np.ones((2, 8), "float32"),
-    ...                        None, np.zeros((3, 5, 4), "float32"))
-    >>> float(keras.ops.convert_to_numpy(k)[0, 0]), b is None
-    (0.5, True)
+    Examples:
+        >>> import numpy as np
+        >>> k, r, b = lstm_weights(np.ones((4, 8), "float32"), np.ones((2, 8), "float32"),
+        ...                        None, np.zeros((3, 5, 4), "float32"))
+        >>> float(keras.ops.convert_to_numpy(k)[0, 0]), b is None
+        (0.5, True)
     """
     return scaled_recurrent_weights(
         kernel, recurrent_kernel, bias, x, "i, f, g, o",
@@ -134,12 +133,11 @@ def lstm_inputs(x, units, return_sequences=True, forget_bias=1.0):
     Returns:
         `x`, with its gradient scaled.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = lstm_inputs(np.ones((2, 3, 4), "float32"), units=8)
-    >>> keras.ops.convert_to_numpy(y).shape
-    (2, 3, 4)
+    Examples:
+        >>> import numpy as np
+        >>> y = lstm_inputs(np.ones((2, 3, 4), "float32"), units=8)
+        >>> keras.ops.convert_to_numpy(y).shape
+        (2, 3, 4)
     """
     x = to_float(x, "x")
     checks.positive_int("units", units)
@@ -150,12 +148,11 @@ def lstm_inputs(x, units, return_sequences=True, forget_bias=1.0):
 def lstm_hidden_in(h, forget_bias=1.0):
     """The unit-scaled state h → the plain hidden state h̃ = h·r_h (both passes).
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = lstm_hidden_in(np.ones((1,), "float32"))
-    >>> round(float(keras.ops.convert_to_numpy(y)[0]), 3)
-    0.225
+    Examples:
+        >>> import numpy as np
+        >>> y = lstm_hidden_in(np.ones((1,), "float32"))
+        >>> round(float(keras.ops.convert_to_numpy(y)[0]), 3)
+        0.225
     """
     return times_both_passes(h, rules.lstm.lstm_rule(forget_bias).hidden_rms)
 
@@ -163,12 +160,11 @@ def lstm_hidden_in(h, forget_bias=1.0):
 def lstm_hidden_out(h, forget_bias=1.0):
     """The plain hidden state h̃ → the unit-scaled output and state s·h̃ (both passes).
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = lstm_hidden_out(np.ones((1,), "float32"))
-    >>> round(float(keras.ops.convert_to_numpy(y)[0]), 2)
-    4.44
+    Examples:
+        >>> import numpy as np
+        >>> y = lstm_hidden_out(np.ones((1,), "float32"))
+        >>> round(float(keras.ops.convert_to_numpy(y)[0]), 2)
+        4.44
     """
     return times_both_passes(h, rules.lstm.lstm_rule(forget_bias).output_scale)
 
@@ -193,12 +189,11 @@ def lstm_dropout(x, mask, rate):
     Returns:
         The masked, rescaled tensor.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = lstm_dropout(np.ones((2,), "float32"), np.array([0.0, 2.0], "float32"), 0.5)
-    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
-    [0.0, 1.4142]
+    Examples:
+        >>> import numpy as np
+        >>> y = lstm_dropout(np.ones((2,), "float32"), np.array([0.0, 2.0], "float32"), 0.5)
+        >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
+        [0.0, 1.4142]
     """
     scale = rules.activations.dropout(rate)
     x = to_tensor(x, "x")
@@ -235,7 +230,9 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8
         x: `(batch, D)`, the step's input.
         h: `(batch, H)`, the unit-scaled hidden state.
         c: `(batch, H)`, the cell state.
-        kernel, recurrent_kernel, bias: from `lstm_weights`.
+        kernel: from `lstm_weights`.
+        recurrent_kernel: from `lstm_weights`.
+        bias: from `lstm_weights`.
         forget_bias: the forget-gate bias the rule is derived for.
         fp8: the two matmuls in scale-free FP8: `x` and h̃ cast to E4M3, the
             gradient of `z` to E5M2 (the kernels come cast from
@@ -248,15 +245,14 @@ def lstm_cell(x, h, c, kernel, recurrent_kernel, bias=None, forget_bias=1.0, fp8
     Returns:
         `(h', c')`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x, h = np.ones((2, 4), "float32"), np.zeros((2, 3), "float32")
-    >>> weights = lstm_weights(np.ones((4, 12), "float32"), np.ones((3, 12), "float32"),
-    ...                        np.zeros((12,), "float32"), x)
-    >>> h, c = lstm_cell(x, h, h, *weights)
-    >>> tuple(h.shape), tuple(c.shape)
-    ((2, 3), (2, 3))
+    Examples:
+        >>> import numpy as np
+        >>> x, h = np.ones((2, 4), "float32"), np.zeros((2, 3), "float32")
+        >>> weights = lstm_weights(np.ones((4, 12), "float32"), np.ones((3, 12), "float32"),
+        ...                        np.zeros((12,), "float32"), x)
+        >>> h, c = lstm_cell(x, h, h, *weights)
+        >>> tuple(h.shape), tuple(c.shape)
+        ((2, 3), (2, 3))
     """
     x = to_float(x, "x", like=kernel)
     h = to_tensor(h, "h")

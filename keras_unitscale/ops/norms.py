@@ -69,12 +69,11 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, rms_scaling=Fals
     Returns:
         The normalised tensor, `x`'s shape and dtype.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = layer_norm(np.array([[1.0, 3.0]], "float32"))
-    >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y)[0].tolist()]
-    [-1.0, 1.0]
+    Examples:
+        >>> import numpy as np
+        >>> y = layer_norm(np.array([[1.0, 3.0]], "float32"))
+        >>> [round(v, 3) for v in keras.ops.convert_to_numpy(y)[0].tolist()]
+        [-1.0, 1.0]
     """
     checks.non_negative("epsilon", epsilon)
     x = to_float(x, "x")
@@ -107,12 +106,11 @@ def rms_norm(x, gamma=None, axis=-1, epsilon=1e-5):
     Returns:
         The normalised tensor, `x`'s shape and dtype.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = rms_norm(np.array([[3.0, 4.0]], "float32"), epsilon=0.0)
-    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y)[0].tolist()]
-    [0.8485, 1.1314]
+    Examples:
+        >>> import numpy as np
+        >>> y = rms_norm(np.array([[3.0, 4.0]], "float32"), epsilon=0.0)
+        >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y)[0].tolist()]
+        [0.8485, 1.1314]
     """
     checks.non_negative("epsilon", epsilon)
     x = to_float(x, "x")

@@ -25,12 +25,11 @@ def residual_split(x, tau=1.0):
     Returns:
         `(residual, skip)`, both equal to `x` in the forward pass.
 
-    Example:
-
-    >>> import numpy as np
-    >>> residual, skip = residual_split(np.ones((1,), "float32"), tau=0.5)
-    >>> keras.ops.convert_to_numpy(residual).tolist()
-    [1.0]
+    Examples:
+        >>> import numpy as np
+        >>> residual, skip = residual_split(np.ones((1,), "float32"), tau=0.5)
+        >>> keras.ops.convert_to_numpy(residual).tolist()
+        [1.0]
     """
     residual_weight, skip_weight = rules.residual.branch_weights(tau)
     x = to_tensor(x, "x")
@@ -53,12 +52,11 @@ def residual_add(residual, skip, tau=1.0):
     Returns:
         The joined tensor.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = residual_add(np.ones((1,), "float32"), np.ones((1,), "float32"), tau=1.0)
-    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
-    [1.4142]
+    Examples:
+        >>> import numpy as np
+        >>> y = residual_add(np.ones((1,), "float32"), np.ones((1,), "float32"), tau=1.0)
+        >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
+        [1.4142]
     """
     residual_weight, skip_weight = rules.residual.branch_weights(tau)
     residual = to_tensor(residual, "residual")
@@ -77,12 +75,11 @@ def residual_apply(fn, x, tau=1.0):
     Returns:
         The block's output.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y = residual_apply(lambda t: t * 0.0, np.ones((1,), "float32"), tau=1.0)
-    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
-    [0.7071]
+    Examples:
+        >>> import numpy as np
+        >>> y = residual_apply(lambda t: t * 0.0, np.ones((1,), "float32"), tau=1.0)
+        >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
+        [0.7071]
     """
     if not callable(fn):
         raise ValueError(f"`fn` must be callable. Received: fn={fn!r}")

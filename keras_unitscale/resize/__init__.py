@@ -69,15 +69,14 @@ def grow(model, width=1, depth=1, insert="interleave", split="partition", noise=
     Returns:
         The grown model, built and uncompiled. Its `resize_record` holds the arguments.
 
-    Example:
-
-    >>> model = keras_unitscale.models.transformer_lm(vocab_size=32, width=32, depth=2, head_dim=16, seq_len=8)
-    >>> grown = grow(model, width=2, depth=2)
-    >>> tokens = np.random.default_rng(0).integers(0, 32, size=(2, 8))
-    >>> bool(np.allclose(grown.predict(tokens, verbose=0), model.predict(tokens, verbose=0), atol=1e-5))
-    True
-    >>> grown.get_layer("embed").output_dim, len([l for l in grown.layers if "block" in l.name])
-    (64, 4)
+    Examples:
+        >>> model = keras_unitscale.models.transformer_lm(vocab_size=32, width=32, depth=2, head_dim=16, seq_len=8)
+        >>> grown = grow(model, width=2, depth=2)
+        >>> tokens = np.random.default_rng(0).integers(0, 32, size=(2, 8))
+        >>> bool(np.allclose(grown.predict(tokens, verbose=0), model.predict(tokens, verbose=0), atol=1e-5))
+        True
+        >>> grown.get_layer("embed").output_dim, len([l for l in grown.layers if "block" in l.name])
+        (64, 4)
     """
     width, depth = _factor("width", width, "grow"), _factor("depth", depth, "grow")
     if split not in SPLITS:
@@ -134,12 +133,11 @@ def shrink(model, width=1, depth=1, data=None, units="copies"):
         kept units; with `data`, `output_change` (the RMS change of the
         outputs over their RMS) and, with `y`, `loss` (before, after).
 
-    Example:
-
-    >>> model = keras_unitscale.models.mlp(8, width=16)
-    >>> back = shrink(grow(model, width=2, split="partition"), width=2)
-    >>> bool(np.array_equal(back.get_layer("hidden1").kernel.numpy(), model.get_layer("hidden1").kernel.numpy()))
-    True
+    Examples:
+        >>> model = keras_unitscale.models.mlp(8, width=16)
+        >>> back = shrink(grow(model, width=2, split="partition"), width=2)
+        >>> bool(np.array_equal(back.get_layer("hidden1").kernel.numpy(), model.get_layer("hidden1").kernel.numpy()))
+        True
     """
     width, depth = _factor("width", width, "shrink"), _factor("depth", depth, "shrink")
     if units not in UNITS:

@@ -48,13 +48,12 @@ def _top_level(model):
 def width_groups(model):
     """{name: [(leaf index, weight attribute, axis, gate blocks), ...]}: the weight axes that index each width's units.
 
-    Example:
-
-    >>> model = keras_unitscale.models.mlp(8, width=16, depth=2)
-    >>> sorted(width_groups(model))
-    ['hidden0.units', 'hidden1.units']
-    >>> width_groups(model)["hidden0.units"]
-    [(0, 'kernel', 1, 1), (0, 'bias', 0, 1), (1, 'kernel', 0, 1)]
+    Examples:
+        >>> model = keras_unitscale.models.mlp(8, width=16, depth=2)
+        >>> sorted(width_groups(model))
+        ['hidden0.units', 'hidden1.units']
+        >>> width_groups(model)["hidden0.units"]
+        [(0, 'kernel', 1, 1), (0, 'bias', 0, 1), (1, 'kernel', 0, 1)]
     """
     old_leaves = leaves(model)
     holder = _top_level(model)

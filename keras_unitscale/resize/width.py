@@ -129,10 +129,9 @@ def _einsum_contracted(equation):
 def weight_axes(layer):
     """{attribute: `Axes`} for a leaf layer's weights, or None if this module has no rule for its class.
 
-    Example:
-
-    >>> weight_axes(keras_unitscale.layers.Dense(4))["kernel"].contracted
-    (0,)
+    Examples:
+        >>> weight_axes(keras_unitscale.layers.Dense(4))["kernel"].contracted
+        (0,)
     """
     if isinstance(layer, L.Dense):
         return {"kernel": Axes((0,)), "bias": Axes(ratio_of="kernel")}

@@ -64,11 +64,10 @@ def general(values, derivatives, constraint="to_output_scale"):
         derivatives: `f'` on the grid: what backpropagation computes.
         constraint: see `keras_unitscale.constraints`.
 
-    Example:
-
-    >>> z = gaussian_grid()
-    >>> [round(s, 4) for s in general(np.abs(z), np.sign(z), constraint=None)]
-    [1.0, 1.0]
+    Examples:
+        >>> z = gaussian_grid()
+        >>> [round(s, 4) for s in general(np.abs(z), np.sign(z), constraint=None)]
+        [1.0, 1.0]
     """
     return ElementwiseScales(*tie(
         constraint,
@@ -88,10 +87,9 @@ def quadrature(fn, derivative, constraint="to_output_scale"):
         derivative: its derivative, on numpy arrays.
         constraint: see `keras_unitscale.constraints`.
 
-    Example:
-
-    >>> [round(s, 4) for s in quadrature(np.tanh, lambda z: 1 - np.tanh(z) ** 2, constraint=None)]
-    [1.5925, 1.4674]
+    Examples:
+        >>> [round(s, 4) for s in quadrature(np.tanh, lambda z: 1 - np.tanh(z) ** 2, constraint=None)]
+        [1.5925, 1.4674]
     """
     grid = gaussian_grid()
     return general(fn(grid), derivative(grid), constraint)
@@ -113,10 +111,9 @@ def monte_carlo(outputs, grads, constraint="to_output_scale"):
             backpropagation delivers.
         constraint: see `keras_unitscale.constraints`.
 
-    Example:
-
-    >>> [round(s, 4) for s in monte_carlo(np.full((4, 2), 0.5), np.full((4, 4), 2.0), constraint=None)]
-    [2.0, 0.5]
+    Examples:
+        >>> [round(s, 4) for s in monte_carlo(np.full((4, 2), 0.5), np.full((4, 4), 2.0), constraint=None)]
+        [2.0, 0.5]
     """
     return ElementwiseScales(*tie(
         constraint, _inverse_rms(_rms(outputs), "output"), _inverse_rms(_rms(grads), "gradient")
@@ -136,10 +133,9 @@ def tied_gradient_rms(untied):
     Exact where the backward scale is the general rule's `1/RMS(f')`; for
     the calibrated gelu, silu and softmax, as close as their calibration.
 
-    Example:
-
-    >>> round(tied_gradient_rms(sigmoid(constraint=None)), 3)
-    0.391
+    Examples:
+        >>> round(tied_gradient_rms(sigmoid(constraint=None)), 3)
+        0.391
     """
     return untied.output / untied.grad
 
@@ -147,10 +143,9 @@ def tied_gradient_rms(untied):
 def tie_keeps_gradient(untied, tolerance=TIE_TOLERANCE):
     """Whether the default tie keeps the input gradient within `tolerance` of unit RMS (rule given untied).
 
-    Example:
-
-    >>> tie_keeps_gradient(tanh(constraint=None)), tie_keeps_gradient(sigmoid(constraint=None))
-    (True, False)
+    Examples:
+        >>> tie_keeps_gradient(tanh(constraint=None)), tie_keeps_gradient(sigmoid(constraint=None))
+        (True, False)
     """
     return abs(tied_gradient_rms(untied) - 1.0) <= tolerance
 
@@ -171,10 +166,9 @@ def relu(constraint="to_output_scale"):
     holds; the `mult → ∞` limit of the reference's gelu rule,
     `sqrt(2 / (1 - 1/π)) ≈ 1.713`, normalises the standard deviation.
 
-    Example:
-
-    >>> relu().output == 2**0.5
-    True
+    Examples:
+        >>> relu().output == 2**0.5
+        True
     """
     return ElementwiseScales(*tie(constraint, _RELU, _RELU))
 
@@ -188,10 +182,9 @@ def gelu(mult=1.0, constraint="to_output_scale"):
 
     `L` is `logarithmic_interpolation`; at `mult = 1`, ≈ 1.767 and 1.516.
 
-    Example:
-
-    >>> [round(s, 3) for s in gelu(constraint=None)]
-    [1.767, 1.516]
+    Examples:
+        >>> [round(s, 3) for s in gelu(constraint=None)]
+        [1.767, 1.516]
     """
     checks.positive("mult", mult)
     alpha = _gelu_alpha(mult)
@@ -209,10 +202,9 @@ def _silu_grad(mult):
 def silu(mult=1.0, constraint="to_output_scale"):
     """The reference's: output as gelu's, gradient × `L(sigmoid(ln m²), 2, sqrt(2))`.
 
-    Example:
-
-    >>> round(silu(constraint=None).grad, 4)
-    1.6818
+    Examples:
+        >>> round(silu(constraint=None).grad, 4)
+        1.6818
     """
     checks.positive("mult", mult)
     output = logarithmic_interpolation(_gelu_alpha(mult), 2.0, _RELU_STD_SCALE)
@@ -222,10 +214,9 @@ def silu(mult=1.0, constraint="to_output_scale"):
 def silu_glu(mult=1.0):
     """`x * silu(gate)`: the output and both inputs' gradients × `L(sigmoid(ln m²), 2, sqrt(2))` (the reference's).
 
-    Example:
-
-    >>> round(silu_glu(), 4)
-    1.6818
+    Examples:
+        >>> round(silu_glu(), 4)
+        1.6818
     """
     checks.positive("mult", mult)
     return _silu_grad(mult)
@@ -234,10 +225,9 @@ def silu_glu(mult=1.0):
 def tanh(constraint="to_output_scale"):
     """The general rule: output × ≈ 1.593, gradient × ≈ 1.467 (tied: 1.593).
 
-    Example:
-
-    >>> round(tanh().grad, 3)
-    1.593
+    Examples:
+        >>> round(tanh().grad, 3)
+        1.593
     """
     return ElementwiseScales(*tie(constraint, *_TANH))
 
@@ -250,10 +240,9 @@ def sigmoid(constraint="to_output_scale"):
     both at unit scale. Pass `constraint=None` where the edge is cut (an
     LSTM's gates).
 
-    Example:
-
-    >>> [round(s, 3) for s in sigmoid(constraint=None)]
-    [1.846, 4.723]
+    Examples:
+        >>> [round(s, 3) for s in sigmoid(constraint=None)]
+        [1.846, 4.723]
     """
     return ElementwiseScales(*tie(constraint, *_SIGMOID))
 
@@ -264,10 +253,9 @@ def softmax(n, mult=1.0, constraint="to_output_scale"):
     The output lies in [0, n]: from the flat limit, where each output is
     1/n, to the one-hot limit.
 
-    Example:
-
-    >>> round(softmax(4).output, 3)  # 4^0.9
-    3.482
+    Examples:
+        >>> round(softmax(4).output, 3)  # 4^0.9
+        3.482
     """
     checks.positive("mult", mult)
     alpha = 1.0 / (1.0 + 4.0 / mult**2)
@@ -281,10 +269,9 @@ def softmax(n, mult=1.0, constraint="to_output_scale"):
 def dropout(rate):
     """After inverted dropout (which divides by `1 - rate`): × `(1 - rate)^1/2` both ways, for unit RMS rather than unit mean.
 
-    Example:
-
-    >>> dropout(0.75)
-    0.5
+    Examples:
+        >>> dropout(0.75)
+        0.5
     """
     checks.rate("rate", rate)
     return (1.0 - rate) ** 0.5
@@ -325,10 +312,9 @@ def by_name(name, mult=1.0, constraint="to_output_scale", size=None):
     softmax (class count), log_softmax, glu and sparsemax need `size`.
     `mult` applies to the names in `WITH_MULT` and is ignored by the others.
 
-    Example:
-
-    >>> by_name("relu").output == relu().output
-    True
+    Examples:
+        >>> by_name("relu").output == relu().output
+        True
     """
     if name == "linear":
         return ElementwiseScales(1.0, 1.0)

@@ -39,11 +39,10 @@ def attention(head_dim, seq_len, mult=1.0, is_causal=False, dropout_rate=0.0):
     u-μP's `1/head_dim` (not `1/sqrt(head_dim)`) keeps the logits from
     growing as queries and keys align in training.
 
-    Example:
-
-    >>> scales = attention(16, 64)
-    >>> scales.logits, round(scales.output, 4)
-    (0.0625, 7.7481)
+    Examples:
+        >>> scales = attention(16, 64)
+        >>> scales.logits, round(scales.output, 4)
+        (0.0625, 7.7481)
     """
     checks.positive("mult", mult)
     checks.rate("dropout_rate", dropout_rate)

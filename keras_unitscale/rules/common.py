@@ -34,12 +34,11 @@ def tie(constraint, *scales):
     See `keras_unitscale.constraints`: a name, a callable, or None (each
     scale kept, on a cut edge).
 
-    Example:
-
-    >>> tie("to_output_scale", 0.5, 0.25)
-    (0.5, 0.5)
-    >>> tie(None, 0.5, 0.25)
-    (0.5, 0.25)
+    Examples:
+        >>> tie("to_output_scale", 0.5, 0.25)
+        (0.5, 0.5)
+        >>> tie(None, 0.5, 0.25)
+        (0.5, 0.25)
     """
     return constraints_lib.apply_constraint(constraint, *scales)
 
@@ -61,10 +60,9 @@ def logarithmic_interpolation(alpha, lower, upper):
         The interpolated value (a float, or a scalar tensor when an input is
         one: a size known only at run time).
 
-    Example:
-
-    >>> round(logarithmic_interpolation(0.5, 1 / 1000, 1 / 10), 6)
-    0.01
+    Examples:
+        >>> round(logarithmic_interpolation(0.5, 1 / 1000, 1 / 10), 6)
+        0.01
     """
     if is_static(alpha, lower, upper):
         return math.exp(alpha * math.log(upper) + (1 - alpha) * math.log(lower))
@@ -79,11 +77,10 @@ def gaussian_nodes():
 def gaussian_mean(values):
     """E[v(z)] for z ~ N(0, 1), given `values = v(gaussian_nodes())`.
 
-    Example:
-
-    >>> z = gaussian_nodes()
-    >>> round(gaussian_mean(z**2), 10)
-    1.0
+    Examples:
+        >>> z = gaussian_nodes()
+        >>> round(gaussian_mean(z**2), 10)
+        1.0
     """
     return float(np.sum(_WEIGHTS * values))
 
@@ -100,10 +97,9 @@ def gaussian_grid():
 def gaussian_grid_rms(values):
     """RMS of `v(z)` for z ~ N(0, 1), given `values = v(gaussian_grid())` (a scalar broadcasts).
 
-    Example:
-
-    >>> round(gaussian_grid_rms(np.abs(gaussian_grid())) ** 2, 10)
-    1.0
+    Examples:
+        >>> round(gaussian_grid_rms(np.abs(gaussian_grid())) ** 2, 10)
+        1.0
     """
     values = np.asarray(values, dtype=np.float64)
     if values.size != 1 and values.shape != _GRID.shape:
@@ -116,10 +112,9 @@ def gaussian_grid_rms(values):
 def gaussian_rms(fn):
     """RMS of `fn(z)` for z ~ N(0, 1), on a fine grid (exact to 1e-15 for smooth `fn`, 1e-4 at a step).
 
-    Example:
-
-    >>> round(gaussian_rms(lambda z: np.maximum(z, 0.0)) ** 2, 10)  # relu: 1/2
-    0.5
+    Examples:
+        >>> round(gaussian_rms(lambda z: np.maximum(z, 0.0)) ** 2, 10)  # relu: 1/2
+        0.5
     """
     return gaussian_grid_rms(fn(_GRID))
 

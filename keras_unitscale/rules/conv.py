@@ -46,23 +46,24 @@ def conv(
 
     Args:
         kernel_volume: the product of the kernel's spatial sizes.
-        in_per_group, out_per_group: the channels each group reads and writes.
+        in_per_group: the channels each group reads and writes.
+        out_per_group: the channels each group reads and writes.
         stride_volume: the product of the strides.
         positions: the terms each weight's gradient sums, the batch size
             times the output positions (a transpose's input positions);
             None: the weight-gradient scale is not computed.
         transpose: a transposed convolution (strides spread its inputs out).
-        constraint, powers: as for `rules.linear.dense`.
+        constraint: as for `rules.linear.dense`.
+        powers: as for `rules.linear.dense`.
 
     Returns:
         A `rules.linear.DenseScales`.
 
-    Example:
-
-    >>> conv(9, 16, 32, positions=64, constraint=None)
-    DenseScales(output=0.08333333333333333, grad_input=0.05892556509887896, grad_weight=0.125)
-    >>> conv(9, 16, 32, stride_volume=4, constraint=None).grad_input == (9 * 32 / 4) ** -0.5
-    True
+    Examples:
+        >>> conv(9, 16, 32, positions=64, constraint=None)
+        DenseScales(output=0.08333333333333333, grad_input=0.05892556509887896, grad_weight=0.125)
+        >>> conv(9, 16, 32, stride_volume=4, constraint=None).grad_input == (9 * 32 / 4) ** -0.5
+        True
     """
     for name, value in (("kernel_volume", kernel_volume), ("in_per_group", in_per_group),
                         ("out_per_group", out_per_group), ("stride_volume", stride_volume)):
@@ -86,12 +87,11 @@ def kernel_fans(kind, kernel_shape, strides=1):
         kernel_shape: the kernel's shape, as Keras lays it out.
         strides: the strides, a tuple or one int for every spatial axis (used by transposes).
 
-    Example:
-
-    >>> kernel_fans("depthwise", (3, 3, 16, 1))  # each output sums its own channel's 9 taps
-    (9, 16)
-    >>> kernel_fans("transpose", (3, 3, 8, 4), strides=2)
-    (9, 8)
+    Examples:
+        >>> kernel_fans("depthwise", (3, 3, 16, 1))  # each output sums its own channel's 9 taps
+        (9, 16)
+        >>> kernel_fans("transpose", (3, 3, 8, 4), strides=2)
+        (9, 8)
     """
     checks.one_of("kind", kind, KERNEL_KINDS)
     shape = tuple(int(size) for size in kernel_shape)

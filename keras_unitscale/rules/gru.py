@@ -203,11 +203,10 @@ def gru_rule(reset_after=True):
     Returns:
         A `GRURule`.
 
-    Example:
-
-    >>> rule = gru_rule()
-    >>> round(rule.hidden_rms * rule.output_scale, 12)
-    1.0
+    Examples:
+        >>> rule = gru_rule()
+        >>> round(rule.hidden_rms * rule.output_scale, 12)
+        1.0
     """
     if not isinstance(reset_after, (bool, np.bool_)):
         raise ValueError(f"`reset_after` must be True or False. Received: reset_after={reset_after!r}")
@@ -227,11 +226,10 @@ def weights(features, units, batch=None, steps=1, return_sequences=True, reset_a
     backward; bias × 1 forward and `1/(√n·ĝ·ρ_b·κ_b)` backward. `batch`
     counts every replica's rows.
 
-    Example:
-
-    >>> scales = weights(features=64, units=16)
-    >>> scales.kernel.forward, scales.recurrent_kernel.forward, scales.bias.backward
-    (0.125, 0.25, None)
+    Examples:
+        >>> scales = weights(features=64, units=16)
+        >>> scales.kernel.forward, scales.recurrent_kernel.forward, scales.bias.backward
+        (0.125, 0.25, None)
     """
     rule = gru_rule(reset_after)
     base = None
@@ -254,10 +252,9 @@ def weights(features, units, batch=None, steps=1, return_sequences=True, reset_a
 def input_grad(features, units, steps=1, return_sequences=True, reset_after=True):
     """The gradient scale of the input sequence, `√(D/3H)·√(T/m)/ĝ` (a cut edge).
 
-    Example:
-
-    >>> round(input_grad(features=12, units=4) * gru_rule().preactivation_grad_rms, 6)
-    1.0
+    Examples:
+        >>> round(input_grad(features=12, units=4) * gru_rule().preactivation_grad_rms, 6)
+        1.0
     """
     rule = gru_rule(reset_after)
     ratio = as_float(features) / (GATES * units) * (1.0 if return_sequences else as_float(steps))

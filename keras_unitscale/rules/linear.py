@@ -50,10 +50,9 @@ class AddScales(NamedTuple):
 def matmul(m, k, n, constraint="to_output_scale"):
     """`(m, k) @ (k, n)`: output × `k^-1/2`, left gradient × `n^-1/2`, right × `m^-1/2`, tied.
 
-    Example:
-
-    >>> matmul(4, 16, 64, constraint=None)
-    MatmulScales(output=0.25, grad_left=0.125, grad_right=0.5)
+    Examples:
+        >>> matmul(4, 16, 64, constraint=None)
+        MatmulScales(output=0.25, grad_left=0.125, grad_right=0.5)
     """
     return MatmulScales(*tie(constraint, power(k, -0.5), power(n, -0.5), power(m, -0.5)))
 
@@ -73,10 +72,9 @@ def _check_powers(powers):
 def forward_scale(fan_in, powers=DENSE_POWERS):
     """The untied forward scale of a dense op, `fan_in^-powers[0]`: u-μP's forward multiplier.
 
-    Example:
-
-    >>> forward_scale(64), forward_scale(64, READOUT_POWERS)
-    (0.125, 0.015625)
+    Examples:
+        >>> forward_scale(64), forward_scale(64, READOUT_POWERS)
+        (0.125, 0.015625)
     """
     _check_powers(powers)
     return power(fan_in, -powers[0])
@@ -91,12 +89,11 @@ def dense(fan_in, fan_out, batch=None, constraint="to_output_scale", powers=DENS
     number of rows (`size(x) / fan_in` over all replicas); an empty batch
     counts as one row (`sizes.at_least_one`).
 
-    Example:
-
-    >>> dense(256, 64, batch=16)
-    DenseScales(output=0.0625, grad_input=0.0625, grad_weight=0.25)
-    >>> dense(256, 64, batch=16, constraint=None)
-    DenseScales(output=0.0625, grad_input=0.125, grad_weight=0.25)
+    Examples:
+        >>> dense(256, 64, batch=16)
+        DenseScales(output=0.0625, grad_input=0.0625, grad_weight=0.25)
+        >>> dense(256, 64, batch=16, constraint=None)
+        DenseScales(output=0.0625, grad_input=0.125, grad_weight=0.25)
     """
     output, grad_input = tie(constraint, forward_scale(fan_in, powers), power(fan_out, -powers[1]))
     grad_weight = None if batch is None else power(at_least_one(batch), -powers[2])
@@ -106,10 +103,9 @@ def dense(fan_in, fan_out, batch=None, constraint="to_output_scale", powers=DENS
 def readout(fan_in, fan_out, batch=None, constraint=None):
     """The final dense op: `dense` with `READOUT_POWERS`, unconstrained by default (a cut edge: only the loss follows).
 
-    Example:
-
-    >>> readout(64, 10).output
-    0.015625
+    Examples:
+        >>> readout(64, 10).output
+        0.015625
     """
     return dense(fan_in, fan_out, batch, constraint, READOUT_POWERS)
 
@@ -117,10 +113,9 @@ def readout(fan_in, fan_out, batch=None, constraint=None):
 def broadcast_factor(shape, other_shape):
     """How many times broadcasting against `other_shape` reuses each element of a `shape` tensor.
 
-    Example:
-
-    >>> broadcast_factor((1, 8), (4, 8))
-    4
+    Examples:
+        >>> broadcast_factor((1, 8), (4, 8))
+        4
     """
     rank = max(len(shape), len(other_shape))
     shape = (1,) * (rank - len(shape)) + tuple(shape)
@@ -138,10 +133,9 @@ def add(left_shape, right_shape, constraint="to_output_scale"):
     Output × `2^-1/2` (× 1 when either has one element); each gradient ×
     `1/sqrt(f)`, `f` its `broadcast_factor`, tied by the constraint.
 
-    Example:
-
-    >>> add((4, 8), (4, 8), constraint=None).output == 2**-0.5
-    True
+    Examples:
+        >>> add((4, 8), (4, 8), constraint=None).output == 2**-0.5
+        True
     """
     return AddScales(*sum_of([left_shape, right_shape], constraint))
 
@@ -155,10 +149,9 @@ def sum_of(shapes, constraint="to_output_scale"):
     reuses each of its elements (`broadcast_factor` against the others),
     tied by the constraint.
 
-    Example:
-
-    >>> [round(s, 4) for s in sum_of([(4, 8), (4, 8), (1, 8)], constraint=None)]
-    [0.5774, 1.0, 1.0, 0.5]
+    Examples:
+        >>> [round(s, 4) for s in sum_of([(4, 8), (4, 8), (1, 8)], constraint=None)]
+        [0.5774, 1.0, 1.0, 0.5]
     """
     return tie(constraint, sum_output(shapes), *(power(_reuse(i, shapes), -0.5) for i in range(len(shapes))))
 
@@ -183,10 +176,9 @@ def _axis_shape(shape, axis):
 def add_output(left_shape, right_shape):
     """The untied forward scale of `add`: `2^-1/2`, or 1 when either operand has one element (a `None` size is not 1).
 
-    Example:
-
-    >>> add_output((None, 8), (1,))
-    1.0
+    Examples:
+        >>> add_output((None, 8), (1,))
+        1.0
     """
     return sum_output([left_shape, right_shape])
 
@@ -194,10 +186,9 @@ def add_output(left_shape, right_shape):
 def sum_output(shapes):
     """The untied forward scale of `sum_of`: `k^-1/2`, `k` the operands with more than one element (a `None` size is not 1).
 
-    Example:
-
-    >>> sum_output([(None, 8), (1,)]), sum_output([(2,), (2,), (2,), (2,)])
-    (1.0, 0.5)
+    Examples:
+        >>> sum_output([(None, 8), (1,)]), sum_output([(2,), (2,), (2,), (2,)])
+        (1.0, 0.5)
     """
     many = [shape for shape in shapes if not (is_static(*shape) and _product(shape) == 1)]
     return max(len(many), 1) ** -0.5
@@ -216,10 +207,9 @@ def embedding_grad(vocab, tokens):
     A row's gradient sums over the tokens that chose it, about
     `tokens / vocab` of them (`tokens` over all replicas).
 
-    Example:
-
-    >>> embedding_grad(100, 25)
-    2.0
+    Examples:
+        >>> embedding_grad(100, 25)
+        2.0
     """
     return power(as_float(vocab) / as_float(at_least_one(tokens)), 0.5)
 
@@ -234,10 +224,9 @@ def lora_alpha(rank):
     so `lora_alpha / rank = rank^-1/2`. With unit-normal `A` (and `B`
     trained from zero) the update's scale does not depend on the rank.
 
-    Example:
-
-    >>> lora_alpha(16)
-    4.0
+    Examples:
+        >>> lora_alpha(16)
+        4.0
     """
     checks.positive("rank", rank)
     return float(rank * forward_scale(rank))

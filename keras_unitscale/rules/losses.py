@@ -17,10 +17,9 @@ def cross_entropy_grad(num_classes):
     when the softmax is flat. (A sigmoid's binary cross-entropy is the
     two-class case: 2.)
 
-    Example:
-
-    >>> cross_entropy_grad(2)
-    2.0
+    Examples:
+        >>> cross_entropy_grad(2)
+        2.0
     """
     return as_float(num_classes) * power(as_float(num_classes) - 1.0, -0.5)
 
@@ -31,9 +30,8 @@ def mean(count):
     Its gradient is not divided by the count: the weight-gradient rules
     divide by `sqrt(batch)` instead. An empty batch's mean is 0, as Keras's.
 
-    Example:
-
-    >>> mean(4)
-    0.25
+    Examples:
+        >>> mean(4)
+        0.25
     """
     return 1.0 / as_float(at_least_one(count))

@@ -239,11 +239,10 @@ def lstm_rule(forget_bias=1.0):
     Returns:
         An `LSTMRule`.
 
-    Example:
-
-    >>> rule = lstm_rule(1.0)
-    >>> round(rule.hidden_rms, 3), round(rule.output_scale, 2)
-    (0.225, 4.44)
+    Examples:
+        >>> rule = lstm_rule(1.0)
+        >>> round(rule.hidden_rms, 3), round(rule.output_scale, 2)
+        (0.225, 4.44)
     """
     if (
         not isinstance(forget_bias, (int, float))
@@ -285,11 +284,10 @@ def weights(features, units, batch=None, steps=1, return_sequences=True, forget_
     `1/(√n·ĝ·r_h·κ_U)` backward; bias × 1 forward and `1/(√n·ĝ·κ_b)`
     backward. `batch` counts every replica's rows.
 
-    Example:
-
-    >>> scales = weights(features=64, units=32)
-    >>> scales.kernel.forward, scales.recurrent_kernel.backward
-    (0.125, None)
+    Examples:
+        >>> scales = weights(features=64, units=32)
+        >>> scales.kernel.forward, scales.recurrent_kernel.backward
+        (0.125, None)
     """
     rule = lstm_rule(forget_bias)
     base = None
@@ -309,10 +307,9 @@ def input_grad(features, units, steps=1, return_sequences=True, forget_bias=1.0)
     The gradient `D^-1/2·∂z W^T` of unit-normal weights has RMS
     `√(4H/D)·ĝ·√(m/T)` over the T steps.
 
-    Example:
-
-    >>> round(input_grad(features=16, units=4), 3)
-    1.543
+    Examples:
+        >>> round(input_grad(features=16, units=4), 3)
+        1.543
     """
     rule = lstm_rule(forget_bias)
     ratio = as_float(features) / (4.0 * units) * (1.0 if return_sequences else as_float(steps))

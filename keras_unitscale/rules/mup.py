@@ -57,13 +57,12 @@ class WeightRole:
         depth: the number of residual blocks in the stack the variable
             belongs to, or None outside one.
 
-    Example:
-
-    >>> role = WeightRole("hidden", fan_in=256, fan_out=64)
-    >>> role.forward_multiplier(), role.lr_multiplier("adam")
-    (0.0625, 0.0625)
-    >>> WeightRole("hidden", fan_in=256, fan_out=64, depth=4).lr_multiplier("adam")
-    0.03125
+    Examples:
+        >>> role = WeightRole("hidden", fan_in=256, fan_out=64)
+        >>> role.forward_multiplier(), role.lr_multiplier("adam")
+        (0.0625, 0.0625)
+        >>> WeightRole("hidden", fan_in=256, fan_out=64, depth=4).lr_multiplier("adam")
+        0.03125
     """
 
     role: str

@@ -14,9 +14,8 @@ def affine_grad(norm_size, size):
     sums its gradient over the `size / norm_size` rows (`size` counts every
     element over all replicas).
 
-    Example:
-
-    >>> affine_grad(64, 64 * 16)
-    0.25
+    Examples:
+        >>> affine_grad(64, 64 * 16)
+        0.25
     """
     return power(as_float(norm_size) / as_float(at_least_one(size)), 0.5)

@@ -11,10 +11,9 @@ def branch_weights(tau):
     A join applies them forward (`residual_add`), its split backward
     (`residual_split`), so that unit scale in gives unit scale out both ways.
 
-    Example:
-
-    >>> branch_weights(0.75)
-    (0.6, 0.8)
+    Examples:
+        >>> branch_weights(0.75)
+        (0.6, 0.8)
     """
     checks.non_negative("tau", tau)
     denominator = (1.0 + tau**2) ** 0.5
@@ -41,11 +40,10 @@ def transformer_residual_scaling_rule(residual_mult=1.0, residual_attn_ratio=1.0
     Returns:
         `tau(index, layers)`, for `0 <= index < layers`.
 
-    Example:
-
-    >>> rule = transformer_residual_scaling_rule()
-    >>> [round(rule(i, 8), 3) for i in range(3)]
-    [0.5, 0.447, 0.408]
+    Examples:
+        >>> rule = transformer_residual_scaling_rule()
+        >>> [round(rule(i, 8), 3) for i in range(3)]
+        [0.5, 0.447, 0.408]
     """
     checks.positive("residual_mult", residual_mult)
     checks.positive("residual_attn_ratio", residual_attn_ratio)
