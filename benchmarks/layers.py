@@ -11,8 +11,13 @@ trained on the same data:
 - a small transformer language model: Embedding → 2 pre-norm blocks (width 128,
   4 heads, MLP ×4) → Dense readout.
 
+Both models train with Keras's Adam, or (`--optimizer ours`) ours with ours.
+`--what optimizer` times our Adam against Keras's instead, both training the
+models from `keras.layers`.
+
 Usage:
-    python benchmarks/layers.py [--repeats 7] [--steps 32] [--jit-compile true|auto]
+    python benchmarks/layers.py [--repeats 7] [--steps 32] [--jit-compile true|auto] [--optimizer keras|ours]
+        [--what layers|optimizer]
 """
 
 import argparse
@@ -24,6 +29,7 @@ import numpy as np
 import timing
 from keras_unitscale import layers
 from keras_unitscale import losses
+from keras_unitscale import optimizers
 from keras_unitscale.layers.lstm import LSTM
 
 VOCAB, SEQ = 256, 64
@@ -90,9 +96,9 @@ CASES = [
 ]
 
 
-def _compiled(build, lib, loss, x, y, batch, jit_compile):
+def _compiled(build, lib, loss, x, y, batch, jit_compile, optimizer="adam"):
     model = build(lib)
-    model.compile(optimizer="adam", loss=loss, jit_compile=jit_compile)
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile)
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # trace and compile
     return model
 
@@ -102,6 +108,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=32, help="training steps per timing")
     parser.add_argument("--jit-compile", choices=("true", "auto"), default="true")
+    parser.add_argument("--optimizer", choices=("keras", "ours"), default="keras",
+                        help="Keras's Adam for both models, or ours (`keras_unitscale.optimizers.Adam`, u-μP's "
+                             "per-weight rates) for our layers, as a user of them compiles (default: %(default)s)")
+    parser.add_argument("--what", choices=("layers", "optimizer"), default="layers",
+                        help="our layers against Keras's, or our Adam against Keras's on Keras's layers")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     jit_compile = True if args.jit_compile == "true" else "auto"
@@ -109,11 +120,21 @@ def main():
     for name, build, kind, batch, keras_loss, our_loss in CASES:
         x, y = _data(kind, batch * 8)
         timing.fresh_compiler_cache()
-        ours = _compiled(build, layers, our_loss, x, y, batch, jit_compile)
+        if args.what == "optimizer":
+            ours = _compiled(build, keras.layers, keras_loss, x, y, batch, jit_compile, optimizers.Adam())
+        else:
+            ours = _compiled(build, layers, our_loss, x, y, batch, jit_compile,
+                             optimizers.Adam() if args.optimizer == "ours" else "adam")
         theirs = _compiled(build, keras.layers, keras_loss, x, y, batch, jit_compile)
         rows.append(timing.compare(name, ours, theirs, x, y, batch, args.repeats, args.steps))
-    timing.report(rows, "keras_unitscale", "keras.layers", "layers" if jit_compile is True else "layers_auto_jit",
-                  args.out, {"jit_compile": jit_compile, "repeats": args.repeats, "steps_per_timing": args.steps})
+    jit = "" if jit_compile is True else "_auto_jit"
+    if args.what == "optimizer":
+        stem, labels = f"optimizer{jit}", ("our Adam", "Keras's Adam")
+    else:
+        stem, labels = f"layers{jit}{'_our_adam' if args.optimizer == 'ours' else ''}", ("keras_unitscale", "keras.layers")
+    timing.report(rows, *labels, stem, args.out,
+                  {"jit_compile": jit_compile, "repeats": args.repeats, "steps_per_timing": args.steps,
+                   "optimizer": args.optimizer, "what": args.what})
 
 
 if __name__ == "__main__":
