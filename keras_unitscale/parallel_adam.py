@@ -34,14 +34,15 @@ def update(optimizer, grads, variables, learning_rate):
         dtype = values[0].dtype
         indices = [optimizer._get_variable_index(variable) for variable in variables]
         learning_rate = torch.as_tensor(keras.ops.convert_to_tensor(learning_rate), dtype=dtype)
-        lr_multipliers = [optimizer._lr_multiplier_variables[i].value.to(dtype) for i in indices]
+        # The per-variable scalars as one vector each: a handful of ops per step, not a handful per variable.
+        lr_multipliers = _stacked(optimizer._lr_multiplier_variables, indices, dtype)
         _decay(optimizer, variables, values, learning_rate, lr_multipliers)
 
         step = torch.as_tensor(keras.ops.convert_to_tensor(optimizer.iterations + 1), dtype=dtype)
         beta_1_power = torch.pow(torch.as_tensor(optimizer.beta_1, dtype=dtype), step)
         beta_2_power = torch.pow(torch.as_tensor(optimizer.beta_2, dtype=dtype), step)
         alpha = learning_rate * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-        alphas = [alpha * multiplier for multiplier in lr_multipliers]
+        alphas = list(torch.unbind(alpha * lr_multipliers))
 
         momentums = [optimizer._momentums[i].value for i in indices]
         velocities = [optimizer._velocities[i].value for i in indices]
@@ -54,19 +55,29 @@ def update(optimizer, grads, variables, learning_rate):
             maxima = [optimizer._velocity_hats[i].value for i in indices]
             torch._foreach_maximum_(maxima, velocities)
             velocities = maxima
-        epsilons = [_epsilon(optimizer, variable, i, dtype) for variable, i in zip(variables, indices)]
+        epsilons = _epsilons(optimizer, variables, indices, dtype)
         steps = torch._foreach_div(torch._foreach_mul(momentums, alphas),
                                    torch._foreach_add(torch._foreach_sqrt(velocities), epsilons))
         torch._foreach_sub_(values, steps)
 
 
-def _epsilon(optimizer, variable, index, dtype):
-    """`epsilon × (multiplier × batch factor) ** epsilon_power`, as `UnitScaledOptimizer.update_step` sets it."""
+def _stacked(multiplier_variables, indices, dtype):
+    """The optimizer's scalar variables of `indices`, as one vector."""
     import torch
 
-    multiplier = optimizer._epsilon_multiplier_variables[index].value.to(dtype)
-    factor = torch.as_tensor(keras.ops.convert_to_tensor(optimizer.epsilon_batch_factor(variable)), dtype=dtype)
-    return optimizer.epsilon * (multiplier * factor) ** optimizer.epsilon_power
+    return torch.stack([multiplier_variables[i].value for i in indices]).to(dtype)
+
+
+def _epsilons(optimizer, variables, indices, dtype):
+    """Each variable's `epsilon × (multiplier × batch factor) ** epsilon_power`, as `update_step` sets it."""
+    import torch
+
+    multipliers = _stacked(optimizer._epsilon_multiplier_variables, indices, dtype)
+    factors = [optimizer.epsilon_batch_factor(variable) for variable in variables]
+    if any(not (isinstance(factor, float) and factor == 1.0) for factor in factors):  # 1 but under InPlaceEpsilon
+        multipliers = multipliers * torch.stack(
+            [torch.as_tensor(keras.ops.convert_to_tensor(factor), dtype=dtype) for factor in factors])
+    return list(torch.unbind(optimizer.epsilon * multipliers ** optimizer.epsilon_power))
 
 
 def _decay(optimizer, variables, values, learning_rate, lr_multipliers):
@@ -76,7 +87,7 @@ def _decay(optimizer, variables, values, learning_rate, lr_multipliers):
     if not optimizer.weight_decay:
         return
     decayed, factors = [], []
-    for variable, value, lr_multiplier in zip(variables, values, lr_multipliers):
+    for variable, value, lr_multiplier in zip(variables, values, torch.unbind(lr_multipliers)):
         if not optimizer._use_weight_decay(variable):
             continue
         if optimizer.independent_weight_decay:
