@@ -343,14 +343,21 @@ class UnitScaledOptimizer:
             return
         super()._backend_update_step(grads, trainable_variables, learning_rate)
 
+    def decay_fraction(self, learning_rate, lr_multiplier):
+        """The fraction of a weight its decoupled weight decay removes this step (see the module docstring)."""
+        if self.independent_weight_decay:
+            return self.weight_decay * learning_rate / self.peak_learning_rate
+        return self.weight_decay * learning_rate * lr_multiplier
+
+    def scaled_epsilon(self, multiplier):
+        """The epsilon of a variable whose epsilon multiplier (times its batch factor) is `multiplier`."""
+        return self.epsilon * multiplier**self.epsilon_power
+
     def update_step(self, gradient, variable, learning_rate):
         lr_multiplier = ops.cast(self._lr_multiplier_variable(variable), "float32")
         learning_rate = ops.cast(learning_rate, "float32")
         if self.weight_decay and self._use_weight_decay(variable):
-            if self.independent_weight_decay:
-                decay = self.weight_decay * learning_rate / self.peak_learning_rate
-            else:
-                decay = self.weight_decay * learning_rate * lr_multiplier
+            decay = self.decay_fraction(learning_rate, lr_multiplier)
             variable.assign(variable - variable * ops.cast(decay, variable.dtype))
         if self.epsilon_power is None:
             super().update_step(gradient, variable, learning_rate * lr_multiplier)
@@ -361,7 +368,7 @@ class UnitScaledOptimizer:
         # those differently.)
         epsilon = self.epsilon
         multiplier = ops.cast(self._epsilon_multiplier_variable(variable), "float32") * self.epsilon_batch_factor(variable)
-        self.epsilon = epsilon * multiplier ** self.epsilon_power
+        self.epsilon = self.scaled_epsilon(multiplier)
         try:
             super().update_step(gradient, variable, learning_rate * lr_multiplier)
         finally:

@@ -69,7 +69,7 @@ def _stacked(multiplier_variables, indices, dtype):
 
 
 def _epsilons(optimizer, variables, indices, dtype):
-    """Each variable's `epsilon × (multiplier × batch factor) ** epsilon_power`, as `update_step` sets it."""
+    """Each variable's epsilon (`UnitScaledOptimizer.scaled_epsilon` of its multiplier times its batch factor)."""
     import torch
 
     multipliers = _stacked(optimizer._epsilon_multiplier_variables, indices, dtype)
@@ -77,24 +77,19 @@ def _epsilons(optimizer, variables, indices, dtype):
     if any(not (isinstance(factor, float) and factor == 1.0) for factor in factors):  # 1 but under InPlaceEpsilon
         multipliers = multipliers * torch.stack(
             [torch.as_tensor(keras.ops.convert_to_tensor(factor), dtype=dtype) for factor in factors])
-    return list(torch.unbind(optimizer.epsilon * multipliers ** optimizer.epsilon_power))
+    return list(torch.unbind(optimizer.scaled_epsilon(multipliers)))
 
 
 def _decay(optimizer, variables, values, learning_rate, lr_multipliers):
-    """The optimizer's decoupled weight decay, as `UnitScaledOptimizer.update_step` applies it."""
+    """The optimizer's decoupled weight decay (`UnitScaledOptimizer.decay_fraction`), for all variables at once."""
     import torch
 
     if not optimizer.weight_decay:
         return
     decayed, factors = [], []
     for variable, value, lr_multiplier in zip(variables, values, torch.unbind(lr_multipliers)):
-        if not optimizer._use_weight_decay(variable):
-            continue
-        if optimizer.independent_weight_decay:
-            decay = optimizer.weight_decay * learning_rate / optimizer.peak_learning_rate
-        else:
-            decay = optimizer.weight_decay * learning_rate * lr_multiplier
-        decayed.append(value)
-        factors.append(decay)
+        if optimizer._use_weight_decay(variable):
+            decayed.append(value)
+            factors.append(optimizer.decay_fraction(learning_rate, lr_multiplier))
     if decayed:
         torch._foreach_sub_(decayed, torch._foreach_mul(decayed, factors))
