@@ -1,9 +1,12 @@
 """Growing a trained model: does training go on from where it was, at the same learning rate, and save steps?
 
 A character-level transformer LM (`keras_unitscale.models.transformer_lm`,
-heads of 16) on the English text of Python's `pydoc_data.topics`, trained
-in u-μP (`keras_unitscale.optimizers.Adam` at `--lr`, the optimum of
-`benchmarks/lr_transfer.py` on this task, our unit-scaled cross-entropy):
+heads of 16), or with `--model lstm` a residual LSTM LM
+(`keras_unitscale.models.lstm_lm(residual=True)`, a stack of
+`RecurrentBlock`s), on the English text of Python's `pydoc_data.topics`,
+trained in u-μP (`keras_unitscale.optimizers.Adam` at `--lr`, the
+transformer's optimum of `benchmarks/lr_transfer.py` on this task, our
+unit-scaled cross-entropy):
 
 - base: width `--width`, depth `--depth`, for `--steps-before` steps;
 - for each target size (`--targets`, "W×D"), the base grown to it with
@@ -27,10 +30,12 @@ grown model's training loss, as a running mean of `--smooth` steps, first
 reaches the from-scratch model's final one ("not reached" if it never does),
 and the other way round, the step at which the from-scratch model's reaches
 the grown model's final one.
-Written to `--out`: `grow_<backend>_<device>.json`, `.txt` and `.png`.
+Written to `--out`: `grow_<backend>_<device>.json`, `.txt` and `.png`
+(`grow_lstm_<backend>_<device>` for the LSTM).
 
 Usage:
-    python benchmarks/grow.py [--targets 128x2 256x2 64x4] [--steps-before 300] [--steps-after 300]
+    python benchmarks/grow.py [--model transformer|lstm] [--targets 128x2 256x2 64x4] [--steps-before 300]
+        [--steps-after 300]
 """
 
 import argparse
@@ -50,8 +55,12 @@ from keras_unitscale import models
 from keras_unitscale import optimizers
 
 
-def _build(vocab_size, width, depth, seq):
-    return models.transformer_lm(vocab_size, width, depth, head_dim=16, seq_len=seq)
+MODELS = {
+    "transformer": lambda vocab_size, width, depth, seq: models.transformer_lm(vocab_size, width, depth, head_dim=16,
+                                                                                 seq_len=seq),
+    "lstm": lambda vocab_size, width, depth, seq: models.lstm_lm(vocab_size, width, depth, seq_len=seq, residual=True),
+}
+_TITLES = {"transformer": "character transformer LM", "lstm": "character residual LSTM LM (RecurrentBlocks)"}
 
 
 def _train(model, optimizer, batches, validation, batch_size):
@@ -112,7 +121,8 @@ def run(args):
     after = (x[args.steps_before * args.batch:], y[args.steps_before * args.batch:])
     vocab = len(vocabulary)
     keras.utils.set_random_seed(args.seed)
-    base = _build(vocab, args.width, args.depth, args.seq)
+    build = MODELS[args.model]
+    base = build(vocab, args.width, args.depth, args.seq)
     base_curve, base_validation = _train(base, optimizers.Adam(args.lr), before, validation, args.batch)
     print(f"base {args.width}x{args.depth}: validation {base_validation:.4f}", flush=True)
     rows = []
@@ -132,7 +142,7 @@ def run(args):
             row[variant] = {"curve": curve, "final_train": _final(curve, args.smooth), "validation": val,
                             "parameters": int(grown.count_params())}
         keras.utils.set_random_seed(args.seed)
-        scratch = _build(vocab, width, depth, args.seq)
+        scratch = build(vocab, width, depth, args.seq)
         curve, val = _train(scratch, optimizers.Adam(args.lr), (x, y), validation, args.batch)
         row["scratch"] = {"curve": curve, "final_train": _final(curve, args.smooth), "validation": val}
         row["steps_saved"] = steps_saved(base_curve, row["grown"]["curve"], curve, args.smooth)
@@ -153,7 +163,7 @@ def run(args):
 
 def table(result, args):
     lines = [
-        f"growing a trained model: character transformer LM on pydoc_data.topics, {keras.backend.backend()} "
+        f"growing a trained model: {_TITLES[args.model]} on pydoc_data.topics, {keras.backend.backend()} "
         f"{timing.device_name()}; base {args.width}x{args.depth} (width x depth) trained {args.steps_before} steps, "
         f"then {args.steps_after} more (split {args.split!r}); batch {args.batch} x {args.seq} characters; learning rate {args.lr:g} "
         f"throughout; validation on {args.validation} windows; steps saved on a running mean of {args.smooth} steps",
@@ -217,6 +227,7 @@ def plot(result, args, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="transformer", choices=sorted(MODELS))
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--targets", nargs="+", default=["128x2", "256x2", "64x4"])
@@ -237,7 +248,8 @@ def main():
     text = table(result, args) + f"\n\n{time.perf_counter() - started:.0f} s in all\n"
     print("\n" + text)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"grow_{keras.backend.backend()}_{timing.device_name().replace(' ', '_').lower()}")
+    prefix = "grow_" if args.model == "transformer" else f"grow_{args.model}_"
+    stem = os.path.join(args.out, f"{prefix}{keras.backend.backend()}_{timing.device_name().replace(' ', '_').lower()}")
     with open(stem + ".json", "w") as f:
         json.dump({"settings": vars(args), **result}, f)
     with open(stem + ".txt", "w") as f:

@@ -44,24 +44,55 @@ def mlp(input_dim, width=128, depth=2, output_dim=1, activation="relu", output_a
     return keras.Sequential([keras.Input((input_dim,)), *hidden, readout], name=name)
 
 
-def lstm_lm(vocab_size, width=256, depth=1, embedding_dim=None, seq_len=None, parametrization="u-mup",
-            name="lstm_lm"):
+def lstm_lm(vocab_size, width=256, depth=1, embedding_dim=None, seq_len=None, residual=False,
+            parametrization="u-mup", name="lstm_lm"):
     """A character-level LSTM language model (seeds 003/004): Embedding → `depth` LSTMs → readout logits.
+
+    Args:
+        vocab_size: tokens in and logits out.
+        width: the LSTMs' units.
+        depth: the number of LSTMs.
+        embedding_dim: the embedding's size (default `width`). With
+            `residual=True` it is the residual stream's size.
+        seq_len: the sequence length (None for any).
+        residual: stack pre-norm residual blocks (`layers.RecurrentBlock`:
+            `x → x + projection(LSTM(norm(x)))`, u-μP's residual weights for
+            `depth` blocks) with a norm after them, instead of plain LSTMs.
+            Such a stack can grow deeper with its function kept
+            (`keras_unitscale.grow(model, depth=2)`); a stack of plain LSTMs
+            cannot. In "standard", the same blocks from `keras.layers` with
+            plain residual adds.
+        parametrization: "u-mup" or "standard" (see the module docstring).
+        name: the model's name.
 
     Examples:
         >>> model = lstm_lm(vocab_size=50, width=32, seq_len=16)
         >>> tuple(model.outputs[0].shape)
         (None, 16, 50)
+        >>> deep = lstm_lm(vocab_size=50, width=32, depth=2, seq_len=16, residual=True)
+        >>> [layer.name for layer in deep.layers]
+        ['embed', 'block0', 'block1', 'final_norm', 'readout']
     """
     checks.positive_int("vocab_size", vocab_size)
     checks.positive_int("depth", depth)
     unit_scaled = _unit_scaled(parametrization)
     lib = L if unit_scaled else keras.layers
-    stack = [keras.Input((seq_len,), dtype="int32"), lib.Embedding(vocab_size, embedding_dim or width, name="embed")]
-    stack += [lib.LSTM(width, return_sequences=True, name=f"lstm{i}") for i in range(depth)]
-    stack.append(L.Dense(vocab_size, role="output", name="readout") if unit_scaled
-                 else keras.layers.Dense(vocab_size, name="readout"))
-    return keras.Sequential(stack, name=name)
+    tokens = keras.Input((seq_len,), dtype="int32", name="tokens" if residual else None)
+    embed = lib.Embedding(vocab_size, embedding_dim or width, name="embed")
+    readout = (L.Dense(vocab_size, role="output", name="readout") if unit_scaled
+               else keras.layers.Dense(vocab_size, name="readout"))
+    if not residual:
+        stack = [lib.LSTM(width, return_sequences=True, name=f"lstm{i}") for i in range(depth)]
+        return keras.Sequential([tokens, embed, *stack, readout], name=name)
+    if unit_scaled:
+        blocks = [L.RecurrentBlock(width, index=i, depth=depth, name=f"block{i}") for i in range(depth)]
+        return keras.Sequential([tokens, embed, *blocks, L.LayerNormalization(name="final_norm"), readout], name=name)
+    h = embed(tokens)
+    for i in range(depth):
+        n = keras.layers.LayerNormalization(name=f"block{i}_pre_norm")(h)
+        r = keras.layers.LSTM(width, return_sequences=True, name=f"block{i}_rnn")(n)
+        h = keras.layers.Add(name=f"block{i}")([h, keras.layers.Dense(h.shape[-1], name=f"block{i}_projection")(r)])
+    return keras.Model(tokens, readout(keras.layers.LayerNormalization(name="final_norm")(h)), name=name)
 
 
 def transformer_lm(vocab_size, width, depth, num_heads=None, head_dim=None, seq_len=128, mlp_ratio=4,

@@ -14,9 +14,11 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import grow  # noqa: E402  (the benchmark module, from benchmarks/)
 
 
-def test_a_smoke_run_grows_width_and_depth_without_a_jump(tmp_path):
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "grow.py"), "--steps-before", "4", "--steps-after",
-               "4", "--targets", "128x2", "64x4", "--validation", "16", "--smooth", "2", "--out", str(tmp_path)]
+@pytest.mark.parametrize("model", ["transformer", "lstm"])
+def test_a_smoke_run_grows_width_and_depth_without_a_jump(model, tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "grow.py"), "--model", model, "--steps-before", "4",
+               "--steps-after", "4", "--targets", "128x2", "64x4", "--validation", "16", "--smooth", "2",
+               "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "KERAS_BACKEND": keras.backend.backend()})
     assert done.returncode == 0, done.stderr[-2000:]

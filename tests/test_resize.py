@@ -28,8 +28,12 @@ def _lstm(width=16):
     return models.lstm_lm(vocab_size=20, width=width, seq_len=8)
 
 
-def _transformer(width=32):
-    return models.transformer_lm(vocab_size=32, width=width, depth=2, head_dim=16, seq_len=8)
+def _transformer(width=32, depth=2):
+    return models.transformer_lm(vocab_size=32, width=width, depth=depth, head_dim=16, seq_len=8)
+
+
+def _residual_lstm(width=16, depth=2):
+    return models.lstm_lm(vocab_size=20, width=width, depth=depth, seq_len=8, residual=True)
 
 
 def _gru(width=16):
@@ -42,7 +46,10 @@ def _gru(width=16):
     ], name="gru_lm")
 
 
-BUILDERS = {"mlp": _mlp, "lstm_lm": _lstm, "gru_lm": _gru, "transformer_lm": _transformer}
+BUILDERS = {"mlp": _mlp, "lstm_lm": _lstm, "gru_lm": _gru, "transformer_lm": _transformer,
+            "residual_lstm_lm": _residual_lstm}
+# The models whose depth grows with the function kept: stacks of residual blocks (transformer or recurrent).
+STACKS = ["transformer_lm", "residual_lstm_lm"]
 
 
 def _inputs(name, seed=0):
@@ -170,7 +177,8 @@ def test_noise_moves_the_outputs_by_about_its_size(noise):
     assert noise / 4 < change < 4 * noise
 
 
-@pytest.mark.parametrize("name, sizes", [("lstm_lm", {"width": 2}), ("transformer_lm", {"width": 2, "depth": 2})])
+@pytest.mark.parametrize("name, sizes", [("lstm_lm", {"width": 2}), ("transformer_lm", {"width": 2, "depth": 2}),
+                                         ("residual_lstm_lm", {"width": 2, "depth": 2})])
 def test_a_grown_model_trains_on_from_the_loss_it_had_and_saves(name, sizes, tmp_path):
     keras.utils.set_random_seed(0)
     model = BUILDERS[name]()
@@ -232,14 +240,15 @@ def test_what_cannot_be_grown_is_named():
 
 
 def _blocks(model):
-    return [layer for layer in model.layers if isinstance(layer, L.TransformerBlock)]
+    return [layer for layer in model.layers if isinstance(layer, (L.TransformerBlock, L.RecurrentBlock))]
 
 
+@pytest.mark.parametrize("name", STACKS)
 @pytest.mark.parametrize("depth, insert", [(2, "interleave"), (2, "end"), (3, "interleave"), (1.5, [1]), (2, [0, 3])])
-def test_growing_the_depth_keeps_the_function(depth, insert):
+def test_growing_the_depth_keeps_the_function(name, depth, insert):
     keras.utils.set_random_seed(0)
-    model = _transformer()
-    x = _inputs("transformer_lm")
+    model = BUILDERS[name]()
+    x = _inputs(name)
     grown = grow(model, depth=depth, insert=insert)
     blocks = _blocks(grown)
     assert len(blocks) == int(2 * depth)
@@ -271,41 +280,57 @@ def test_an_inserted_layer_takes_no_fixed_learning_rate_factor_of_the_layer_it_f
     assert weights.lr_multiplier(grown.get_layer("hidden0_grown1").kernel) is None
 
 
-def test_inserted_blocks_add_nothing_and_kept_ones_carry_the_depth_rule():
+# Each block's output projections: {multiplier key: the layer's attribute path}.
+OUTPUT_PROJECTIONS = {
+    "transformer_lm": {"mlp_down/kernel": "mlp_down", "attention/attention_output/kernel": "attention._output_dense"},
+    "residual_lstm_lm": {"projection/kernel": "projection"},
+}
+
+
+def _sublayer(layer, path):
+    for attribute in path.split("."):
+        layer = getattr(layer, attribute)
+    return layer
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_inserted_blocks_add_nothing_and_kept_ones_carry_the_depth_rule(name):
     keras.utils.set_random_seed(0)
-    model = _transformer()
+    model = BUILDERS[name]()
     grown = grow(model, depth=2)
     from keras_unitscale.resize.depth import block_contributions
 
     chain = [layer for layer in grown.layers if not isinstance(layer, keras.layers.InputLayer)]
-    positions = [i for i, layer in enumerate(chain) if isinstance(layer, L.TransformerBlock)]
-    shares = block_contributions(chain, positions, _inputs("transformer_lm"))
+    positions = [i for i, layer in enumerate(chain) if layer in _blocks(grown)]
+    shares = block_contributions(chain, positions, _inputs(name))
     names = [chain[i].name for i in positions]
     assert names == ["block0", "block0_grown1", "block1", "block1_grown3"]
-    assert shares[1] < 1e-6 and shares[3] < 1e-6  # zero, but for the float32 rounding of b_attention·b_mlp·x
+    assert shares[1] < 1e-6 and shares[3] < 1e-6  # zero, but for the float32 rounding of (Π b)·x
     assert min(shares[0], shares[2]) > 0.1
     # Interleaved ×2: each kept branch's output × √2 (its tau fell by about √2), in its weight multiplier; the
     # stored weights are the original's.
     kept = grown.get_layer("block1")
-    assert kept.weight_multipliers["mlp_down/kernel"] == pytest.approx(2**0.5, rel=1e-6)
-    assert kept.weight_multipliers["attention/attention_output/kernel"] == pytest.approx(2**0.5, rel=1e-6)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(kept.mlp_down.kernel),
-                                  keras.ops.convert_to_numpy(model.get_layer("block1").mlp_down.kernel))
+    for key, path in OUTPUT_PROJECTIONS[name].items():
+        assert kept.weight_multipliers[key] == pytest.approx(2**0.5, rel=1e-6)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(_sublayer(kept, path).kernel),
+                                      keras.ops.convert_to_numpy(_sublayer(model.get_layer("block1"), path).kernel))
 
 
-def test_a_deeper_model_has_the_new_depths_learning_rates():
+@pytest.mark.parametrize("name", STACKS)
+def test_a_deeper_model_has_the_new_depths_learning_rates(name):
     keras.utils.set_random_seed(0)
-    grown = grow(_transformer(), depth=2)
-    fresh = models.transformer_lm(vocab_size=32, width=32, depth=4, head_dim=16, seq_len=8)
+    grown = grow(BUILDERS[name](), depth=2)
+    fresh = BUILDERS[name](depth=4)
     assert sorted(parametrization.lr_multipliers(grown).values()) == pytest.approx(
         sorted(parametrization.lr_multipliers(fresh).values()))
     assert {parametrization.role_of(v).depth for block in _blocks(grown) for v in block.trainable_weights} == {4}
 
 
-def test_shrinking_a_deepened_model_removes_the_inserted_blocks():
+@pytest.mark.parametrize("name", STACKS)
+def test_shrinking_a_deepened_model_removes_the_inserted_blocks(name):
     keras.utils.set_random_seed(0)
-    model = _transformer()
-    x = _inputs("transformer_lm")
+    model = BUILDERS[name]()
+    x = _inputs(name)
     back = shrink(grow(model, width=2, depth=2, split="partition"), width=2, depth=2, data=x)
     assert back.resize_record["removed"] == ["block0_grown1", "block1_grown3"]
     assert back.resize_record["output_change"] < FUNCTION_KEPT
@@ -320,10 +345,11 @@ def test_shrinking_a_deepened_model_removes_the_inserted_blocks():
     np.testing.assert_array_equal(_outputs(back, x), _outputs(model, x))
 
 
-def test_shrinking_a_trained_stack_removes_the_blocks_that_add_least_and_says_how_far_the_outputs_moved():
+@pytest.mark.parametrize("name", STACKS)
+def test_shrinking_a_trained_stack_removes_the_blocks_that_add_least_and_says_how_far_the_outputs_moved(name):
     keras.utils.set_random_seed(0)
-    model = models.transformer_lm(vocab_size=32, width=32, depth=4, head_dim=16, seq_len=8)
-    x = _inputs("transformer_lm")
+    model = BUILDERS[name](depth=4)
+    x = _inputs(name)
     shrunk = shrink(model, depth=2, data=x)
     record = shrunk.resize_record
     assert len(_blocks(shrunk)) == 2
@@ -336,8 +362,9 @@ def test_shrinking_a_trained_stack_removes_the_blocks_that_add_least_and_says_ho
 
 
 def test_what_cannot_be_deepened_is_named():
-    with pytest.raises(GrowthError, match=r"needs a stack of TransformerBlocks or of hidden Dense layers\. An LSTM or "
-                                          r"GRU \(\['lstm0'\]\) cannot compute the identity"):
+    with pytest.raises(GrowthError, match=r"needs a stack of residual blocks \(TransformerBlock, RecurrentBlock\) or "
+                                          r"of hidden Dense layers\. An LSTM or GRU \(\['lstm0'\]\) cannot compute the "
+                                          r"identity.*as `models.lstm_lm\(residual=True\)` does"):
         grow(_lstm(), depth=2)
     gelu = models.mlp(8, width=16, depth=2, activation="gelu")
     with pytest.raises(GrowthError, match="'hidden0' has the activation 'gelu': a layer after it cannot start as the identity"):
@@ -361,6 +388,11 @@ def test_what_cannot_be_deepened_is_named():
     branched = keras.Model(tokens, L.LayerNormalization()(keras.layers.Add()([h, L.TransformerBlock(num_heads=2)(h)])))
     with pytest.raises(GrowthError, match="one chain"):
         grow(branched, depth=2)
+    mixed = keras.Sequential([keras.Input((8,), dtype="int32"), L.Embedding(32, 32),
+                              L.TransformerBlock(num_heads=2, index=0, depth=2), L.RecurrentBlock(32, index=1, depth=2),
+                              L.LayerNormalization(), L.Dense(32, role="output")])
+    with pytest.raises(GrowthError, match=r"blocks must be of one class. Received: \['RecurrentBlock', 'TransformerBlock'\]"):
+        grow(mixed, depth=2)
 
 
 def test_shrinking_by_importance_removes_units_that_add_nothing_and_keeps_the_function():
@@ -391,7 +423,7 @@ def test_shrinking_by_importance_removes_units_that_add_nothing_and_keeps_the_fu
     assert shrink(model, width=2, data=x).resize_record["output_change"] > 0.1
 
 
-@pytest.mark.parametrize("name", ["lstm_lm", "gru_lm", "transformer_lm"])
+@pytest.mark.parametrize("name", ["lstm_lm", "gru_lm", *STACKS])
 def test_shrinking_a_trained_model_by_importance_keeps_its_most_important_units_and_reports_the_loss(name):
     keras.utils.set_random_seed(0)
     model = BUILDERS[name]()
@@ -434,7 +466,7 @@ def test_what_cannot_be_shrunk_by_importance_is_named():
         shrink(_mlp(), width=2, data=(x, x[:, :3]), units="important")
 
 
-@pytest.mark.parametrize("name", ["mlp", "transformer_lm"])
+@pytest.mark.parametrize("name", ["mlp", *STACKS])
 def test_the_callbacks_factor_mode_and_our_optimizer_treat_a_grown_model_as_one_built_at_its_size(name):
     # u-μP's per-weight factors of the grown model, then the callback's rescaling on top: the same, weight by
     # weight, as for a model built at the grown size, and the grown model's function kept through the callback.
@@ -444,9 +476,9 @@ def test_the_callbacks_factor_mode_and_our_optimizer_treat_a_grown_model_as_one_
     from keras_unitscale.callbacks import UnitScaleCallback
 
     keras.utils.set_random_seed(0)
-    grown = grow(BUILDERS[name](), width=2, depth=2 if name == "transformer_lm" else 1, seed=0)
+    grown = grow(BUILDERS[name](), width=2, depth=2 if name in STACKS else 1, seed=0)
     fresh = (models.mlp(8, width=32, depth=3, output_dim=3, output_activation=None) if name == "mlp"
-             else models.transformer_lm(vocab_size=32, width=64, depth=4, head_dim=16, seq_len=8))
+             else BUILDERS[name](width=64 if name == "transformer_lm" else 32, depth=4))
     x = _inputs(name)
     before = _outputs(grown, x)
     factors = {}

@@ -31,6 +31,8 @@ def _every_layer_model():
     h = _every_convolution(h)
     h = L.LSTM(WIDTH, return_sequences=True, weight_multipliers={"kernel": 2.0}, name="lstm")(h)
     h = L.GRU(WIDTH, return_sequences=True, reset_after=False, lr_multipliers={"recurrent_kernel": 0.5}, name="gru")(h)
+    h = L.RecurrentBlock(WIDTH, cell="gru", index=1, depth=2, weight_multipliers={"projection/kernel": 2.0},
+                         name="recurrent_block")(h)
     h = L.Add(name="sum")([h, L.Activation("silu", name="act")(h)])
     h = L.LeakyReLU(0.2, name="leaky")(L.ReLU(max_value=6.0, name="relu")(h))
     h = L.Softmax(name="softmax")(L.PReLU(shared_axes=[1], name="prelu")(L.ELU(0.5, name="elu")(h)))
@@ -84,6 +86,7 @@ def test_a_file_saved_by_this_version_loads_bit_identical(trained):
     assert loaded.get_layer("attention").lr_multipliers == {"query/kernel": 0.25}
     assert loaded.get_layer("einsum").weight_multipliers == {"kernel": 0.5}
     assert loaded.get_layer("lstm").cell.weight_multipliers == {"kernel": 2.0}
+    assert loaded.get_layer("recurrent_block").weight_multipliers == {"projection/kernel": 2.0}
     assert loaded.get_layer("conv1d").weight_multipliers == {"kernel": 0.5}
     assert loaded.get_layer("conv3d_t").lr_multipliers == {"kernel": 0.25}
     assert loaded.get_layer("split").tau == 0.5 and loaded.get_layer("wrapped").tau == 0.4

@@ -30,6 +30,7 @@ from keras_unitscale.layers.normalization import BatchNormalization
 from keras_unitscale.layers.normalization import GroupNormalization
 from keras_unitscale.layers.normalization import LayerNormalization
 from keras_unitscale.layers.normalization import RMSNormalization
+from keras_unitscale.layers.recurrent_block import RecurrentBlock
 from keras_unitscale.layers.residual import Residual
 from keras_unitscale.layers.residual import ResidualAdd
 from keras_unitscale.layers.residual import ResidualSplit
@@ -64,6 +65,7 @@ __all__ = [
     "MultiHeadAttention",
     "PReLU",
     "ReLU",
+    "RecurrentBlock",
     "RMSNormalization",
     "Residual",
     "ResidualAdd",

@@ -6,25 +6,12 @@ from keras import ops
 from keras_unitscale import checks
 from keras_unitscale import functional as U
 from keras_unitscale import rules
-from keras_unitscale import parametrization
-from keras_unitscale import weights
 from keras_unitscale.layers import activation as activations
 from keras_unitscale.layers.attention import MultiHeadAttention
-from keras_unitscale.layers.common import check_fp8
 from keras_unitscale.layers.dense import Dense
 from keras_unitscale.layers.dropout import Dropout
-from keras_unitscale.layers.normalization import LayerNormalization
-from keras_unitscale.layers.normalization import RMSNormalization
-
-_NORMS = {"layer": LayerNormalization, "rms": RMSNormalization}
-
-
-def _norm(kind, name, weight_multipliers, epsilon):
-    """A gain-only norm: a layer norm without its bias, or an RMS norm (which has none)."""
-    options = {"center": False} if kind == "layer" else {}
-    if epsilon is not None:
-        options["epsilon"] = epsilon
-    return _NORMS[kind](name=name, weight_multipliers=weight_multipliers, **options)
+from keras_unitscale.layers.residual_block import ResidualBlock
+from keras_unitscale.layers.residual_block import gain_only_norm
 
 
 def _norm_epsilons(value):
@@ -40,7 +27,7 @@ def _norm_epsilons(value):
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
-class TransformerBlock(keras.layers.Layer):
+class TransformerBlock(ResidualBlock):
     """A pre-norm transformer block of unit-scaled layers, with u-μP's residual weights.
 
     `x → x + attention(norm(x))` then `x → x + mlp(norm(x))`, each join a
@@ -110,75 +97,53 @@ class TransformerBlock(keras.layers.Layer):
         fp8=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self._initial_weight_multipliers = weights.check_multipliers("weight_multipliers", weight_multipliers)
-        self.fp8 = check_fp8(fp8)
+        super().__init__(index=index, depth=depth, dropout=dropout, norm=norm, residual_mult=residual_mult,
+                         use_bias=use_bias, weight_multipliers=weight_multipliers, fp8=fp8, **kwargs)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         self.key_dim = None if key_dim is None else checks.positive_int("key_dim", key_dim)
         self.mlp_ratio = checks.positive("mlp_ratio", mlp_ratio)
         self.activation = activations.check(activation)
-        self.depth = checks.positive_int("depth", depth)
-        self.index = checks.index("index", index, depth, "depth")
-        self.dropout = checks.rate("dropout", dropout)
-        self.norm = checks.one_of("norm", norm, tuple(_NORMS))
         self.norm_epsilon = _norm_epsilons(norm_epsilon)
         self.use_causal_mask = bool(use_causal_mask)
         self.attention_mult = attention_mult
         self.activation_mult = activation_mult
-        self.residual_mult = residual_mult
         self.residual_attn_ratio = residual_attn_ratio
-        self.use_bias = bool(use_bias)
-        rule = rules.residual.transformer_residual_scaling_rule(residual_mult, residual_attn_ratio)
-        self.attention_tau = rule(2 * index, 2 * depth)
-        self.mlp_tau = rule(2 * index + 1, 2 * depth)
-        self.supports_masking = True
+        self.attention_tau, self.mlp_tau = self.branch_taus(index, depth)
+
+    def branch_taus(self, index, depth):
+        """(attention's, the MLP's) `tau` for this block at `index` in a stack of `depth` (u-μP's depth rule)."""
+        rule = rules.residual.transformer_residual_scaling_rule(self.residual_mult, self.residual_attn_ratio)
+        return rule(2 * index, 2 * depth), rule(2 * index + 1, 2 * depth)
 
     def build(self, input_shape):
-        width = input_shape[-1]
-        if len(input_shape) != 3 or width is None:
-            raise ValueError(
-                "`TransformerBlock` takes inputs (batch, seq, width) with a known width. "
-                f"Received: input_shape={tuple(input_shape)}"
-            )
+        width = self.check_input_shape(input_shape)
         key_dim = self.key_dim or max(1, width // self.num_heads)
-        multipliers = self._initial_weight_multipliers
+        part = self.sublayer_multipliers
         # No norm biases and, by default, no projection biases, as in u-μP:
         # at initialisation every position's gradient into a bias points the
         # same way, so a bias's gradient grows with the sequence length.
-        self.attention_norm = _norm(self.norm, "attention_norm", _part(multipliers, "attention_norm"),
-                                    self.norm_epsilon[0])
+        self.attention_norm = gain_only_norm(self.norm, "attention_norm", part("attention_norm"), self.norm_epsilon[0])
         self.attention = MultiHeadAttention(
-            self.num_heads, key_dim, dropout=self.dropout, mult=self.attention_mult,
-            use_bias=self.use_bias, name="attention", weight_multipliers=_part(multipliers, "attention"),
-            fp8=self.fp8,
+            self.num_heads, key_dim, dropout=self.dropout, mult=self.attention_mult, use_bias=self.use_bias,
+            name="attention", weight_multipliers=part("attention"), fp8=self.fp8,
         )
-        self.mlp_norm = _norm(self.norm, "mlp_norm", _part(multipliers, "mlp_norm"), self.norm_epsilon[1])
+        self.mlp_norm = gain_only_norm(self.norm, "mlp_norm", part("mlp_norm"), self.norm_epsilon[1])
         self.mlp_up = Dense(int(self.mlp_ratio * width), activation=self.activation, mult=self.activation_mult,
-                            use_bias=self.use_bias, name="mlp_up", weight_multipliers=_part(multipliers, "mlp_up"),
-                            fp8=self.fp8)
-        self.mlp_down = Dense(width, use_bias=self.use_bias, name="mlp_down",
-                              weight_multipliers=_part(multipliers, "mlp_down"), fp8=self.fp8, fp8_critical=True)
+                            use_bias=self.use_bias, name="mlp_up", weight_multipliers=part("mlp_up"), fp8=self.fp8)
+        self.mlp_down = Dense(width, use_bias=self.use_bias, name="mlp_down", weight_multipliers=part("mlp_down"),
+                              fp8=self.fp8, fp8_critical=True)
         self.branch_dropout = Dropout(self.dropout, name="branch_dropout")
         self.attention_norm.build(input_shape)
         self.attention.build(input_shape, input_shape)
         self.mlp_norm.build(input_shape)
         self.mlp_up.build(input_shape)
         self.mlp_down.build(tuple(input_shape[:-1]) + (int(self.mlp_ratio * width),))
-        parametrization.set_depth(self.trainable_variables, self.depth)
+        self.declare_depth()
 
-    @property
-    def weight_multipliers(self):
-        """{"layer/variable": multiplier} over the block's layers, for the multipliers that are not 1.
-
-        The attention's projections are under "attention/<projection>/<variable>".
-        """
-        if not self.built:
-            return dict(self._initial_weight_multipliers)
-        return {
-            f"{layer.name}/{name}": value
-            for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp_up, self.mlp_down)
-            for name, value in layer.weight_multipliers.items()
-        }
+    def multiplier_holders(self):
+        """The norms, attention (its projections under "attention/<projection>/<variable>") and the MLP."""
+        return [(layer.name, layer)
+                for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp_up, self.mlp_down)]
 
     def _attend(self, x, training=None, mask=None):
         h = self.attention_norm(x)
@@ -198,9 +163,6 @@ class TransformerBlock(keras.layers.Layer):
         x = U.residual_apply(lambda r: self._attend(r, training, mask), inputs, self.attention_tau)
         return U.residual_apply(lambda r: self._feed_forward(r, training, mask), x, self.mlp_tau)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {
             **super().get_config(),
@@ -208,23 +170,9 @@ class TransformerBlock(keras.layers.Layer):
             "key_dim": self.key_dim,
             "mlp_ratio": self.mlp_ratio,
             "activation": self.activation,
-            "index": self.index,
-            "depth": self.depth,
-            "dropout": self.dropout,
-            "norm": self.norm,
             "norm_epsilon": self.norm_epsilon[0] if len(set(self.norm_epsilon)) == 1 else list(self.norm_epsilon),
             "use_causal_mask": self.use_causal_mask,
             "attention_mult": self.attention_mult,
             "activation_mult": self.activation_mult,
-            "residual_mult": self.residual_mult,
             "residual_attn_ratio": self.residual_attn_ratio,
-            "use_bias": self.use_bias,
-            "weight_multipliers": self.weight_multipliers,
-            "fp8": self.fp8,
         }
-
-
-def _part(multipliers, layer_name):
-    """The multipliers of one of the block's layers, from the block's "layer/variable" keys."""
-    prefix = layer_name + "/"
-    return {key[len(prefix):]: value for key, value in multipliers.items() if key.startswith(prefix)}

@@ -51,8 +51,10 @@ def grow(model, width=1, depth=1, insert="interleave", split="partition", noise=
             `keras_unitscale.layers` (`keras_unitscale.models` builds such).
         width: the factor on every hidden width: a whole number, or a
             fraction that gives whole widths (where no norm spans them).
-        depth: the factor on the number of `TransformerBlock`s (a whole
-            number of blocks); a norm must follow the stack.
+        depth: the factor on the number of residual blocks
+            (`TransformerBlock`s or `RecurrentBlock`s; a whole number of
+            blocks), a norm following the stack; or on a ReLU MLP's hidden
+            layers. A stack of plain LSTMs or GRUs cannot deepen.
         insert: where the new blocks go: "interleave" (after each old
             block), "end" (after the last), or their positions in the new stack.
         split: how the copies of a summed-over unit share its weights:
@@ -119,7 +121,8 @@ def shrink(model, width=1, depth=1, data=None, units="copies"):
     Args:
         model: a built Sequential or functional model of `keras_unitscale.layers`.
         width: the factor every hidden width is divided by.
-        depth: the factor the number of `TransformerBlock`s is divided by.
+        depth: the factor the number of residual blocks (or a ReLU MLP's
+            hidden layers) is divided by.
         data: a batch of inputs `x`, or `(x, y)`: what shrinking the depth
             and `units="important"` measure on, and what the record's
             changes are measured on. With `y`, the model must be compiled:

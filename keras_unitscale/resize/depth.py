@@ -1,13 +1,16 @@
 """Growing and shrinking a residual stack's depth: u-μP's depth rule at the new depth, the function kept.
 
-A stack of `TransformerBlock`s joins each branch `f` to the stream as
+A stack of residual blocks (`TransformerBlock`s, two branches each, or
+`RecurrentBlock`s, one) joins each branch `f` to the stream as
 `x ← a·f(x) + b·x`, with `(a, b) = rules.residual.branch_weights(tau)` and
 each branch's `tau` given by u-μP's depth rule for its index in the stack
 (`rules.residual.transformer_residual_scaling_rule`): a deeper stack gives
-every branch a smaller `tau`. Going from N blocks to N':
+every branch a smaller `tau`. Every branch starts with a norm and ends with
+a linear projection. Going from N blocks to N':
 
-- an inserted block's branches add nothing at first: its output
-  projections (attention's and the MLP's) start at zero;
+- an inserted block's branches add nothing at first: their output
+  projections (attention's and the MLP's, or the recurrent block's) start
+  at zero;
 - every block takes its new index and the depth N', so its `tau` and u-μP's
   `depth^-1/2` learning-rate factor are those of the new depth;
 - the stream then reaches each kept branch at `c` times its old value, `c`
@@ -23,6 +26,11 @@ every branch a smaller `tau`. Going from N blocks to N':
 Growing ×k with the new blocks interleaved gives every kept branch
 `γ = √k`: its `tau` fell by about √k.
 
+A stack of plain LSTMs or GRUs cannot deepen so: a new one cannot compute
+the identity (its gates bound it), and there is no residual join in which
+one could add nothing. A recurrent language model that should grow deeper
+is built of `RecurrentBlock`s (`models.lstm_lm(residual=True)`).
+
 A stack of hidden `Dense` layers (an MLP, with no residual joins and no
 depth rule) deepens by layers that start as the identity on what reaches
 them: after a ReLU layer, a ReLU layer whose kernel is the identity over
@@ -32,13 +40,14 @@ identity, and are refused.
 
 Shrinking removes the blocks whose branches add least to the stream on a
 batch the caller gives (a plain layer: the RMS of `layer(x) - x` over the
-RMS of `layer(x)`): the RMS of `block(x) - b_attention·b_mlp·x` over the
-RMS of `block(x)`, the part of a block's output its branches put there. A
+RMS of `layer(x)`): the RMS of `block(x) - (Π b)·x` over the RMS of
+`block(x)`, with `Π b` the product of the block's skip weights, the part of a block's output its branches put there. A
 block just inserted adds nothing, so a grown model shrinks back to the
 original; otherwise the removed branches are dropped as if they had added
 nothing, and the record says how far the outputs moved.
 """
 
+import dataclasses
 import math
 
 import keras
@@ -54,6 +63,26 @@ __all__ = ["grow_depth", "shrink_depth", "INSERTS"]
 
 INSERTS = ("interleave", "end")
 _NORMS = (L.LayerNormalization, L.RMSNormalization)
+_RESIDUAL_BLOCKS = (L.TransformerBlock, L.RecurrentBlock)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Branch:
+    """A residual branch of a block: its `tau`, its norm, and its output projection (with its multipliers' path)."""
+
+    tau: float
+    norm: keras.layers.Layer
+    projection: keras.layers.Layer
+    path: str  # the projection's path within the block, as the block's `weight_multipliers` keys start
+
+
+def _branches(block):
+    """The block's residual branches, in the order its `branch_taus` gives their `tau`s."""
+    if isinstance(block, L.TransformerBlock):
+        return [_Branch(block.attention_tau, block.attention_norm, block.attention._output_dense,
+                        "attention/attention_output"),
+                _Branch(block.mlp_tau, block.mlp_norm, block.mlp_down, "mlp_down")]
+    return [_Branch(block.tau, block.pre_norm, block.projection, "projection")]
 
 
 def _chain(model):
@@ -71,7 +100,7 @@ def _chain(model):
 
 
 def _stack(model, what):
-    """The chain of layers and the positions of its stack, checked: TransformerBlocks, else hidden Dense layers."""
+    """The chain of layers and the positions of its stack, checked: residual blocks, else hidden Dense layers."""
     chain = _chain(model)
     if chain is None:
         raise GrowthError(
@@ -79,19 +108,24 @@ def _stack(model, what):
             f"(as `keras_unitscale.models.transformer_lm` and `mlp` do). Received: '{model.name}', which branches."
         )
     names = [layer.name for layer in chain]
-    positions = [i for i, layer in enumerate(chain) if isinstance(layer, L.TransformerBlock)]
+    positions = [i for i, layer in enumerate(chain) if _is_residual(layer)]
     if not positions:
         positions = [i for i, layer in enumerate(chain) if isinstance(layer, L.Dense) and layer.role != "output"]
         if not positions:
             recurrent = [layer.name for layer in chain if isinstance(layer, (L.LSTM, L.GRU))]
-            why = (f" An LSTM or GRU ({recurrent}) cannot compute the identity, so a recurrent stack cannot deepen "
-                   "with its function kept." if recurrent else "")
+            why = (f" An LSTM or GRU ({recurrent}) cannot compute the identity, so a stack of them cannot deepen "
+                   "with its function kept: build it of `layers.RecurrentBlock`s (residual, each with a "
+                   "projection that can start at zero), as `models.lstm_lm(residual=True)` does." if recurrent
+                   else "")
             raise GrowthError(
-                f"{what} of the depth needs a stack of TransformerBlocks or of hidden Dense layers.{why} "
-                f"Received layers: {names}"
+                f"{what} of the depth needs a stack of residual blocks (TransformerBlock, RecurrentBlock) or of "
+                f"hidden Dense layers.{why} Received layers: {names}"
             )
     if positions != list(range(positions[0], positions[-1] + 1)):
         raise GrowthError(f"The stack's layers must follow one another. Received layers: {names}")
+    kinds = {type(chain[i]).__name__ for i in positions}
+    if len(kinds) > 1:
+        raise GrowthError(f"The stack's blocks must be of one class. Received: {sorted(kinds)} in layers {names}")
     after = positions[-1] + 1
     if _is_residual(chain[positions[0]]) and (after == len(chain) or not isinstance(chain[after], _NORMS)):
         raise GrowthError(
@@ -102,18 +136,12 @@ def _stack(model, what):
 
 
 def _is_residual(layer):
-    return isinstance(layer, L.TransformerBlock)
+    return isinstance(layer, _RESIDUAL_BLOCKS)
 
 
-def _new_taus(block, index, depth):
-    rule = rules.residual.transformer_residual_scaling_rule(block.residual_mult, block.residual_attn_ratio)
-    return rule(2 * index, 2 * depth), rule(2 * index + 1, 2 * depth)
-
-
-def _output_keys(block, branch):
+def _output_keys(branch):
     """The block's multiplier keys of a branch's output projection (its kernel, and its bias if any)."""
-    layer = ("attention/attention_output", "mlp_down")[branch]
-    return [f"{layer}/kernel"] + ([f"{layer}/bias"] if block.use_bias else [])
+    return [f"{branch.path}/{variable.name}" for variable in branch.projection.weights]
 
 
 def _plan_configs(entries, depth, taken):
@@ -130,13 +158,13 @@ def _plan_configs(entries, depth, taken):
                                 else block.get_config()))
                 index += 1
             continue
-        old_taus = (block.attention_tau, block.mlp_tau)
+        branches = _branches(block)
         if kind == "drop":
-            for tau in old_taus:
-                scale /= rules.residual.branch_weights(tau)[1]
+            for branch in branches:
+                scale /= rules.residual.branch_weights(branch.tau)[1]
             continue
         config = block.get_config()
-        new_taus = _new_taus(block, index, depth)
+        new_taus = block.branch_taus(index, depth)
         if kind == "insert":
             for tau in new_taus:
                 scale *= rules.residual.branch_weights(tau)[1]
@@ -144,16 +172,18 @@ def _plan_configs(entries, depth, taken):
             config.update(norm_epsilon=None)
         else:
             multipliers, epsilons = dict(config["weight_multipliers"]), []
-            for branch, norm in enumerate((block.attention_norm, block.mlp_norm)):
-                (a, b), (a_new, b_new) = (rules.residual.branch_weights(t) for t in (old_taus[branch], new_taus[branch]))
-                epsilons.append(_stored(norm.epsilon * scale**2))
+            for branch, new_tau in zip(branches, new_taus):
+                (a, b), (a_new, b_new) = (rules.residual.branch_weights(t) for t in (branch.tau, new_tau))
+                epsilons.append(_stored(branch.norm.epsilon * scale**2))
                 scale *= b_new / b
-                for key in _output_keys(block, branch):
+                for key in _output_keys(branch):
                     multipliers[key] = _stored(multipliers.get(key, 1.0) * scale * a / a_new)
                     if multipliers[key] == 1.0:  # a multiplier of 1 is none (and a round trip leaves none)
                         del multipliers[key]
-            defaults = [type(norm)().epsilon for norm in (block.attention_norm, block.mlp_norm)]
-            config.update(weight_multipliers=multipliers, norm_epsilon=None if epsilons == defaults else epsilons)
+            defaults = [type(branch.norm)().epsilon for branch in branches]
+            # A block of one branch takes one epsilon; a TransformerBlock takes a pair.
+            config.update(weight_multipliers=multipliers,
+                          norm_epsilon=None if epsilons == defaults else epsilons if len(epsilons) > 1 else epsilons[0])
         config.update(index=index, depth=depth)
         configs.append((kind, block, config))
         index += 1
@@ -192,8 +222,8 @@ def _inserted_config(template, index, taken):
 def _start_inserted(layer):
     """An inserted layer computes what leaves its input as it is (see the module docstring)."""
     if _is_residual(layer):  # its branches add nothing
-        for projection in (layer.attention._output_dense, layer.mlp_down):
-            for variable in projection.weights:
+        for branch in _branches(layer):
+            for variable in branch.projection.weights:
                 variable.assign(np.zeros(tuple(variable.shape), variable.dtype))
         return
     # A hidden Dense: the identity on what reaches it. Its response to the identity kernel (the op's and the
@@ -309,7 +339,7 @@ def block_contributions(chain, positions, data):
         block = chain[i]
         y = block(x, training=False)
         if _is_residual(block):
-            skip = rules.residual.branch_weights(block.attention_tau)[1] * rules.residual.branch_weights(block.mlp_tau)[1]
+            skip = math.prod(rules.residual.branch_weights(branch.tau)[1] for branch in _branches(block))
             shares.append(_rms(y - skip * x) / _rms(y))
         else:  # a plain layer adds what it changes; one that changes the width cannot go
             shares.append(_rms(y - x) / _rms(y) if tuple(y.shape) == tuple(x.shape) else math.inf)

@@ -97,6 +97,7 @@ WIDTH_ARGUMENTS = {
     L.GRU: lambda layer: "units",
     L.MultiHeadAttention: lambda layer: "num_heads",
     L.TransformerBlock: lambda layer: "num_heads",
+    L.RecurrentBlock: lambda layer: "units",
 }
 
 # Layers with weights but no width of their own: their weights follow the widths around them.
