@@ -66,10 +66,16 @@ def _check_scale(name, scale):
     )
 
 
-def _as_tensor(x):
+def as_tensor(x):
     """`x` as a tensor; a `keras.Variable` is read through `.value`, so mixed-precision autocasting applies."""
     if isinstance(x, keras.Variable):
         x = x.value
+    # A backend tensor passes as it is: `convert_to_tensor` would return it
+    # too, after checks (for symbolic tensors, nested structures) that an
+    # eager step pays for on every scale. A backend's own variable (a
+    # `tf.Variable`, which TensorFlow counts as a tensor) is read by it.
+    if ops.is_tensor(x) and not hasattr(x, "assign"):
+        return x
     return ops.convert_to_tensor(x)
 
 
@@ -89,6 +95,13 @@ def _multiply_in_dtype(x, scale):
     if isinstance(scale, float):
         # A Python float is weakly typed in Keras's dtype promotion: the
         # product keeps x's dtype, with no cast op (which costs an eager step).
+        if keras.backend.backend() == "torch":
+            # So it is in PyTorch's own; its operator skips what `ops.multiply`
+            # adds per call (converting and checking both arguments), which a
+            # PyTorch eager step pays for every scale it applies. (Elsewhere
+            # `x` may be a gradient that only `ops.multiply` takes: TensorFlow's
+            # IndexedSlices.)
+            return x * scale
         return ops.multiply(x, scale)
     return ops.multiply(x, ops.cast(scale, x.dtype))
 
@@ -120,7 +133,7 @@ def scaled(x, fwd=1.0, bwd=1.0):
     """
     fwd = _check_scale("fwd", fwd)
     bwd = _check_scale("bwd", bwd)
-    x = _as_tensor(x)
+    x = as_tensor(x)
     if getattr(_state, "disabled", False):
         return x
     if _is_one(fwd) and _is_one(bwd):
@@ -135,8 +148,39 @@ def scaled(x, fwd=1.0, bwd=1.0):
         # A sparse tensor takes no gradient (Keras's sparse inputs are data):
         # only its forward scale applies.
         return _multiply_in_dtype(x, fwd)
-
+    if keras.backend.backend() == "torch":
+        return _torch_scaled(x, fwd, bwd)
     return with_gradient(x, lambda v: _multiply_in_dtype(v, fwd), lambda g: _multiply_in_dtype(g, bwd))
+
+
+_TORCH_FUNCTION = {}  # "scaled": the `torch.autograd.Function`, made on first use (torch is imported only then)
+
+
+def _torch_scaled(x, fwd, bwd):
+    """`scaled`'s custom gradient on PyTorch: one `torch.autograd.Function` of two multiplications.
+
+    It computes what `with_gradient` does, without what Keras's generic
+    custom gradient adds to every call: its inputs saved for the backward
+    pass (which keeps every scaled tensor alive until then, though a scale's
+    gradient never reads it) and a Keras op around each multiplication. In
+    PyTorch's eager mode each of those is Python work per scale per step,
+    and a Dense applies four scales.
+    """
+    if "scaled" not in _TORCH_FUNCTION:
+        import torch
+
+        class Scaled(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, inputs, forward_scale, backward_scale):
+                ctx.backward_scale = backward_scale
+                return _multiply_in_dtype(inputs, forward_scale)
+
+            @staticmethod
+            def backward(ctx, upstream):
+                return _multiply_in_dtype(upstream, ctx.backward_scale), None, None
+
+        _TORCH_FUNCTION["scaled"] = Scaled
+    return _TORCH_FUNCTION["scaled"].apply(x, fwd, bwd)
 
 
 def with_gradient(x, forward, backward):
@@ -171,7 +215,7 @@ def with_gradient(x, forward, backward):
 
         return forward(inputs), grad
 
-    return _with_gradient(_as_tensor(x))
+    return _with_gradient(as_tensor(x))
 
 
 def scale_fwd(x, scale):

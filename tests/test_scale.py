@@ -11,6 +11,7 @@ from keras_unitscale import functional as U
 from keras_unitscale import scale_bwd
 from keras_unitscale import scale_fwd
 from keras_unitscale import scaled
+from keras_unitscale.scale import with_gradient
 from keras_unitscale.autodiff import vjp
 
 
@@ -30,6 +31,29 @@ def test_forward_and_backward_scales(fn, fwd, bwd):
     out, (grad,) = vjp(fn, [x], upstream)
     np.testing.assert_allclose(out, x * fwd, rtol=1e-6)
     np.testing.assert_allclose(grad, upstream * bwd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tensor_scales", [False, True])
+def test_scaled_equals_the_generic_custom_gradient(tensor_scales):
+    # On PyTorch `scaled` has its own autograd function; everywhere it computes what `with_gradient` does.
+    fwd, bwd = (ops.convert_to_tensor(3.0), ops.convert_to_tensor(0.25)) if tensor_scales else (3.0, 0.25)
+    x, upstream = unit_normal(5, 3), unit_normal(5, 3, seed=1)
+    out, (grad,) = vjp(lambda t: scaled(t, fwd, bwd), [x], upstream)
+    reference, (reference_grad,) = vjp(lambda t: with_gradient(t, lambda v: v * fwd, lambda g: g * bwd), [x], upstream)
+    np.testing.assert_array_equal(out, reference)
+    np.testing.assert_array_equal(grad, reference_grad)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's autograd graph")
+def test_on_pytorch_a_scale_is_one_autograd_node_that_holds_no_tensor():
+    import torch
+
+    x = torch.ones(4, requires_grad=True)
+    y = scaled(x * 1.0, 2.0, 0.5)
+    assert type(y.grad_fn).__name__ == "ScaledBackward"
+    assert y.grad_fn.saved_tensors == ()  # Keras's generic custom gradient keeps its input until the backward pass
+    y.sum().backward()
+    assert x.grad.tolist() == [0.5] * 4
 
 
 def test_unit_scales_return_the_input_itself():

@@ -3,6 +3,7 @@
 from keras import backend
 from keras import ops
 
+from keras_unitscale.scale import as_tensor
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scaled
 from keras_unitscale.sizes import is_static
@@ -45,7 +46,7 @@ def check_same_shape(what, left_name, left, right_name, right):
 def to_tensor(x, name):
     if x is None:
         raise ValueError(f"`{name}` must be a tensor. Received: {name}=None")
-    return ops.convert_to_tensor(x)
+    return as_tensor(x)
 
 
 def to_float(x, name, like=None):
@@ -69,7 +70,7 @@ def is_floating(x):
 
 def as_compute_dtype(weight, x):
     """Casts a weight to `x`'s dtype, as Keras autocasting would inside a layer."""
-    weight = ops.convert_to_tensor(weight)
+    weight = as_tensor(weight)
     if weight.dtype != x.dtype:
         weight = ops.cast(weight, x.dtype)
     return weight
