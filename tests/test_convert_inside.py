@@ -366,3 +366,20 @@ def test_dropout_drops_what_the_original_drops():
     for _ in range(2):  # the generators' states move alike
         np.testing.assert_allclose(ops.convert_to_numpy(twin(x, training=True)),
                                    ops.convert_to_numpy(model(x, training=True)), atol=1e-5)
+
+
+def test_a_sublayer_of_a_built_layer_is_swapped_for_its_twin():
+    # KerasHub's blocks build their attention in `build`: by the time its sublayers are swapped, Keras has locked
+    # the attention's tracker against new state. The swap adds none of the layer's own, and the lock stays.
+    from keras_unitscale.convert.inside import substitute
+
+    attention = layers.MultiHeadAttention(2, 4)
+    attention.build((1, 3, 8), (1, 3, 8))
+    old, new = attention._softmax, L.Softmax()
+    assert attention._tracker.locked
+    substitute(attention, old, new)
+    assert attention._softmax is new
+    assert new in attention._layers and old not in attention._layers
+    assert attention._tracker.locked
+    with pytest.raises(ValueError, match="already built"):
+        attention.extra = layers.Dense(2)  # still locked for what is new

@@ -203,13 +203,23 @@ def _converted_at_ratio_one(conversion, original, calls, parent, readout=False):
 
 def substitute(parent, old, new):
     """Puts `new` wherever `parent` holds `old` (an attribute, a list or dict entry), in `old`'s place among its layers."""
-    for name, value in list(vars(parent).items()):
-        if value is old:
-            setattr(parent, name, new)  # Keras tracks the new layer
-        elif isinstance(value, list):
-            value[:] = [new if item is old else item for item in value]
-        elif isinstance(value, dict):
-            value.update({key: new for key, item in value.items() if item is old})
+    # A built layer's tracker is locked against new state; swapping a sublayer for its twin adds none of its own
+    # (KerasHub's attention layers are built by their block's `build`, before the swap).
+    tracker = getattr(parent, "_tracker", None)
+    locked = tracker is not None and tracker.locked
+    if locked:
+        tracker.unlock()
+    try:
+        for name, value in list(vars(parent).items()):
+            if value is old:
+                setattr(parent, name, new)  # Keras tracks the new layer
+            elif isinstance(value, list):
+                value[:] = [new if item is old else item for item in value]
+            elif isinstance(value, dict):
+                value.update({key: new for key, item in value.items() if item is old})
+    finally:
+        if locked:
+            tracker.lock(tracker._lock_violation_msg)
     unique, seen = [], set()
     for layer in parent._layers:
         if id(layer) not in seen:
