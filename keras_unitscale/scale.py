@@ -3,7 +3,8 @@
 Every unit-scaled op in `keras_unitscale.functional` is written with these three
 functions and nothing else that touches gradients. They are built on
 `keras.ops.custom_gradient`, so they run on TensorFlow (eager, `tf.function`,
-XLA), JAX and PyTorch.
+XLA) and JAX; on PyTorch on a `torch.autograd.Function` of the same two
+multiplications, which costs an eager step less (see `_torch_scaled`).
 """
 
 import contextlib
@@ -186,8 +187,8 @@ def _torch_scaled(x, fwd, bwd):
 def with_gradient(x, forward, backward):
     """`forward(x)`, whose gradient with respect to `x` is `backward(upstream)`.
 
-    The custom gradient under `scaled` and under `formats.quantize_fwd` /
-    `quantize_bwd`: a function of the value in the forward pass, another of
+    The custom gradient under `scaled` (but on PyTorch, see `_torch_scaled`)
+    and under `formats.quantize_fwd` / `quantize_bwd`: a function of the value in the forward pass, another of
     the gradient in the backward pass, each elementwise and shape-keeping.
 
     Args:

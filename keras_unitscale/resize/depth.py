@@ -41,10 +41,11 @@ identity, and are refused.
 Shrinking removes the blocks whose branches add least to the stream on a
 batch the caller gives (a plain layer: the RMS of `layer(x) - x` over the
 RMS of `layer(x)`): the RMS of `block(x) - (Π b)·x` over the RMS of
-`block(x)`, with `Π b` the product of the block's skip weights, the part of a block's output its branches put there. A
-block just inserted adds nothing, so a grown model shrinks back to the
-original; otherwise the removed branches are dropped as if they had added
-nothing, and the record says how far the outputs moved.
+`block(x)`, with `Π b` the product of the block's skip weights: the part of
+a block's output its branches put there. A block just inserted adds
+nothing, so a grown model shrinks back to the original; otherwise the
+removed branches are dropped as if they had added nothing, and the record
+says how far the outputs moved.
 """
 
 import dataclasses
