@@ -10,3 +10,17 @@ def _doctest_namespace(doctest_namespace):
     doctest_namespace["keras"] = keras
     doctest_namespace["np"] = np
     doctest_namespace["keras_unitscale"] = keras_unitscale
+
+
+def _importable(name):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+# The KerasHub twins import `keras_hub`, an optional extra (`[hub]`): their doctests need it installed.
+collect_ignore_glob = [] if _importable("keras_hub") else ["keras_unitscale/hub/layers.py", "keras_unitscale/hub/models.py",
+                                                          "keras_unitscale/hub/converters.py"]

@@ -69,53 +69,31 @@ def _drift(result, labels):
     return max(log2) - min(log2)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
-    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--depth-for-widths", type=int, default=2)
-    parser.add_argument("--width-for-depths", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--parametrizations", nargs="+", default=list(models.PARAMETRIZATIONS))
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--replot", action="store_true", help="redraw the plots from the saved JSON, run nothing")
-    args = parser.parse_args()
-    stem = os.path.join(args.out, f"lr_transfer_{keras.backend.backend()}_{timing.device_name()}")
-    if args.replot:
-        with open(stem + ".json") as f:
-            rows = json.load(f)["rows"]
-        for parametrization in dict.fromkeys(r["parametrization"] for r in rows):
-            _plot(experiments.SweepResult([r for r in rows if r["parametrization"] == parametrization]),
-                  parametrization, stem)
-        return
-    train, validation, vocabulary = experiments.char_lm_data(args.seq, args.steps * args.batch, 256)
-    data = (train, validation)
-    start = time.perf_counter()
-    width_labels = [f"width {w}" for w in args.widths]
-    depth_labels = [f"depth {d}" for d in args.depths]
+def sweep_widths_and_depths(sweep, args):
+    """{parametrization: SweepResult} over `args.widths` at `args.depth_for_widths` and `args.depths` at
+    `args.width_for_depths`; `sweep(parametrization, width, depth, label)` runs one learning-rate sweep."""
     results = {}
     for parametrization in args.parametrizations:
         sweeps = {}
-        for width, label in zip(args.widths, width_labels):
-            sweeps[label] = _sweep(parametrization, width, args.depth_for_widths, label, data, vocabulary, args)
-        for depth, label in zip(args.depths, depth_labels):
-            same = f"width {args.width_for_depths}"
+        for width in args.widths:
+            sweeps[f"width {width}"] = sweep(parametrization, width, args.depth_for_widths, f"width {width}")
+        for depth in args.depths:
+            label, same = f"depth {depth}", f"width {args.width_for_depths}"
             if depth == args.depth_for_widths and same in sweeps:
                 sweeps[label] = experiments.SweepResult([{**r, "label": label} for r in sweeps[same].rows])
             else:
-                sweeps[label] = _sweep(parametrization, args.width_for_depths, depth, label, data, vocabulary, args)
+                sweeps[label] = sweep(parametrization, args.width_for_depths, depth, label)
         results[parametrization] = sum(sweeps.values(), experiments.SweepResult([]))
+    return results
 
-    os.makedirs(args.out, exist_ok=True)
-    lines = [
-        f"u-μP learning-rate transfer: character transformer LM on pydoc_data.topics, {keras.backend.backend()} "
-        f"{timing.device_name()}, {args.steps} steps × {args.batch} × {args.seq} characters, heads of 16; "
-        f"widths {args.widths} at depth {args.depth_for_widths}, depths {args.depths} at width "
-        f"{args.width_for_depths}; {time.perf_counter() - start:.0f} s in all",
-    ]
-    summary = {"settings": vars(args), "parametrizations": {}}
+
+def write_results(results, args, stem, title):
+    """Each parametrization's tables, optima, drift of the optimum and loss at it: `stem`.csv, .json, .txt and plots."""
+    width_labels = [f"width {w}" for w in args.widths]
+    depth_labels = [f"depth {d}" for d in args.depths]
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    lines = [title]
+    summary = {"settings": {k: v for k, v in vars(args).items() if k != "replot"}, "parametrizations": {}}
     for parametrization, result in results.items():
         width_result = experiments.SweepResult([r for r in result.rows if r["label"] in width_labels])
         depth_result = experiments.SweepResult([r for r in result.rows if r["label"] in depth_labels])
@@ -145,6 +123,50 @@ def main():
     print(text)
     with open(stem + ".txt", "w") as f:
         f.write(text + "\n")
+
+
+def replot(stem):
+    """Redraws the plots from `stem`.json."""
+    with open(stem + ".json") as f:
+        rows = json.load(f)["rows"]
+    for parametrization in dict.fromkeys(r["parametrization"] for r in rows):
+        _plot(experiments.SweepResult([r for r in rows if r["parametrization"] == parametrization]), parametrization,
+              stem)
+
+
+def arguments(description, parametrizations, steps=200):
+    """The command line both transfer benchmarks take."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--depth-for-widths", type=int, default=2)
+    parser.add_argument("--width-for-depths", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--parametrizations", nargs="+", default=list(parametrizations))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--replot", action="store_true", help="redraw the plots from the saved JSON, run nothing")
+    return parser
+
+
+def main():
+    args = arguments(__doc__.splitlines()[0], models.PARAMETRIZATIONS).parse_args()
+    stem = os.path.join(args.out, f"lr_transfer_{keras.backend.backend()}_{timing.device_name()}")
+    if args.replot:
+        replot(stem)
+        return
+    train, validation, vocabulary = experiments.char_lm_data(args.seq, args.steps * args.batch, 256)
+    start = time.perf_counter()
+    results = sweep_widths_and_depths(
+        lambda parametrization, width, depth, label: _sweep(parametrization, width, depth, label,
+                                                            (train, validation), vocabulary, args), args)
+    write_results(results, args, stem, (
+        f"u-μP learning-rate transfer: character transformer LM on pydoc_data.topics, {keras.backend.backend()} "
+        f"{timing.device_name()}, {args.steps} steps × {args.batch} × {args.seq} characters, heads of 16; "
+        f"widths {args.widths} at depth {args.depth_for_widths}, depths {args.depths} at width "
+        f"{args.width_for_depths}; {time.perf_counter() - start:.0f} s in all"
+    ))
 
 
 if __name__ == "__main__":

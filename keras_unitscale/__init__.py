@@ -10,6 +10,7 @@ from keras_unitscale import constraints
 from keras_unitscale import convert
 from keras_unitscale import formats
 from keras_unitscale import functional
+from keras_unitscale import hub
 from keras_unitscale import layers
 from keras_unitscale import losses
 from keras_unitscale import models
@@ -37,6 +38,7 @@ __all__ = [
     "formats",
     "functional",
     "grow",
+    "hub",
     "layers",
     "losses",
     "models",

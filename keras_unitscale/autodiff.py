@@ -105,8 +105,10 @@ def layer_vjp(layer, inputs, cotangent, training=False):
     """Gradients of a built layer (or model) with respect to its inputs and trainable weights.
 
     Args:
-        layer: a built Keras layer or model taking one tensor.
-        inputs: an array; its gradient is returned when it is floating point.
+        layer: a built Keras layer or model taking one tensor, or a structure
+            of them (a KerasHub backbone's dict of token ids and mask).
+        inputs: an array, or a structure of arrays; the gradient of one array
+            is returned when it is floating point.
         cotangent: the upstream gradient, shaped like the output.
         training: passed to the call.
 
@@ -121,10 +123,11 @@ def layer_vjp(layer, inputs, cotangent, training=False):
         >>> grad_x.tolist(), grads[layer.kernel.path].tolist()
         ([[2.0, 2.0, 2.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
     """
-    inputs = ops.convert_to_tensor(inputs)
+    inputs = keras.tree.map_structure(ops.convert_to_tensor, inputs)
     if not layer.built:
         layer(inputs)
-    differentiable_input = "float" in keras.backend.standardize_dtype(inputs.dtype)
+    differentiable_input = not keras.tree.is_nested(inputs) and "float" in keras.backend.standardize_dtype(
+        inputs.dtype)
     trainable = layer.trainable_variables
     non_trainable = layer.non_trainable_variables
 

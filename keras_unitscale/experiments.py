@@ -116,7 +116,8 @@ def lr_sweep(build_model, learning_rates, train, validation, steps=200, batch_si
     Args:
         build_model: a function returning an uncompiled Keras model.
         learning_rates: the base learning rates to try.
-        train: `(x, y)` arrays; training cycles through `train`.
+        train: `(x, y)` arrays (`x` may be a dict of arrays, as a KerasHub
+            model takes); training cycles through `train`.
         validation: `(x, y)` arrays.
         steps: the training budget of each run, in steps.
         batch_size: the training budget of each run: its batch size.
@@ -148,9 +149,11 @@ def lr_sweep(build_model, learning_rates, train, validation, steps=200, batch_si
     checks.positive_int("batch_size", batch_size)
     optimizer = optimizer or optimizers.Adam
     loss = loss or losses.SparseCategoricalCrossentropy(from_logits=True)
-    x, y = (np.asarray(a) for a in train)
-    order = np.resize(np.arange(len(x)), steps * batch_size)
-    x, y = x[order], y[order]
+    x, y = train
+    y = np.asarray(y)
+    order = np.resize(np.arange(len(y)), steps * batch_size)
+    # `x` may be a dict of arrays (a KerasHub model's token ids and padding mask): each is reordered alike.
+    x, y = keras.tree.map_structure(lambda a: np.asarray(a)[order], x), y[order]
     progress = (keras.utils.Progbar(len(learning_rates), unit_name="run", stateful_metrics=["log2 lr", "val loss"])
                 if verbose else None)
     rows = []
@@ -172,7 +175,8 @@ def _one_run(build_model, optimizer, loss, train, validation, batch_size, seed):
     # Built here, not inside the first trace of the step, which would make TensorFlow trace it twice.
     model.optimizer.build(model.trainable_variables)
     history = model.fit(*train, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
-    validation_loss = float(model.evaluate(*validation, batch_size=batch_size, verbose=0))
+    # By name: a model compiled with metrics (a KerasHub task adds accuracy) returns them beside the loss.
+    validation_loss = float(model.evaluate(*validation, batch_size=batch_size, verbose=0, return_dict=True)["loss"])
     return {
         "validation_loss": validation_loss if math.isfinite(validation_loss) else math.nan,
         "train_loss": float(history.history["loss"][-1]),

@@ -128,14 +128,22 @@ class ScaleReporter:
             self._loss_fn = self._loss_function()
         inputs = self._inputs(x)
         return self._pass(
-            inputs if len(inputs) > 1 else inputs[0],
+            inputs if isinstance(inputs, dict) or len(inputs) > 1 else inputs[0],
             None if y is None else keras.tree.map_structure(ops.convert_to_tensor, y),
             [v.value for v in self.trainable],
             [v.value for v in self.non_trainable],
         )
 
     def _inputs(self, x):
-        """`x` as tensors, each in its `Input`'s dtype (token ids given as int64 or float become int32, say)."""
+        """`x` as tensors, each in its `Input`'s dtype (token ids given as int64 or float become int32, say).
+
+        A dict (a KerasHub backbone's token ids and padding mask) stays a dict, matched to the inputs by name.
+        """
+        if isinstance(x, dict):
+            declared = getattr(self.model, "input", None)
+            declared = declared if isinstance(declared, dict) else {}
+            return {key: ops.convert_to_tensor(value, dtype=declared[key].dtype if key in declared else None)
+                    for key, value in x.items()}
         arrays = list(x) if isinstance(x, (list, tuple)) else [x]
         declared = getattr(self.model, "inputs", None) or []
         dtypes = [i.dtype for i in declared] if len(declared) == len(arrays) else [None] * len(arrays)

@@ -40,6 +40,7 @@ import warnings
 import keras
 
 from keras_unitscale import checks
+from keras_unitscale import hub
 from keras_unitscale import optimizers
 from keras_unitscale import precision
 from keras_unitscale.convert import converters
@@ -125,6 +126,7 @@ def unit_scale(model, mode="equivalent", residual_rule="depth"):
         (['Dense', 'Dense'], 'output')
     """
     _check_arguments(model, mode, residual_rule)
+    hub.register_if_imported()
     conversion = Conversion(mode, residual_rule)
     converted = conversion.run(model)
     _warn(conversion)

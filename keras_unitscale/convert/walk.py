@@ -90,10 +90,7 @@ class Conversion:
         return new, [self.ratios[id(value)] for value in outputs]
 
     def taus(self, count):
-        if self.residual_rule == "depth":
-            depth_rule = rules.residual.transformer_residual_scaling_rule()
-            return [depth_rule(i, count) for i in range(count)]
-        return [float(self.residual_rule)] * count
+        return rules.residual.residual_taus(self.residual_rule, count)
 
     def at(self, value, ratio, name):
         """`value` at `ratio` × the original: through its producer's multipliers, else a `Rescaling` layer."""
@@ -125,7 +122,9 @@ class Conversion:
         cached = self.converted.get(id(operation))
         if cached is not None:
             return self.reuse(operation, cached, call)
-        if isinstance(operation, keras.Model) and functional_graph(operation) is not None:
+        # A model with a converter of its own (a KerasHub backbone) is converted whole, not walked.
+        if (isinstance(operation, keras.Model) and functional_graph(operation) is not None
+                and registry.converter_for(operation) is None):
             out, ratios = self.nested(operation, call)
         else:
             convert = registry.converter_for(operation)
@@ -149,9 +148,22 @@ class Conversion:
 
     def run(self, model):
         """The converted `model`: its graph walked, or, for a subclassed model, a copy converted inside."""
+        if registry.converter_for(model) is not None:
+            return self.whole(model)
         if functional_graph(model) is None:
             return self.subclassed(model)
         return self.model(model, None, top_level=True)[0]
+
+    def whole(self, model):
+        """A model with a converter of its own: the converter's twin, called once on inputs like the model's."""
+        inputs = keras.tree.map_structure(
+            lambda t: keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype, name=_input_name(t)), model.input
+        )
+        for tensor in keras.tree.flatten(inputs):
+            self.ratios[id(tensor)] = TensorRatio()
+        call = registry.Call([inputs], {}, [TensorRatio() for _ in keras.tree.flatten(inputs)], True)
+        registry.converter_for(model)(self, model, call)
+        return self.converted[id(model)][0]
 
     def subclassed(self, model):
         """A subclassed model: a copy whose sublayers are converted, called on inputs of its build shape."""

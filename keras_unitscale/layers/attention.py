@@ -1,6 +1,5 @@
 """The unit-scaled `MultiHeadAttention` layer."""
 
-import types
 
 import keras
 from keras import ops
@@ -12,6 +11,7 @@ from keras_unitscale.layers.common import check_fp8
 from keras_unitscale.layers.common import unit_normal
 from keras_unitscale.layers.einsum_dense import EinsumDense
 from keras_unitscale.ops import attention as attention_ops
+from keras_unitscale.rebinding import with_names
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 from keras_unitscale.sizes import shape as shape_of
@@ -45,21 +45,11 @@ def _with_our_projections(function, make_projection):
 
     Keras's `MultiHeadAttention.build` and `_make_output_dense` construct
     their projections with the module-level name `EinsumDense`. This is the
-    same code with that one name bound to ours, in a copy of the module's
-    namespace (Keras's module is untouched), so the sublayers, their
-    equations, names and variable paths stay exactly Keras's and follow its
-    version.
+    same code with that one name bound to ours (`rebinding.with_names`:
+    Keras's module is untouched), so the sublayers, their equations, names
+    and variable paths stay exactly Keras's and follow its version.
     """
-    if "EinsumDense" not in function.__code__.co_names:
-        raise NotImplementedError(
-            f"Keras's `MultiHeadAttention.{function.__name__}` no longer constructs its projections through "
-            "the name `EinsumDense`; `keras_unitscale.layers.MultiHeadAttention` needs updating for this "
-            f"Keras version ({keras.version()})."
-        )
-    namespace = dict(function.__globals__, EinsumDense=make_projection)
-    return types.FunctionType(
-        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
-    )
+    return with_names(function, EinsumDense=make_projection)
 
 
 def _split_path(path, argument):
@@ -145,6 +135,13 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
             `keras_unitscale.precision`'s setting (the output projection,
             u-μP's critical matmul, only with `critical=True`), True or
             False decide for all.
+        rule_key_length: the key length the rule's output scale is computed
+            for; None: each call's key length. A fixed one keeps the output
+            scale one constant at every length (a converted model's
+            multipliers need that to compute what the original did).
+        rule_causal: whether the rule's causal constant applies; None: where
+            the mask is causal, found at run time. KerasHub's decoders, which
+            pass their causal mask with a key/value cache, set it.
         **kwargs: base layer arguments.
 
     Call arguments: as for `keras.layers.MultiHeadAttention` (`query`,
@@ -182,32 +179,23 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
         weight_multipliers=None,
         lr_multipliers=None,
         fp8=None,
+        rule_key_length=None,
+        rule_causal=None,
         **kwargs,
     ):
         dropout = checks.rate("dropout", dropout)
         super().__init__(
-            num_heads,
-            key_dim,
-            value_dim=value_dim,
-            dropout=dropout,
-            use_bias=use_bias,
-            output_shape=output_shape,
-            attention_axes=attention_axes,
-            sliding_window=sliding_window,
-            flash_attention=flash_attention,
-            kernel_initializer=kernel_initializer or unit_normal(),
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            activity_regularizer=activity_regularizer,
-            kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint,
-            use_gate=use_gate,
-            seed=seed,
-            **kwargs,
+            num_heads, key_dim, value_dim=value_dim, dropout=dropout, use_bias=use_bias, output_shape=output_shape,
+            attention_axes=attention_axes, sliding_window=sliding_window, flash_attention=flash_attention,
+            kernel_initializer=kernel_initializer or unit_normal(), bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer, kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint, use_gate=use_gate, seed=seed, **kwargs,
         )
         self.mult = float(checks.positive("mult", mult))
         self.fp8 = check_fp8(fp8)
+        self.rule_key_length = None if rule_key_length is None else checks.positive_int("rule_key_length", rule_key_length)
+        self.rule_causal = None if rule_causal is None else bool(rule_causal)
         # Plain dicts by "projection/variable", kept out of Keras's attribute
         # tracking: the values that wait for the projections (emptied as they build).
         for attribute, argument, given in (
@@ -405,20 +393,25 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
             out = attention_ops.dot_product_attention(
                 query, key, value, mask=mask, is_causal=causal_only, dropout_rate=self._dropout, mult=self.mult,
                 training=bool(rate), seed=self._dropout_layer.seed_generator if rate else None,
-                return_attention_scores=return_attention_scores,
+                return_attention_scores=return_attention_scores, rule_key_length=self.rule_key_length,
+                rule_causal=self.rule_causal,
             )
             if return_attention_scores:
                 out, scores = out
         else:
             # The op's fused path, with Keras's `flash_attention` setting passed on.
-            scales = rules.attention.attention(shape_of(query)[-1], shape_of(key)[1], self.mult, causal_only)
+            scales = rules.attention.attention(shape_of(query)[-1], self._rule_length(shape_of(key)[1]), self.mult,
+                                               causal_only if self.rule_causal is None else self.rule_causal)
             query, key, value = (scale_bwd(t, scales.output) for t in (query, key, value))
             out = ops.dot_product_attention(query, key, value, mask=mask, scale=scales.logits,
                                             is_causal=causal_only, flash_attention=self._flash_attention)
             out = scale_fwd(out, scales.output)
-        if mask is not None:
+        if mask is not None and self.rule_causal is None:
             out = self._if_causal(out, mask, query, key, 1, shape_of(key)[1], rate)
         return out, scores
+
+    def _rule_length(self, key_length):
+        return key_length if self.rule_key_length is None else self.rule_key_length
 
     def _attention_over_axes(self, query, key, value, mask, causal_only, rate, training):
         """Any rank and attention axes: Keras's einsums and masked softmax, inside the rule's scales."""
@@ -426,14 +419,14 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
         if causal_only:
             # As Keras's own general path does.
             mask = self._compute_causal_mask(query, key)
-        seq_len = _product(shape_of(key)[axis] for axis in axes)
-        scales = rules.attention.attention(shape_of(query)[-1], seq_len, self.mult, False, rate)
+        seq_len = self._rule_length(_product(shape_of(key)[axis] for axis in axes))
+        scales = rules.attention.attention(shape_of(query)[-1], seq_len, self.mult, bool(self.rule_causal), rate)
         query, key, value = (scale_bwd(t, scales.output) for t in (query, key, value))
         query = ops.multiply(query, ops.cast(scales.logits, query.dtype))
         scores = self._masked_softmax(ops.einsum(self._dot_product_equation, key, query), mask)
         kept = self._dropout_layer(scores, training=training) if rate else scores
         out = scale_fwd(ops.einsum(self._combine_equation, kept, value), scales.output)
-        if mask is not None and len(axes) == 1:
+        if mask is not None and len(axes) == 1 and self.rule_causal is None:
             out = self._if_causal(out, mask, query, key, axes[0], seq_len, rate)
         return out, scores
 
@@ -461,6 +454,8 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
             **super().get_config(),
             "mult": self.mult,
             "fp8": self.fp8,
+            "rule_key_length": self.rule_key_length,
+            "rule_causal": self.rule_causal,
             "weight_multipliers": self.weight_multipliers,
             "lr_multipliers": self.lr_multipliers,
         }

@@ -19,7 +19,7 @@ __all__ = ["dot_product_attention"]
 
 
 def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout_rate=0.0, mult=1.0, training=True,
-                          seed=None, return_attention_scores=False):
+                          seed=None, return_attention_scores=False, rule_key_length=None, rule_causal=None):
     """Unit-scaled dot-product attention, in Keras's `(batch, seq, heads, head_dim)` layout.
 
     Rule (`rules.attention.attention`, the reference's, calibrated): logits
@@ -44,6 +44,13 @@ def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout
         seed: for the dropout, as for `keras.random.dropout`.
         return_attention_scores: also return the attention probabilities
             (runs the unfused computation).
+        rule_key_length: the key length `S` the rule's output scale is
+            computed for (default: `key`'s). A fixed one makes the output
+            scale one constant at every length, which a converted model
+            needs to compute what its original did at any length.
+        rule_causal: whether the rule's causal constant applies (default:
+            `is_causal`). A decoder that passes its causal mask in `mask`
+            (KerasHub's, for its key/value cache) sets it.
 
     Returns:
         `(batch, T, heads, value_dim)`; with `return_attention_scores`, a
@@ -58,7 +65,10 @@ def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout
     checks.rate("dropout_rate", dropout_rate)
     query, key, value = _checked(query, key, value)
     rate = dropout_rate if bool(training) and dropout_rate > 0 else 0.0
-    scales = rules.attention.attention(shape_of(query)[-1], shape_of(key)[1], mult, is_causal, rate)
+    scales = rules.attention.attention(
+        shape_of(query)[-1], shape_of(key)[1] if rule_key_length is None else rule_key_length, mult,
+        is_causal if rule_causal is None else rule_causal, rate,
+    )
     query, key, value = (scale_bwd(t, scales.output) for t in (query, key, value))
     if rate or return_attention_scores:
         out, probs = _attention_unfused(query, key, value, mask, is_causal, scales.logits, rate, seed)

@@ -10,7 +10,7 @@ from keras_unitscale.rules.common import logarithmic_interpolation
 from keras_unitscale.sizes import as_float
 from keras_unitscale.sizes import is_static
 
-__all__ = ["AttentionScales", "attention"]
+__all__ = ["AttentionScales", "attention", "shared_key_value"]
 
 
 class AttentionScales(NamedTuple):
@@ -49,3 +49,18 @@ def attention(head_dim, seq_len, mult=1.0, is_causal=False, dropout_rate=0.0):
     alpha = 1.0 / (1.0 + 4.0 * head_dim / mult**2)
     output = (1.0 - dropout_rate) ** 0.5 / logarithmic_interpolation(alpha, _flat_rms(seq_len, is_causal), 1.0)
     return AttentionScales(mult / head_dim, output)
+
+
+def shared_key_value(groups):
+    """Grouped-query attention: the gradient of a key or value head that `groups` query heads share, × `groups^-1/2`.
+
+    Each of the `groups` copies of a shared head brings back a gradient of
+    unit scale, and they add: uncorrelated, their sum has scale
+    `sqrt(groups)`, which this brings back to one.
+
+    Examples:
+        >>> shared_key_value(4)
+        0.5
+    """
+    checks.positive_int("groups", groups)
+    return groups**-0.5

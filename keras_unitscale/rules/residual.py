@@ -2,7 +2,7 @@
 
 from keras_unitscale import checks
 
-__all__ = ["branch_weights", "transformer_residual_scaling_rule"]
+__all__ = ["branch_weights", "transformer_residual_scaling_rule", "residual_taus"]
 
 
 def branch_weights(tau):
@@ -59,3 +59,20 @@ def transformer_residual_scaling_rule(residual_mult=1.0, residual_attn_ratio=1.0
         return alpha / (layers / 2 + n_attn * alpha_attn**2 + n_mlp * alpha_mlp**2) ** 0.5
 
     return tau
+
+
+def residual_taus(residual_rule, count):
+    """The `tau` of each of `count` residual branches in stream order: "depth" for u-μP's depth rule, or one number.
+
+    This is how `unit_scale` and KerasHub's unit-scaled backbones read a
+    `residual_rule`: "depth" is `transformer_residual_scaling_rule()` over
+    `count` branches; a number is every branch's `tau`.
+
+    Examples:
+        >>> [round(tau, 3) for tau in residual_taus("depth", 4)], residual_taus(0.5, 2)
+        ([0.707, 0.577, 0.5, 0.447], [0.5, 0.5])
+    """
+    if residual_rule == "depth":
+        rule = transformer_residual_scaling_rule()
+        return [rule(index, count) for index in range(count)]
+    return [float(checks.non_negative("residual_rule", residual_rule))] * count

@@ -1,0 +1,26 @@
+"""KerasHub models, unit-scaled (issue 20): twins of KerasHub's layers and converters for its models.
+
+`unit_scale` loads this package when `keras_hub` has been imported (a user
+with a KerasHub model has imported it), and registers its converters then;
+`pip install -e ".[hub]"` installs KerasHub. Converted: the Llama, Mistral
+and GPT-2 backbones and their `CausalLM`s (`hub.models.TWINS`; see the
+KerasHub guide). `hub.layers` holds the twins of KerasHub's layers,
+`hub.models` the twin backbones, `hub.converters` what `unit_scale` calls.
+"""
+
+import sys
+
+__all__ = ["register_if_imported"]
+
+_registered = False
+
+
+def register_if_imported():
+    """Registers the KerasHub converters once, if `keras_hub` has been imported; True where they are registered."""
+    global _registered
+    if not _registered and "keras_hub" in sys.modules:
+        from keras_unitscale.hub import converters
+
+        converters.register()
+        _registered = True
+    return _registered
