@@ -9,8 +9,9 @@ a fixed number of steps and reports its validation loss (nats per character).
 
 Runs: {KerasHub, twin} × {float32, mixed_float16 without loss scaling
 (`compile(auto_scale_loss=False)`)}, the twin in simulated scale-free FP8
-(`precision.fp8`, the critical matmuls included), and KerasHub with Keras's
-loss scaling (`auto_scale_loss=True`), the usual FP16 remedy. KerasHub's model
+(`precision.fp8`, the critical matmuls included) and KerasHub's model in
+the same casts (`precision.simulate_fp8`), and KerasHub with Keras's loss
+scaling (`auto_scale_loss=True`), the usual FP16 remedy. KerasHub's model
 trains with Keras's Adam at 1e-3 and Keras's loss; the twin with our Adam at
 u-μP's learning rate and our loss.
 
@@ -44,6 +45,7 @@ RUNS = (
     ("KerasHub float32", "kerashub", "float32"),
     ("KerasHub FP16, no loss scaling", "kerashub", "fp16"),
     ("KerasHub FP16 + loss scaling", "kerashub", "fp16+ls"),
+    ("KerasHub FP8", "kerashub", "fp8"),
 )
 TWIN_LEARNING_RATE = 2.0**-3  # u-μP's transformer optimum (benchmarks/lr_transfer.py)
 KERASHUB_LEARNING_RATE = 1e-3  # Adam's usual rate
@@ -71,6 +73,8 @@ def _as_inputs(tokens):
 def run(label, kind, mode, data, vocabulary_size, args):
     (x, y), (xv, yv) = data
     lm = build(kind, mode, vocabulary_size, args)
+    if kind == "kerashub" and mode == "fp8":
+        lm = precision.simulate_fp8(lm)
     if kind == "twin":
         optimizer = keras_unitscale.optimizers.Adam(TWIN_LEARNING_RATE)
         loss = keras_unitscale.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -78,7 +82,7 @@ def run(label, kind, mode, data, vocabulary_size, args):
         optimizer = keras.optimizers.Adam(KERASHUB_LEARNING_RATE)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     started = time.time()
-    with precision.fp8(enabled=mode == "fp8", critical=True), warnings.catch_warnings():
+    with precision.fp8(enabled=kind == "twin" and mode == "fp8", critical=True), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lm.compile(optimizer=optimizer, loss=loss, auto_scale_loss=mode == "fp16+ls")
         history = lm.fit(_as_inputs(x), y, batch_size=args.batch, epochs=1, shuffle=False, verbose=0)

@@ -29,6 +29,7 @@ import keras
 from keras import ops
 
 from keras_unitscale import formats as F
+from keras_unitscale import hub
 
 __all__ = ["FORWARD_FORMAT", "BACKWARD_FORMAT", "fp8", "set_fp8", "fp8_setting", "uses_fp8", "cast_inputs",
            "cast_output_gradient", "simulate_fp8"]
@@ -235,8 +236,9 @@ def simulate_fp8(model):
     inputs to E4M3 and the gradient of its output to E5M2 (`fp8_product`), with no
     per-tensor scales: the baseline that shows what unit scaling adds. Those
     inside custom layers and nested models are cast too (the layer is copied,
-    `convert.inside.copy_layer`, and its matmul sublayers swapped). The copy
-    has `model`'s weights; other layers are copied as they are.
+    `convert.inside.copy_layer`, and its matmul sublayers swapped), and a
+    KerasHub backbone or `CausalLM` is copied as `hub.models.simulate_fp8`
+    does. The copy has `model`'s weights; other layers are copied as they are.
 
     Args:
         model: a built Sequential or functional Keras model.
@@ -253,6 +255,11 @@ def simulate_fp8(model):
         True
     """
     from keras_unitscale.convert import inside  # convert imports this module
+
+    if hub.is_kerashub_model(model):
+        from keras_unitscale.hub import models  # imports keras_hub, and this module
+
+        return models.simulate_fp8(model)
 
     def simulated(layer):
         return _SIMULATED[type(layer)].from_config(layer.get_config())

@@ -374,3 +374,22 @@ def test_the_llama_twin_trains_in_fp16_without_loss_scaling_and_in_fp8_within_2_
     for mode in ("fp16", "fp8"):
         assert abs(losses_by_precision[mode] / losses_by_precision["float32"] - 1) <= 0.02, losses_by_precision
     assert keras.config.dtype_policy().name == "float32"  # the runs leave the global policy as they found it
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_simulate_fp8_casts_every_matmul_of_kerashubs_model_and_keeps_its_weights(family):
+    from keras_unitscale import precision
+
+    lm = _causal_lm(family)
+    cast = precision.simulate_fp8(lm)
+    assert type(cast) is type(lm) and not _variable_ids(cast) & _variable_ids(lm)
+    dense = [layer for layer in cast._flatten_layers(include_self=False)
+             if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))]
+    assert dense and all(type(layer) in (precision._SIMULATED[keras.layers.Dense],
+                                         precision._SIMULATED[keras.layers.EinsumDense]) for layer in dense)
+    for got, expected in zip(cast.weights, lm.weights):
+        np.testing.assert_array_equal(ops.convert_to_numpy(got), ops.convert_to_numpy(expected))
+    # Its outputs are the original's with E4M3's rounding: close, not equal.
+    x = _inputs()
+    error = _relative_error(cast(x), lm(x))
+    assert 0 < error < 0.5

@@ -10,7 +10,7 @@ KerasHub guide). `hub.layers` holds the twins of KerasHub's layers,
 
 import sys
 
-__all__ = ["register_if_imported"]
+__all__ = ["register_if_imported", "is_kerashub_model"]
 
 _registered = False
 
@@ -24,3 +24,11 @@ def register_if_imported():
         converters.register()
         _registered = True
     return _registered
+
+
+def is_kerashub_model(model):
+    """Whether `model` is a KerasHub backbone or task model (False where `keras_hub` has not been imported)."""
+    if "keras_hub" not in sys.modules:
+        return False
+    keras_hub = sys.modules["keras_hub"]
+    return isinstance(model, (keras_hub.models.Backbone, keras_hub.models.Task))

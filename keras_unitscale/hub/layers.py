@@ -140,7 +140,8 @@ class PositionEmbedding(WeightMultipliers, position_embedding.PositionEmbedding)
     KerasHub's layer.
 
     Args:
-        weight_multipliers, lr_multipliers: as for our `Embedding`.
+        weight_multipliers: as for our `Embedding`.
+        lr_multipliers: as for our `Embedding`.
         **kwargs: as for KerasHub's `PositionEmbedding`.
     """
 
@@ -271,8 +272,9 @@ class _SwiGLUDecoder(_UnitScaledBlock):
     The key/value cache of `generate()` passes through as in KerasHub's block.
 
     Args:
-        attention_tau, mlp_tau: the residual branches' `tau`
+        attention_tau: the attention branch's `tau`
             (`rules.residual.transformer_residual_scaling_rule`).
+        mlp_tau: the MLP branch's `tau`.
         depth: the number of blocks in the stack (u-μP's learning rate ×
             `depth^-1/2` on the block's variables).
         attention_options: keyword arguments of the attention layer
@@ -362,7 +364,9 @@ class TransformerDecoder(_UnitScaledBlock, transformer_decoder.TransformerDecode
     GPT-2's approximate gelu included, by the rule for any activation).
 
     Args:
-        attention_tau, mlp_tau, depth: as for `LlamaTransformerDecoder`.
+        attention_tau: as for `LlamaTransformerDecoder`.
+        mlp_tau: as for `LlamaTransformerDecoder`.
+        depth: as for `LlamaTransformerDecoder`.
         attention_options: keyword arguments of the attention layer (our
             `MultiHeadAttention`'s `mult`, `rule_key_length`).
         **kwargs: as for KerasHub's `TransformerDecoder`, with

@@ -20,11 +20,12 @@ import keras
 import keras_hub
 
 from keras_unitscale import layers as L
+from keras_unitscale import precision
 from keras_unitscale import rules
 from keras_unitscale.hub import layers as hub_layers
 from keras_unitscale.rebinding import with_names
 
-__all__ = ["LlamaBackbone", "MistralBackbone", "GPT2Backbone", "TWINS", "complete_config"]
+__all__ = ["LlamaBackbone", "MistralBackbone", "GPT2Backbone", "TWINS", "complete_config", "simulate_fp8"]
 
 
 def complete_config(backbone, config):
@@ -174,3 +175,26 @@ class MistralBackbone(_UnitScaledBackbone, keras_hub.models.MistralBackbone):
 # KerasHub's backbone classes and their twins.
 TWINS = {keras_hub.models.LlamaBackbone: LlamaBackbone, keras_hub.models.MistralBackbone: MistralBackbone,
          keras_hub.models.GPT2Backbone: GPT2Backbone}
+
+
+def simulate_fp8(model):
+    """A copy of a KerasHub backbone or `CausalLM` whose matmuls cast as scale-free FP8 ones do, nothing else changed.
+
+    `precision.simulate_fp8` for KerasHub's models, whose blocks make their
+    `Dense` and `EinsumDense` sublayers in `build` (so a copy from config has
+    none to swap until it is built): the copy is built from the original's
+    config, given its weights, and then each of Keras's `Dense` and
+    `EinsumDense` layers in it becomes the FP8-casting subclass, which
+    differs from Keras's only in `call`. The baseline: what a scale-free FP8
+    cast does to KerasHub's model as it is.
+    """
+    if isinstance(model, keras_hub.models.CausalLM):
+        return type(model)(backbone=simulate_fp8(model.backbone), preprocessor=model.preprocessor, name=model.name)
+    if not isinstance(model, keras_hub.models.Backbone):
+        raise ValueError(f"`simulate_fp8` takes a KerasHub backbone or CausalLM here. Received: {type(model).__name__}")
+    copy = type(model).from_config(complete_config(model, model.get_config()))
+    copy.set_weights(model.get_weights())
+    for layer in copy._flatten_layers(include_self=False):
+        if type(layer) in (keras.layers.Dense, keras.layers.EinsumDense):
+            layer.__class__ = precision._SIMULATED[type(layer)]  # the same layer, its `call` casting
+    return copy
