@@ -256,10 +256,8 @@ def simulate_fp8(model):
     """
     from keras_unitscale.convert import inside  # convert imports this module
 
-    if hub.is_kerashub_model(model):
-        from keras_unitscale.hub import models  # imports keras_hub, and this module
-
-        return models.simulate_fp8(model)
+    if hub.is_kerashub_model(model):  # its blocks make their sublayers in `build`: copied otherwise
+        return hub.simulate_fp8(model)
 
     def simulated(layer):
         return _SIMULATED[type(layer)].from_config(layer.get_config())

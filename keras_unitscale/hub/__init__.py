@@ -10,7 +10,7 @@ KerasHub guide). `hub.layers` holds the twins of KerasHub's layers,
 
 import sys
 
-__all__ = ["register_if_imported", "is_kerashub_model"]
+__all__ = ["register_if_imported", "is_kerashub_model", "simulate_fp8"]
 
 _registered = False
 
@@ -32,3 +32,10 @@ def is_kerashub_model(model):
         return False
     keras_hub = sys.modules["keras_hub"]
     return isinstance(model, (keras_hub.models.Backbone, keras_hub.models.Task))
+
+
+def simulate_fp8(model):
+    """`hub.models.simulate_fp8`: a KerasHub model's copy whose matmuls cast as scale-free FP8 ones do."""
+    from keras_unitscale.hub import models  # imports keras_hub
+
+    return models.simulate_fp8(model)
