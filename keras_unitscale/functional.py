@@ -30,6 +30,7 @@ from keras_unitscale.ops import dot_product_attention
 from keras_unitscale.ops import dropout
 from keras_unitscale.ops import embedding
 from keras_unitscale.ops import gelu
+from keras_unitscale.ops import gelu_glu
 from keras_unitscale.ops import gru_cell
 from keras_unitscale.ops import gru_hidden_in
 from keras_unitscale.ops import gru_hidden_out
@@ -76,6 +77,7 @@ __all__ = [
     "gelu",
     "silu",
     "silu_glu",
+    "gelu_glu",
     "tanh",
     "sigmoid",
     "softmax",

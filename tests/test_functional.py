@@ -10,6 +10,7 @@ from helpers import unit_normal
 from keras import ops
 
 from keras_unitscale import functional as U
+from keras_unitscale import rules
 from keras_unitscale.autodiff import vjp
 from keras_unitscale.ops.linear import einsum_dense
 
@@ -107,6 +108,17 @@ def test_silu_glu_scale(width):
     out, grads = vjp(U.silu_glu, [x, gate], unit_normal(256, width, seed=2))
     for name, value in [("out", out), ("grad x", grads[0]), ("grad gate", grads[1])]:
         _assert_unit(name, rms(value), CALIBRATED)
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_glu_scale_and_value(approximate):
+    """GeGLU, `x · gelu(gate)`: the unit-scaled GELU of the gate times `x`, at unit scale in both passes."""
+    x, gate = unit_normal(256, 512), unit_normal(256, 512, seed=1)
+    out, grads = vjp(lambda a, b: U.gelu_glu(a, b, approximate=approximate), [x, gate], unit_normal(256, 512, seed=2))
+    for name, value in [("out", out), ("grad x", grads[0]), ("grad gate", grads[1])]:
+        _assert_unit(name, rms(value), CALIBRATED)
+    plain = ops.convert_to_numpy(x * ops.gelu(gate, approximate=approximate))
+    np.testing.assert_allclose(out, plain * rules.activations.gelu().output, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("vocab, tokens", [(64, 4096), (1000, 512)])
@@ -327,6 +339,24 @@ def test_attention_matches_plain_attention_with_unit_scaled_logits():
         np.testing.assert_allclose(out, plain * scale, rtol=1e-5, atol=1e-6)
         alpha = 1 / (1 + 4 * 8 / 2.0**2)
         np.testing.assert_allclose(scale, 1 / _log_interp(alpha, flat_mean_square**0.5, 1.0), rtol=1e-5)
+
+
+def test_soft_capped_attention_caps_the_unit_scaled_logits_and_keeps_the_rule():
+    q, k, v = (unit_normal(2, 6, 2, 8, seed=s) for s in range(3))
+    mult, cap = 8.0, 0.5  # logits of RMS 8/sqrt(8), well past the cap
+    out = ops.convert_to_numpy(U.dot_product_attention(q, k, v, is_causal=True, mult=mult, logit_soft_cap=cap))
+    logits = np.einsum("btnh,bsnh->bnts", q, k) * mult / 8
+    logits = np.where(np.tril(np.ones((6, 6), bool)), cap * np.tanh(logits / cap), -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    scale = rules.attention.attention(8, 6, mult, True).output
+    np.testing.assert_allclose(out, np.einsum("bnts,bsnh->btnh", probs, v) * scale, rtol=1e-5, atol=1e-6)
+    # A cap far above the logits changes nothing.
+    uncapped = ops.convert_to_numpy(U.dot_product_attention(q, k, v, is_causal=True))
+    far = ops.convert_to_numpy(U.dot_product_attention(q, k, v, is_causal=True, logit_soft_cap=1e4))
+    np.testing.assert_allclose(far, uncapped, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="logit_soft_cap"):
+        U.dot_product_attention(q, k, v, logit_soft_cap=0.0)
 
 
 def test_attention_dropout_path_agrees_with_fused_path_in_expectation():

@@ -22,6 +22,7 @@ from keras_unitscale.autodiff import vjp
 keras_hub = pytest.importorskip("keras_hub")
 
 from keras_unitscale.hub import layers as hub_layers  # noqa: E402 (needs keras_hub)
+from keras_unitscale.hub import modeling as hub_modeling  # noqa: E402
 from keras_unitscale.hub import models as hub_models  # noqa: E402
 
 VOCABULARY = 128
@@ -45,11 +46,29 @@ def _mistral():
                                             sliding_window=6)
 
 
+def _gemma(version=1):
+    # Gemma 2's settings small enough to act at this size: soft caps the logits reach, a window shorter than the
+    # sequences, and query_head_dim_normalize=False (which KerasHub's blocks do not pass on to their attention).
+    gemma2 = dict(query_head_dim_normalize=False, use_post_ffw_norm=True, use_post_attention_norm=True,
+                  attention_logit_soft_cap=2.0, final_logit_soft_cap=3.0, use_sliding_window_attention=True,
+                  sliding_window_size=6)
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=VOCABULARY, num_layers=2, num_query_heads=4,
+                                              num_key_value_heads=2, hidden_dim=64, intermediate_dim=128, head_dim=8,
+                                              **(gemma2 if version == 2 else {}))
+    # Gemma's norms compute (1 + scale)·x̂ from zeros: trained ones are not zero.
+    rng = np.random.default_rng(2)
+    for variable in backbone.weights:
+        if variable.path.endswith("/scale"):
+            variable.assign(0.3 * rng.normal(size=variable.shape).astype("float32"))
+    return backbone
+
+
 BACKBONES = {"gpt2": _gpt2, "llama": _llama, "llama_tied": lambda: _llama(tie_word_embeddings=True),
-             "mistral": _mistral}
+             "mistral": _mistral, "gemma": _gemma, "gemma2": lambda: _gemma(version=2)}
 TASKS = {keras_hub.models.GPT2Backbone: keras_hub.models.GPT2CausalLM,
          keras_hub.models.LlamaBackbone: keras_hub.models.LlamaCausalLM,
-         keras_hub.models.MistralBackbone: keras_hub.models.MistralCausalLM}
+         keras_hub.models.MistralBackbone: keras_hub.models.MistralCausalLM,
+         keras_hub.models.GemmaBackbone: keras_hub.models.GemmaCausalLM}
 
 
 def _backbone(family):
@@ -107,10 +126,10 @@ def test_every_layer_of_the_twin_that_computes_with_weights_is_unit_scaled(famil
         if layer._trainable_variables:
             assert type(layer).__module__.startswith("keras_unitscale"), f"{layer.name} ({type(layer)}) is kept"
     blocks = twin.transformer_layers
-    assert all(type(block).__module__ == "keras_unitscale.hub.layers" for block in blocks)
+    assert all(type(block).__module__.startswith("keras_unitscale.hub.") for block in blocks)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "gemma2"])
 def test_a_causal_lms_twin_predicts_and_generates_as_the_original(family):
     lm = _causal_lm(family)
     twin = _quietly(unit_scale, lm)
@@ -154,7 +173,7 @@ def test_an_untied_llamas_equivalent_twin_trains_as_the_original_under_its_own_o
     assert _relative_error(twin(probe), lm(probe)) <= 0.02  # after 8 steps (measured: 0.005)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "gemma2"])
 def test_a_reinit_causal_lm_is_unit_scaled_at_initialisation(family):
     """As `test_layers`' models: every weight gradient within [0.25, 4] for the unit-scaled loss's gradient.
 
@@ -175,7 +194,7 @@ def test_a_reinit_causal_lm_is_unit_scaled_at_initialisation(family):
     hidden = ops.convert_to_numpy(lm.backbone(x))
     assert 0.5 <= rms(hidden) <= 2.0
     _, _, grads = layer_vjp(lm, x, upstream)
-    head_dim = lm.backbone.hidden_dim // 4
+    head_dim = getattr(lm.backbone, "head_dim", None) or lm.backbone.hidden_dim // 4
     for name, value in grads.items():
         if name.endswith("/bias") or name.endswith("/beta"):
             assert np.all(np.isfinite(value)) and (rms(value) < 1e-6) == ("key/bias" in name), name
@@ -261,8 +280,9 @@ def test_grouped_query_attention_brings_the_shared_heads_gradient_back_to_unit_s
 
 
 def test_the_blocks_refuse_what_the_unit_scaled_rule_does_not_cover():
-    with pytest.raises(ValueError, match="pre-norm block.*normalize_first=False"):
-        hub_layers.TransformerDecoder(intermediate_dim=8, num_heads=2)
+    decoder = hub_modeling.TransformerDecoder(intermediate_dim=8, num_heads=2)
+    with pytest.raises(ValueError, match="decoder-only.*encoder_sequence_shape"):
+        decoder.build((None, 4, 8), (None, 4, 8))
     with pytest.raises(ValueError, match="SwiGLU.*activation='gelu'"):
         hub_layers.LlamaTransformerDecoder(intermediate_dim=8, num_query_heads=2, num_key_value_heads=1,
                                            activation="gelu")
@@ -281,6 +301,81 @@ def test_a_fixed_rule_key_length_makes_causal_attention_the_same_at_every_length
     long = ops.convert_to_numpy(plain(x, x, use_causal_mask=True))
     short = ops.convert_to_numpy(plain(x[:, :8], x[:, :8], use_causal_mask=True))
     assert not np.allclose(short, long[:, :8], rtol=1e-3)
+
+
+def _encoder_classifier(normalize_first):
+    """A text classifier as the Keras examples write it with KerasHub's layers: padded token ids to 3 classes."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,), dtype="int32")
+    x = keras_hub.layers.TokenAndPositionEmbedding(VOCABULARY, 16, 32, mask_zero=True, name="embedding")(inputs)
+    for index in range(2):
+        x = keras_hub.layers.TransformerEncoder(64, 4, normalize_first=normalize_first, name=f"encoder_{index}")(x)
+    if normalize_first:
+        x = keras.layers.LayerNormalization(name="final_norm")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+def _padded_ids(batch=4, length=16):
+    ids = np.random.default_rng(0).integers(1, VOCABULARY, (batch, length)).astype("int32")
+    ids[:, length * 3 // 4:] = 0
+    return ids
+
+
+@pytest.mark.parametrize("normalize_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_kerashubs_encoder_and_token_and_position_embedding_in_a_users_model_convert(tmp_path, normalize_first):
+    model = _encoder_classifier(normalize_first)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twin = unit_scale(model)
+    assert not [str(w.message) for w in caught if "kept these layers" in str(w.message)]
+    assert type(twin.get_layer("embedding")) is hub_modeling.TokenAndPositionEmbedding
+    encoders = [twin.get_layer(f"encoder_{index}") for index in range(2)]
+    assert all(type(encoder) is hub_modeling.TransformerEncoder for encoder in encoders)
+    # Padded ids: the mask of `mask_zero` reaches the attention and the pooling as in the original.
+    ids = _padded_ids()
+    assert _relative_error(twin(ids), model(ids)) <= 1e-5
+    assert not _variable_ids(twin) & _variable_ids(model)
+    if normalize_first:
+        # The two blocks' four branches are one residual stream, weighted by u-μP's depth rule.
+        rule = rules.residual.transformer_residual_scaling_rule()
+        taus = [tau for encoder in encoders for tau in (encoder.attention_tau, encoder.mlp_tau)]
+        np.testing.assert_allclose(taus, [rule(index, 4) for index in range(4)])
+        assert {encoder.depth for encoder in encoders} == {2}
+    else:
+        # A post-norm block renormalises its stream at each join: equal weights.
+        assert {(encoder.attention_tau, encoder.mlp_tau, encoder.depth) for encoder in encoders} == {(1.0, 1.0, 1)}
+    path = os.path.join(tmp_path, "twin.keras")
+    twin.save(path)
+    reloaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(ops.convert_to_numpy(reloaded(ids)), ops.convert_to_numpy(twin(ids)), atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_a_reinit_twin_of_kerashubs_encoder_stack_is_unit_scaled(normalize_first):
+    twin = _quietly(unit_scale, _encoder_classifier(normalize_first), mode="reinit")
+    hidden = keras.Model(twin.input, twin.get_layer("encoder_1").output)
+    assert 0.5 <= rms(hidden(_padded_ids(batch=16))) <= 2.0
+    embedding = twin.get_layer("embedding")
+    assert 0.8 <= rms(embedding(_padded_ids(batch=16))) <= 1.25
+
+
+def test_a_gpt_written_with_kerashubs_decoder_layers_converts_and_keeps_its_function():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,), dtype="int32")
+    x = keras_hub.layers.TokenAndPositionEmbedding(VOCABULARY, 16, 32, name="embedding")(inputs)
+    for index in range(2):
+        x = keras_hub.layers.TransformerDecoder(64, 4, name=f"decoder_{index}")(x)
+    model = keras.Model(inputs, keras.layers.Dense(VOCABULARY, name="readout")(x))
+    twin = _quietly(unit_scale, model)
+    assert type(twin.get_layer("decoder_0")) is hub_modeling.TransformerDecoder
+    ids = np.random.default_rng(0).integers(1, VOCABULARY, (4, 16)).astype("int32")
+    assert _relative_error(twin(ids), model(ids)) <= 1e-5
+    # Causal: a later token does not change an earlier position's logits.
+    changed = ids.copy()
+    changed[:, 10:] = 1
+    np.testing.assert_allclose(ops.convert_to_numpy(twin(changed))[:, :10], ops.convert_to_numpy(twin(ids))[:, :10],
+                               rtol=1e-5, atol=1e-5)
 
 
 PARALLEL = """

@@ -12,7 +12,7 @@ new layer, carries weights over (`carry`), moves tensors to a ratio (`at`,
 from typing import Any
 from typing import NamedTuple
 
-__all__ = ["Call", "register_converter", "converter_for", "registered"]
+__all__ = ["Call", "register_converter", "converter_for", "residual_branches", "registered"]
 
 
 class Call(NamedTuple):
@@ -22,6 +22,8 @@ class Call(NamedTuple):
     kwargs: dict  # keyword arguments, likewise
     inputs: list  # one TensorRatio per input tensor, in the node's order
     readout: bool  # a dense layer that is the model's readout
+    taus: tuple = ()  # the residual branches' `tau`s of a layer registered with `residual_branches`
+    stream_branches: int = 0  # and how many residual branches its graph's stream has in all
 
 
 class _Entry(NamedTuple):
@@ -29,12 +31,13 @@ class _Entry(NamedTuple):
     converter: Any
     subclasses: bool
     accepts: Any
+    residual_branches: Any
 
 
 _REGISTRY = []  # later entries win: a user's registration overrides a default
 
 
-def register_converter(layer_class, converter, subclasses=False, accepts=None):
+def register_converter(layer_class, converter, subclasses=False, accepts=None, residual_branches=None):
     """Registers `converter` for `layer_class` (and its subclasses, with `subclasses=True`).
 
     Args:
@@ -45,6 +48,11 @@ def register_converter(layer_class, converter, subclasses=False, accepts=None):
             that exact class: a subclass may compute something else).
         accepts: optional `fn(layer) -> bool`; a layer it refuses is kept
             unchanged (and named in `unit_scale`'s warning).
+        residual_branches: optional `fn(layer) -> int`, for a layer that
+            holds residual branches of the model's stream (a pre-norm
+            transformer block: 2). The graph walk counts them with the
+            graph's residual `Add`s, in order, for the residual rule, and
+            gives the layer's converter their `tau`s in `call.taus`.
 
     Examples:
         >>> class Doubler(keras.layers.Layer):
@@ -60,18 +68,31 @@ def register_converter(layer_class, converter, subclasses=False, accepts=None):
         raise ValueError(f"`layer_class` must be a class. Received: layer_class={layer_class!r}")
     if not callable(converter):
         raise ValueError(f"`converter` must be callable. Received: converter={converter!r}")
-    if accepts is not None and not callable(accepts):
-        raise ValueError(f"`accepts` must be callable or None. Received: accepts={accepts!r}")
-    _REGISTRY.append(_Entry(layer_class, converter, bool(subclasses), accepts))
+    for name, value in (("accepts", accepts), ("residual_branches", residual_branches)):
+        if value is not None and not callable(value):
+            raise ValueError(f"`{name}` must be callable or None. Received: {name}={value!r}")
+    _REGISTRY.append(_Entry(layer_class, converter, bool(subclasses), accepts, residual_branches))
+
+
+def _entry_for(layer):
+    """The registration that converts `layer`, or None."""
+    for entry in reversed(_REGISTRY):
+        matches = isinstance(layer, entry.layer_class) if entry.subclasses else type(layer) is entry.layer_class
+        if matches:
+            return entry if entry.accepts is None or entry.accepts(layer) else None
+    return None
 
 
 def converter_for(layer):
     """The converter registered for `layer`, or None (the layer is kept as it is)."""
-    for entry in reversed(_REGISTRY):
-        matches = isinstance(layer, entry.layer_class) if entry.subclasses else type(layer) is entry.layer_class
-        if matches:
-            return entry.converter if entry.accepts is None or entry.accepts(layer) else None
-    return None
+    entry = _entry_for(layer)
+    return None if entry is None else entry.converter
+
+
+def residual_branches(layer):
+    """How many residual branches of the model's stream `layer`'s converter weighs (0 for most layers)."""
+    entry = _entry_for(layer)
+    return 0 if entry is None or entry.residual_branches is None else int(entry.residual_branches(layer))
 
 
 def registered():

@@ -284,7 +284,8 @@ class _GraphState:
         self.uses = _uses(graph)
         self.residuals = _residual_adds(graph)
         self.skip_joins = {id(skip): name for _, skip, name in self.residuals.values()}
-        self.taus = dict(zip(self.residuals, conversion.taus(len(self.residuals))))
+        self.taus = _branch_taus(conversion, graph, self.residuals)
+        self.stream_branches = sum(len(taus) for taus in self.taus.values())
         self.splits = {}  # id(original skip tensor) -> (split layer, skip value)
 
     def split_if_skip(self, original):
@@ -307,10 +308,10 @@ class _GraphState:
             split, skip_value = self.splits[id(skip)]
             outputs, out_ratios = self.conversion.residual_join(
                 operation, self.values[id(branch)], skip_value, self.ratios[id(branch)],
-                self.ratios[id(skip)], split, self.taus[id(node)],
+                self.ratios[id(skip)], split, self.taus[id(node)][0],
             )
         else:
-            call = registry.Call(args, kwargs, inputs, False)
+            call = registry.Call(args, kwargs, inputs, False, tuple(self.taus.get(id(node), ())), self.stream_branches)
             outputs, out_ratios = self.conversion.apply(operation, call, node, self.graph)
         for original, value, ratio in zip(node.outputs, keras.tree.flatten(outputs), out_ratios):
             if self.uses.get(id(original), 0) != 1:
@@ -372,6 +373,18 @@ def _residual_adds(graph):
             elif _is_ancestor(b, a):
                 residuals[id(node)] = (a, b, node.operation.name)
     return residuals
+
+
+def _branch_taus(conversion, graph, residuals):
+    """{id(node): its branches' `tau`s}: the residual `Add`s and the layers that hold branches, in graph order."""
+    counts = []
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            count = 1 if id(node) in residuals else registry.residual_branches(node.operation)
+            if count:
+                counts.append((id(node), count))
+    taus = iter(conversion.taus(sum(count for _, count in counts)))
+    return {key: [next(taus) for _ in range(count)] for key, count in counts}
 
 
 def _is_readout(layer, node, graph):

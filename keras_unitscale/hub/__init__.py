@@ -2,10 +2,13 @@
 
 `unit_scale` loads this package when `keras_hub` has been imported (a user
 with a KerasHub model has imported it), and registers its converters then;
-`pip install -e ".[hub]"` installs KerasHub. Converted: the Llama, Mistral
-and GPT-2 backbones and their `CausalLM`s (`hub.models.TWINS`; see the
-KerasHub guide). `hub.layers` holds the twins of KerasHub's layers,
-`hub.models` the twin backbones, `hub.converters` what `unit_scale` calls.
+`pip install -e ".[hub]"` installs KerasHub. Converted: the Llama, Mistral,
+GPT-2 and Gemma backbones and their `CausalLM`s (`hub.models.TWINS`; see the
+KerasHub guide), and KerasHub's `TokenAndPositionEmbedding`,
+`TransformerEncoder` and `TransformerDecoder` in a user's own model.
+`hub.layers` holds the twins of the models' own layers, `hub.modeling` those
+of KerasHub's generic layers, `hub.models` the twin backbones,
+`hub.converters` what `unit_scale` calls.
 """
 
 import sys

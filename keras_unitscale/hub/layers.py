@@ -16,9 +16,10 @@ This module imports `keras_hub`: `keras_unitscale.hub` loads it only where
 
 import keras
 from keras import ops
-from keras_hub.src.layers.modeling import cached_multi_head_attention
+from keras.src import backend as keras_backend
 from keras_hub.src.layers.modeling import position_embedding
-from keras_hub.src.layers.modeling import transformer_decoder
+from keras_hub.src.models.gemma import gemma_attention
+from keras_hub.src.models.gemma import gemma_decoder_block
 from keras_hub.src.models.llama import llama_attention
 from keras_hub.src.models.llama import llama_decoder
 from keras_hub.src.models.mistral import mistral_attention
@@ -37,9 +38,9 @@ from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
 
 __all__ = [
-    "ReversibleEmbedding", "PositionEmbedding", "LlamaAttention", "MistralAttention", "LlamaTransformerDecoder",
-    "MistralTransformerDecoder", "CachedMultiHeadAttention", "TransformerDecoder", "unit_initialised",
-    "keras_with_ours", "critical_if_named",
+    "ReversibleEmbedding", "PositionEmbedding", "LlamaAttention", "MistralAttention", "GemmaAttention",
+    "LlamaTransformerDecoder", "MistralTransformerDecoder", "GemmaDecoderBlock", "UnitScaledBlock", "MLP_DENSE",
+    "unit_initialised", "keras_with_ours", "critical_if_named",
 ]
 
 # The initialiser arguments KerasHub gives its layers; ours start at unit scale.
@@ -97,12 +98,18 @@ class ReversibleEmbedding(L.Embedding, keras.layers.ReversibleEmbedding):
         readout_mult: a fixed forward multiplier on the readout's logits
             (`unit_scale` sets it so that a tied table computes the
             original's logits).
+        lookup_mult: a fixed multiplier on the looked-up rows, in both
+            passes. Gemma's backbone multiplies the rows by
+            `sqrt(hidden_dim)`; its twin sets `hidden_dim^-1/2`, so that the
+            stream starts at unit scale and the table's gradient is the
+            lookup's own.
         **kwargs: as for `keras.layers.ReversibleEmbedding` and our `Embedding`.
     """
 
-    def __init__(self, input_dim, output_dim, readout_mult=1.0, **kwargs):
+    def __init__(self, input_dim, output_dim, readout_mult=1.0, lookup_mult=1.0, **kwargs):
         super().__init__(input_dim, output_dim, **kwargs)
         self.readout_mult = float(readout_mult)
+        self.lookup_mult = float(lookup_mult)
 
     def declare_roles(self):
         super().declare_roles()
@@ -111,7 +118,14 @@ class ReversibleEmbedding(L.Embedding, keras.layers.ReversibleEmbedding):
 
     def call(self, inputs, reverse=False):
         if not reverse:
-            return super().call(inputs)
+            rows = super().call(inputs)
+            if self.lookup_mult != 1.0:
+                rows = rows * ops.cast(self.lookup_mult, rows.dtype)
+            # Keras's layer sets the padding mask in `call` (its `compute_mask` gives None, for the reverse call).
+            mask = keras.layers.Embedding.compute_mask(self, inputs)
+            if mask is not None:
+                keras_backend.set_keras_mask(rows, mask)
+            return rows
         if self.tie_weights:
             kernel = ops.transpose(self.multiplied(self._embeddings, self.embeddings))
         else:
@@ -126,7 +140,7 @@ class ReversibleEmbedding(L.Embedding, keras.layers.ReversibleEmbedding):
         return logits
 
     def get_config(self):
-        return {**super().get_config(), "readout_mult": self.readout_mult}
+        return {**super().get_config(), "readout_mult": self.readout_mult, "lookup_mult": self.lookup_mult}
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -220,12 +234,12 @@ class _GroupedQueryAttention:
         build = with_names(self._keras_hub_class.build, keras=keras_with_ours(EinsumDense=projection, Dropout=L.Dropout))
         build(self, inputs_shape)
 
-    def _compute_attention(self, query, key, value, attention_mask=None):
+    def _compute_attention(self, query, key, value, attention_mask=None, **options):
         if self.shared_heads_rule:
             key, value = _shared_heads(key, value, getattr(self, self._groups_attribute))
         mask = None if attention_mask is None else ops.cast(ops.expand_dims(attention_mask, axis=1), "bool")
         return U.dot_product_attention(query, key, value, mask=mask, mult=self.mult,
-                                       rule_key_length=self.rule_key_length, rule_causal=True)
+                                       rule_key_length=self.rule_key_length, rule_causal=True, **options)
 
 
 class LlamaAttention(_GroupedQueryAttention, llama_attention.LlamaAttention):
@@ -240,27 +254,63 @@ class MistralAttention(_GroupedQueryAttention, mistral_attention.CachedMistralAt
     _groups_attribute = "_num_key_value_groups"
 
 
-# KerasHub's blocks name their MLP's down projection so; u-μP keeps it precise.
-_MLP_DENSE = critical_if_named(L.Dense, "feedforward_output_dense")
+class GemmaAttention(_GroupedQueryAttention, gemma_attention.CachedGemmaAttention):
+    """Gemma's attention (grouped-query, rotary, key/value cache), with the unit-scaled projections and scores.
+
+    As `LlamaAttention` (see there), with what Gemma adds: the sliding
+    window of alternate layers (KerasHub's mask), Gemma 2's soft-capped
+    logits (`cap·tanh(logits/cap)`, `ops.attention.dot_product_attention`'s
+    `logit_soft_cap`) and dropout on the attention probabilities. Gemma
+    normalises its logits by `1/sqrt(head_dim)` (or `1/sqrt(hidden_dim /
+    heads)` with `query_head_dim_normalize=False`); ours are u-μP's
+    `mult/head_dim` either way.
+    """
+
+    _keras_hub_class = gemma_attention.CachedGemmaAttention
+    _groups_attribute = "num_key_value_groups"
+
+    def _compute_attention(self, q, k, v, attention_mask, training=False, cache_update_index=0):
+        if self.use_sliding_window_attention and attention_mask is not None:
+            attention_mask = self._mask_sliding_window(attention_mask, cache_update_index=cache_update_index)
+        # Gemma's key and value heads come unrepeated: each serves `num_key_value_groups` query heads.
+        k, v = (ops.repeat(t, self.num_key_value_groups, axis=2) for t in (k, v))
+        return super()._compute_attention(q, k, v, attention_mask, logit_soft_cap=self.logit_soft_cap,
+                                          dropout_rate=self.dropout, training=training)
 
 
-class _UnitScaledBlock:
-    """What our KerasHub decoder blocks share: their residual branches' `tau`s and u-μP's depth factor."""
+# KerasHub's blocks name their MLP's down projection so; u-μP keeps it precise (FP8's critical matmul).
+MLP_DENSE = critical_if_named(L.Dense, "feedforward_output_dense")
 
-    def _init_block(self, attention_tau, mlp_tau, depth, attention_options):
+
+class UnitScaledBlock:
+    """What our KerasHub blocks share: their residual branches' `tau`s, u-μP's depth factor, the norms' epsilons."""
+
+    def _init_block(self, attention_tau, mlp_tau, depth, attention_options, norm_epsilons=None):
         self.attention_tau, self.mlp_tau, self.depth = float(attention_tau), float(mlp_tau), int(depth)
         self.attention_options = dict(attention_options or {})
+        self.norm_epsilons = None if norm_epsilons is None else [float(epsilon) for epsilon in norm_epsilons]
 
     def branch_norms(self):
-        """The norms that begin the attention and the MLP branch, in that order."""
+        """The norms of the attention and the MLP branch, in that order."""
         return [getattr(self, name) for name in self._BRANCH_NORMS]
 
     def _declare_depth(self):
-        """The block's variables are of a residual stack of `depth` blocks: u-μP's learning rate × `depth^-1/2`."""
+        """The block's variables are of a residual stack of `depth` blocks: u-μP's learning rate × `depth^-1/2`.
+
+        And the branch norms take `norm_epsilons` where it is set.
+        """
         parametrization.set_depth(self.trainable_variables, self.depth)
+        if self.norm_epsilons is not None:
+            for norm, epsilon in zip(self.branch_norms(), self.norm_epsilons, strict=True):
+                norm.epsilon = epsilon
+
+    def get_config(self):
+        return {**super().get_config(), "attention_tau": self.attention_tau, "mlp_tau": self.mlp_tau,
+                "depth": self.depth, "attention_options": self.attention_options,
+                "norm_epsilons": self.norm_epsilons}
 
 
-class _SwiGLUDecoder(_UnitScaledBlock):
+class _SwiGLUDecoder(UnitScaledBlock):
     """Llama's and Mistral's decoder block, unit-scaled, with u-μP's residual rule.
 
     `x → residual_add(attention(norm(x)), x, attention_tau)`, then
@@ -279,20 +329,23 @@ class _SwiGLUDecoder(_UnitScaledBlock):
             `depth^-1/2` on the block's variables).
         attention_options: keyword arguments of the attention layer
             (`LlamaAttention`'s `mult`, `rule_key_length`, `shared_heads_rule`).
+        norm_epsilons: the two branch norms' epsilons (None: KerasHub's);
+            a backbone sets its norms' epsilons itself (its `norm_epsilons`).
         **kwargs: as for KerasHub's block; `activation` must be "silu".
     """
 
     _keras_hub_class = None  # the KerasHub block, whose `build` runs with our layers
     _sublayers = ()  # the names its `build` constructs the attention and the norms through, and ours
 
-    def __init__(self, *args, attention_tau=1.0, mlp_tau=1.0, depth=1, attention_options=None, **kwargs):
+    def __init__(self, *args, attention_tau=1.0, mlp_tau=1.0, depth=1, attention_options=None, norm_epsilons=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if keras.activations.serialize(self.activation) != "silu":
             raise ValueError(
                 f"The unit-scaled {self._keras_hub_class.__name__} computes SwiGLU, `x · silu(gate)`. "
                 f"Received: activation={keras.activations.serialize(self.activation)!r}"
             )
-        self._init_block(attention_tau, mlp_tau, depth, attention_options)
+        self._init_block(attention_tau, mlp_tau, depth, attention_options, norm_epsilons)
 
     _BRANCH_NORMS = ("_self_attention_layernorm", "_feedforward_layernorm")
 
@@ -300,7 +353,7 @@ class _SwiGLUDecoder(_UnitScaledBlock):
         attention_name, attention_class, norm_name = self._sublayers
         attention = unit_initialised(attention_class, **self.attention_options)
         build = with_names(self._keras_hub_class.build, **{attention_name: attention, norm_name: L.RMSNormalization},
-                           keras=keras_with_ours(Dense=_MLP_DENSE, Dropout=L.Dropout))
+                           keras=keras_with_ours(Dense=MLP_DENSE, Dropout=L.Dropout))
         build(self, decoder_sequence_shape)
         self._declare_depth()
 
@@ -343,86 +396,66 @@ class MistralTransformerDecoder(_SwiGLUDecoder, mistral_transformer_decoder.Mist
     _sublayers = ("CachedMistralAttention", MistralAttention, "MistralLayerNormalization")
 
 
-@keras.saving.register_keras_serializable(package="keras_unitscale")
-class CachedMultiHeadAttention(L.MultiHeadAttention, cached_multi_head_attention.CachedMultiHeadAttention):
-    """KerasHub's `CachedMultiHeadAttention` (the key/value cache of `generate()`) as our `MultiHeadAttention`.
+class GemmaDecoderBlock(UnitScaledBlock, gemma_decoder_block.GemmaDecoderBlock):
+    """Gemma's decoder block (Gemma 2's too), unit-scaled, with u-μP's residual rule.
 
-    The call, and so the cache, is KerasHub's; the projections and the
-    scores are our `MultiHeadAttention`'s (see there). A decoder's
-    self-attention sets `rule_causal=True`: KerasHub passes the causal mask
-    as a mask, whose cached rows our run-time check cannot tell are causal.
-    """
-
-
-class TransformerDecoder(_UnitScaledBlock, transformer_decoder.TransformerDecoder):
-    """KerasHub's `TransformerDecoder` (GPT-2's block), pre-norm and decoder-only, with u-μP's residual rule.
-
-    `x → residual_add(attention(norm(x)), x, attention_tau)`, then
-    `x → residual_add(mlp(norm(x)), x, mlp_tau)`, each join split before its
-    branch. The norms are our `LayerNormalization`, the attention our
-    `CachedMultiHeadAttention`, the MLP our `Dense` layers (its activation,
-    GPT-2's approximate gelu included, by the rule for any activation).
+    `x → residual_add(post_norm(attention(norm(x))), x, attention_tau)`, then
+    `x → residual_add(post_norm(mlp(norm(x))), x, mlp_tau)`, each join split
+    before its branch; the post-norms (Gemma 2's) only where KerasHub's block
+    has them. The norms are our `RMSNormalization`: Gemma's computes
+    `(1 + scale)·x̂` from a zero `scale`, ours `gain·x̂` from a unit gain, the
+    same function and the same Adam steps (weight decay pulls a gain to 0
+    where Gemma's pulls it to 1). The attention is our `GemmaAttention`, the
+    MLP our `EinsumDense` layers around the unit-scaled GeGLU
+    (`functional.gelu_glu`, tanh-approximate as Gemma's).
 
     Args:
         attention_tau: as for `LlamaTransformerDecoder`.
         mlp_tau: as for `LlamaTransformerDecoder`.
         depth: as for `LlamaTransformerDecoder`.
-        attention_options: keyword arguments of the attention layer (our
-            `MultiHeadAttention`'s `mult`, `rule_key_length`).
-        **kwargs: as for KerasHub's `TransformerDecoder`, with
-            `normalize_first=True` (a post-norm block has no residual stream
-            for u-μP's rule to weigh).
+        attention_options: keyword arguments of our `GemmaAttention`.
+        norm_epsilons: as for `LlamaTransformerDecoder`.
+        **kwargs: as for KerasHub's `GemmaDecoderBlock`.
     """
 
-    def __init__(self, *args, attention_tau=1.0, mlp_tau=1.0, depth=1, attention_options=None, **kwargs):
-        if not kwargs.get("normalize_first", False):
-            raise ValueError(
-                "The unit-scaled `TransformerDecoder` is a pre-norm block: u-μP's residual rule weighs a "
-                "residual stream, which a post-norm block does not carry. Received: normalize_first=False"
-            )
-        self._init_block(attention_tau, mlp_tau, depth, attention_options)
-        super().__init__(*args, **kwargs)
+    _BRANCH_NORMS = ("pre_attention_norm", "pre_ffw_norm")
 
-    _BRANCH_NORMS = ("_self_attention_layer_norm", "_feedforward_layer_norm")
+    def __init__(self, *args, attention_tau=1.0, mlp_tau=1.0, depth=1, attention_options=None, norm_epsilons=None,
+                 **kwargs):
+        self._init_block(attention_tau, mlp_tau, depth, attention_options, norm_epsilons)
+        # KerasHub's block makes its sublayers in its constructor.
+        attention = unit_initialised(GemmaAttention, **self.attention_options)
+        projection = critical_if_named(L.EinsumDense, "ffw_linear")
+        init = with_names(gemma_decoder_block.GemmaDecoderBlock.__init__, CachedGemmaAttention=attention,
+                          RMSNormalization=L.RMSNormalization,
+                          keras=keras_with_ours(EinsumDense=projection, Dropout=L.Dropout))
+        init(self, *args, **kwargs)
 
-    def build(self, decoder_sequence_shape, encoder_sequence_shape=None):
-        if encoder_sequence_shape:
-            raise ValueError(
-                "The unit-scaled `TransformerDecoder` is decoder-only (GPT-2's block): it has no cross-attention. "
-                f"Received: encoder_sequence_shape={encoder_sequence_shape}"
-            )
-        attention = unit_initialised(CachedMultiHeadAttention, rule_causal=True, **self.attention_options)
-        build = with_names(transformer_decoder.TransformerDecoder.build, CachedMultiHeadAttention=attention,
-                           keras=keras_with_ours(Dense=_MLP_DENSE, LayerNormalization=L.LayerNormalization,
-                                                 Dropout=L.Dropout))
-        build(self, decoder_sequence_shape, encoder_sequence_shape)
+    def build(self, input_shape):
+        super().build(input_shape)
         self._declare_depth()
 
-    def call(self, decoder_sequence, encoder_sequence=None, decoder_padding_mask=None, decoder_attention_mask=None,
-             encoder_padding_mask=None, encoder_attention_mask=None, self_attention_cache=None,
-             self_attention_cache_update_index=None, cross_attention_cache=None,
-             cross_attention_cache_update_index=None, use_causal_mask=True, training=None):
-        if encoder_sequence is not None:
-            raise ValueError("The unit-scaled `TransformerDecoder` is decoder-only: it takes no `encoder_sequence`.")
-        attention_mask = self._compute_self_attention_mask(
-            decoder_sequence=decoder_sequence, decoder_padding_mask=decoder_padding_mask,
-            decoder_attention_mask=decoder_attention_mask, use_causal_mask=use_causal_mask,
-            self_attention_cache=self_attention_cache,
-            self_attention_cache_update_index=self_attention_cache_update_index,
-        )
-        branch, skip = U.residual_split(decoder_sequence, self.attention_tau)
-        x = self._self_attention_layer_norm(branch)
-        x = self._self_attention_layer(
-            query=x, value=x, attention_mask=attention_mask, cache=self_attention_cache,
-            cache_update_index=self_attention_cache_update_index, training=training,
-        )
-        if self_attention_cache is not None:
-            x, self_attention_cache = x
-        x = U.residual_add(self._self_attention_dropout(x, training=training), skip, self.attention_tau)
+    def call(self, x, padding_mask=None, cache=None, cache_update_index=0):
+        branch, skip = U.residual_split(x, self.attention_tau)
+        normalized = self.pre_attention_norm(branch)
+        attention_mask = self._compute_attention_mask(normalized, padding_mask, cache, cache_update_index)
+        attention = self.attention(normalized, attention_mask=attention_mask, cache=cache,
+                                   cache_update_index=cache_update_index)
+        if cache is not None:
+            attention, cache = attention
+        if self.use_post_attention_norm:
+            attention = self.post_attention_norm(attention)
+        if self.dropout:
+            attention = self.attention_dropout(attention)
+        x = U.residual_add(attention, skip, self.attention_tau)
 
         branch, skip = U.residual_split(x, self.mlp_tau)
-        x = self._feedforward_output_dense(self._feedforward_intermediate_dense(self._feedforward_layer_norm(branch)))
-        output = U.residual_add(self._feedforward_dropout(x, training=training), skip, self.mlp_tau)
-        if self_attention_cache is not None:
-            return output, self_attention_cache
+        normalized = self.pre_ffw_norm(branch)
+        hidden = U.gelu_glu(self.gating_ffw_2(normalized), self.gating_ffw(normalized), approximate=True)
+        output = self.ffw_linear(ops.cast(hidden, self.compute_dtype))
+        if self.use_post_ffw_norm:
+            output = self.post_ffw_norm(output)
+        output = U.residual_add(output, skip, self.mlp_tau)
+        if cache is not None:
+            return output, cache
         return output

@@ -23,9 +23,10 @@ from keras_unitscale import layers as L
 from keras_unitscale import precision
 from keras_unitscale import rules
 from keras_unitscale.hub import layers as hub_layers
+from keras_unitscale.hub import modeling
 from keras_unitscale.rebinding import with_names
 
-__all__ = ["LlamaBackbone", "MistralBackbone", "GPT2Backbone", "TWINS", "complete_config", "simulate_fp8"]
+__all__ = ["LlamaBackbone", "MistralBackbone", "GPT2Backbone", "GemmaBackbone", "TWINS", "complete_config", "simulate_fp8"]
 
 
 def complete_config(backbone, config):
@@ -35,6 +36,11 @@ def complete_config(backbone, config):
     if "tie_word_embeddings" in inspect.signature(keras_hub_class.__init__).parameters:
         config["tie_word_embeddings"] = backbone.token_embedding.tie_weights
     return config
+
+
+# Grouped-query attention in equivalent mode: without the shared heads' gradient rule, the twin's gradients
+# follow the original's (see `hub.layers.LlamaAttention`).
+_GROUPED_QUERY_EQUIVALENT = {"shared_heads_rule": False}
 
 
 class _UnitScaledBackbone:
@@ -62,7 +68,8 @@ class _UnitScaledBackbone:
 
     def __init__(self, *args, residual_rule="depth", attention_options=None, readout_mult=1.0, norm_epsilons=None,
                  **kwargs):
-        depth = inspect.signature(self._base.__init__).bind(None, *args, **kwargs).arguments["num_layers"]
+        arguments = inspect.signature(self._base.__init__).bind(None, *args, **kwargs).arguments
+        depth = arguments["num_layers"]
         taus = rules.residual.residual_taus(residual_rule, 2 * depth)
         blocks = iter(range(depth))
 
@@ -73,7 +80,8 @@ class _UnitScaledBackbone:
                 attention_options=attention_options,
             )(*block_args, **block_kwargs)
 
-        embedding = hub_layers.unit_initialised(hub_layers.ReversibleEmbedding, readout_mult=readout_mult)
+        embedding = hub_layers.unit_initialised(hub_layers.ReversibleEmbedding, readout_mult=readout_mult,
+                                                **self._embedding_settings(arguments))
         with_names(self._base.__init__, **self._layer_names(block, embedding))(self, *args, **kwargs)
         self.residual_rule, self.readout_mult = residual_rule, readout_mult
         self.attention_options = dict(attention_options or {})
@@ -89,9 +97,14 @@ class _UnitScaledBackbone:
                 norm.epsilon = epsilon
 
     @classmethod
-    def embedding_output_scale(cls):
+    def embedding_output_scale(cls, config):
         """The embedding's output over the original's, for weights carried at ratio 1 (the stream's first ratio)."""
         return 1.0
+
+    @classmethod
+    def _embedding_settings(cls, arguments):
+        """What the token embedding is constructed with beyond KerasHub's `arguments`."""
+        return {}
 
     def stream_norms(self):
         """The norms that read the residual stream, in its order: each block's two, then the final one."""
@@ -123,8 +136,7 @@ class LlamaBackbone(_UnitScaledBackbone, keras_hub.models.LlamaBackbone):
 
     _base = keras_hub.models.LlamaBackbone
     _block = hub_layers.LlamaTransformerDecoder
-    # In equivalent mode the gradients follow the original's (see `hub.layers.LlamaAttention`).
-    EQUIVALENT_ATTENTION_OPTIONS = {"shared_heads_rule": False}
+    EQUIVALENT_ATTENTION_OPTIONS = _GROUPED_QUERY_EQUIVALENT
 
     @staticmethod
     def _layer_names(block, embedding):
@@ -134,16 +146,16 @@ class LlamaBackbone(_UnitScaledBackbone, keras_hub.models.LlamaBackbone):
 @keras.saving.register_keras_serializable(package="keras_unitscale")
 class GPT2Backbone(_UnitScaledBackbone, keras_hub.models.GPT2Backbone):
     """KerasHub's `GPT2Backbone` of unit-scaled layers: our tied `ReversibleEmbedding`, `hub.layers.PositionEmbedding`,
-    unit-scaled `Add` of the two, `hub.layers.TransformerDecoder` blocks and `LayerNormalization`.
+    unit-scaled `Add` of the two, `hub.modeling.TransformerDecoder` blocks and `LayerNormalization`.
 
     Args: KerasHub's, and those of `_UnitScaledBackbone`.
     """
 
     _base = keras_hub.models.GPT2Backbone
-    _block = hub_layers.TransformerDecoder
+    _block = modeling.TransformerDecoder
 
     @classmethod
-    def embedding_output_scale(cls):
+    def embedding_output_scale(cls, config):
         """The token and position embeddings meet in our `Add`, which scales their sum by its rule."""
         return rules.linear.add_output((None, None, None), (None, None, None))
 
@@ -164,7 +176,7 @@ class MistralBackbone(_UnitScaledBackbone, keras_hub.models.MistralBackbone):
 
     _base = keras_hub.models.MistralBackbone
     _block = hub_layers.MistralTransformerDecoder
-    EQUIVALENT_ATTENTION_OPTIONS = {"shared_heads_rule": False}
+    EQUIVALENT_ATTENTION_OPTIONS = _GROUPED_QUERY_EQUIVALENT
 
     @staticmethod
     def _layer_names(block, embedding):
@@ -172,9 +184,40 @@ class MistralBackbone(_UnitScaledBackbone, keras_hub.models.MistralBackbone):
                     MistralLayerNormalization=L.RMSNormalization)
 
 
+@keras.saving.register_keras_serializable(package="keras_unitscale")
+class GemmaBackbone(_UnitScaledBackbone, keras_hub.models.GemmaBackbone):
+    """KerasHub's `GemmaBackbone` (Gemma and Gemma 2) of unit-scaled layers: our tied `ReversibleEmbedding`,
+    `hub.layers.GemmaDecoderBlock` blocks and `RMSNormalization`.
+
+    KerasHub's constructor multiplies the looked-up rows by `sqrt(hidden_dim)`
+    (and so does `GemmaCausalLM`'s cached call); our embedding's
+    `lookup_mult = hidden_dim^-1/2` undoes it in both passes, so the stream
+    starts at unit scale.
+
+    Args: KerasHub's, and those of `_UnitScaledBackbone`.
+    """
+
+    _base = keras_hub.models.GemmaBackbone
+    _block = hub_layers.GemmaDecoderBlock
+    EQUIVALENT_ATTENTION_OPTIONS = _GROUPED_QUERY_EQUIVALENT
+
+    @classmethod
+    def embedding_output_scale(cls, config):
+        """Our rows × `hidden_dim^-1/2` over Gemma's: the stream starts at that ratio."""
+        return config["hidden_dim"] ** -0.5
+
+    @classmethod
+    def _embedding_settings(cls, arguments):
+        return {"lookup_mult": arguments["hidden_dim"] ** -0.5}
+
+    @staticmethod
+    def _layer_names(block, embedding):
+        return dict(GemmaDecoderBlock=block, ReversibleEmbedding=embedding, RMSNormalization=L.RMSNormalization)
+
+
 # KerasHub's backbone classes and their twins.
 TWINS = {keras_hub.models.LlamaBackbone: LlamaBackbone, keras_hub.models.MistralBackbone: MistralBackbone,
-         keras_hub.models.GPT2Backbone: GPT2Backbone}
+         keras_hub.models.GPT2Backbone: GPT2Backbone, keras_hub.models.GemmaBackbone: GemmaBackbone}
 
 
 def simulate_fp8(model):

@@ -13,6 +13,7 @@ from keras_unitscale.ops.activations import gelu
 from keras_unitscale.ops.activations import relu
 from keras_unitscale.ops.activations import sigmoid
 from keras_unitscale.ops.activations import silu
+from keras_unitscale.ops.activations import gelu_glu
 from keras_unitscale.ops.activations import silu_glu
 from keras_unitscale.ops.activations import softmax
 from keras_unitscale.ops.activations import tanh
@@ -50,7 +51,7 @@ from keras_unitscale.ops.residual import residual_split
 __all__ = [
     "matmul", "dense", "dense_readout", "add", "embedding",
     "conv", "conv_transpose", "depthwise_conv", "separable_conv",
-    "dropout", "relu", "gelu", "silu", "silu_glu", "tanh", "sigmoid", "softmax", "apply_activation",
+    "dropout", "relu", "gelu", "silu", "silu_glu", "gelu_glu", "tanh", "sigmoid", "softmax", "apply_activation",
     "layer_norm", "rms_norm", "dot_product_attention",
     "cross_entropy", "cross_entropy_grad_scale", "mse", "MSE_GRAD_SCALE",
     "residual_split", "residual_add", "residual_apply",

@@ -113,6 +113,34 @@ def gelu(x, mult=1.0, constraint="to_output_scale", approximate=False):
     return elementwise(_gelu, to_float(x, "x"), scales)
 
 
+def gelu_glu(x, gate, mult=1.0, approximate=False):
+    """A unit-scaled gated linear unit `x * gelu(gate)` (GeGLU, Gemma's MLP).
+
+    Rule: the unit-scaled `gelu` of the gate (`rules.activations.gelu`, its
+    gradient tied to its output scale) times `x`, unscaled: two independent
+    unit-scaled factors make a unit-scaled product, and each factor's
+    gradient is the other factor times the output's, so both gradients are
+    at unit scale too. `functional.silu_glu` keeps the reference's own rule
+    for SwiGLU.
+
+    Args:
+        x: the linear input.
+        gate: the gate, same shape as `x`.
+        mult: the u-μP multiplier inside the GELU, > 0.
+        approximate: the tanh approximation of GELU (Gemma's).
+
+    Returns:
+        The scaled product, shape of `x`.
+
+    Examples:
+        >>> import numpy as np
+        >>> y = gelu_glu(np.ones((1,), "float32"), np.zeros((1,), "float32"))
+        >>> keras.ops.convert_to_numpy(y).tolist()
+        [0.0]
+    """
+    return to_float(x, "x") * gelu(gate, mult, approximate=approximate)
+
+
 def _silu(x, mult):
     return x * ops.sigmoid(x * mult) if mult != 1 else ops.silu(x)
 

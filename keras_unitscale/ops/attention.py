@@ -19,7 +19,8 @@ __all__ = ["dot_product_attention"]
 
 
 def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout_rate=0.0, mult=1.0, training=True,
-                          seed=None, return_attention_scores=False, rule_key_length=None, rule_causal=None):
+                          seed=None, return_attention_scores=False, rule_key_length=None, rule_causal=None,
+                          logit_soft_cap=None):
     """Unit-scaled dot-product attention, in Keras's `(batch, seq, heads, head_dim)` layout.
 
     Rule (`rules.attention.attention`, the reference's, calibrated): logits
@@ -28,8 +29,7 @@ def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout
     output and the gradients of `query`, `key` and `value` × `s`, with
     `s = sqrt(1 - p) / L(1 / (1 + 4·head_dim/mult²), sqrt(c / S), 1)`, where
     `S` is the key length, `c = ln S` for causal attention and 1 otherwise,
-    and `p` the dropout rate. The fused `keras.ops.dot_product_attention` is
-    used when no dropout applies.
+    and `p` the dropout rate. Without dropout, the fused Keras op runs.
 
     Args:
         query: `(batch, T, heads, head_dim)`.
@@ -44,13 +44,14 @@ def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout
         seed: for the dropout, as for `keras.random.dropout`.
         return_attention_scores: also return the attention probabilities
             (runs the unfused computation).
-        rule_key_length: the key length `S` the rule's output scale is
-            computed for (default: `key`'s). A fixed one makes the output
-            scale one constant at every length, which a converted model
-            needs to compute what its original did at any length.
+        rule_key_length: the key length `S` of the rule's output scale
+            (default: `key`'s); a fixed one keeps it one constant at every
+            length, as a converted model needs.
         rule_causal: whether the rule's causal constant applies (default:
-            `is_causal`). A decoder that passes its causal mask in `mask`
-            (KerasHub's, for its key/value cache) sets it.
+            `is_causal`); set where `mask` is causal (KerasHub's decoders').
+        logit_soft_cap: logits `cap·tanh(logits/cap)` (Gemma 2's, unfused).
+            The rule is the uncapped one: u-μP's logits (RMS
+            `mult/sqrt(head_dim)`) lie far below the caps models use (50).
 
     Returns:
         `(batch, T, heads, value_dim)`; with `return_attention_scores`, a
@@ -63,21 +64,20 @@ def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout
         (2, 8, 2, 16)
     """
     checks.rate("dropout_rate", dropout_rate)
+    if logit_soft_cap is not None:
+        checks.positive("logit_soft_cap", logit_soft_cap)
     query, key, value = _checked(query, key, value)
     rate = dropout_rate if bool(training) and dropout_rate > 0 else 0.0
-    scales = rules.attention.attention(
-        shape_of(query)[-1], shape_of(key)[1] if rule_key_length is None else rule_key_length, mult,
-        is_causal if rule_causal is None else rule_causal, rate,
-    )
+    scales = rules.attention.attention(shape_of(query)[-1], shape_of(key)[1] if rule_key_length is None
+                                       else rule_key_length, mult, is_causal if rule_causal is None else rule_causal,
+                                       rate)
     query, key, value = (scale_bwd(t, scales.output) for t in (query, key, value))
-    if rate or return_attention_scores:
-        out, probs = _attention_unfused(query, key, value, mask, is_causal, scales.logits, rate, seed)
-        if return_attention_scores:
-            return scale_fwd(out, scales.output), probs
-    else:
+    if not (rate or return_attention_scores or logit_soft_cap is not None):
         out = ops.dot_product_attention(query, key, value, mask=mask, scale=scales.logits, is_causal=is_causal,
                                         flash_attention=_LET_BACKEND_CHOOSE_KERNEL)
-    return scale_fwd(out, scales.output)
+        return scale_fwd(out, scales.output)
+    out, probs = _attention_unfused(query, key, value, mask, is_causal, scales.logits, rate, seed, logit_soft_cap)
+    return (scale_fwd(out, scales.output), probs) if return_attention_scores else scale_fwd(out, scales.output)
 
 
 # On PyTorch, `flash_attention=None` makes Keras probe flash attention's
@@ -97,9 +97,11 @@ def _checked(query, key, value):
     return tensors
 
 
-def _attention_unfused(query, key, value, mask, is_causal, logit_scale, rate, seed):
-    """Attention with its probabilities exposed (and dropout on them where `rate > 0`)."""
+def _attention_unfused(query, key, value, mask, is_causal, logit_scale, rate, seed, soft_cap=None):
+    """Attention with its probabilities exposed (and dropout on them where `rate > 0`, soft-capped logits where set)."""
     logits = ops.einsum("btnh,bsnh->bnts", query, key) * ops.cast(logit_scale, query.dtype)
+    if soft_cap is not None:
+        logits = ops.tanh(logits / ops.cast(soft_cap, logits.dtype)) * ops.cast(soft_cap, logits.dtype)
     if is_causal:
         # Aligned at the top left, as keras.ops.dot_product_attention does.
         causal = ops.tril(ops.ones((ops.shape(query)[1], ops.shape(key)[1]), dtype="bool"))
