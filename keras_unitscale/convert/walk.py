@@ -230,12 +230,12 @@ class Conversion:
         # skip's, as the add's forward weights do; a branch whose ops scale
         # its gradient by g (attention does) needs tau/g there.
         split.tau = tau * skip.grad_ratio / branch.grad_ratio if self.equivalent else tau
-        weight_branch, weight_skip = rules.residual.branch_weights(tau)
-        branch_value = self.at(branch_value, weight_skip * skip.value / weight_branch, layer.name)
+        branch_ratio, stream_ratio = rules.residual.join_ratios(tau, skip.value)
+        branch_value = self.at(branch_value, branch_ratio, layer.name)
         new = L.ResidualAdd(tau, name=layer.name, dtype=layer.dtype_policy)
         out = new([branch_value, skip_value])
         self.record(layer, new, [branch, skip])
-        return out, [TensorRatio(weight_skip * skip.value, None, skip.grad_ratio)]
+        return out, [TensorRatio(stream_ratio, None, skip.grad_ratio)]
 
     # --- weights ----------------------------------------------------------
 

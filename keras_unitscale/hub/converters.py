@@ -80,21 +80,17 @@ class _Branch(NamedTuple):
 def _branches(taus, ratio, pre_norm=True):
     """Each branch's ratios along a stream that starts at `ratio`, and the stream's ratio after the last join.
 
-    u-μP's `residual_add` weighs the branch by `tau/sqrt(1 + tau²)` and the
-    skip by `1/sqrt(1 + tau²)`: where the original adds the two as they are,
-    the twin's stream is `skip_weight ×` its ratio after each join, and the
-    branch must come at `skip_weight × ratio / branch_weight`. A post-norm
-    join's norm brings the stream back to ratio 1 (its epsilon × the ratio²).
+    Each join is `rules.residual.join_ratios`'s. A post-norm join's norm
+    brings the stream back to ratio 1 (its epsilon × the ratio²).
     """
     branches = []
     for tau in taus:
-        branch_weight, skip_weight = rules.residual.branch_weights(tau)
-        out = skip_weight * ratio / branch_weight
+        out, joined = rules.residual.join_ratios(tau, ratio)
         if pre_norm:
             branches.append(_Branch(ratio, 1.0, out))
-            ratio = skip_weight * ratio
+            ratio = joined
         else:
-            branches.append(_Branch(skip_weight * ratio, ratio, out))
+            branches.append(_Branch(joined, ratio, out))
             ratio = 1.0
     return branches, ratio
 
@@ -274,7 +270,7 @@ def _stream_branches(layer):
 
 def _key_length(call):
     """The static key length of a block's call, else `EQUIVALENT_KEY_LENGTH`: the one its equivalent twin's rule uses."""
-    inputs = keras.tree.flatten(call.args)[0]
+    inputs = next(t for t in keras.tree.flatten((call.args, call.kwargs)) if isinstance(t, keras.KerasTensor))
     return inputs.shape[1] or EQUIVALENT_KEY_LENGTH
 
 

@@ -26,7 +26,8 @@ from keras_unitscale.hub import layers as hub_layers
 from keras_unitscale.hub import modeling
 from keras_unitscale.rebinding import with_names
 
-__all__ = ["LlamaBackbone", "MistralBackbone", "GPT2Backbone", "GemmaBackbone", "TWINS", "complete_config", "simulate_fp8"]
+__all__ = ["LlamaBackbone", "MistralBackbone", "GPT2Backbone", "GemmaBackbone", "TWINS", "complete_config",
+           "simulate_fp8"]
 
 
 def complete_config(backbone, config):

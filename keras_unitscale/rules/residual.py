@@ -2,7 +2,7 @@
 
 from keras_unitscale import checks
 
-__all__ = ["branch_weights", "transformer_residual_scaling_rule", "residual_taus"]
+__all__ = ["branch_weights", "join_ratios", "transformer_residual_scaling_rule", "residual_taus"]
 
 
 def branch_weights(tau):
@@ -18,6 +18,22 @@ def branch_weights(tau):
     checks.non_negative("tau", tau)
     denominator = (1.0 + tau**2) ** 0.5
     return tau / denominator, 1.0 / denominator
+
+
+def join_ratios(tau, skip_ratio):
+    """Where a model's plain `skip + branch` becomes `residual_add(branch, skip, tau)`: the ratios (the converted
+    tensor over the original's) that keep the function.
+
+    Returns `(branch_ratio, stream_ratio)`: the ratio the branch must arrive
+    at for the join to weigh it as the original adds it, given the skip at
+    `skip_ratio`, and the joined stream's ratio, `skip_weight × skip_ratio`.
+
+    Examples:
+        >>> join_ratios(0.75, 1.0)
+        (1.3333333333333335, 0.8)
+    """
+    branch_weight, skip_weight = branch_weights(tau)
+    return skip_weight * skip_ratio / branch_weight, skip_weight * skip_ratio
 
 
 def transformer_residual_scaling_rule(residual_mult=1.0, residual_attn_ratio=1.0):
