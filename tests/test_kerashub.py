@@ -358,6 +358,11 @@ def test_a_reinit_twin_of_kerashubs_encoder_stack_is_unit_scaled(normalize_first
     assert 0.5 <= rms(hidden(_padded_ids(batch=16))) <= 2.0
     embedding = twin.get_layer("embedding")
     assert 0.8 <= rms(embedding(_padded_ids(batch=16))) <= 1.25
+    # Its attention scores, as KerasHub's layer returns them: (batch, heads, T, T), each row a distribution.
+    output, scores = twin.get_layer("encoder_0")(embedding(_padded_ids()), return_attention_scores=True)
+    scores = ops.convert_to_numpy(scores)
+    assert tuple(output.shape) == (4, 16, 32) and scores.shape == (4, 4, 16, 16)
+    np.testing.assert_allclose(scores.sum(axis=-1), 1.0, rtol=1e-5)
 
 
 def test_a_gpt_written_with_kerashubs_decoder_layers_converts_and_keeps_its_function():
