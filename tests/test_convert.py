@@ -389,6 +389,23 @@ def test_a_residual_on_the_model_input_around_attention_without_a_norm():
     np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_over_sequences_of_any_length_converts_exactly_at_every_length(causal):
+    """A model that takes sequences of any length: the twin's attention scale is fixed at one key length."""
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((None, 16))
+    attended = keras.layers.MultiHeadAttention(2, 8, name="attention")(x_in, x_in, use_causal_mask=causal)
+    model = keras.Model(x_in, keras.layers.Dense(3)(attended))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twin = unit_scale(model)
+    assert not [str(w.message) for w in caught if "exactly equivalent" in str(w.message)]
+    assert twin.get_layer("attention").rule_key_length is not None
+    for length in (4, 11):
+        x = np.random.default_rng(length).normal(size=(2, length, 16)).astype("float32")
+        np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not hasattr(keras.layers, "RMSNormalization"), reason="Keras < 3.9 has no RMSNormalization")
 def test_einsum_projections_and_rms_norms_convert():
     keras.utils.set_random_seed(0)

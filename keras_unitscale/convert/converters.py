@@ -23,6 +23,11 @@ from keras_unitscale.layers import activation as activations
 from keras_unitscale.ops import activations as ops_activations
 
 # An einsum that is a plain dense projection of the last axis: "ab,bc->ac", "...b,bc->...c".
+# The key length at which an equivalent twin's attention output is unit-scaled where the original fixes none (a
+# sequence of any length, Llama's rotary embedding): Llama 2's training context. One fixed length makes the
+# output scale one constant, so the twin computes what the original does at every length.
+EQUIVALENT_KEY_LENGTH = 2048
+
 _PROJECTION = re.compile(r"^(\.\.\.|[a-z]*)([a-z]),\2([a-z])->\1\3$")
 # Activations that commute with a positive factor, f(c·x) = c·f(x): a ratio passes through them.
 _HOMOGENEOUS = ("linear", "relu")
@@ -305,8 +310,7 @@ def _attention_parts(layer, call, conversion):
     # of the projected tensors, which are the input's own indices too.
     sizes = [key_value.shape[axis] for axis in layer._attention_axes]
     if any(size is None for size in sizes):
-        conversion.note(layer.name, "its key length is not fixed, and our attention's output scale depends on it")
-        sizes = [1]
+        sizes = [EQUIVALENT_KEY_LENGTH]
     if call.kwargs.get("attention_mask") is not None:
         conversion.note(layer.name, "it is given an attention_mask: where the mask is causal, our attention "
                                     "applies the causal scale, and the conversion is exact for non-causal masks only")
@@ -314,17 +318,23 @@ def _attention_parts(layer, call, conversion):
 
 
 def attention(conversion, layer, call):
-    """A `MultiHeadAttention`: each projection carried as a dense layer is, the attention scale into the output's."""
+    """A `MultiHeadAttention`: each projection carried as a dense layer is, the attention scale into the output's.
+
+    In equivalent mode the output scale is the rule's at one key length (the
+    call's, or `EQUIVALENT_KEY_LENGTH` where it is not fixed), so the twin
+    computes what the original does at every length.
+    """
     config = layer.get_config()
     key_dim, use_gate = config["key_dim"], bool(config.get("use_gate"))
     # Keras's logits are q·k/sqrt(key_dim); ours q·k·mult/key_dim (`rules.attention`).
     mult = key_dim**-0.5 / rules.attention.attention(key_dim, 1).logits if conversion.equivalent else 1.0
+    parts = _attention_parts(layer, call, conversion) if conversion.equivalent else None
     new = L.MultiHeadAttention(
         config["num_heads"], key_dim, value_dim=config.get("value_dim"), dropout=config["dropout"],
         use_bias=config["use_bias"], output_shape=config.get("output_shape"),
         attention_axes=config.get("attention_axes"), sliding_window=config.get("sliding_window"),
         flash_attention=getattr(layer, "_flash_attention", None), use_gate=use_gate, seed=config.get("seed"),
-        mult=mult, name=layer.name, dtype=layer.dtype_policy,
+        mult=mult, rule_key_length=parts[3] if parts else None, name=layer.name, dtype=layer.dtype_policy,
     )
     out = new(*call.args, **call.kwargs)
     conversion.record(layer, new, call.inputs)
@@ -332,7 +342,7 @@ def attention(conversion, layer, call):
         return out, [TensorRatio() for _ in keras.tree.flatten(out)]
     if config["dropout"]:
         conversion.note(layer.name, "its attention dropout rescales differently in training (predictions are equal)")
-    query, key, value, key_length = _attention_parts(layer, call, conversion)
+    query, key, value, key_length = parts
     causal = bool(call.kwargs.get("use_causal_mask"))
     # The output projection's input: attention × the rule's scale, times our
     # gate's over Keras's plain sigmoid (the gate's pre-activation is Keras's).

@@ -12,7 +12,7 @@ the twin's constructor takes so that it computes what the original did:
 - the attention-logit multiplier `sqrt(head_dim)` (Keras's logits are
   `q·k/sqrt(head_dim)`, ours `q·k·mult/head_dim`) and a fixed key length for
   the attention's output scale (the backbone's `max_sequence_length`, else
-  `EQUIVALENT_KEY_LENGTH`): one multiplier then holds at every length;
+  `convert.converters.EQUIVALENT_KEY_LENGTH`): one multiplier then holds at every length;
 - the residual stream: the twin's is `r` times the original's, `r` the
   product of the skip weights of the joins so far (u-μP's `residual_add`
   weighs the skip by `1/sqrt(1 + tau²)`) and of the embeddings' sum. Each
@@ -33,6 +33,7 @@ from keras_hub.src.models.gemma import rms_normalization as gemma_rms
 
 from keras_unitscale import rules
 from keras_unitscale import weights
+from keras_unitscale.convert.converters import EQUIVALENT_KEY_LENGTH
 from keras_unitscale.convert.walk import TensorRatio
 from keras_unitscale.convert.walk import own_weights
 from keras_unitscale.hub import modeling
@@ -40,11 +41,7 @@ from keras_unitscale.hub import models
 from keras_unitscale.ops import any_activation
 
 __all__ = ["twin_of", "backbone", "causal_lm", "transformer_block", "token_and_position_embedding", "register",
-           "BLOCK_TWINS", "EQUIVALENT_KEY_LENGTH"]
-
-# The key length at which an equivalent twin's attention output is unit-scaled when the backbone fixes none
-# (Llama's rotary embedding has no maximum): Llama 2's training context.
-EQUIVALENT_KEY_LENGTH = 2048
+           "BLOCK_TWINS"]
 
 
 def _head_dim(config):

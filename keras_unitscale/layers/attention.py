@@ -407,7 +407,7 @@ class MultiHeadAttention(_KerasMultiHeadAttention):
                                             is_causal=causal_only, flash_attention=self._flash_attention)
             out = scale_fwd(out, scales.output)
         if mask is not None and self.rule_causal is None:
-            out = self._if_causal(out, mask, query, key, 1, shape_of(key)[1], rate)
+            out = self._if_causal(out, mask, query, key, 1, self._rule_length(shape_of(key)[1]), rate)
         return out, scores
 
     def _rule_length(self, key_length):
