@@ -143,6 +143,12 @@ def _copy_norm(conversion, norm, source, ratio=1.0):
         conversion.rescaler(norm, [variable.name for variable in own_weights(norm)])(ratio)
 
 
+def _copy_branch_norms(conversion, block, source):
+    """The norms of `source`'s two branches into `block`'s (`_copy_norm`)."""
+    for norm, source_norm in zip(block.branch_norms(), (getattr(source, name) for name in block._BRANCH_NORMS)):
+        _copy_norm(conversion, norm, source_norm)
+
+
 def _carry_branch_output(conversion, projection, source, input_ratio, branch_ratio, post_norm=None,
                          source_post_norm=None):
     """A branch's last projection, its output at `branch_ratio`; or, where a post-norm follows, the norm's."""
@@ -167,8 +173,7 @@ def _carry(conversion, original, twin, config, branches):
     """The original's weights into the twin, each branch's ratio in its output projection's multipliers."""
     _carry_embeddings(conversion, original, twin, config)
     for index, (block, source) in enumerate(zip(twin.transformer_layers, original.transformer_layers)):
-        for norm, source_norm in zip(block.branch_norms(), (getattr(source, name) for name in block._BRANCH_NORMS)):
-            _copy_norm(conversion, norm, source_norm)
+        _copy_branch_norms(conversion, block, source)
         _CARRY_BLOCK[type(block)](conversion, block, source, branches[2 * index].out, branches[2 * index + 1].out)
     _copy_norm(conversion, twin.layer_norm, original.layer_norm)
     if config.get("dropout"):
@@ -297,8 +302,7 @@ def transformer_block(conversion, layer, call):
     conversion.record(layer, twin, call.inputs)
     if not conversion.equivalent:
         return out, [TensorRatio() for _ in keras.tree.flatten(out)]
-    for norm, source_norm in zip(twin.branch_norms(), (getattr(layer, name) for name in twin._BRANCH_NORMS)):
-        conversion.copy_as_is(norm, source_norm)
+    _copy_branch_norms(conversion, twin, layer)
     attention, mlp = branches
     _carry_gpt2_block(conversion, twin, layer, attention.out, mlp.out, attention.into, mlp.into)
     if layer.dropout:

@@ -204,8 +204,8 @@ class GemmaBackbone(_UnitScaledBackbone, keras_hub.models.GemmaBackbone):
 
     @classmethod
     def embedding_output_scale(cls, config):
-        """Our rows × `hidden_dim^-1/2` over Gemma's: the stream starts at that ratio."""
-        return config["hidden_dim"] ** -0.5
+        """Our rows × `lookup_mult` over Gemma's: the stream starts at that ratio."""
+        return cls._embedding_settings(config)["lookup_mult"]
 
     @classmethod
     def _embedding_settings(cls, arguments):
