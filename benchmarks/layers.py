@@ -17,7 +17,7 @@ models from `keras.layers`.
 
 Usage:
     python benchmarks/layers.py [--repeats 7] [--steps 32] [--jit-compile true|auto] [--optimizer keras|ours]
-        [--what layers|optimizer]
+        [--what layers|optimizer] [--models mlp,lstm,transformer]
 """
 
 import argparse
@@ -87,13 +87,16 @@ def _data(kind, n, seed=0):
     return ids[:, :-1], ids[:, 1:]
 
 
-CASES = [
+CASES = [  # (name, build, data kind, batch, Keras's loss, ours); `--models` picks by build
     ("seed 000 MLP (batch 256)", mlp, "mlp", 256, keras.losses.BinaryCrossentropy(), losses.BinaryCrossentropy()),
     (f"LSTM text model (256 units, seq {SEQ}, batch 32)", lstm_model, "text", 32,
      keras.losses.SparseCategoricalCrossentropy(from_logits=True), losses.SparseCategoricalCrossentropy(from_logits=True)),
     (f"transformer LM (width 128, depth 2, seq {SEQ}, batch 32)", transformer, "text", 32,
      keras.losses.SparseCategoricalCrossentropy(from_logits=True), losses.SparseCategoricalCrossentropy(from_logits=True)),
 ]
+
+
+MODELS = {mlp: "mlp", lstm_model: "lstm", transformer: "transformer"}
 
 
 def _compiled(build, lib, loss, x, y, batch, jit_compile, optimizer="adam"):
@@ -113,11 +116,18 @@ def main():
                              "per-weight rates) for our layers, as a user of them compiles (default: %(default)s)")
     parser.add_argument("--what", choices=("layers", "optimizer"), default="layers",
                         help="our layers against Keras's, or our Adam against Keras's on Keras's layers")
+    parser.add_argument("--models", default="mlp,lstm,transformer",
+                        help="which of mlp, lstm, transformer to time (default: all)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     jit_compile = True if args.jit_compile == "true" else "auto"
     rows = []
+    chosen = args.models.split(",")
+    if set(chosen) - set(MODELS.values()):
+        parser.error(f"--models takes {', '.join(MODELS.values())}. Received: {args.models}")
     for name, build, kind, batch, keras_loss, our_loss in CASES:
+        if MODELS[build] not in chosen:
+            continue
         x, y = _data(kind, batch * 8)
         timing.fresh_compiler_cache()
         if args.what == "optimizer":

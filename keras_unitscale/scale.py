@@ -45,6 +45,11 @@ def scaling_disabled():
         _state.disabled = previous
 
 
+def scaling_is_disabled():
+    """Whether this thread is inside `scaling_disabled()`."""
+    return getattr(_state, "disabled", False)
+
+
 def _check_scale(name, scale):
     """Rejects a Python scale that is not a finite number; tensors pass through.
 
@@ -135,7 +140,7 @@ def scaled(x, fwd=1.0, bwd=1.0):
     fwd = _check_scale("fwd", fwd)
     bwd = _check_scale("bwd", bwd)
     x = as_tensor(x)
-    if getattr(_state, "disabled", False):
+    if scaling_is_disabled():
         return x
     if _is_one(fwd) and _is_one(bwd):
         return x

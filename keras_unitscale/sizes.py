@@ -17,6 +17,10 @@ def is_static(*values):
 
 def shape(x):
     """`x`'s shape: ints where static, float32 scalar tensors where not."""
+    static = tuple(x.shape)
+    if all(isinstance(dim, int) for dim in static):
+        # Every size known: no op to run (an eager step pays for each `ops.shape`).
+        return static
     return tuple(dim if isinstance(dim, int) else ops.cast(dim, "float32") for dim in ops.shape(x))
 
 

@@ -5,6 +5,11 @@ output and the backward scale(s) of its inputs, tied by a constraint where
 the edge needs it (`keras_unitscale.constraints`), then wrap the plain
 `keras.ops` computation in `scale_bwd` on its inputs and `scale_fwd` on its
 output. `keras_unitscale.functional` is the public namespace of these ops.
+
+In eager PyTorch, where each op is a Python call and a pass over memory, the
+busiest ops (dense, einsum dense, relu/gelu/silu, the residual split and add)
+run the same arithmetic as one autograd function each (`ops.torch_fused`),
+with the scales their rules give.
 """
 
 from keras_unitscale.ops.activations import apply as apply_activation

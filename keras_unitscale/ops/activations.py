@@ -81,7 +81,7 @@ def relu(x, constraint="to_output_scale"):
         >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
         [0.0, 2.8284]
     """
-    return elementwise(ops.relu, to_float(x, "x"), rules.activations.relu(constraint))
+    return elementwise(ops.relu, to_float(x, "x"), rules.activations.relu(constraint), native="relu")
 
 
 def gelu(x, mult=1.0, constraint="to_output_scale", approximate=False):
@@ -110,7 +110,8 @@ def gelu(x, mult=1.0, constraint="to_output_scale", approximate=False):
             return ops.gelu(inputs, approximate=approximate)
         return ops.gelu(inputs * mult, approximate=approximate) / mult
 
-    return elementwise(_gelu, to_float(x, "x"), scales)
+    native = None if mult != 1 else "gelu_tanh" if approximate else "gelu"
+    return elementwise(_gelu, to_float(x, "x"), scales, native=native)
 
 
 def gelu_glu(x, gate, mult=1.0, approximate=False):
@@ -162,7 +163,7 @@ def silu(x, mult=1.0, constraint="to_output_scale"):
         [0.0]
     """
     scales = rules.activations.silu(mult, constraint)
-    return elementwise(lambda inputs: _silu(inputs, mult), to_float(x, "x"), scales)
+    return elementwise(lambda inputs: _silu(inputs, mult), to_float(x, "x"), scales, native="silu" if mult == 1 else None)
 
 
 def silu_glu(x, gate, mult=1.0):

@@ -13,6 +13,7 @@ from keras_unitscale.ops.common import in_float32
 from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
+from keras_unitscale.scale import scaled
 from keras_unitscale.sizes import shape as shape_of
 
 __all__ = ["dot_product_attention"]
@@ -71,13 +72,28 @@ def dot_product_attention(query, key, value, mask=None, is_causal=False, dropout
     scales = rules.attention.attention(shape_of(query)[-1], shape_of(key)[1] if rule_key_length is None
                                        else rule_key_length, mult, is_causal if rule_causal is None else rule_causal,
                                        rate)
-    query, key, value = (scale_bwd(t, scales.output) for t in (query, key, value))
-    if not (rate or return_attention_scores or logit_soft_cap is not None):
+    return _attend(query, key, value, scales, mask, is_causal, rate, seed, return_attention_scores, logit_soft_cap)
+
+
+def _attend(query, key, value, scales, mask, is_causal, rate, seed, return_attention_scores, logit_soft_cap):
+    """The attention of `dot_product_attention`, with the rule's `scales` applied."""
+    def unfused(q, k, v):
+        return _attention_unfused(q, k, v, mask, is_causal, scales.logits, rate, seed, logit_soft_cap)
+
+    if return_attention_scores:
+        # The probabilities are returned: their gradient reaches query and key
+        # apart from the output's, so each input's gradient is scaled on its own.
+        out, probs = unfused(*(scale_bwd(t, scales.output) for t in (query, key, value)))
+        return scale_fwd(out, scales.output), probs
+    if rate or logit_soft_cap is not None:
+        out, _ = unfused(query, key, value)
+    else:
         out = ops.dot_product_attention(query, key, value, mask=mask, scale=scales.logits, is_causal=is_causal,
                                         flash_attention=_LET_BACKEND_CHOOSE_KERNEL)
-        return scale_fwd(out, scales.output)
-    out, probs = _attention_unfused(query, key, value, mask, is_causal, scales.logits, rate, seed, logit_soft_cap)
-    return (scale_fwd(out, scales.output), probs) if return_attention_scores else scale_fwd(out, scales.output)
+    # The output is linear in `value`: one ordinary multiplication by the
+    # rule's scale is the output's forward scale and the same backward scale
+    # on the gradients of query, key and value, in one pass each way, not four.
+    return scaled(out, scales.output, scales.output)
 
 
 # On PyTorch, `flash_attention=None` makes Keras probe flash attention's

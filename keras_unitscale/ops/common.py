@@ -3,6 +3,7 @@
 from keras import backend
 from keras import ops
 
+from keras_unitscale.ops import torch_fused
 from keras_unitscale.scale import as_tensor
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scaled
@@ -85,13 +86,17 @@ def in_float32(x):
     return ops.cast(x, "float32") if dtype(x) in LOW_PRECISION else x
 
 
-def elementwise(fn, x, scales):
+def elementwise(fn, x, scales, native=None):
     """`scales.output · fn(x)`, whose input gradient is `scales.grad` times `fn`'s.
 
     Written as one ordinary multiplication by the output scale (the same in
     both passes) around a backward-only `grad / output` on the input: the
     gradient comes out `grad · fn'(x)`, and when the constraint made the two
-    scales equal, no custom gradient is traced at all.
+    scales equal, no custom gradient is traced at all. `native` names `fn`
+    among `torch_fused.NATIVE_ACTIVATIONS`, whose fused form eager PyTorch
+    runs instead (the same numbers).
     """
     output, grad = scales
+    if native is not None and torch_fused.applies(x, scales):
+        return torch_fused.activation(native, x, output, grad)
     return scaled(fn(scale_bwd(x, grad / output)), output, output)

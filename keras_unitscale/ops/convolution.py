@@ -21,6 +21,7 @@ from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.ops.linear import add_bias
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
+from keras_unitscale.scale import scaled
 from keras_unitscale.sizes import as_float
 from keras_unitscale.sizes import global_numel
 from keras_unitscale.sizes import shape as shape_of
@@ -192,10 +193,36 @@ def _scales(x, channel_axis, kernel_size, in_per_group, out_per_group, strides, 
 
 def _around(x, kernel, bias, scales, channel_axis, fp8, product):
     """`product(x, kernel) + bias` with the scales applied: the inputs' gradients backward, the output forward."""
-    x, kernel = scale_bwd(x, scales.grad_input), scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight)
-    y = precision.fp8_product(product, x, kernel) if fp8 else product(x, kernel)
+    kernel = as_compute_dtype(kernel, x)
+    if not fp8:
+        return _through_weights(x, kernel, bias, scales, channel_axis, product)
+    x, kernel = scale_bwd(x, scales.grad_input), scale_bwd(kernel, scales.grad_weight)
+    y = precision.fp8_product(product, x, kernel)
     if bias is not None:
-        shape = [1] * len(shape_of(y))
-        shape[channel_axis] = -1
-        y = add_bias(y, ops.reshape(to_tensor(bias, "bias"), shape), scales.grad_weight)
+        y = add_bias(y, _channel_bias(bias, y, channel_axis), scales.grad_weight)
     return scale_fwd(y, scales.output)
+
+
+def _through_weights(x, kernel, bias, scales, channel_axis, product):
+    """The same scales applied to the weights, not the activations: the output is linear in the kernel and bias.
+
+    `product(x, output·kernel) + output·bias` is the output scaled; `x`'s
+    gradient through it is already `output` times the plain one, which the
+    rule's tie makes `grad_input` (else `x` takes the ratio backward); and
+    the weights take their own backward scales. Every scale then falls on a
+    kernel-sized tensor, which costs an eager step (PyTorch's) no pass over
+    the activations. FP8 casts unit-scaled operands, so it keeps `_around`'s
+    order.
+    """
+    x = scale_bwd(x, scales.grad_input / scales.output)
+    y = product(x, scaled(kernel, scales.output, scales.grad_weight))
+    if bias is None:
+        return y
+    return add_bias(y, scaled(_channel_bias(bias, y, channel_axis), scales.output, 1.0), scales.grad_weight)
+
+
+def _channel_bias(bias, y, channel_axis):
+    """The `(filters,)` bias, shaped to broadcast along `y`'s channel axis."""
+    shape = [1] * len(shape_of(y))
+    shape[channel_axis] = -1
+    return ops.reshape(to_tensor(bias, "bias"), shape)

@@ -4,6 +4,8 @@ Tensors use Keras layouts: a dense kernel is `(fan_in, fan_out)`. The rules
 are in `keras_unitscale.rules.linear`.
 """
 
+import functools
+import math
 import re
 import string
 from typing import NamedTuple
@@ -13,6 +15,7 @@ from keras import ops
 
 from keras_unitscale import precision
 from keras_unitscale import rules
+from keras_unitscale.ops import torch_fused
 from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import check_dims_match
 from keras_unitscale.ops.common import check_rank
@@ -112,6 +115,9 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.
         check_rank("bias", bias, 1, 1)
         check_dims_match("Bias and kernel", "bias.shape[0]", shape_of(bias)[0], "kernel.shape[1]", fan_out)
     scales = _dense_scales(x, fan_in, fan_out, constraint, scale_power)
+    if not fp8 and torch_fused.applies(x, scales):
+        bias = None if bias is None else as_compute_dtype(bias, x)
+        return torch_fused.dense(x, as_compute_dtype(kernel, x), bias, *scales)
 
     def product(x):
         y = _matmul(x, scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight), fp8)
@@ -142,6 +148,15 @@ def add_bias(y, bias, grad_scale):
 
 def _dense_scales(x, fan_in, fan_out, constraint, scale_power):
     batch = global_numel(x) / as_float(fan_in)
+    if is_static(batch) and (constraint is None or isinstance(constraint, str)):
+        return _static_dense_scales(fan_in, fan_out, batch, constraint, tuple(scale_power))
+    return rules.linear.dense(fan_in, fan_out, batch, constraint, scale_power)
+
+
+@functools.lru_cache(maxsize=1024)
+def _static_dense_scales(fan_in, fan_out, batch, constraint, scale_power):
+    # The rule for sizes a model meets again at every step, computed once:
+    # an eager step would otherwise pay the arithmetic in Python each call.
     return rules.linear.dense(fan_in, fan_out, batch, constraint, scale_power)
 
 
@@ -304,14 +319,26 @@ def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
     scales = rules.linear.dense(
         sizes.fan_in, sizes.fan_out, global_numel(x) / as_float(sizes.shared), constraint, scale_power
     )
+    bias = None if bias is None else to_tensor(bias, "bias")
+    specs = _einsum_specs(equation, len(x.shape))
+    if not fp8 and torch_fused.applies(x, scales) and torch_fused.einsum_transposes(*specs):
+        kernel = as_compute_dtype(kernel, x)
+        if bias is None:
+            return torch_fused.einsum_dense(specs, x, kernel, None, *scales, None)
+        out_shape = torch_fused.einsum_output_shape(specs, x, kernel)
+        bias_scale = _einsum_bias_scale(sizes, math.prod(out_shape), bias, constraint, scale_power)
+        return torch_fused.einsum_dense(specs, x, kernel, as_compute_dtype(bias, x), *scales, bias_scale)
     y = _einsum(equation, scale_bwd(x, scales.grad_input),
                 scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight), fp8)
     if bias is not None:
-        bias = to_tensor(bias, "bias")
-        bias_batch = global_numel(y) / as_float(max(int(np.prod(shape_of(bias))), 1))
-        bias_scale = rules.linear.dense(sizes.fan_in, sizes.fan_out, bias_batch, constraint, scale_power).grad_weight
-        y = add_bias(y, bias, bias_scale)
+        y = add_bias(y, bias, _einsum_bias_scale(sizes, global_numel(y), bias, constraint, scale_power))
     return scale_fwd(y, scales.output)
+
+
+def _einsum_bias_scale(sizes, outputs, bias, constraint, scale_power):
+    """The bias's gradient scale: the dense rule's, over the number of outputs each bias element is added to."""
+    bias_batch = outputs / as_float(max(int(np.prod(shape_of(bias))), 1))
+    return rules.linear.dense(sizes.fan_in, sizes.fan_out, bias_batch, constraint, scale_power).grad_weight
 
 
 def _einsum(equation, a, b, fp8):

@@ -2,6 +2,7 @@
 
 import math
 
+from keras import backend
 from keras import ops
 
 from keras_unitscale import checks
@@ -78,16 +79,39 @@ def layer_norm(x, gamma=None, beta=None, axis=-1, epsilon=1e-5, rms_scaling=Fals
     checks.non_negative("epsilon", epsilon)
     x = to_float(x, "x")
     axes = _normalized_axes(x, axis)
+    if beta is not None and rms_scaling:
+        raise ValueError("`rms_scaling=True` normalises with a gain only. Received: a `beta`")
+    if not rms_scaling and _torch_native(x, axes):
+        return _torch_layer_norm(x, gamma, beta, axes, epsilon)
     x32 = in_float32(x)
     mean, variance = ops.moments(x32, axes=axes, keepdims=True)
     y = ops.cast((x32 if rms_scaling else x32 - mean) * ops.rsqrt(variance + epsilon), x.dtype)
     if gamma is not None:
         y = y * _affine(gamma, "gamma", x, axes, y)
-    if beta is not None and rms_scaling:
-        raise ValueError("`rms_scaling=True` normalises with a gain only. Received: a `beta`")
     if beta is not None:
         y = y + _affine(beta, "beta", x, axes, y)
     return y
+
+
+def _torch_native(x, axes):
+    """Whether PyTorch's own layer norm computes this one: the trailing axes, as Keras's LayerNormalization uses it."""
+    rank = len(x.shape)
+    return backend.backend() == "torch" and axes == tuple(range(rank - len(axes), rank))
+
+
+def _torch_layer_norm(x, gamma, beta, axes, epsilon):
+    """`layer_norm` through `torch.nn.functional.layer_norm`: one kernel each way, as Keras's own layer uses on PyTorch.
+
+    The same rule: the gain's and bias's gradients scaled (`_affine`), the
+    statistics in float32.
+    """
+    import torch.nn.functional as F
+
+    x32 = in_float32(x)
+    normalized_shape = tuple(x.shape[a] for a in axes)
+    params = [None if p is None else ops.reshape(_affine(p, name, x, axes, x32), normalized_shape)
+              for p, name in ((gamma, "gamma"), (beta, "beta"))]
+    return ops.cast(F.layer_norm(x32, normalized_shape, *params, epsilon), x.dtype)
 
 
 def rms_norm(x, gamma=None, axis=-1, epsilon=1e-5):

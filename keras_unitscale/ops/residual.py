@@ -3,6 +3,7 @@
 from keras import ops
 
 from keras_unitscale import rules
+from keras_unitscale.ops import torch_fused
 from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
@@ -33,6 +34,8 @@ def residual_split(x, tau=1.0):
     """
     residual_weight, skip_weight = rules.residual.branch_weights(tau)
     x = to_tensor(x, "x")
+    if torch_fused.applies(x, (residual_weight, skip_weight)):
+        return torch_fused.residual_split(x, residual_weight, skip_weight)
     return scale_bwd(x, residual_weight), scale_bwd(x, skip_weight)
 
 
@@ -61,6 +64,9 @@ def residual_add(residual, skip, tau=1.0):
     residual_weight, skip_weight = rules.residual.branch_weights(tau)
     residual = to_tensor(residual, "residual")
     skip = to_tensor(skip, "skip")
+    if torch_fused.applies(skip, (residual_weight, skip_weight)) and residual.dtype == skip.dtype and (
+            residual.shape == skip.shape):
+        return torch_fused.residual_add(residual, skip, residual_weight, skip_weight)
     return ops.add(scale_fwd(residual, residual_weight), scale_fwd(skip, skip_weight))
 
 

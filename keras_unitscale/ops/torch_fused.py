@@ -1,0 +1,247 @@
+"""Unit-scaled ops as single PyTorch autograd functions: eager PyTorch's fast path.
+
+In eager PyTorch every op is a Python call, and every Keras op adds its own
+work on top (converting and checking its arguments). A unit-scaled dense
+written with the scaling primitive is six of them (three backward scales, a
+matmul, a bias add, a forward scale), where Keras's `Dense` is two. Here the
+same computation is one `torch.autograd.Function` whose forward and backward
+apply the rule's scales themselves: the numbers are those of the composed
+ops (tested equal), the Python calls fewer.
+
+Only the arithmetic lives here. The scales come from the rules
+(`keras_unitscale.rules`), computed by the op that calls this, so a rule is
+still stated once; `ops.linear.dense` decides when this path applies
+(`dense_applies`) and falls back to the composed ops otherwise (TensorFlow
+and JAX, where XLA fuses the composed ops anyway; FP8; scales that are
+tensors).
+"""
+
+import keras
+
+from keras_unitscale import scale
+
+_FUNCTIONS = {}  # name -> `torch.autograd.Function`, made on first use (torch is imported only then)
+
+
+def applies(x, scales):
+    """Whether an op on `x` may run here: PyTorch, scaling on, Python-number scales, a dense floating `x`."""
+    if keras.backend.backend() != "torch" or scale.scaling_is_disabled():
+        return False
+    return all(isinstance(s, float) for s in scales) and x.dtype.is_floating_point and not x.is_sparse
+
+
+def dense(x, kernel, bias, output, grad_input, grad_weight):
+    """`(x @ kernel + bias) · output`; `x`'s gradient × `grad_input`, the kernel's and bias's × `grad_weight`.
+
+    The same numbers as `scale_fwd(scale_bwd(x, grad_input) @ scale_bwd(kernel, grad_weight)
+    + scale_bwd(bias, grad_weight), output)`. In float16 the bias's gradient
+    is summed in float32, as `ops.linear.add_bias` does (why: there).
+    """
+    return _function("dense", _make_dense).apply(x, kernel, bias, output, grad_input, grad_weight)
+
+
+def einsum_transposes(x_spec, kernel_spec, out_spec):
+    """The equations of the einsum's two gradients, `(x's, the kernel's)`; None where one is not an einsum.
+
+    `x, kernel -> out` has the gradients `out, kernel -> x` and `x, out ->
+    kernel` when every label of each input is in the other input or the
+    output (none summed over one operand alone): so for every equation
+    Keras's `EinsumDense` and `MultiHeadAttention` use.
+    """
+    x, kernel, out = set(x_spec), set(kernel_spec), set(out_spec)
+    if not (x <= kernel | out and kernel <= x | out):
+        return None
+    return f"{out_spec},{kernel_spec}->{x_spec}", f"{x_spec},{out_spec}->{kernel_spec}"
+
+
+def einsum_output_shape(specs, x, kernel):
+    """The shape of `einsum(x, kernel)` for the spelled-out `(x_spec, kernel_spec, out_spec)`."""
+    x_spec, kernel_spec, out_spec = specs
+    sizes = {**dict(zip(x_spec, x.shape)), **dict(zip(kernel_spec, kernel.shape))}
+    return tuple(sizes[label] for label in out_spec)
+
+
+def einsum_dense(specs, x, kernel, bias, output, grad_input, grad_weight, grad_bias):
+    """`(einsum(x, kernel) + bias) · output`, the gradients scaled as `dense`'s (the bias's by `grad_bias`).
+
+    `specs` are the equation's labels with any ellipsis spelled out
+    (`ops.linear._einsum_specs`); `einsum_transposes(*specs)` must be
+    equations. The scales are applied to the kernel-sized operands and
+    results (the kernel before each product, the kernel's gradient after),
+    not to the activations: on the same numbers, fewer passes over memory.
+    """
+    return _function("einsum_dense", _make_einsum_dense).apply(
+        x, kernel, bias, specs, output, grad_input, grad_weight, grad_bias)
+
+
+def residual_split(x, residual_weight, skip_weight):
+    """`(x, x)`, whose gradients arrive at `x` as `residual_weight·g_residual + skip_weight·g_skip`."""
+    return _function("residual_split", _make_residual_split).apply(x, residual_weight, skip_weight)
+
+
+def residual_add(residual, skip, residual_weight, skip_weight):
+    """`residual_weight·residual + skip_weight·skip`, whose gradient reaches both unscaled (the split scaled it)."""
+    return _function("residual_add", _make_residual_add).apply(residual, skip, residual_weight, skip_weight)
+
+
+# The activations with a PyTorch kernel for each pass: name -> (forward, backward from the input), made on first use.
+NATIVE_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+
+def activation(name, x, output, grad):
+    """`output · f(x)` for f in `NATIVE_ACTIVATIONS`, whose input gradient is `grad · f'(x)` times the incoming one.
+
+    `ops.common.elementwise` in one autograd function: PyTorch's kernels for
+    f and f', each scaled in place, so neither pass makes a tensor for its scale.
+    """
+    return _function("activation", _make_activation).apply(x, name, output, grad)
+
+
+def _function(name, make):
+    if name not in _FUNCTIONS:
+        _FUNCTIONS[name] = make()
+    return _FUNCTIONS[name]
+
+
+def _make_dense():
+    import torch
+
+    class ScaledDense(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, kernel, bias, output, grad_input, grad_weight):
+            ctx.save_for_backward(x, kernel)
+            ctx.scales = (grad_input, grad_weight)
+            # `addmm` scales the product inside the matrix multiply (BLAS's
+            # alpha and beta): no pass over the output of its own.
+            rows = x.reshape(-1, x.shape[-1])
+            y = _scaled_mm(rows, kernel, output) if bias is None else torch.addmm(
+                bias, rows, kernel, beta=output, alpha=output)
+            return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+        @staticmethod
+        def backward(ctx, upstream):
+            x, kernel = ctx.saved_tensors
+            grad_input, grad_weight = ctx.scales
+            needs_x, needs_kernel, needs_bias = ctx.needs_input_grad[:3]
+            rows = upstream.reshape(-1, upstream.shape[-1])
+            dx = dkernel = dbias = None
+            if needs_x:
+                dx = _scaled_mm(rows, kernel.t(), grad_input).reshape(x.shape)
+            if needs_kernel:
+                dkernel = _scaled_mm(x.reshape(-1, x.shape[-1]).t(), rows, grad_weight)
+            if needs_bias and rows.dtype == torch.float16:
+                dbias = rows.sum(0, dtype=torch.float32).mul_(grad_weight).to(torch.float16)
+            elif needs_bias:
+                dbias = rows.sum(0).mul_(grad_weight)
+            return dx, dkernel, dbias, None, None, None
+
+    def _scaled_mm(a, b, scale):
+        # `scale · (a @ b)` in one kernel: beta = 0 ignores the (zero) input.
+        return torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=scale)
+
+    return ScaledDense
+
+
+def _make_einsum_dense():
+    import torch
+
+    class ScaledEinsumDense(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, kernel, bias, specs, output, grad_input, grad_weight, grad_bias):
+            x_spec, kernel_spec, out_spec = specs
+            ctx.save_for_backward(x, kernel)
+            ctx.equations = einsum_transposes(*specs)
+            ctx.scales = (grad_input, grad_weight, grad_bias)
+            ctx.bias_shape = None if bias is None else bias.shape
+            y = torch.einsum(f"{x_spec},{kernel_spec}->{out_spec}", x, kernel * output)
+            return y if bias is None else y.add_(bias, alpha=output)
+
+        @staticmethod
+        def backward(ctx, upstream):
+            x, kernel = ctx.saved_tensors
+            for_x, for_kernel = ctx.equations
+            grad_input, grad_weight, grad_bias = ctx.scales
+            needs_x, needs_kernel, needs_bias = ctx.needs_input_grad[:3]
+            dx = dkernel = dbias = None
+            if needs_x:
+                dx = torch.einsum(for_x, upstream, kernel * grad_input)
+            if needs_kernel:
+                dkernel = torch.einsum(for_kernel, x, upstream).mul_(grad_weight)
+            if needs_bias:
+                dbias = _sum_to(upstream, ctx.bias_shape).mul(grad_bias).to(upstream.dtype)
+            return dx, dkernel, dbias, None, None, None, None, None
+
+    def _sum_to(grad, shape):
+        # The bias broadcast over the output: its gradient sums the output's
+        # over the axes it was broadcast along (in float32 from float16, as
+        # `ops.linear.add_bias` does, for the same reason).
+        wide = torch.float32 if grad.dtype == torch.float16 else grad.dtype
+        leading = tuple(range(grad.ndim - len(shape)))
+        summed = grad.sum(leading, dtype=wide) if leading else grad.to(wide)
+        broadcast = tuple(axis for axis, size in enumerate(shape) if size == 1 and summed.shape[axis] != 1)
+        return summed.sum(broadcast, keepdim=True) if broadcast else summed
+
+    return ScaledEinsumDense
+
+
+def _make_residual_split():
+    import torch
+
+    class ResidualSplit(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, residual_weight, skip_weight):
+            ctx.weights = (residual_weight, skip_weight)
+            return x.view_as(x), x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, residual_grad, skip_grad):
+            residual_weight, skip_weight = ctx.weights
+            # One new tensor: the skip's share, then the residual's added in place.
+            grad = skip_grad * skip_weight
+            return grad.add_(residual_grad, alpha=residual_weight), None, None
+
+    return ResidualSplit
+
+
+def _make_residual_add():
+    import torch
+
+    class ResidualAdd(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, residual, skip, residual_weight, skip_weight):
+            return torch.mul(skip, skip_weight).add_(residual, alpha=residual_weight)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, grad, None, None
+
+    return ResidualAdd
+
+
+def _make_activation():
+    import torch
+    import torch.nn.functional as F
+
+    aten = torch.ops.aten
+    kernels = {
+        "relu": (F.relu, lambda g, x: aten.threshold_backward(g, x, 0)),
+        "gelu": (F.gelu, lambda g, x: aten.gelu_backward(g, x)),
+        "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda g, x: aten.gelu_backward(g, x, approximate="tanh")),
+        "silu": (F.silu, lambda g, x: aten.silu_backward(g, x)),
+    }
+
+    class ScaledActivation(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, name, output, grad):
+            ctx.save_for_backward(x)
+            ctx.derivative, ctx.grad = kernels[name][1], grad
+            y = kernels[name][0](x)
+            return y.mul_(output) if output != 1.0 else y
+
+        @staticmethod
+        def backward(ctx, upstream):
+            (x,) = ctx.saved_tensors
+            dx = ctx.derivative(upstream, x)
+            return (dx.mul_(ctx.grad) if ctx.grad != 1.0 else dx), None, None, None
+
+    return ScaledActivation

@@ -1,0 +1,143 @@
+"""Eager PyTorch's fused ops (`keras_unitscale.torch_fused`): the same numbers as the composed ops, fewer passes."""
+
+import numpy as np
+import pytest
+from helpers import BACKEND
+
+from keras_unitscale import scaling_disabled
+from keras_unitscale.ops import torch_fused
+from keras_unitscale.ops import activations
+from keras_unitscale.ops import linear
+from keras_unitscale.ops import norms
+from keras_unitscale.ops import residual
+
+on_torch = pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's eager fast path")
+
+
+def test_the_fused_path_is_pytorchs_only():
+    x = np.ones((2, 3), "float32")
+    assert torch_fused.applies(keras_tensor(x), (1.0, 0.5)) is (BACKEND == "torch")
+
+
+def keras_tensor(x):
+    import keras
+
+    return keras.ops.convert_to_tensor(x)
+
+
+def _tensors(shapes, seed=0, dtype="float32"):
+    import torch
+
+    rng = np.random.default_rng(seed)
+    return [None if shape is None else torch.tensor(rng.normal(size=shape).astype(dtype), requires_grad=True)
+            for shape in shapes]
+
+
+def _run(fn, inputs, seed=1):
+    """fn's outputs and every input's gradient for a random upstream gradient of each output."""
+    import torch
+
+    for t in inputs:
+        if t is not None:
+            t.grad = None
+    outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    rng = np.random.default_rng(seed)
+    upstream = [torch.tensor(rng.normal(size=tuple(y.shape)).astype("float32")).to(y.dtype) for y in outputs]
+    torch.autograd.backward(outputs, upstream)
+    grad_fns = {type(y.grad_fn).__name__ for y in outputs}
+    return [y.detach() for y in outputs] + [t.grad.clone() for t in inputs if t is not None], grad_fns
+
+
+# (name, function of the tensors, their shapes, the fused autograd node it must make)
+CASES = [
+    ("dense 2-D", lambda x, w, b: linear.dense(x, w, b), [(64, 32), (32, 16), (16,)], "ScaledDenseBackward"),
+    ("dense 3-D, no bias", lambda x, w: linear.dense(x, w), [(4, 8, 32), (32, 16)], "ScaledDenseBackward"),
+    ("dense 1-D", lambda x, w, b: linear.dense(x, w, b), [(32,), (32, 16), (16,)], "ScaledDenseBackward"),
+    ("dense unconstrained", lambda x, w, b: linear.dense(x, w, b, constraint=None), [(64, 32), (32, 16), (16,)],
+     "ScaledDenseBackward"),
+    ("readout", lambda x, w, b: linear.dense_readout(x, w, b), [(64, 32), (32, 10), (10,)], "ScaledDenseBackward"),
+    ("einsum, attention's query", lambda x, w, b: linear.einsum_dense("abc,cde->abde", x, w, b),
+     [(2, 5, 16), (16, 4, 8), (4, 8)], "ScaledEinsumDenseBackward"),
+    ("einsum, attention's output", lambda x, w, b: linear.einsum_dense("abcd,cde->abe", x, w, b),
+     [(2, 5, 4, 8), (4, 8, 16), (16,)], "ScaledEinsumDenseBackward"),
+    ("einsum with an ellipsis", lambda x, w: linear.einsum_dense("...b,bc->...c", x, w), [(2, 3, 4, 8), (8, 6)],
+     "ScaledEinsumDenseBackward"),
+    ("einsum, a bias broadcast inside", lambda x, w, b: linear.einsum_dense("abc,cd->abd", x, w, b),
+     [(3, 5, 8), (8, 6), (1, 6)], "ScaledEinsumDenseBackward"),
+    ("relu", lambda x: activations.relu(x), [(64, 32)], "ScaledActivationBackward"),
+    ("gelu", lambda x: activations.gelu(x), [(64, 32)], "ScaledActivationBackward"),
+    ("gelu, tanh form, unconstrained", lambda x: activations.gelu(x, constraint=None, approximate=True), [(64, 32)],
+     "ScaledActivationBackward"),
+    ("silu", lambda x: activations.silu(x), [(64, 32)], "ScaledActivationBackward"),
+    ("residual split", lambda x: residual.residual_split(x, tau=0.4), [(4, 8, 16)], "ResidualSplitBackward"),
+    ("residual add", lambda r, s: residual.residual_add(r, s, tau=0.4), [(4, 8, 16), (4, 8, 16)],
+     "ResidualAddBackward"),
+    ("layer norm", lambda x, g, b: norms.layer_norm(x, g, b), [(4, 8, 16), (16,), (16,)],
+     "NativeLayerNormBackward0"),
+    ("layer norm over two axes", lambda x, g: norms.layer_norm(x, g, axis=(-2, -1)), [(4, 8, 16), (8, 16)],
+     "NativeLayerNormBackward0"),
+]
+
+
+@on_torch
+@pytest.mark.parametrize("name, fn, shapes, node", CASES, ids=[case[0] for case in CASES])
+def test_each_fused_op_gives_the_composed_ops_numbers(monkeypatch, name, fn, shapes, node):
+    inputs = _tensors(shapes)
+    fused, fused_nodes = _run(fn, inputs)
+    assert node in fused_nodes
+    monkeypatch.setattr(torch_fused, "applies", lambda *args: False)
+    monkeypatch.setattr(norms, "_torch_native", lambda *args: False)
+    composed, composed_nodes = _run(fn, inputs)
+    assert node not in composed_nodes
+    for got, expected in zip(fused, composed):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=2e-5, atol=2e-6 * float(expected.abs().max()))
+
+
+@on_torch
+def test_the_fused_path_steps_aside_where_scaling_is_off_or_the_matmul_is_fp8():
+    x, w = _tensors([(16, 8), (8, 4)])
+    with scaling_disabled():
+        y, nodes = _run(lambda x, w: linear.dense(x, w), [x, w])
+    assert "ScaledDenseBackward" not in nodes
+    np.testing.assert_allclose(y[0].numpy(), (x @ w).detach().numpy(), rtol=1e-6)
+    _, nodes = _run(lambda x, w: linear.dense(x, w, fp8=True), [x, w])
+    assert "ScaledDenseBackward" not in nodes
+
+
+@on_torch
+@pytest.mark.parametrize("op", ["dense", "einsum"])
+def test_a_float16_bias_gradient_is_summed_in_float32(op):
+    import torch
+
+    # 4096 rows of 30 sum to 122880, past float16's 65504; scaled by
+    # 4096^-1/2 the gradient is 1920, which float16 holds.
+    rows, value = 4096, 30.0
+    x = torch.zeros(rows, 8, dtype=torch.float16)
+    kernel = torch.ones(8, 4, dtype=torch.float16, requires_grad=True)
+    bias = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    if op == "dense":
+        y = linear.dense(x, kernel, bias)
+    else:
+        y = linear.einsum_dense("ab,bc->ac", x, kernel, bias)
+    assert "Scaled" in type(y.grad_fn).__name__
+    y.backward(torch.full_like(y, value))
+    np.testing.assert_allclose(bias.grad.float().numpy(), value * rows * rows**-0.5, rtol=1e-3)
+
+
+@on_torch
+@pytest.mark.parametrize("fn, shapes", [
+    (lambda x, w, b: linear.einsum_dense("ab,bc->ac", x, w, b), [(4, 8), (8, 6), (4, 6)]),
+    (lambda x: residual.residual_split(x, tau=0.5), [(4, 6)]),
+    (lambda x: activations.gelu(x), [(4, 6)]),
+], ids=["einsum with a full-size bias", "residual split", "gelu"])
+def test_the_backward_pass_leaves_the_incoming_gradient_as_it_was(fn, shapes):
+    import torch
+
+    inputs = _tensors(shapes)
+    outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    upstream = [torch.full_like(y, 3.0) for y in outputs]
+    torch.autograd.backward(outputs, upstream)
+    for g in upstream:
+        assert bool((g == 3.0).all())
