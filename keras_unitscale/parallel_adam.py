@@ -74,7 +74,10 @@ def _epsilons(optimizer, variables, indices, dtype):
 
     multipliers = _stacked(optimizer._epsilon_multiplier_variables, indices, dtype)
     factors = [optimizer.epsilon_batch_factor(variable) for variable in variables]
-    if any(not (isinstance(factor, float) and factor == 1.0) for factor in factors):  # 1 but under InPlaceEpsilon
+    if all(isinstance(factor, float) for factor in factors):
+        if any(factor != 1.0 for factor in factors):  # 1 but under InPlaceEpsilon
+            multipliers = multipliers * torch.tensor(factors, dtype=dtype, device=multipliers.device)
+    else:
         multipliers = multipliers * torch.stack(
             [torch.as_tensor(keras.ops.convert_to_tensor(factor), dtype=dtype) for factor in factors])
     return list(torch.unbind(optimizer.scaled_epsilon(multipliers)))

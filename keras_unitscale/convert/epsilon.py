@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_unitscale import optimizers
 from keras_unitscale.analysis import ScaleReporter
+from keras_unitscale.sizes import is_static
 from keras_unitscale.sizes import replicas
 
 __all__ = ["match_epsilon"]
@@ -239,4 +240,8 @@ class InPlaceEpsilon:
         if index not in self.fitted:
             return loss_factor
         power = self.fitted[index][2]
+        if is_static(self.rows) and self.rows > 0:
+            # Python arithmetic where the step's rows are known (an eager step
+            # pays for each op, per variable).
+            return loss_factor * (self.reference_rows / self.rows) ** power
         return loss_factor * ops.power(ops.cast(self.reference_rows, "float32") / ops.cast(self.rows, "float32"), power)

@@ -135,6 +135,10 @@ class WeightMultipliers:
         multiplier = self.weight_multiplier(variable.name)
         return value if multiplier == 1.0 else scale_fwd(value, multiplier)
 
+    def forward_multipliers(self, *variables):
+        """The weight multipliers of `variables` (1 for None), for an op that applies them itself (`ops.dense`)."""
+        return tuple(1.0 if variable is None else self.weight_multiplier(variable.name) for variable in variables)
+
     def _checkpointed_weights(self):
         """The weights whose values Keras's `save_own_variables` writes: their multipliers are saved beside them."""
         return self._own_weights()
@@ -215,6 +219,10 @@ class LowRankAdapters:
     def _lora_variables(self):
         """The variable LoRA adapts and its two factors `A` and `B`."""
         return self._kernel, self.lora_kernel_a, self.lora_kernel_b
+
+    def forward_multipliers(self, *variables):
+        """The weight multipliers of `variables` (1 for None), for an op that applies them itself (`ops.dense`)."""
+        return tuple(1.0 if variable is None else self.weight_multiplier(variable.name) for variable in variables)
 
     def _checkpointed_weights(self):
         # Keras saves the kernel with LoRA's update merged into it, and not the

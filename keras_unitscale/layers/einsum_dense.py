@@ -167,8 +167,8 @@ class EinsumDense(MatmulProjection, FoldedQuantization, LowRankAdapters, WeightM
     def call(self, inputs, training=None):
         # Keras's `kernel` is the effective one, LoRA's low-rank update included.
         x = linear.einsum_dense(
-            self.equation, inputs, self.multiplied(self._kernel, self.kernel), self.multiplied(self.bias),
-            constraint=self.constraint, scale_power=self._scale_power, fp8=self._uses_fp8(),
+            self.equation, inputs, self.kernel, self.bias, constraint=self.constraint, scale_power=self._scale_power,
+            fp8=self._uses_fp8(), weight_multipliers=self.forward_multipliers(self._kernel, self.bias),
         )
         return self._activate(x)
 

@@ -73,7 +73,8 @@ def matmul(a, b, constraint="to_output_scale"):
     return scale_fwd(ops.matmul(a, b), scales.output)
 
 
-def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False):
+def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False,
+          weight_multipliers=(1.0, 1.0)):
     """A unit-scaled dense (linear) layer: `(x @ kernel + bias) * scale`.
 
     Rule (`rules.linear.dense`), for a kernel of shape `(fan_in, fan_out)`
@@ -92,6 +93,9 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.
         scale_power: the powers `(p0, p1, p2)` above.
         fp8: a scale-free FP8 matmul: `x` and `kernel` cast to E4M3, the
             gradient of the product to E5M2 (`keras_unitscale.precision`).
+        weight_multipliers: `(kernel's, bias's)` fixed forward multipliers
+            (`layers.common.WeightMultipliers`): the op computes with `m·w`,
+            and `w`'s gradient is the rule's, as `scale_fwd(w, m)` gives.
 
     Returns:
         The output, shape `(..., fan_out)`.
@@ -115,15 +119,22 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.
         check_rank("bias", bias, 1, 1)
         check_dims_match("Bias and kernel", "bias.shape[0]", shape_of(bias)[0], "kernel.shape[1]", fan_out)
     scales = _dense_scales(x, fan_in, fan_out, constraint, scale_power)
-    if not fp8 and torch_fused.applies(x, scales):
+    if not fp8 and torch_fused.applies(x, (*scales, *weight_multipliers)):
         bias = None if bias is None else as_compute_dtype(bias, x)
-        return torch_fused.dense(x, as_compute_dtype(kernel, x), bias, *scales)
+        return torch_fused.dense(x, as_compute_dtype(kernel, x), bias, *scales, *weight_multipliers)
+    kernel, bias = _multiplied(kernel, bias, weight_multipliers)
 
     def product(x):
         y = _matmul(x, scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight), fp8)
         return y if bias is None else add_bias(y, bias, scales.grad_weight)
 
     return scale_fwd(product(scale_bwd(x, scales.grad_input)), scales.output)
+
+
+def _multiplied(kernel, bias, weight_multipliers):
+    """The kernel and bias times their forward multipliers (their gradients unchanged)."""
+    kernel_multiplier, bias_multiplier = weight_multipliers
+    return scale_fwd(kernel, kernel_multiplier), None if bias is None else scale_fwd(bias, bias_multiplier)
 
 
 def add_bias(y, bias, grad_scale):
@@ -281,7 +292,7 @@ def einsum_sizes(equation, x_shape, kernel_shape):
 
 
 def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
-                 scale_power=rules.linear.DENSE_POWERS, fp8=False):
+                 scale_power=rules.linear.DENSE_POWERS, fp8=False, weight_multipliers=(1.0, 1.0)):
     """A unit-scaled einsum dense op: `(einsum(equation, x, kernel) + bias) * scale`, Keras's `EinsumDense`.
 
     Rule (`rules.linear.dense`), with the sizes of `einsum_sizes`: output ×
@@ -301,6 +312,7 @@ def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
         constraint: see `keras_unitscale.constraints`.
         scale_power: the powers `(p0, p1, p2)` (see `dense`).
         fp8: as for `dense`.
+        weight_multipliers: as for `dense`.
 
     Returns:
         The output, shaped by `equation`.
@@ -321,13 +333,15 @@ def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
     )
     bias = None if bias is None else to_tensor(bias, "bias")
     specs = _einsum_specs(equation, len(x.shape))
-    if not fp8 and torch_fused.applies(x, scales) and torch_fused.einsum_transposes(*specs):
+    if not fp8 and torch_fused.applies(x, (*scales, *weight_multipliers)) and torch_fused.einsum_transposes(*specs):
         kernel = as_compute_dtype(kernel, x)
         if bias is None:
-            return torch_fused.einsum_dense(specs, x, kernel, None, *scales, None)
+            return torch_fused.einsum_dense(specs, x, kernel, None, *scales, None, *weight_multipliers)
         out_shape = torch_fused.einsum_output_shape(specs, x, kernel)
         bias_scale = _einsum_bias_scale(sizes, math.prod(out_shape), bias, constraint, scale_power)
-        return torch_fused.einsum_dense(specs, x, kernel, as_compute_dtype(bias, x), *scales, bias_scale)
+        return torch_fused.einsum_dense(specs, x, kernel, as_compute_dtype(bias, x), *scales, bias_scale,
+                                        *weight_multipliers)
+    kernel, bias = _multiplied(kernel, bias, weight_multipliers)
     y = _einsum(equation, scale_bwd(x, scales.grad_input),
                 scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight), fp8)
     if bias is not None:

@@ -33,8 +33,8 @@ def _normalized_axes(x, axis):
     return tuple(sorted(set(normalized)))
 
 
-def _affine(param, name, x, axes, y):
-    """A gain or bias with its gradient scaled, reshaped to broadcast over `x`, in `y`'s dtype."""
+def _checked_affine(param, name, x, axes):
+    """A gain or bias as a tensor, with one element per position of the normalised axes."""
     param = to_tensor(param, name)
     shape = shape_of(x)
     expected = tuple(shape[a] for a in axes)
@@ -43,7 +43,16 @@ def _affine(param, name, x, axes, y):
             f"`{name}` must have shape {expected} (the normalised axes of `x`). "
             f"Received: {name}.shape={tuple(shape_of(param))}"
         )
-    param = scale_bwd(param, rules.norms.affine_grad(numel(x, axes), global_numel(x)))
+    return param
+
+
+def _affine_grad(x, axes):
+    return rules.norms.affine_grad(numel(x, axes), global_numel(x))
+
+
+def _affine(param, name, x, axes, y):
+    """A gain or bias with its gradient scaled, reshaped to broadcast over `x`, in `y`'s dtype."""
+    param = scale_bwd(_checked_affine(param, name, x, axes), _affine_grad(x, axes))
     dims = ops.shape(x)
     return as_compute_dtype(ops.reshape(param, [dims[a] if a in axes else 1 for a in range(len(dims))]), y)
 
@@ -109,8 +118,13 @@ def _torch_layer_norm(x, gamma, beta, axes, epsilon):
 
     x32 = in_float32(x)
     normalized_shape = tuple(x.shape[a] for a in axes)
-    params = [None if p is None else ops.reshape(_affine(p, name, x, axes, x32), normalized_shape)
-              for p, name in ((gamma, "gamma"), (beta, "beta"))]
+    grad_scale = _affine_grad(x, axes)
+    params = []
+    for param, name in ((gamma, "gamma"), (beta, "beta")):
+        if param is not None:
+            param = scale_bwd(as_compute_dtype(_checked_affine(param, name, x, axes), x32), grad_scale)
+            param = param if tuple(param.shape) == normalized_shape else ops.reshape(param, normalized_shape)
+        params.append(param)
     return ops.cast(F.layer_norm(x32, normalized_shape, *params, epsilon), x.dtype)
 
 

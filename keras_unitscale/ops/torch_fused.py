@@ -30,14 +30,16 @@ def applies(x, scales):
     return all(isinstance(s, float) for s in scales) and x.dtype.is_floating_point and not x.is_sparse
 
 
-def dense(x, kernel, bias, output, grad_input, grad_weight):
-    """`(x @ kernel + bias) · output`; `x`'s gradient × `grad_input`, the kernel's and bias's × `grad_weight`.
+def dense(x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier=1.0, bias_multiplier=1.0):
+    """`(x @ m_k·kernel + m_b·bias) · output`; `x`'s gradient × `grad_input`, the kernel's and bias's × `grad_weight`.
 
-    The same numbers as `scale_fwd(scale_bwd(x, grad_input) @ scale_bwd(kernel, grad_weight)
-    + scale_bwd(bias, grad_weight), output)`. In float16 the bias's gradient
-    is summed in float32, as `ops.linear.add_bias` does (why: there).
+    The same numbers as `scale_fwd(scale_bwd(x, grad_input) @ scale_bwd(scale_fwd(kernel, m_k), grad_weight)
+    + scale_bwd(scale_fwd(bias, m_b), grad_weight), output)`, with `m_k`, `m_b`
+    the weights' forward multipliers. In float16 the bias's gradient is
+    summed in float32, as `ops.linear.add_bias` does (why: there).
     """
-    return _function("dense", _make_dense).apply(x, kernel, bias, output, grad_input, grad_weight)
+    return _function("dense", _make_dense).apply(
+        x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier, bias_multiplier)
 
 
 def einsum_transposes(x_spec, kernel_spec, out_spec):
@@ -61,8 +63,9 @@ def einsum_output_shape(specs, x, kernel):
     return tuple(sizes[label] for label in out_spec)
 
 
-def einsum_dense(specs, x, kernel, bias, output, grad_input, grad_weight, grad_bias):
-    """`(einsum(x, kernel) + bias) · output`, the gradients scaled as `dense`'s (the bias's by `grad_bias`).
+def einsum_dense(specs, x, kernel, bias, output, grad_input, grad_weight, grad_bias, kernel_multiplier=1.0,
+                 bias_multiplier=1.0):
+    """`(einsum(x, m_k·kernel) + m_b·bias) · output`, the gradients scaled as `dense`'s (the bias's by `grad_bias`).
 
     `specs` are the equation's labels with any ellipsis spelled out
     (`ops.linear._einsum_specs`); `einsum_transposes(*specs)` must be
@@ -71,7 +74,8 @@ def einsum_dense(specs, x, kernel, bias, output, grad_input, grad_weight, grad_b
     not to the activations: on the same numbers, fewer passes over memory.
     """
     return _function("einsum_dense", _make_einsum_dense).apply(
-        x, kernel, bias, specs, output, grad_input, grad_weight, grad_bias)
+        x, kernel, bias, specs, output * kernel_multiplier, grad_input * kernel_multiplier, grad_weight, grad_bias,
+        output * bias_multiplier)
 
 
 def residual_split(x, residual_weight, skip_weight):
@@ -108,14 +112,16 @@ def _make_dense():
 
     class ScaledDense(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, kernel, bias, output, grad_input, grad_weight):
+        def forward(ctx, x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier, bias_multiplier):
             ctx.save_for_backward(x, kernel)
-            ctx.scales = (grad_input, grad_weight)
+            # x's gradient is through the multiplied kernel: m_k of it.
+            ctx.scales = (grad_input * kernel_multiplier, grad_weight)
             # `addmm` scales the product inside the matrix multiply (BLAS's
             # alpha and beta): no pass over the output of its own.
             rows = x.reshape(-1, x.shape[-1])
-            y = _scaled_mm(rows, kernel, output) if bias is None else torch.addmm(
-                bias, rows, kernel, beta=output, alpha=output)
+            alpha = output * kernel_multiplier
+            y = _scaled_mm(rows, kernel, alpha) if bias is None else torch.addmm(
+                bias, rows, kernel, beta=output * bias_multiplier, alpha=alpha)
             return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
         @staticmethod
@@ -133,7 +139,7 @@ def _make_dense():
                 dbias = rows.sum(0, dtype=torch.float32).mul_(grad_weight).to(torch.float16)
             elif needs_bias:
                 dbias = rows.sum(0).mul_(grad_weight)
-            return dx, dkernel, dbias, None, None, None
+            return dx, dkernel, dbias, None, None, None, None, None
 
     def _scaled_mm(a, b, scale):
         # `scale · (a @ b)` in one kernel: beta = 0 ignores the (zero) input.
@@ -147,14 +153,15 @@ def _make_einsum_dense():
 
     class ScaledEinsumDense(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, kernel, bias, specs, output, grad_input, grad_weight, grad_bias):
+        def forward(ctx, x, kernel, bias, specs, kernel_scale, grad_input, grad_weight, grad_bias, bias_scale):
+            # The scales on the kernel's side: the forward multipliers folded in by `einsum_dense`.
             x_spec, kernel_spec, out_spec = specs
             ctx.save_for_backward(x, kernel)
             ctx.equations = einsum_transposes(*specs)
             ctx.scales = (grad_input, grad_weight, grad_bias)
             ctx.bias_shape = None if bias is None else bias.shape
-            y = torch.einsum(f"{x_spec},{kernel_spec}->{out_spec}", x, kernel * output)
-            return y if bias is None else y.add_(bias, alpha=output)
+            y = torch.einsum(f"{x_spec},{kernel_spec}->{out_spec}", x, kernel * kernel_scale)
+            return y if bias is None else y.add_(bias, alpha=bias_scale)
 
         @staticmethod
         def backward(ctx, upstream):
@@ -169,7 +176,7 @@ def _make_einsum_dense():
                 dkernel = torch.einsum(for_kernel, x, upstream).mul_(grad_weight)
             if needs_bias:
                 dbias = _sum_to(upstream, ctx.bias_shape).mul(grad_bias).to(upstream.dtype)
-            return dx, dkernel, dbias, None, None, None, None, None
+            return dx, dkernel, dbias, None, None, None, None, None, None
 
     def _sum_to(grad, shape):
         # The bias broadcast over the output: its gradient sums the output's
