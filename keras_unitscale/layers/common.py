@@ -105,6 +105,12 @@ class WeightMultipliers:
         variable = self._declared_weight(name)
         return self._waiting_multipliers.get(name, 1.0) if variable is None else weights.multiplier(variable)
 
+    def _multiplier_of(self, variable):
+        """`weight_multiplier(variable.name)` for one of this layer's own weights, read from it without a search."""
+        if weights.is_declared(variable):
+            return weights.multiplier(variable)
+        return self._waiting_multipliers.get(variable.name, 1.0)
+
     def set_weight_multiplier(self, name, value):
         """Sets the weight multiplier of the weight called `name` (functions traced before keep the old one)."""
         self._check_weight_name(name)
@@ -132,12 +138,12 @@ class WeightMultipliers:
         if variable is None:
             return None
         value = variable if value is None else value
-        multiplier = self.weight_multiplier(variable.name)
+        multiplier = self._multiplier_of(variable)
         return value if multiplier == 1.0 else scale_fwd(value, multiplier)
 
     def forward_multipliers(self, *variables):
         """The weight multipliers of `variables` (1 for None), for an op that applies them itself (`ops.dense`)."""
-        return tuple(1.0 if variable is None else self.weight_multiplier(variable.name) for variable in variables)
+        return tuple(1.0 if variable is None else self._multiplier_of(variable) for variable in variables)
 
     def _checkpointed_weights(self):
         """The weights whose values Keras's `save_own_variables` writes: their multipliers are saved beside them."""
@@ -222,7 +228,7 @@ class LowRankAdapters:
 
     def forward_multipliers(self, *variables):
         """The weight multipliers of `variables` (1 for None), for an op that applies them itself (`ops.dense`)."""
-        return tuple(1.0 if variable is None else self.weight_multiplier(variable.name) for variable in variables)
+        return tuple(1.0 if variable is None else self._multiplier_of(variable) for variable in variables)
 
     def _checkpointed_weights(self):
         # Keras saves the kernel with LoRA's update merged into it, and not the

@@ -110,8 +110,8 @@ class ConvND(LowRankAdapters, Convolution):
             inputs = ops.pad(inputs, self._compute_causal_padding())
             padding = "valid"
         x = conv_ops.conv(
-            inputs, self.multiplied(self._kernel, self.kernel), self.multiplied(self.bias), strides=self.strides,
-            padding=padding, dilation_rate=self.dilation_rate, **self._op_arguments(),
+            inputs, self.kernel, self.bias, strides=self.strides, padding=padding, dilation_rate=self.dilation_rate,
+            weight_multipliers=self.forward_multipliers(self._kernel, self.bias), **self._op_arguments(),
         )
         return self._activate(x)
 

@@ -30,7 +30,7 @@ __all__ = ["conv", "conv_transpose", "depthwise_conv", "separable_conv"]
 
 
 def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data_format=None,
-         constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False):
+         constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False, weight_multipliers=(1.0, 1.0)):
     """A unit-scaled convolution: `keras.ops.conv` (+ bias) inside `rules.conv.conv`'s scales.
 
     Rule, for a kernel `(*kernel_size, in_channels / groups, filters)`: output
@@ -52,6 +52,7 @@ def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data
         scale_power: as for `ops.dense`.
         fp8: as for `ops.dense` (FP8: the convolution's input and kernel in
             E4M3, its output's gradient in E5M2).
+        weight_multipliers: as for `ops.dense`.
 
     Examples:
         >>> import numpy as np
@@ -74,7 +75,8 @@ def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data
     scales = _scales(x, channel_axis, kernel_shape[:-2], in_per_group, filters // groups, strides, False,
                      constraint, scale_power)
     return _around(x, kernel, bias, scales, channel_axis, fp8, lambda x, kernel: ops.conv(
-        x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate, data_format=data_format))
+        x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate, data_format=data_format),
+        weight_multipliers)
 
 
 def conv_transpose(x, kernel, bias=None, strides=1, padding="valid", output_padding=None, dilation_rate=1,
@@ -191,19 +193,24 @@ def _scales(x, channel_axis, kernel_size, in_per_group, out_per_group, strides, 
                            constraint, powers)
 
 
-def _around(x, kernel, bias, scales, channel_axis, fp8, product):
-    """`product(x, kernel) + bias` with the scales applied: the inputs' gradients backward, the output forward."""
+def _around(x, kernel, bias, scales, channel_axis, fp8, product, weight_multipliers=(1.0, 1.0)):
+    """`product(x, m_k·kernel) + m_b·bias` with the scales applied: the inputs' gradients backward, the output forward.
+
+    `(m_k, m_b)` are the weights' forward multipliers (`ops.dense`'s `weight_multipliers`).
+    """
     kernel = as_compute_dtype(kernel, x)
     if not fp8:
-        return _through_weights(x, kernel, bias, scales, channel_axis, product)
-    x, kernel = scale_bwd(x, scales.grad_input), scale_bwd(kernel, scales.grad_weight)
+        return _through_weights(x, kernel, bias, scales, channel_axis, product, weight_multipliers)
+    kernel_multiplier, bias_multiplier = weight_multipliers
+    bias = None if bias is None else scale_fwd(bias, bias_multiplier)
+    x, kernel = scale_bwd(x, scales.grad_input), scale_bwd(scale_fwd(kernel, kernel_multiplier), scales.grad_weight)
     y = precision.fp8_product(product, x, kernel)
     if bias is not None:
         y = add_bias(y, _channel_bias(bias, y, channel_axis), scales.grad_weight)
     return scale_fwd(y, scales.output)
 
 
-def _through_weights(x, kernel, bias, scales, channel_axis, product):
+def _through_weights(x, kernel, bias, scales, channel_axis, product, weight_multipliers):
     """The same scales applied to the weights, not the activations: the output is linear in the kernel and bias.
 
     `product(x, output·kernel) + output·bias` is the output scaled; `x`'s
@@ -211,14 +218,16 @@ def _through_weights(x, kernel, bias, scales, channel_axis, product):
     rule's tie makes `grad_input` (else `x` takes the ratio backward); and
     the weights take their own backward scales. Every scale then falls on a
     kernel-sized tensor, which costs an eager step (PyTorch's) no pass over
-    the activations. FP8 casts unit-scaled operands, so it keeps `_around`'s
-    order.
+    the activations; the forward multipliers join the output scale there.
+    FP8 casts unit-scaled operands, so it keeps `_around`'s order.
     """
+    kernel_multiplier, bias_multiplier = weight_multipliers
     x = scale_bwd(x, scales.grad_input / scales.output)
-    y = product(x, scaled(kernel, scales.output, scales.grad_weight))
+    y = product(x, scaled(kernel, scales.output * kernel_multiplier, scales.grad_weight))
     if bias is None:
         return y
-    return add_bias(y, scaled(_channel_bias(bias, y, channel_axis), scales.output, 1.0), scales.grad_weight)
+    bias = scaled(_channel_bias(bias, y, channel_axis), scales.output * bias_multiplier, 1.0)
+    return add_bias(y, bias, scales.grad_weight)
 
 
 def _channel_bias(bias, y, channel_axis):
