@@ -4,7 +4,6 @@ Tensors use Keras layouts: a dense kernel is `(fan_in, fan_out)`. The rules
 are in `keras_unitscale.rules.linear`.
 """
 
-import functools
 import math
 import re
 import string
@@ -159,15 +158,6 @@ def add_bias(y, bias, grad_scale):
 
 def _dense_scales(x, fan_in, fan_out, constraint, scale_power):
     batch = global_numel(x) / as_float(fan_in)
-    if is_static(batch) and (constraint is None or isinstance(constraint, str)):
-        return _static_dense_scales(fan_in, fan_out, batch, constraint, tuple(scale_power))
-    return rules.linear.dense(fan_in, fan_out, batch, constraint, scale_power)
-
-
-@functools.lru_cache(maxsize=1024)
-def _static_dense_scales(fan_in, fan_out, batch, constraint, scale_power):
-    # The rule for sizes a model meets again at every step, computed once:
-    # an eager step would otherwise pay the arithmetic in Python each call.
     return rules.linear.dense(fan_in, fan_out, batch, constraint, scale_power)
 
 
