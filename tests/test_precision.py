@@ -103,8 +103,10 @@ def test_fp8_convolutions_are_float32_on_pre_quantised_values():
     outputs = ops.convert_to_numpy(conv(x)), ops.convert_to_numpy(separable(x))
     np.testing.assert_allclose(outputs[0], ops.convert_to_numpy(U.conv(_e4m3(x), _e4m3(conv.kernel), conv.bias)),
                                rtol=1e-6, atol=1e-6)
-    # A separable layer's two convolutions are each cast: the depthwise one's output is rounded again.
-    depthwise = ops.convert_to_numpy(U.depthwise_conv(_e4m3(x), _e4m3(separable.depthwise_kernel)))
+    # A separable layer's two convolutions are each cast: the depthwise one's output is rounded again. That
+    # rounding to E4M3 turns an ulp into a step, so the depthwise output is computed in the FP8 path's order:
+    # the product of the cast operands, then the rule's output scale (fan-in 3·3 taps: 1/3).
+    depthwise = ops.convert_to_numpy(ops.depthwise_conv(_e4m3(x), _e4m3(separable.depthwise_kernel)) * (1 / 3))
     expected = U.conv(_e4m3(depthwise), _e4m3(separable.pointwise_kernel), separable.bias)
     np.testing.assert_allclose(outputs[1], ops.convert_to_numpy(expected), rtol=1e-6, atol=1e-6)
     # Off by default, on under `precision.fp8()`; `fp8=False` is off there too.

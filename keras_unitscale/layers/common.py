@@ -226,10 +226,6 @@ class LowRankAdapters:
         """The variable LoRA adapts and its two factors `A` and `B`."""
         return self._kernel, self.lora_kernel_a, self.lora_kernel_b
 
-    def forward_multipliers(self, *variables):
-        """The weight multipliers of `variables` (1 for None), for an op that applies them itself (`ops.dense`)."""
-        return tuple(1.0 if variable is None else self._multiplier_of(variable) for variable in variables)
-
     def _checkpointed_weights(self):
         # Keras saves the kernel with LoRA's update merged into it, and not the
         # factors (which it zeroes on loading): a file then loads into a layer

@@ -10,10 +10,10 @@ ops (tested equal), the Python calls fewer.
 
 Only the arithmetic lives here. The scales come from the rules
 (`keras_unitscale.rules`), computed by the op that calls this, so a rule is
-still stated once; `ops.linear.dense` decides when this path applies
-(`dense_applies`) and falls back to the composed ops otherwise (TensorFlow
-and JAX, where XLA fuses the composed ops anyway; FP8; scales that are
-tensors).
+still stated once; each op (`ops.linear.dense`, `einsum_dense`,
+`ops.common.elementwise`, `ops.residual`) takes this path where `applies`
+says so and its composed ops otherwise (TensorFlow and JAX, where XLA fuses
+them anyway; FP8; scaling disabled; scales that are tensors).
 """
 
 import keras
@@ -88,7 +88,7 @@ def residual_add(residual, skip, residual_weight, skip_weight):
     return _function("residual_add", _make_residual_add).apply(residual, skip, residual_weight, skip_weight)
 
 
-# The activations with a PyTorch kernel for each pass: name -> (forward, backward from the input), made on first use.
+# The activations `activation` takes: those with a PyTorch kernel for each pass (`_make_activation` names them).
 NATIVE_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
 
