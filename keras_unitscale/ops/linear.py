@@ -322,15 +322,16 @@ def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
         sizes.fan_in, sizes.fan_out, global_numel(x) / as_float(sizes.shared), constraint, scale_power
     )
     bias = None if bias is None else to_tensor(bias, "bias")
-    specs = _einsum_specs(equation, len(x.shape))
-    if not fp8 and torch_fused.applies(x, (*scales, *weight_multipliers)) and torch_fused.einsum_transposes(*specs):
-        kernel = as_compute_dtype(kernel, x)
-        if bias is None:
-            return torch_fused.einsum_dense(specs, x, kernel, None, *scales, None, *weight_multipliers)
-        out_shape = torch_fused.einsum_output_shape(specs, x, kernel)
-        bias_scale = _einsum_bias_scale(sizes, math.prod(out_shape), bias, constraint, scale_power)
-        return torch_fused.einsum_dense(specs, x, kernel, as_compute_dtype(bias, x), *scales, bias_scale,
-                                        *weight_multipliers)
+    if not fp8 and torch_fused.applies(x, (*scales, *weight_multipliers)):
+        specs = _einsum_specs(equation, len(x.shape))
+        transposes = torch_fused.einsum_transposes(*specs)
+        if transposes is not None:
+            kernel = as_compute_dtype(kernel, x)
+            bias_scale = None if bias is None else _einsum_bias_scale(
+                sizes, math.prod(torch_fused.einsum_output_shape(specs, x, kernel)), bias, constraint, scale_power)
+            bias = None if bias is None else as_compute_dtype(bias, x)
+            return torch_fused.einsum_dense(specs, transposes, x, kernel, bias, *scales, bias_scale,
+                                            *weight_multipliers)
     kernel, bias = _multiplied(kernel, bias, weight_multipliers)
     y = _einsum(equation, scale_bwd(x, scales.grad_input),
                 scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight), fp8)

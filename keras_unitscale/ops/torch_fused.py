@@ -63,18 +63,18 @@ def einsum_output_shape(specs, x, kernel):
     return tuple(sizes[label] for label in out_spec)
 
 
-def einsum_dense(specs, x, kernel, bias, output, grad_input, grad_weight, grad_bias, kernel_multiplier=1.0,
+def einsum_dense(specs, transposes, x, kernel, bias, output, grad_input, grad_weight, grad_bias, kernel_multiplier=1.0,
                  bias_multiplier=1.0):
     """`(einsum(x, m_k·kernel) + m_b·bias) · output`, the gradients scaled as `dense`'s (the bias's by `grad_bias`).
 
     `specs` are the equation's labels with any ellipsis spelled out
-    (`ops.linear._einsum_specs`); `einsum_transposes(*specs)` must be
-    equations. The scales are applied to the kernel-sized operands and
+    (`ops.linear._einsum_specs`); `transposes` are `einsum_transposes(*specs)`,
+    which must not be None. The scales are applied to the kernel-sized operands and
     results (the kernel before each product, the kernel's gradient after),
     not to the activations: on the same numbers, fewer passes over memory.
     """
     return _function("einsum_dense", _make_einsum_dense).apply(
-        x, kernel, bias, specs, output * kernel_multiplier, grad_input * kernel_multiplier, grad_weight, grad_bias,
+        x, kernel, bias, specs, transposes, output * kernel_multiplier, grad_input * kernel_multiplier, grad_weight, grad_bias,
         output * bias_multiplier)
 
 
@@ -153,11 +153,12 @@ def _make_einsum_dense():
 
     class ScaledEinsumDense(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, kernel, bias, specs, kernel_scale, grad_input, grad_weight, grad_bias, bias_scale):
+        def forward(ctx, x, kernel, bias, specs, transposes, kernel_scale, grad_input, grad_weight, grad_bias,
+                    bias_scale):
             # The scales on the kernel's side: the forward multipliers folded in by `einsum_dense`.
             x_spec, kernel_spec, out_spec = specs
             ctx.save_for_backward(x, kernel)
-            ctx.equations = einsum_transposes(*specs)
+            ctx.equations = transposes
             ctx.scales = (grad_input, grad_weight, grad_bias)
             ctx.bias_shape = None if bias is None else bias.shape
             y = torch.einsum(f"{x_spec},{kernel_spec}->{out_spec}", x, kernel * kernel_scale)
@@ -176,7 +177,7 @@ def _make_einsum_dense():
                 dkernel = torch.einsum(for_kernel, x, upstream).mul_(grad_weight)
             if needs_bias:
                 dbias = _sum_to(upstream, ctx.bias_shape).mul(grad_bias).to(upstream.dtype)
-            return dx, dkernel, dbias, None, None, None, None, None, None
+            return dx, dkernel, dbias, None, None, None, None, None, None, None
 
     def _sum_to(grad, shape):
         # The bias broadcast over the output: its gradient sums the output's
