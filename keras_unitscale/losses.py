@@ -69,7 +69,15 @@ class _UnitScaledLoss:
         y_pred = ops.cast(y_pred, "float32")
         # grad_scale undoes the mean over the local batch; under tf.distribute
         # Keras also divides by the replica count, so undo the global mean.
-        return super().call(y_true, scale_bwd(y_pred, self.grad_scale(y_pred) * replicas()))
+        # It scales the per-example losses' gradient, which reaches `y_pred`
+        # linearly: the same gradient, from a pass over V times fewer numbers
+        # for a V-class cross-entropy.
+        losses = super().call(y_true, y_pred)
+        scaled_losses = scale_bwd(losses, self.grad_scale(y_pred) * replicas())
+        mask = keras_backend.get_keras_mask(losses)
+        if mask is not None:
+            keras_backend.set_keras_mask(scaled_losses, mask)
+        return scaled_losses
 
     def _carried_logits(self, y_pred):
         """The logits behind a softmax or sigmoid output, where the output carries them; else None.

@@ -46,11 +46,11 @@ def update(optimizer, grads, variables, learning_rate):
 
         momentums = [optimizer._momentums[i].value for i in indices]
         velocities = [optimizer._velocities[i].value for i in indices]
-        # m += (g - m)(1 - β₁) and v += (g² - v)(1 - β₂), as Keras's update_step writes them.
-        torch._foreach_add_(momentums, torch._foreach_mul(torch._foreach_sub(grads, momentums), 1 - optimizer.beta_1))
-        squares = torch._foreach_mul(grads, grads)
-        torch._foreach_add_(velocities, torch._foreach_mul(torch._foreach_sub(squares, velocities),
-                                                           1 - optimizer.beta_2))
+        # m += (g - m)(1 - β₁) and v += (g² - v)(1 - β₂), as Keras's update_step
+        # writes them: each one in-place `lerp` (which computes `m + w·(g - m)`
+        # for weights below 1/2).
+        torch._foreach_lerp_(momentums, grads, 1 - optimizer.beta_1)
+        torch._foreach_lerp_(velocities, torch._foreach_mul(grads, grads), 1 - optimizer.beta_2)
         if optimizer.amsgrad:
             maxima = [optimizer._velocity_hats[i].value for i in indices]
             torch._foreach_maximum_(maxima, velocities)

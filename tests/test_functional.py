@@ -255,6 +255,13 @@ def _expected_rules():
          lambda x, w, b: U.conv(x, w, b, padding="same", weight_multipliers=(0.5, 3.0)),
          lambda x, w, b: ops.conv(x, 0.5 * w, padding="same") + 3.0 * b, [(2, 6, 4), (3, 4, 5), (5,)], 12**-0.5,
          [12**-0.5, 12**-0.5 / 0.5, 12**-0.5 / 3.0]),
+        # relu after the op: its scale √2 joins the op's (`ops.activations.relu_factor`), in both passes.
+        ("dense with relu", lambda x, w, b: U.dense(x, w, b, activation="relu"),
+         lambda x, w, b: ops.relu(ops.matmul(x, w) + b), [(3, 4, 8), (8, 5), (5,)], SQRT2 * 8**-0.5,
+         [SQRT2 * 8**-0.5, SQRT2 * 12**-0.5, SQRT2 * 12**-0.5]),
+        ("conv with relu", lambda x, w, b: U.conv(x, w, b, padding="same", activation="relu"),
+         lambda x, w, b: ops.relu(ops.conv(x, w, padding="same") + b), [(2, 6, 4), (3, 4, 5), (5,)],
+         SQRT2 * 12**-0.5, [SQRT2 * 12**-0.5, SQRT2 * 12**-0.5, SQRT2 * 12**-0.5]),
         ("einsum dense", lambda x, w, b: einsum_dense("abc,cde->abde", x, w, b, constraint=None),
          lambda x, w, b: ops.einsum("abc,cde->abde", x, w) + b, [(2, 3, 8), (8, 2, 5), (2, 5)], 8**-0.5,
          [10**-0.5, 6**-0.5, 6**-0.5]),

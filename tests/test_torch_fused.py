@@ -44,9 +44,21 @@ def _run(fn, inputs, seed=1):
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     rng = np.random.default_rng(seed)
     upstream = [torch.tensor(rng.normal(size=tuple(y.shape)).astype("float32")).to(y.dtype) for y in outputs]
-    torch.autograd.backward(outputs, upstream)
-    grad_fns = {type(y.grad_fn).__name__ for y in outputs}
-    return [y.detach() for y in outputs] + [t.grad.clone() for t in inputs if t is not None], grad_fns
+    torch.autograd.backward(outputs, upstream, retain_graph=True)
+    return [y.detach() for y in outputs] + [t.grad.clone() for t in inputs if t is not None], _graph_nodes(outputs)
+
+
+def _graph_nodes(outputs):
+    """The names of every autograd node behind `outputs`."""
+    names, pending, seen = set(), [y.grad_fn for y in outputs], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return names
 
 
 # (name, function of the tensors, their shapes, the fused autograd node it must make)
@@ -59,17 +71,33 @@ CASES = [
     ("readout", lambda x, w, b: linear.dense_readout(x, w, b), [(64, 32), (32, 10), (10,)], "ScaledDenseBackward"),
     ("dense with weight multipliers", lambda x, w, b: linear.dense(x, w, b, weight_multipliers=(0.5, 3.0)),
      [(4, 8, 32), (32, 16), (16,)], "ScaledDenseBackward"),
+    ("dense with relu", lambda x, w, b: linear.dense(x, w, b, activation="relu", weight_multipliers=(0.5, 3.0)),
+     [(4, 8, 32), (32, 16), (16,)], "ScaledDenseBackward"),
+    ("dense with gelu, unconstrained", lambda x, w, b: linear.dense(x, w, b, constraint=None, activation="gelu"),
+     [(64, 32), (32, 16), (16,)], "ScaledDenseBackward"),
+    ("dense with silu, no bias", lambda x, w: linear.dense(x, w, activation="swish"), [(64, 32), (32, 16)],
+     "ScaledDenseBackward"),
+    ("dense with tanh (not fused)", lambda x, w, b: linear.dense(x, w, b, activation="tanh"),
+     [(64, 32), (32, 16), (16,)], "ScaledDenseBackward"),
+    ("dense with silu, mult 2 (not fused)", lambda x, w, b: linear.dense(x, w, b, activation="silu", mult=2.0),
+     [(64, 32), (32, 16), (16,)], "ScaledDenseBackward"),
+    # An einsum that is a matmul of reshaped operands (attention's projections) runs as the dense.
     ("einsum with weight multipliers",
      lambda x, w, b: linear.einsum_dense("abc,cde->abde", x, w, b, constraint=None, weight_multipliers=(0.5, 3.0)),
-     [(2, 5, 16), (16, 4, 8), (4, 8)], "ScaledEinsumDenseBackward"),
+     [(2, 5, 16), (16, 4, 8), (4, 8)], "ScaledDenseBackward"),
     ("einsum, attention's query", lambda x, w, b: linear.einsum_dense("abc,cde->abde", x, w, b),
-     [(2, 5, 16), (16, 4, 8), (4, 8)], "ScaledEinsumDenseBackward"),
+     [(2, 5, 16), (16, 4, 8), (4, 8)], "ScaledDenseBackward"),
     ("einsum, attention's output", lambda x, w, b: linear.einsum_dense("abcd,cde->abe", x, w, b),
-     [(2, 5, 4, 8), (4, 8, 16), (16,)], "ScaledEinsumDenseBackward"),
+     [(2, 5, 4, 8), (4, 8, 16), (16,)], "ScaledDenseBackward"),
     ("einsum with an ellipsis", lambda x, w: linear.einsum_dense("...b,bc->...c", x, w), [(2, 3, 4, 8), (8, 6)],
-     "ScaledEinsumDenseBackward"),
+     "ScaledDenseBackward"),
     ("einsum, a bias broadcast inside", lambda x, w, b: linear.einsum_dense("abc,cd->abd", x, w, b),
      [(3, 5, 8), (8, 6), (1, 6)], "ScaledEinsumDenseBackward"),
+    ("einsum summing a leading axis", lambda x, w, b: linear.einsum_dense("ab...,bc->ac...", x, w, b),
+     [(3, 8, 5), (8, 6), (6, 1)], "ScaledEinsumDenseBackward"),
+    ("einsum with weight multipliers, not a matmul",
+     lambda x, w, b: linear.einsum_dense("ab...,bc->ac...", x, w, b, constraint=None, weight_multipliers=(0.5, 3.0)),
+     [(3, 8, 5), (8, 6), (6, 1)], "ScaledEinsumDenseBackward"),
     ("relu", lambda x: activations.relu(x), [(64, 32)], "ScaledActivationBackward"),
     ("gelu", lambda x: activations.gelu(x), [(64, 32)], "ScaledActivationBackward"),
     ("gelu, tanh form, unconstrained", lambda x: activations.gelu(x, constraint=None, approximate=True), [(64, 32)],
@@ -123,9 +151,9 @@ def test_a_float16_bias_gradient_is_summed_in_float32(op):
     bias = torch.zeros(4, dtype=torch.float16, requires_grad=True)
     if op == "dense":
         y = linear.dense(x, kernel, bias)
-    else:
-        y = linear.einsum_dense("ab,bc->ac", x, kernel, bias)
-    assert "Scaled" in type(y.grad_fn).__name__
+    else:  # summed over x's leading axis: not a matmul of reshaped operands, so the einsum's own function
+        y = linear.einsum_dense("ba,bc->ac", x.t(), kernel, bias)
+    assert type(y.grad_fn).__name__ == ("ScaledDenseBackward" if op == "dense" else "ScaledEinsumDenseBackward")
     y.backward(torch.full_like(y, value))
     np.testing.assert_allclose(bias.grad.float().numpy(), value * rows * rows**-0.5, rtol=1e-3)
 
@@ -146,3 +174,25 @@ def test_the_backward_pass_leaves_the_incoming_gradient_as_it_was(fn, shapes):
     torch.autograd.backward(outputs, upstream)
     for g in upstream:
         assert bool((g == 3.0).all())
+
+
+@on_torch
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_a_hidden_dense_applies_its_activation_in_its_own_autograd_function(activation):
+    from keras_unitscale import layers
+
+    x, kernel, bias = _tensors([(8, 16), (16, 4), (4,)])
+    _, nodes = _run(lambda x, w, b: linear.dense(x, w, b, activation=activation), [x, kernel, bias])
+    assert nodes == {"ScaledDenseBackward", "AccumulateGrad"}
+    layer = layers.Dense(4, activation=activation)
+    _, nodes = _run(layer, [x])
+    assert nodes == {"ScaledDenseBackward", "AccumulateGrad"}
+
+
+@on_torch
+def test_a_hidden_convolution_takes_relus_scale_into_its_own():
+    from keras_unitscale import layers
+
+    (x,) = _tensors([(2, 6, 4)])
+    _, nodes = _run(layers.Conv1D(5, 3, activation="relu"), [x])
+    assert "ReluBackward0" in nodes and "ScaledActivationBackward" not in nodes

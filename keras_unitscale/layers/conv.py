@@ -112,8 +112,9 @@ class ConvND(LowRankAdapters, Convolution):
         x = conv_ops.conv(
             inputs, self.kernel, self.bias, strides=self.strides, padding=padding, dilation_rate=self.dilation_rate,
             weight_multipliers=self.forward_multipliers(self._kernel, self.bias), **self._op_arguments(),
+            **self._op_activation(),
         )
-        return self._activate(x)
+        return self._after_op(x)
 
 
 class ConvNDTranspose(Convolution):

@@ -50,6 +50,17 @@ class Projection:
             return self.activation(x)
         return activations.apply(x, self.activation, self.mult, self.constraint)
 
+    def _op_activation(self):
+        """The arguments for an op that applies the activation itself: a hidden layer's (the unit-scaled one).
+
+        A readout's stays Keras's plain function, which `_after_op` applies.
+        """
+        return {"activation": None if self.role == "output" else self.activation, "mult": self.mult}
+
+    def _after_op(self, x):
+        """`_activate`'s part that an op given `_op_activation()` leaves: a readout's activation."""
+        return self._activate(x) if self.role == "output" else x
+
     def _probabilities_in_float32(self):
         """Whether this readout gives its probabilities in float32: a softmax or sigmoid head under float16/bfloat16.
 
@@ -217,8 +228,9 @@ class Dense(MatmulProjection, FoldedQuantization, LowRankAdapters, WeightMultipl
         x = linear.dense(
             inputs, self.kernel, self.bias, constraint=self.constraint, scale_power=self._scale_power,
             fp8=self._uses_fp8(), weight_multipliers=self.forward_multipliers(self._kernel, self.bias),
+            **self._op_activation(),
         )
-        return self._activate(x)
+        return self._after_op(x)
 
     def quantized_call(self, inputs, training=None):
         def product(x):

@@ -26,7 +26,7 @@ from keras_unitscale.sizes import shape as shape_of
 
 __all__ = [
     "relu", "gelu", "silu", "silu_glu", "tanh", "sigmoid", "softmax", "dropout", "apply", "resolve", "rule",
-    "is_elementwise", "keras_names",
+    "is_elementwise", "keras_names", "fusable", "relu_factor",
 ]
 
 
@@ -81,7 +81,8 @@ def relu(x, constraint="to_output_scale"):
         >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y).tolist()]
         [0.0, 2.8284]
     """
-    return elementwise(ops.relu, to_float(x, "x"), rules.activations.relu(constraint), native="relu")
+    scales, native = _rule_and_kernel("relu", 1.0, constraint)
+    return elementwise(ops.relu, to_float(x, "x"), scales, native=native)
 
 
 def gelu(x, mult=1.0, constraint="to_output_scale", approximate=False):
@@ -103,14 +104,13 @@ def gelu(x, mult=1.0, constraint="to_output_scale", approximate=False):
         >>> keras.ops.convert_to_numpy(y).tolist()
         [0.0]
     """
-    scales = rules.activations.gelu(mult, constraint)
+    scales, native = _rule_and_kernel("gelu_tanh" if approximate else "gelu", mult, constraint)
 
     def _gelu(inputs):
         if mult == 1:
             return ops.gelu(inputs, approximate=approximate)
         return ops.gelu(inputs * mult, approximate=approximate) / mult
 
-    native = None if mult != 1 else "gelu_tanh" if approximate else "gelu"
     return elementwise(_gelu, to_float(x, "x"), scales, native=native)
 
 
@@ -162,8 +162,57 @@ def silu(x, mult=1.0, constraint="to_output_scale"):
         >>> keras.ops.convert_to_numpy(silu(np.array([0.0], "float32"))).tolist()
         [0.0]
     """
-    scales = rules.activations.silu(mult, constraint)
-    return elementwise(lambda inputs: _silu(inputs, mult), to_float(x, "x"), scales, native="silu" if mult == 1 else None)
+    scales, native = _rule_and_kernel("silu", mult, constraint)
+    return elementwise(lambda inputs: _silu(inputs, mult), to_float(x, "x"), scales, native=native)
+
+
+def _rule_and_kernel(name, mult, constraint):
+    """The scales of the unit-scaled relu, gelu, gelu_tanh or silu, and the name of PyTorch's kernel for it.
+
+    The kernel (one of `torch_fused.NATIVE_ACTIVATIONS`) is the plain
+    function, so it is None where `mult` ≠ 1 changes the function.
+    """
+    if name == "relu":
+        return rules.activations.relu(constraint), name
+    rule = rules.activations.silu if name == "silu" else rules.activations.gelu
+    return rule(mult, constraint), name if mult == 1 else None
+
+
+def relu_factor(activation, mult=1.0, constraint="to_output_scale"):
+    """relu's scale `c` where `activation` is relu, else None: the op before it may take `c` into its own scales.
+
+    The unit-scaled relu is `c·relu` in both passes (its output and gradient
+    scales are equal under every constraint), and relu is positively
+    homogeneous: `c·relu(z) = relu(c·z)` for `c > 0`. An op whose scales are
+    each × `c` (`rules.linear.DenseScales.times`), then plain relu, gives the
+    same numbers with no scale pass of relu's own.
+
+    Examples:
+        >>> round(relu_factor("relu"), 4), relu_factor("gelu")
+        (1.4142, None)
+    """
+    if resolve(activation) != "relu":
+        return None
+    scales, _ = _rule_and_kernel("relu", mult, constraint)
+    return scales.output if scales.output == scales.grad else None
+
+
+def fusable(activation, mult=1.0, constraint="to_output_scale"):
+    """`(PyTorch's kernel, output scale, gradient scale)` of the unit-scaled `activation`, or None where it has none.
+
+    What `apply` computes for gelu and silu (swish) in the form
+    `torch_fused.dense` takes, to apply it inside the op before it (relu
+    joins the op's scales instead: `relu_factor`).
+
+    Examples:
+        >>> fusable("gelu")[0], fusable("tanh"), fusable("gelu", mult=2.0)
+        ('gelu', None, None)
+    """
+    name = resolve(activation)
+    if name not in ("gelu", "silu"):
+        return None
+    scales, native = _rule_and_kernel(name, mult, constraint)
+    return None if native is None else (native, *scales)
 
 
 def silu_glu(x, gate, mult=1.0):

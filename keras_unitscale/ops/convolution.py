@@ -13,6 +13,7 @@ from keras import ops
 from keras_unitscale import checks
 from keras_unitscale import precision
 from keras_unitscale import rules
+from keras_unitscale.ops import activations
 from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import check_dims_match
 from keras_unitscale.ops.common import check_rank
@@ -30,7 +31,8 @@ __all__ = ["conv", "conv_transpose", "depthwise_conv", "separable_conv"]
 
 
 def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data_format=None,
-         constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False, weight_multipliers=(1.0, 1.0)):
+         constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False, weight_multipliers=(1.0, 1.0),
+         activation=None, mult=1.0):
     """A unit-scaled convolution: `keras.ops.conv` (+ bias) inside `rules.conv.conv`'s scales.
 
     Rule, for a kernel `(*kernel_size, in_channels / groups, filters)`: output
@@ -53,6 +55,8 @@ def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data
         fp8: as for `ops.dense` (FP8: the convolution's input and kernel in
             E4M3, its output's gradient in E5M2).
         weight_multipliers: as for `ops.dense`.
+        activation: as for `ops.dense` (relu's scale joins the convolution's).
+        mult: as for `ops.dense`.
 
     Examples:
         >>> import numpy as np
@@ -74,9 +78,13 @@ def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data
     strides = _spatial("strides", strides, len(kernel_shape) - 2)
     scales = _scales(x, channel_axis, kernel_shape[:-2], in_per_group, filters // groups, strides, False,
                      constraint, scale_power)
-    return _around(x, kernel, bias, scales, channel_axis, fp8, lambda x, kernel: ops.conv(
+    relu_factor = activations.relu_factor(activation, mult, constraint)
+    if relu_factor is not None:  # relu's scale joins the convolution's; plain relu follows
+        scales = scales.times(relu_factor)
+    y = _around(x, kernel, bias, scales, channel_axis, fp8, lambda x, kernel: ops.conv(
         x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate, data_format=data_format),
         weight_multipliers)
+    return ops.relu(y) if relu_factor is not None else activations.apply(y, activation, mult, constraint)
 
 
 def conv_transpose(x, kernel, bias=None, strides=1, padding="valid", output_padding=None, dilation_rate=1,

@@ -14,6 +14,7 @@ from keras import ops
 
 from keras_unitscale import precision
 from keras_unitscale import rules
+from keras_unitscale.ops import activations
 from keras_unitscale.ops import torch_fused
 from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import check_dims_match
@@ -73,7 +74,7 @@ def matmul(a, b, constraint="to_output_scale"):
 
 
 def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS, fp8=False,
-          weight_multipliers=(1.0, 1.0)):
+          weight_multipliers=(1.0, 1.0), activation=None, mult=1.0):
     """A unit-scaled dense (linear) layer: `(x @ kernel + bias) * scale`.
 
     Rule (`rules.linear.dense`), for a kernel of shape `(fan_in, fan_out)`
@@ -95,6 +96,9 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.
         weight_multipliers: `(kernel's, bias's)` fixed forward multipliers
             (`layers.common.WeightMultipliers`): the op computes with `m·w`,
             and `w`'s gradient is the rule's, as `scale_fwd(w, m)` gives.
+        activation: optional, any activation Keras accepts, applied as
+            `ops.activations.apply(y, activation, mult, constraint)` does.
+        mult: the activation's u-μP multiplier.
 
     Returns:
         The output, shape `(..., fan_out)`.
@@ -113,21 +117,41 @@ def dense(x, kernel, bias=None, constraint="to_output_scale", scale_power=rules.
     check_rank("kernel", kernel, 2, 2)
     fan_in, fan_out = shape_of(kernel)
     check_dims_match("Input and kernel", "x.shape[-1]", shape_of(x)[-1], "kernel.shape[0]", fan_in)
-    if bias is not None:
-        bias = to_tensor(bias, "bias")
-        check_rank("bias", bias, 1, 1)
-        check_dims_match("Bias and kernel", "bias.shape[0]", shape_of(bias)[0], "kernel.shape[1]", fan_out)
+    bias = None if bias is None else _checked_bias(bias, fan_out)
     scales = _dense_scales(x, fan_in, fan_out, constraint, scale_power)
+    relu_factor = activations.relu_factor(activation, mult, constraint)
+    if relu_factor is not None:  # relu's scale joins the dense's; plain relu follows
+        scales, activation = scales.times(relu_factor), None
     if not fp8 and torch_fused.applies(x, (*scales, *weight_multipliers)):
-        bias = None if bias is None else as_compute_dtype(bias, x)
-        return torch_fused.dense(x, as_compute_dtype(kernel, x), bias, *scales, *weight_multipliers)
+        return _torch_dense(x, kernel, bias, scales, weight_multipliers, relu_factor is not None,
+                            (activation, mult, constraint))
     kernel, bias = _multiplied(kernel, bias, weight_multipliers)
 
     def product(x):
         y = _matmul(x, scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight), fp8)
         return y if bias is None else add_bias(y, bias, scales.grad_weight)
 
-    return scale_fwd(product(scale_bwd(x, scales.grad_input)), scales.output)
+    y = scale_fwd(product(scale_bwd(x, scales.grad_input)), scales.output)
+    return ops.relu(y) if relu_factor is not None else activations.apply(y, activation, mult, constraint)
+
+
+def _checked_bias(bias, fan_out):
+    bias = to_tensor(bias, "bias")
+    check_rank("bias", bias, 1, 1)
+    check_dims_match("Bias and kernel", "bias.shape[0]", shape_of(bias)[0], "kernel.shape[1]", fan_out)
+    return bias
+
+
+def _torch_dense(x, kernel, bias, scales, weight_multipliers, relu_after, activation):
+    """`dense` as eager PyTorch's one autograd function, the activation inside it where PyTorch has its kernels.
+
+    `relu_after`: plain relu follows (its scale is in `scales`); else
+    `activation` is `(activation, mult, constraint)` as `dense` takes them.
+    """
+    bias = None if bias is None else as_compute_dtype(bias, x)
+    inside = ("relu", 1.0, 1.0) if relu_after else activations.fusable(*activation)
+    y = torch_fused.dense(x, as_compute_dtype(kernel, x), bias, *scales, *weight_multipliers, inside)
+    return y if inside is not None else activations.apply(y, *activation)
 
 
 def _multiplied(kernel, bias, weight_multipliers):
@@ -323,21 +347,35 @@ def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
     )
     bias = None if bias is None else to_tensor(bias, "bias")
     if not fp8 and torch_fused.applies(x, (*scales, *weight_multipliers)):
-        specs = _einsum_specs(equation, len(x.shape))
-        transposes = torch_fused.einsum_transposes(*specs)
-        if transposes is not None:
-            kernel = as_compute_dtype(kernel, x)
-            bias_scale = None if bias is None else _einsum_bias_scale(
-                sizes, math.prod(torch_fused.einsum_output_shape(specs, x, kernel)), bias, constraint, scale_power)
-            bias = None if bias is None else as_compute_dtype(bias, x)
-            return torch_fused.einsum_dense(specs, transposes, x, kernel, bias, *scales, bias_scale,
-                                            *weight_multipliers)
+        y = _torch_einsum_dense(equation, x, kernel, bias, scales, weight_multipliers,
+                                lambda outputs: _einsum_bias_scale(sizes, outputs, bias, constraint, scale_power))
+        if y is not None:
+            return y
     kernel, bias = _multiplied(kernel, bias, weight_multipliers)
     y = _einsum(equation, scale_bwd(x, scales.grad_input),
                 scale_bwd(as_compute_dtype(kernel, x), scales.grad_weight), fp8)
     if bias is not None:
         y = add_bias(y, bias, _einsum_bias_scale(sizes, global_numel(y), bias, constraint, scale_power))
     return scale_fwd(y, scales.output)
+
+
+def _torch_einsum_dense(equation, x, kernel, bias, scales, weight_multipliers, bias_scale):
+    """`einsum_dense` as eager PyTorch's one autograd function (`dense`'s where it is a matmul); None where neither is.
+
+    `bias_scale(outputs)` is the rule's bias scale for an output of `outputs` elements.
+    """
+    specs = _einsum_specs(equation, len(x.shape))
+    kernel, bias = as_compute_dtype(kernel, x), None if bias is None else as_compute_dtype(bias, x)
+    as_dense = torch_fused.einsum_as_dense(specs, x, kernel, bias)
+    if as_dense is not None:
+        rows, matrix, bias_row, output_shape = as_dense
+        y = torch_fused.dense(rows, matrix, bias_row, *scales, *weight_multipliers)
+        return y if tuple(y.shape) == output_shape else y.reshape(output_shape)
+    transposes = torch_fused.einsum_transposes(*specs)
+    if transposes is None:
+        return None
+    bias_grad = None if bias is None else bias_scale(math.prod(torch_fused.einsum_output_shape(specs, x, kernel)))
+    return torch_fused.einsum_dense(specs, transposes, x, kernel, bias, *scales, bias_grad, *weight_multipliers)
 
 
 def _einsum_bias_scale(sizes, outputs, bias, constraint, scale_power):

@@ -16,6 +16,8 @@ says so and its composed ops otherwise (TensorFlow and JAX, where XLA fuses
 them anyway; FP8; scaling disabled; scales that are tensors).
 """
 
+import math
+
 import keras
 
 from keras_unitscale import scale
@@ -30,16 +32,21 @@ def applies(x, scales):
     return all(isinstance(s, float) for s in scales) and x.dtype.is_floating_point and not x.is_sparse
 
 
-def dense(x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier=1.0, bias_multiplier=1.0):
+def dense(x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier=1.0, bias_multiplier=1.0,
+          activation=None):
     """`(x @ m_k·kernel + m_b·bias) · output`; `x`'s gradient × `grad_input`, the kernel's and bias's × `grad_weight`.
 
     The same numbers as `scale_fwd(scale_bwd(x, grad_input) @ scale_bwd(scale_fwd(kernel, m_k), grad_weight)
     + scale_bwd(scale_fwd(bias, m_b), grad_weight), output)`, with `m_k`, `m_b`
     the weights' forward multipliers. In float16 the bias's gradient is
     summed in float32, as `ops.linear.add_bias` does (why: there).
+
+    `activation`, `(name, output, grad)` with the name in
+    `NATIVE_ACTIVATIONS`, is then applied as `activation` applies it, in the
+    same autograd function: its gradient scale joins the dense's.
     """
     return _function("dense", _make_dense).apply(
-        x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier, bias_multiplier)
+        x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier, bias_multiplier, activation)
 
 
 def einsum_transposes(x_spec, kernel_spec, out_spec):
@@ -54,6 +61,30 @@ def einsum_transposes(x_spec, kernel_spec, out_spec):
     if not (x <= kernel | out and kernel <= x | out):
         return None
     return f"{out_spec},{kernel_spec}->{x_spec}", f"{x_spec},{out_spec}->{kernel_spec}"
+
+
+def einsum_as_dense(specs, x, kernel, bias):
+    """`(x, kernel, bias, output shape)` reshaped so that the einsum is `dense`'s matmul; None where it is not one.
+
+    `x_spec = batch + summed`, `kernel_spec = summed + free`, `out_spec =
+    batch + free`, and a bias over the free labels or none (Keras's
+    `EinsumDense` in attention's projections, and every `"...b,bc->...c"`):
+    then `y = x.reshape(*batch, summed) @ kernel.reshape(summed, free)`, and
+    the rule's bias scale is the kernel's (each sums over the same rows), as
+    `dense` takes it. The reshapes are views; `dense` runs one `addmm` where
+    the einsum took PyTorch's parser and a permuted batched product.
+    """
+    x_spec, kernel_spec, out_spec = specs
+    summed = "".join(label for label in x_spec if label not in out_spec)
+    batch, free = x_spec[:len(x_spec) - len(summed)], kernel_spec[len(summed):]
+    if not summed or not (x_spec.endswith(summed) and kernel_spec.startswith(summed) and out_spec == batch + free):
+        return None
+    free_shape = tuple(kernel.shape[len(summed):])
+    if bias is not None and tuple(bias.shape) != free_shape:
+        return None
+    summed_size, free_size = math.prod(kernel.shape[:len(summed)]), math.prod(free_shape)
+    return (x.reshape(*x.shape[:len(batch)], summed_size), kernel.reshape(summed_size, free_size),
+            None if bias is None else bias.reshape(free_size), (*x.shape[:len(batch)], *free_shape))
 
 
 def einsum_output_shape(specs, x, kernel):
@@ -110,25 +141,44 @@ def _function(name, make):
 def _make_dense():
     import torch
 
+    kernels = _activation_kernels()
+
     class ScaledDense(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier, bias_multiplier):
-            ctx.save_for_backward(x, kernel)
-            # x's gradient is through the multiplied kernel: m_k of it.
-            ctx.scales = (grad_input * kernel_multiplier, grad_weight)
+        def forward(ctx, x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier, bias_multiplier,
+                    activation):
+            name, activation_output, activation_grad = activation or (None, 1.0, 1.0)
+            # The activation's gradient scale multiplies the gradient that
+            # reaches the dense, so it joins the dense's own; x's gradient is
+            # through the multiplied kernel: m_k of it.
+            ctx.scales = (grad_input * kernel_multiplier * activation_grad, grad_weight * activation_grad)
+            ctx.derivative = None if name is None else kernels[name][1]
             # `addmm` scales the product inside the matrix multiply (BLAS's
             # alpha and beta): no pass over the output of its own.
             rows = x.reshape(-1, x.shape[-1])
             alpha = output * kernel_multiplier
             y = _scaled_mm(rows, kernel, alpha) if bias is None else torch.addmm(
                 bias, rows, kernel, beta=output * bias_multiplier, alpha=alpha)
-            return y.reshape(*x.shape[:-1], kernel.shape[-1])
+            y = y.reshape(*x.shape[:-1], kernel.shape[-1])
+            if name == "relu":
+                # relu's derivative reads its output as well as its input (c > 0
+                # keeps the signs), so it runs in place and keeps no input.
+                y = y.relu_() if activation_output == 1.0 else y.relu_().mul_(activation_output)
+                ctx.save_for_backward(x, kernel, y)
+            elif name is not None:
+                ctx.save_for_backward(x, kernel, y)
+                y = kernels[name][0](y).mul_(activation_output)
+            else:
+                ctx.save_for_backward(x, kernel)
+            return y
 
         @staticmethod
         def backward(ctx, upstream):
-            x, kernel = ctx.saved_tensors
+            x, kernel, *activation_input = ctx.saved_tensors
             grad_input, grad_weight = ctx.scales
             needs_x, needs_kernel, needs_bias = ctx.needs_input_grad[:3]
+            if activation_input:
+                upstream = ctx.derivative(upstream, activation_input[0])
             rows = upstream.reshape(-1, upstream.shape[-1])
             dx = dkernel = dbias = None
             if needs_x:
@@ -139,7 +189,7 @@ def _make_dense():
                 dbias = rows.sum(0, dtype=torch.float32).mul_(grad_weight).to(torch.float16)
             elif needs_bias:
                 dbias = rows.sum(0).mul_(grad_weight)
-            return dx, dkernel, dbias, None, None, None, None, None
+            return dx, dkernel, dbias, None, None, None, None, None, None
 
     def _scaled_mm(a, b, scale):
         # `scale · (a @ b)` in one kernel: beta = 0 ignores the (zero) input.
@@ -226,17 +276,25 @@ def _make_residual_add():
     return ResidualAdd
 
 
-def _make_activation():
+def _activation_kernels():
+    """name -> (f, its backward `(incoming gradient, input) -> gradient`): PyTorch's kernels for each pass."""
     import torch
     import torch.nn.functional as F
 
     aten = torch.ops.aten
-    kernels = {
+    return {
+        # relu's backward reads either its input or its output (both positive at the same places).
         "relu": (F.relu, lambda g, x: aten.threshold_backward(g, x, 0)),
         "gelu": (F.gelu, lambda g, x: aten.gelu_backward(g, x)),
         "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda g, x: aten.gelu_backward(g, x, approximate="tanh")),
         "silu": (F.silu, lambda g, x: aten.silu_backward(g, x)),
     }
+
+
+def _make_activation():
+    import torch
+
+    kernels = _activation_kernels()
 
     class ScaledActivation(torch.autograd.Function):
         @staticmethod

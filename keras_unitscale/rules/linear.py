@@ -40,6 +40,11 @@ class DenseScales(NamedTuple):
     grad_input: float
     grad_weight: float | None  # None where the batch was not given
 
+    def times(self, factor):
+        """Every scale × `factor`: an activation's scale taken into the op's own (`ops.activations.relu_factor`)."""
+        return DenseScales(self.output * factor, self.grad_input * factor,
+                           None if self.grad_weight is None else self.grad_weight * factor)
+
 
 class AddScales(NamedTuple):
     output: float
