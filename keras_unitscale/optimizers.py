@@ -51,7 +51,7 @@ import numpy as np
 from keras import ops
 
 from keras_unitscale import checks
-from keras_unitscale import parallel_adam
+from keras_unitscale import parallel_updates
 from keras_unitscale import parametrization as P
 from keras_unitscale import weights
 
@@ -337,9 +337,9 @@ class UnitScaledOptimizer:
         return
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # On PyTorch an Adam updates every variable at once, as Keras's own torch Adam does (`parallel_adam`).
-        if parallel_adam.applies(self, grads, trainable_variables):
-            parallel_adam.update(self, grads, trainable_variables, learning_rate)
+        # On PyTorch an Adam or RMSprop updates every variable at once, as Keras's own do (`parallel_updates`).
+        if parallel_updates.applies(self, grads, trainable_variables):
+            parallel_updates.update(self, grads, trainable_variables, learning_rate)
             return
         super()._backend_update_step(grads, trainable_variables, learning_rate)
 

@@ -159,7 +159,7 @@ def scaled(x, fwd=1.0, bwd=1.0):
     return with_gradient(x, lambda v: _multiply_in_dtype(v, fwd), lambda g: _multiply_in_dtype(g, bwd))
 
 
-_TORCH_FUNCTION = {}  # "scaled": the `torch.autograd.Function`, made on first use (torch is imported only then)
+_TORCH_FUNCTION = {}  # name -> a `torch.autograd.Function`, made on first use (torch is imported only then)
 
 
 def _torch_scaled(x, fwd, bwd):
@@ -187,6 +187,55 @@ def _torch_scaled(x, fwd, bwd):
 
         _TORCH_FUNCTION["scaled"] = Scaled
     return _TORCH_FUNCTION["scaled"].apply(x, fwd, bwd)
+
+
+def scaled_together(xs, fwds, bwds):
+    """`scaled(x, fwd, bwd)` of each `x` in `xs` (None stays None): a layer's small weights, all at once.
+
+    The same numbers as one `scaled` per tensor. On PyTorch, with Python-number
+    scales, they are one autograd function for all of them (an eager step
+    then pays one Python call each way, not one per weight).
+
+    Examples:
+        >>> import numpy as np
+        >>> gain, bias = scaled_together([np.ones((2,), "float32"), None], [2.0, 1.0], [0.5, 0.5])
+        >>> keras.ops.convert_to_numpy(gain).tolist(), bias
+        ([2.0, 2.0], None)
+    """
+    present = [i for i, x in enumerate(xs) if x is not None]
+    tensors = [as_tensor(xs[i]) for i in present]
+    scales = [(_check_scale("fwd", fwds[i]), _check_scale("bwd", bwds[i])) for i in present]
+    together = (len(tensors) > 1 and keras.backend.backend() == "torch" and not scaling_is_disabled()
+                and all(type(f) is float and type(b) is float for f, b in scales)
+                and all(t.dtype.is_floating_point and not t.is_sparse for t in tensors))
+    if together:
+        outputs = _torch_scaled_together(tensors, scales)
+    else:
+        outputs = [scaled(t, f, b) for t, (f, b) in zip(tensors, scales)]
+    result = list(xs)
+    for i, output in zip(present, outputs):
+        result[i] = output
+    return result
+
+
+def _torch_scaled_together(tensors, scales):
+    """`scaled_together` on PyTorch: one `torch.autograd.Function` of a multiplication per tensor each way."""
+    if "together" not in _TORCH_FUNCTION:
+        import torch
+
+        class ScaledTogether(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, scales, *inputs):
+                ctx.backward_scales = [b for _, b in scales]
+                return tuple(_multiply_in_dtype(x, f) for x, (f, _) in zip(inputs, scales))
+
+            @staticmethod
+            def backward(ctx, *upstream):
+                return None, *(None if g is None else _multiply_in_dtype(g, b)
+                               for g, b in zip(upstream, ctx.backward_scales))
+
+        _TORCH_FUNCTION["together"] = ScaledTogether
+    return _TORCH_FUNCTION["together"].apply(scales, *tensors)
 
 
 def with_gradient(x, forward, backward):

@@ -5,7 +5,9 @@ only where TensorFlow traces with an unknown (`None`) dimension. Keeping
 Python arithmetic whenever possible keeps every scale a compile-time constant.
 """
 
+import functools
 import math
+import sys
 
 import keras
 from keras import ops
@@ -85,3 +87,41 @@ def exp(value):
 def global_numel(x, axes=None):
     """`numel(x)` over the whole data-parallel batch: the local size times `replicas()`."""
     return numel(x, axes) * replicas()
+
+
+# How many results a `static_memo` keeps per function before starting afresh (variable sequence lengths make new keys).
+_MEMO_SIZE = 4096
+
+
+def static_memo(fn):
+    """`fn` computed once per distinct static arguments: a rule an eager step meets again at every call.
+
+    The arguments must be Python numbers, strings, None and tuples of them
+    (sizes where the shape is static); with anything else (a traced size)
+    `fn` simply runs, as it does while PyTorch's Dynamo traces (which
+    would trace the cache itself). `fn` must be a pure function of them.
+    """
+    cache = {}
+
+    @functools.wraps(fn)
+    def memoized(*args):
+        if not all(_is_static_key(arg) for arg in args) or _dynamo_traces():
+            return fn(*args)
+        if args not in cache:
+            if len(cache) >= _MEMO_SIZE:
+                cache.clear()
+            cache[args] = fn(*args)
+        return cache[args]
+
+    return memoized
+
+
+def _is_static_key(value):
+    if isinstance(value, tuple):
+        return all(_is_static_key(item) for item in value)
+    return value is None or isinstance(value, (int, float, str))
+
+
+def _dynamo_traces():
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()

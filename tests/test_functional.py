@@ -12,6 +12,7 @@ from keras import ops
 from keras_unitscale import functional as U
 from keras_unitscale import rules
 from keras_unitscale.autodiff import vjp
+from keras_unitscale.ops import linear
 from keras_unitscale.ops.linear import einsum_dense
 
 ANALYTIC = 0.10  # rules derived in closed form
@@ -304,13 +305,15 @@ def test_gradient_is_plain_derivative_times_backward_scale(name, scaled_fn, plai
         np.testing.assert_allclose(grad, plain_grad * bwd, rtol=1e-5, atol=1e-6)
 
 
-def test_embedding_gradient_rule():
+@pytest.mark.parametrize("vocab, multiplier", [(5, 1.0), (50, 3.0)])
+def test_embedding_gradient_rule(vocab, multiplier):
     ids = np.array([[0, 2, 2], [1, 2, 0]])
-    table = unit_normal(5, 3)
+    table = unit_normal(vocab, 3)
     upstream = unit_normal(2, 3, 3, seed=1)
-    _, (grad,) = vjp(lambda t: U.embedding(ids, t), [table], upstream)
-    _, (plain,) = vjp(lambda t: ops.take(t, ids, axis=0), [table], upstream)
-    np.testing.assert_allclose(grad, plain * (5 / 6) ** 0.5, rtol=1e-6)
+    out, (grad,) = vjp(lambda t: linear.embedding(ids, t, multiplier), [table], upstream)
+    plain_out, (plain,) = vjp(lambda t: ops.take(t, ids, axis=0), [table], upstream)
+    np.testing.assert_allclose(out, plain_out * multiplier, rtol=1e-6)
+    np.testing.assert_allclose(grad, plain * (vocab / 6) ** 0.5, rtol=1e-6)
 
 
 def test_layer_norm_affine_gradient_rule():

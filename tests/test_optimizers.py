@@ -310,24 +310,30 @@ def _trained_weights(optimizer):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(64, 3)).astype("float32")
     model.compile(optimizer, "mse")
+    optimizer.build(model.trainable_variables)
+    for i, variable in enumerate(model.trainable_variables):  # epsilons that differ, as a callback's matched ones do
+        optimizer.set_epsilon_multiplier(variable, 10.0 ** (i % 3 - 1))
     model.fit(x, y, batch_size=16, epochs=3, verbose=0)
     return [ops.convert_to_numpy(v) for v in model.weights]
 
 
-@pytest.mark.parametrize("make", [lambda: O.Adam(0.01), lambda: O.AdamW(0.01, weight_decay=0.1),
+@pytest.mark.parametrize("make", [lambda: O.Adam(0.01, epsilon=1e-3), lambda: O.AdamW(0.01, weight_decay=0.1),
                                   lambda: O.AdamW(0.01, weight_decay=0.01, independent_weight_decay=False),
-                                  lambda: O.Adam(0.01, amsgrad=True)], ids=["adam", "adamw", "adamw_dependent", "amsgrad"])
-def test_on_pytorch_adam_updates_every_variable_at_once_as_it_would_one_by_one(make, monkeypatch):
-    # Keras's torch Adam updates all variables with `torch._foreach_*` calls; ours does too (`parallel_adam`), with
-    # its per-variable learning rates, epsilons and decay: the same weights after 12 steps as the per-variable path.
-    from keras_unitscale import parallel_adam
+                                  lambda: O.Adam(0.01, amsgrad=True), lambda: O.RMSprop(0.01, epsilon=1e-3),
+                                  lambda: O.RMSprop(0.01, momentum=0.9, centered=True, weight_decay=0.1, epsilon=1e-3)],
+                         ids=["adam", "adamw", "adamw_dependent", "amsgrad", "rmsprop", "rmsprop_centered_momentum"])
+def test_on_pytorch_adam_and_rmsprop_update_every_variable_at_once_as_they_would_one_by_one(make, monkeypatch):
+    # Keras's torch Adam and RMSprop update all variables with `torch._foreach_*` calls; ours do too
+    # (`parallel_updates`), with their per-variable learning rates, epsilons and decay: the same weights after 12
+    # steps as the per-variable path.
+    from keras_unitscale import parallel_updates
 
     taken = []
-    update = parallel_adam.update
-    monkeypatch.setattr(parallel_adam, "update", lambda *args: taken.append(1) or update(*args))
+    update = parallel_updates.update
+    monkeypatch.setattr(parallel_updates, "update", lambda *args: taken.append(1) or update(*args))
     together = _trained_weights(make())
     assert bool(taken) == (BACKEND == "torch")
-    monkeypatch.setattr(parallel_adam, "applies", lambda *args: False)
+    monkeypatch.setattr(parallel_updates, "applies", lambda *args: False)
     one_by_one = _trained_weights(make())
     for a, b in zip(together, one_by_one):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -56,6 +56,27 @@ def test_on_pytorch_a_scale_is_one_autograd_node_that_holds_no_tensor():
     assert x.grad.tolist() == [0.5] * 4
 
 
+def test_scaled_together_is_one_scaled_per_tensor_and_one_autograd_node_on_pytorch():
+    from keras_unitscale.scale import scaled_together
+
+    gain, bias, upstream = unit_normal(6), unit_normal(6, seed=1), unit_normal(6, seed=2)
+    scales = ([2.0, 1.0], [0.25, 0.5])
+    # Each output's vjp: the upstream on that output, zero on the other.
+    for i in range(2):
+        out, grads = vjp(lambda g, b: scaled_together([g, None, b], [scales[0][0], 3.0, scales[0][1]],
+                                                       [scales[1][0], 3.0, scales[1][1]])[::2][i], [gain, bias], upstream)
+        np.testing.assert_allclose(out, [gain, bias][i] * scales[0][i], rtol=1e-6)
+        np.testing.assert_allclose(grads[i], upstream * scales[1][i], rtol=1e-6)
+        np.testing.assert_array_equal(grads[1 - i], np.zeros_like(upstream))
+    variables = [keras.Variable(gain), keras.Variable(bias)]
+    outputs = scaled_together([variables[0], None, variables[1]], [2.0, 1.0, 1.0], [0.25, 1.0, 0.5])
+    assert outputs[1] is None
+    if BACKEND == "torch":
+        assert type(outputs[0].grad_fn).__name__ == type(outputs[2].grad_fn).__name__ == "ScaledTogetherBackward"
+    with pytest.raises(ValueError, match="`bwd` must be a finite number. Received: bwd=nan"):
+        scaled_together(variables, [1.0, 1.0], [0.5, float("nan")])
+
+
 def test_unit_scales_return_the_input_itself():
     x = ops.convert_to_tensor(unit_normal(2))
     assert scaled(x) is x

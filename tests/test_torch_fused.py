@@ -7,6 +7,7 @@ from helpers import BACKEND
 from keras_unitscale import scaling_disabled
 from keras_unitscale.ops import torch_fused
 from keras_unitscale.ops import activations
+from keras_unitscale.ops import convolution
 from keras_unitscale.ops import linear
 from keras_unitscale.ops import norms
 from keras_unitscale.ops import residual
@@ -98,6 +99,17 @@ CASES = [
     ("einsum with weight multipliers, not a matmul",
      lambda x, w, b: linear.einsum_dense("ab...,bc->ac...", x, w, b, constraint=None, weight_multipliers=(0.5, 3.0)),
      [(3, 8, 5), (8, 6), (6, 1)], "ScaledEinsumDenseBackward"),
+    ("conv 2-D, same", lambda x, w, b: convolution.conv(x, w, b, padding="same"), [(2, 6, 6, 4), (3, 3, 4, 5), (5,)],
+     "ScaledConvBackward"),
+    ("conv 1-D with relu and weight multipliers",
+     lambda x, w, b: convolution.conv(x, w, b, activation="relu", weight_multipliers=(0.5, 3.0)),
+     [(2, 9, 4), (3, 4, 5), (5,)], "ScaledConvBackward"),
+    ("conv 2-D, strided, dilated, grouped, no bias",
+     lambda x, w: convolution.conv(x, w, strides=(2, 1), padding="same", dilation_rate=(1, 2)),
+     [(2, 9, 8, 4), (3, 3, 2, 6)], "ScaledConvBackward"),
+    ("conv 3-D, channels first, unconstrained",
+     lambda x, w, b: convolution.conv(x, w, b, data_format="channels_first", constraint=None),
+     [(2, 3, 5, 4, 6), (2, 3, 2, 3, 4), (4,)], "ScaledConvBackward"),
     ("relu", lambda x: activations.relu(x), [(64, 32)], "ScaledActivationBackward"),
     ("gelu", lambda x: activations.gelu(x), [(64, 32)], "ScaledActivationBackward"),
     ("gelu, tanh form, unconstrained", lambda x: activations.gelu(x, constraint=None, approximate=True), [(64, 32)],
@@ -190,9 +202,22 @@ def test_a_hidden_dense_applies_its_activation_in_its_own_autograd_function(acti
 
 
 @on_torch
-def test_a_hidden_convolution_takes_relus_scale_into_its_own():
+def test_a_hidden_convolution_takes_relus_scale_into_its_own_and_relu_into_its_autograd_function():
     from keras_unitscale import layers
 
     (x,) = _tensors([(2, 6, 4)])
     _, nodes = _run(layers.Conv1D(5, 3, activation="relu"), [x])
-    assert "ReluBackward0" in nodes and "ScaledActivationBackward" not in nodes
+    assert "ScaledActivationBackward" not in nodes
+    assert nodes == {"ScaledConvBackward", "AccumulateGrad"}
+
+
+@on_torch
+@pytest.mark.parametrize("kernel_size, strides", [((2, 2), 1), ((3, 3), 2)], ids=["even kernel", "stride 2"])
+def test_an_uneven_same_padding_keeps_keras_convolution_which_pads_first(kernel_size, strides):
+    import keras
+
+    x, kernel = _tensors([(2, 6, 6, 4), (*kernel_size, 4, 5)])
+    assert torch_fused.conv_padding("same", (6, 6), kernel_size, (strides,) * 2, (1, 1)) is None
+    (y, *_), nodes = _run(lambda x, w: convolution.conv(x, w, strides=strides, padding="same"), [x, kernel])
+    assert "ScaledConvBackward" not in nodes
+    assert tuple(y.shape) == tuple(keras.ops.conv(x, kernel, strides=strides, padding="same").shape)

@@ -99,8 +99,8 @@ class Embedding(FoldedQuantization, LowRankAdapters, WeightMultipliers, keras.la
         if "int" not in keras.backend.standardize_dtype(inputs.dtype):
             inputs = ops.cast(inputs, "int32")
         # Keras's `embeddings` is the effective table, LoRA's low-rank update included.
-        table = self.multiplied(self._embeddings, self.embeddings)
-        return ops.cast(linear.embedding(inputs, table), self.compute_dtype)
+        (multiplier,) = self.forward_multipliers(self._embeddings)
+        return ops.cast(linear.embedding(inputs, self.embeddings, multiplier), self.compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), **self.multiplier_config()}

@@ -9,7 +9,7 @@ from keras_unitscale import checks
 from keras_unitscale import rules
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.ops import norms
-from keras_unitscale.scale import scale_bwd
+from keras_unitscale.scale import scaled_together
 from keras_unitscale.sizes import global_numel
 
 
@@ -111,10 +111,12 @@ class _AffineGradients(_Normalization):
         if not present:
             return keras_call(inputs)
         grad_scale = rules.norms.affine_grad(math.prod(present[0].shape), global_numel(inputs))
+        lent = scaled_together(list(variables.values()), list(self.forward_multipliers(*variables.values())),
+                               [grad_scale] * len(variables))
         # Plain attributes for the time of the call (outside Keras's tracking, which holds the variables).
-        for name, variable in variables.items():
-            if variable is not None:
-                object.__setattr__(self, name, scale_bwd(self.multiplied(variable), grad_scale))
+        for name, value in zip(variables, lent):
+            if value is not None:
+                object.__setattr__(self, name, value)
         try:
             return keras_call(inputs)
         finally:

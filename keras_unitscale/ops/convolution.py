@@ -14,6 +14,7 @@ from keras_unitscale import checks
 from keras_unitscale import precision
 from keras_unitscale import rules
 from keras_unitscale.ops import activations
+from keras_unitscale.ops import torch_fused
 from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import check_dims_match
 from keras_unitscale.ops.common import check_rank
@@ -81,10 +82,28 @@ def conv(x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1, data
     relu_factor = activations.relu_factor(activation, mult, constraint)
     if relu_factor is not None:  # relu's scale joins the convolution's; plain relu follows
         scales = scales.times(relu_factor)
+    if not fp8 and torch_fused.applies(x, (*scales, *weight_multipliers)):
+        y = _torch_conv(x, kernel, bias, strides, padding, dilation_rate, groups, channel_axis, scales,
+                        weight_multipliers, relu_factor is not None)
+        if y is not None:
+            return y if relu_factor is not None else activations.apply(y, activation, mult, constraint)
     y = _around(x, kernel, bias, scales, channel_axis, fp8, lambda x, kernel: ops.conv(
         x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate, data_format=data_format),
         weight_multipliers)
     return ops.relu(y) if relu_factor is not None else activations.apply(y, activation, mult, constraint)
+
+
+def _torch_conv(x, kernel, bias, strides, padding, dilation_rate, groups, channel_axis, scales, weight_multipliers,
+                relu):
+    """`conv` as eager PyTorch's one autograd function (`torch_fused.conv`); None where its padding is not PyTorch's."""
+    spatial_shape = shape_of(x)[1:-1] if channel_axis == -1 else shape_of(x)[2:]
+    dilation_rate = _spatial("dilation_rate", dilation_rate, len(strides))
+    padding = torch_fused.conv_padding(padding, spatial_shape, shape_of(kernel)[:-2], strides, dilation_rate)
+    if padding is None:
+        return None
+    bias = None if bias is None else as_compute_dtype(to_tensor(bias, "bias"), x)
+    layout = (channel_axis == -1, strides, padding, dilation_rate, groups)
+    return torch_fused.conv(x, as_compute_dtype(kernel, x), bias, layout, *scales, *weight_multipliers, relu)
 
 
 def conv_transpose(x, kernel, bias=None, strides=1, padding="valid", output_padding=None, dilation_rate=1,

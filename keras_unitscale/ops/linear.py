@@ -25,10 +25,12 @@ from keras_unitscale.ops.common import to_float
 from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.scale import scale_bwd
 from keras_unitscale.scale import scale_fwd
+from keras_unitscale.scale import scaled
 from keras_unitscale.sizes import as_float
 from keras_unitscale.sizes import global_numel
 from keras_unitscale.sizes import is_static
 from keras_unitscale.sizes import shape as shape_of
+from keras_unitscale.sizes import static_memo
 
 __all__ = [
     "matmul", "dense", "dense_around", "dense_readout", "add", "sum_of", "embedding", "EinsumSizes",
@@ -182,7 +184,11 @@ def add_bias(y, bias, grad_scale):
 
 def _dense_scales(x, fan_in, fan_out, constraint, scale_power):
     batch = global_numel(x) / as_float(fan_in)
-    return rules.linear.dense(fan_in, fan_out, batch, constraint, scale_power)
+    return _dense_rule(fan_in, fan_out, batch, constraint, tuple(scale_power))
+
+
+# The dense rule for the sizes an eager step meets at every call, computed once each.
+_dense_rule = static_memo(rules.linear.dense)
 
 
 def dense_around(x, fan_in, fan_out, product, constraint="to_output_scale", scale_power=rules.linear.DENSE_POWERS):
@@ -227,6 +233,7 @@ class EinsumSizes(NamedTuple):
 _EINSUM = re.compile(r"^([a-zA-Z.]+),([a-zA-Z]+)->([a-zA-Z.]+)$")
 
 
+@static_memo
 def _einsum_specs(equation, x_rank):
     """The equation's labels for x, the kernel and the output, with an ellipsis spelled out for `x_rank`."""
     match = _EINSUM.match(equation) if isinstance(equation, str) else None
@@ -494,7 +501,7 @@ def sum_of(tensors, constraint="to_output_scale", names=None):
     return scale_fwd(total, output)
 
 
-def embedding(ids, table):
+def embedding(ids, table, table_multiplier=1.0):
     """A unit-scaled embedding lookup.
 
     Rule (`rules.linear.embedding_grad`, the reference's): output × 1 (rows
@@ -505,6 +512,8 @@ def embedding(ids, table):
     Args:
         ids: integer token ids, any shape.
         table: the embedding table, shape `(vocab, dim)`.
+        table_multiplier: the table's fixed forward multiplier, as `dense`'s
+            `weight_multipliers` (its gradient is the rule's).
 
     Returns:
         The rows of `table`, shape `ids.shape + (dim,)`.
@@ -523,4 +532,4 @@ def embedding(ids, table):
             f"`ids` must have an integer dtype. Received: ids.dtype={dtype(ids)}"
         )
     grad_scale = rules.linear.embedding_grad(shape_of(table)[0], global_numel(ids))
-    return ops.take(scale_bwd(table, grad_scale), ids, axis=0)
+    return ops.take(scaled(table, table_multiplier, grad_scale), ids, axis=0)

@@ -12,6 +12,7 @@ from keras_unitscale.ops.common import in_float32
 from keras_unitscale.ops.common import to_float
 from keras_unitscale.ops.common import to_tensor
 from keras_unitscale.scale import scale_bwd
+from keras_unitscale.scale import scaled_together
 from keras_unitscale.sizes import global_numel
 from keras_unitscale.sizes import is_static
 from keras_unitscale.sizes import numel
@@ -119,12 +120,10 @@ def _torch_layer_norm(x, gamma, beta, axes, epsilon):
     x32 = in_float32(x)
     normalized_shape = tuple(x.shape[a] for a in axes)
     grad_scale = _affine_grad(x, axes)
-    params = []
-    for param, name in ((gamma, "gamma"), (beta, "beta")):
-        if param is not None:
-            param = scale_bwd(as_compute_dtype(_checked_affine(param, name, x, axes), x32), grad_scale)
-            param = param if tuple(param.shape) == normalized_shape else ops.reshape(param, normalized_shape)
-        params.append(param)
+    params = [None if param is None else as_compute_dtype(_checked_affine(param, name, x, axes), x32)
+              for param, name in ((gamma, "gamma"), (beta, "beta"))]
+    params = [param if param is None or tuple(param.shape) == normalized_shape else ops.reshape(param, normalized_shape)
+              for param in scaled_together(params, [1.0, 1.0], [grad_scale, grad_scale])]
     return ops.cast(F.layer_norm(x32, normalized_shape, *params, epsilon), x.dtype)
 
 

@@ -109,6 +109,47 @@ def einsum_dense(specs, transposes, x, kernel, bias, output, grad_input, grad_we
         output * bias_multiplier)
 
 
+def conv_padding(padding, spatial_shape, kernel_size, strides, dilation):
+    """PyTorch's padding argument for Keras's `padding` ("valid" or "same"); None where "same" is uneven (or neither).
+
+    Keras's "same" pads `total // 2` before and the rest after (TensorFlow's
+    rule); PyTorch's convolutions pad both sides alike, so an uneven "same"
+    (an even kernel, or a stride that leaves an odd total) keeps Keras's op,
+    which pads the input first.
+    """
+    padding = padding.lower() if isinstance(padding, str) else padding
+    if padding == "valid":
+        return [0] * len(kernel_size)
+    if padding != "same":  # Keras's op says what is wrong
+        return None
+    padding = []
+    for length, size, stride, rate in zip(spatial_shape, kernel_size, strides, dilation):
+        reach = (size - 1) * rate + 1
+        total = max(0, (-(-length // stride) - 1) * stride + reach - length)
+        if total % 2:
+            return None
+        padding.append(total // 2)
+    return padding
+
+
+def conv(x, kernel, bias, layout, output, grad_input, grad_weight, kernel_multiplier=1.0, bias_multiplier=1.0,
+         relu=False):
+    """`(conv(x, m_k·kernel) + m_b·bias) · output`, then relu if asked; gradients scaled as `dense`'s.
+
+    Keras's layouts: `x` is `(batch, *spatial, channels)` (or channels
+    first), the kernel `(*kernel_size, in_channels / groups, filters)`.
+    `layout` is `(channels_last, strides, padding, dilation, groups)`, with
+    PyTorch's padding (`conv_padding`). The same numbers as `ops.convolution`'s
+    composed path: the output and the bias in one convolution, with
+    PyTorch's own backward kernel (`aten.convolution_backward`) for the input's
+    and the kernel's gradients in one call, then scaled in place. With `relu`,
+    relu runs in place and its derivative reads its output, as `dense`'s does.
+    """
+    return _function("conv", _make_conv).apply(
+        x, kernel, bias, layout, output * kernel_multiplier, output * bias_multiplier, grad_input * kernel_multiplier,
+        grad_weight, relu)
+
+
 def residual_split(x, residual_weight, skip_weight):
     """`(x, x)`, whose gradients arrive at `x` as `residual_weight·g_residual + skip_weight·g_skip`."""
     return _function("residual_split", _make_residual_split).apply(x, residual_weight, skip_weight)
@@ -153,49 +194,116 @@ def _make_dense():
             # through the multiplied kernel: m_k of it.
             ctx.scales = (grad_input * kernel_multiplier * activation_grad, grad_weight * activation_grad)
             ctx.derivative = None if name is None else kernels[name][1]
+            ctx.x_shape = x.shape
+            # The rows are reshaped once and saved as they are: a view, or the
+            # one copy of an input that is not contiguous (attention's output).
+            rows = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
             # `addmm` scales the product inside the matrix multiply (BLAS's
             # alpha and beta): no pass over the output of its own.
-            rows = x.reshape(-1, x.shape[-1])
             alpha = output * kernel_multiplier
             y = _scaled_mm(rows, kernel, alpha) if bias is None else torch.addmm(
                 bias, rows, kernel, beta=output * bias_multiplier, alpha=alpha)
-            y = y.reshape(*x.shape[:-1], kernel.shape[-1])
+            if x.ndim != 2:
+                y = y.reshape(*x.shape[:-1], kernel.shape[-1])
             if name == "relu":
                 # relu's derivative reads its output as well as its input (c > 0
                 # keeps the signs), so it runs in place and keeps no input.
                 y = y.relu_() if activation_output == 1.0 else y.relu_().mul_(activation_output)
-                ctx.save_for_backward(x, kernel, y)
+                ctx.save_for_backward(rows, kernel, y)
             elif name is not None:
-                ctx.save_for_backward(x, kernel, y)
+                ctx.save_for_backward(rows, kernel, y)
                 y = kernels[name][0](y).mul_(activation_output)
             else:
-                ctx.save_for_backward(x, kernel)
+                ctx.save_for_backward(rows, kernel)
             return y
 
         @staticmethod
         def backward(ctx, upstream):
-            x, kernel, *activation_input = ctx.saved_tensors
+            rows, kernel, *activation_input = ctx.saved_tensors
             grad_input, grad_weight = ctx.scales
             needs_x, needs_kernel, needs_bias = ctx.needs_input_grad[:3]
             if activation_input:
                 upstream = ctx.derivative(upstream, activation_input[0])
-            rows = upstream.reshape(-1, upstream.shape[-1])
+            upstream_rows = upstream if upstream.ndim == 2 else upstream.reshape(-1, upstream.shape[-1])
             dx = dkernel = dbias = None
             if needs_x:
-                dx = _scaled_mm(rows, kernel.t(), grad_input).reshape(x.shape)
+                dx = _scaled_mm(upstream_rows, kernel.t(), grad_input)
+                dx = dx if len(ctx.x_shape) == 2 else dx.reshape(ctx.x_shape)
             if needs_kernel:
-                dkernel = _scaled_mm(x.reshape(-1, x.shape[-1]).t(), rows, grad_weight)
-            if needs_bias and rows.dtype == torch.float16:
-                dbias = rows.sum(0, dtype=torch.float32).mul_(grad_weight).to(torch.float16)
+                dkernel = _scaled_mm(rows.t(), upstream_rows, grad_weight)
+            if needs_bias and upstream_rows.dtype == torch.float16:
+                dbias = upstream_rows.sum(0, dtype=torch.float32).mul_(grad_weight).to(torch.float16)
             elif needs_bias:
-                dbias = rows.sum(0).mul_(grad_weight)
+                dbias = upstream_rows.sum(0).mul_(grad_weight)
             return dx, dkernel, dbias, None, None, None, None, None, None
 
-    def _scaled_mm(a, b, scale):
-        # `scale · (a @ b)` in one kernel: beta = 0 ignores the (zero) input.
-        return torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=scale)
-
     return ScaledDense
+
+
+_ZEROS = {}  # (dtype, device) -> a zero scalar for `addmm`'s (ignored) input: one tensor, not one per call
+
+
+def _scaled_mm(a, b, scale):
+    """`scale · (a @ b)` in one kernel: beta = 0 ignores the (zero) input."""
+    import torch
+
+    if torch.compiler.is_compiling():  # a traced tensor must not outlive its graph
+        return torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=scale)
+    key = (a.dtype, a.device)
+    if key not in _ZEROS:
+        _ZEROS[key] = a.new_zeros(())
+    return torch.addmm(_ZEROS[key], a, b, beta=0.0, alpha=scale)
+
+
+def _make_conv():
+    import torch
+    import torch.nn.functional as F
+
+    convolutions = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+    class ScaledConv(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, kernel, bias, layout, kernel_scale, bias_scale, grad_input, grad_weight, relu):
+            channels_last, strides, padding, dilation, groups = layout
+            # PyTorch's layouts are views of Keras's: channels first, kernel (filters, in / groups, *size).
+            x = x.movedim(-1, 1) if channels_last else x
+            kernel = kernel.movedim(-1, 0).movedim(-1, 1)
+            ctx.layout, ctx.scales, ctx.bias_dtype = layout, (grad_input, grad_weight), None
+            if bias is not None:
+                ctx.bias_dtype, bias = bias.dtype, bias * bias_scale
+            y = convolutions[x.ndim - 2](x, kernel * kernel_scale, bias, strides, padding, dilation, groups)
+            if relu:
+                y = y.relu_()
+                ctx.save_for_backward(x, kernel, y)
+            else:
+                ctx.save_for_backward(x, kernel)
+            return y.movedim(1, -1) if channels_last else y
+
+        @staticmethod
+        def backward(ctx, upstream):
+            x, kernel, *relu_output = ctx.saved_tensors
+            channels_last, strides, padding, dilation, groups = ctx.layout
+            grad_input, grad_weight = ctx.scales
+            needs_x, needs_kernel, needs_bias = ctx.needs_input_grad[:3]
+            upstream = upstream.movedim(-1, 1) if channels_last else upstream
+            if relu_output:
+                upstream = torch.ops.aten.threshold_backward(upstream, relu_output[0], 0)
+            dx, dkernel, _ = torch.ops.aten.convolution_backward(
+                upstream, x, kernel, None, strides, padding, dilation, False, [0] * len(strides), groups,
+                [needs_x, needs_kernel, False])
+            dbias = None
+            if dx is not None:
+                dx = dx.mul_(grad_input).movedim(1, -1) if channels_last else dx.mul_(grad_input)
+            if dkernel is not None:
+                dkernel = dkernel.mul_(grad_weight).movedim(0, -1).movedim(0, -2)
+            if needs_bias:
+                # Summed in float32 from float16, as `ops.linear.add_bias` does (why: there).
+                wide = torch.float32 if upstream.dtype == torch.float16 else upstream.dtype
+                axes = (0, *range(2, upstream.ndim))
+                dbias = upstream.sum(axes, dtype=wide).mul_(grad_weight).to(ctx.bias_dtype)
+            return dx, dkernel, dbias, None, None, None, None, None, None
+
+    return ScaledConv
 
 
 def _make_einsum_dense():
