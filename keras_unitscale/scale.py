@@ -189,6 +189,17 @@ def _torch_scaled(x, fwd, bwd):
     return _TORCH_FUNCTION["scaled"].apply(x, fwd, bwd)
 
 
+def torch_function_applies(x, scales):
+    """Whether a scaled op on `x` may run as a PyTorch autograd function of ours: PyTorch, scaling on,
+    Python-number scales, a dense floating `x`.
+
+    `scaled_together` and every op of `ops.torch_fused` (through its `applies`) ask this.
+    """
+    if keras.backend.backend() != "torch" or scaling_is_disabled():
+        return False
+    return all(isinstance(s, float) for s in scales) and x.dtype.is_floating_point and not x.is_sparse
+
+
 def scaled_together(xs, fwds, bwds):
     """`scaled(x, fwd, bwd)` of each `x` in `xs` (None stays None): a layer's small weights, all at once.
 
@@ -205,10 +216,7 @@ def scaled_together(xs, fwds, bwds):
     present = [i for i, x in enumerate(xs) if x is not None]
     tensors = [as_tensor(xs[i]) for i in present]
     scales = [(_check_scale("fwd", fwds[i]), _check_scale("bwd", bwds[i])) for i in present]
-    together = (len(tensors) > 1 and keras.backend.backend() == "torch" and not scaling_is_disabled()
-                and all(type(f) is float and type(b) is float for f, b in scales)
-                and all(t.dtype.is_floating_point and not t.is_sparse for t in tensors))
-    if together:
+    if len(tensors) > 1 and all(torch_function_applies(t, s) for t, s in zip(tensors, scales)):
         outputs = _torch_scaled_together(tensors, scales)
     else:
         outputs = [scaled(t, f, b) for t, (f, b) in zip(tensors, scales)]

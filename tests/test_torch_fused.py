@@ -151,7 +151,7 @@ def test_the_fused_path_steps_aside_where_scaling_is_off_or_the_matmul_is_fp8():
 
 
 @on_torch
-@pytest.mark.parametrize("op", ["dense", "einsum"])
+@pytest.mark.parametrize("op", ["dense", "einsum", "conv"])
 def test_a_float16_bias_gradient_is_summed_in_float32(op):
     import torch
 
@@ -163,9 +163,12 @@ def test_a_float16_bias_gradient_is_summed_in_float32(op):
     bias = torch.zeros(4, dtype=torch.float16, requires_grad=True)
     if op == "dense":
         y = linear.dense(x, kernel, bias)
-    else:  # summed over x's leading axis: not a matmul of reshaped operands, so the einsum's own function
+    elif op == "einsum":  # summed over x's leading axis: not a matmul of reshaped operands, so the einsum's own function
         y = linear.einsum_dense("ba,bc->ac", x.t(), kernel, bias)
-    assert type(y.grad_fn).__name__ == ("ScaledDenseBackward" if op == "dense" else "ScaledEinsumDenseBackward")
+    else:  # a 1×1 convolution over 4096 positions: the same rows
+        y = convolution.conv(x[None], kernel[None], bias)
+    node = {"dense": "ScaledDenseBackward", "einsum": "ScaledEinsumDenseBackward", "conv": "ScaledConvBackward"}[op]
+    assert type(y.grad_fn).__name__ == node
     y.backward(torch.full_like(y, value))
     np.testing.assert_allclose(bias.grad.float().numpy(), value * rows * rows**-0.5, rtol=1e-3)
 

@@ -18,8 +18,6 @@ them anyway; FP8; scaling disabled; scales that are tensors).
 
 import math
 
-import keras
-
 from keras_unitscale import scale
 
 _FUNCTIONS = {}  # name -> `torch.autograd.Function`, made on first use (torch is imported only then)
@@ -27,9 +25,7 @@ _FUNCTIONS = {}  # name -> `torch.autograd.Function`, made on first use (torch i
 
 def applies(x, scales):
     """Whether an op on `x` may run here: PyTorch, scaling on, Python-number scales, a dense floating `x`."""
-    if keras.backend.backend() != "torch" or scale.scaling_is_disabled():
-        return False
-    return all(isinstance(s, float) for s in scales) and x.dtype.is_floating_point and not x.is_sparse
+    return scale.torch_function_applies(x, scales)
 
 
 def dense(x, kernel, bias, output, grad_input, grad_weight, kernel_multiplier=1.0, bias_multiplier=1.0,
@@ -231,13 +227,23 @@ def _make_dense():
                 dx = dx if len(ctx.x_shape) == 2 else dx.reshape(ctx.x_shape)
             if needs_kernel:
                 dkernel = _scaled_mm(rows.t(), upstream_rows, grad_weight)
-            if needs_bias and upstream_rows.dtype == torch.float16:
-                dbias = upstream_rows.sum(0, dtype=torch.float32).mul_(grad_weight).to(torch.float16)
-            elif needs_bias:
-                dbias = upstream_rows.sum(0).mul_(grad_weight)
+            if needs_bias:
+                dbias = _bias_gradient(upstream_rows, 0, grad_weight)
             return dx, dkernel, dbias, None, None, None, None, None, None
 
     return ScaledDense
+
+
+def _summing_dtype(dtype):
+    """The dtype a bias's gradient is summed in: float32 from float16, as `ops.linear.add_bias` does (why: there)."""
+    import torch
+
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _bias_gradient(upstream, axes, scale):
+    """A bias's gradient: `upstream` summed over the `axes` it was broadcast along, × `scale`, in its dtype."""
+    return upstream.sum(axes, dtype=_summing_dtype(upstream.dtype)).mul_(scale).to(upstream.dtype)
 
 
 _ZEROS = {}  # (dtype, device) -> a zero scalar for `addmm`'s (ignored) input: one tensor, not one per call
@@ -268,9 +274,8 @@ def _make_conv():
             # PyTorch's layouts are views of Keras's: channels first, kernel (filters, in / groups, *size).
             x = x.movedim(-1, 1) if channels_last else x
             kernel = kernel.movedim(-1, 0).movedim(-1, 1)
-            ctx.layout, ctx.scales, ctx.bias_dtype = layout, (grad_input, grad_weight), None
-            if bias is not None:
-                ctx.bias_dtype, bias = bias.dtype, bias * bias_scale
+            ctx.layout, ctx.scales = layout, (grad_input, grad_weight)
+            bias = None if bias is None else bias * bias_scale
             y = convolutions[x.ndim - 2](x, kernel * kernel_scale, bias, strides, padding, dilation, groups)
             if relu:
                 y = y.relu_()
@@ -296,11 +301,8 @@ def _make_conv():
                 dx = dx.mul_(grad_input).movedim(1, -1) if channels_last else dx.mul_(grad_input)
             if dkernel is not None:
                 dkernel = dkernel.mul_(grad_weight).movedim(0, -1).movedim(0, -2)
-            if needs_bias:
-                # Summed in float32 from float16, as `ops.linear.add_bias` does (why: there).
-                wide = torch.float32 if upstream.dtype == torch.float16 else upstream.dtype
-                axes = (0, *range(2, upstream.ndim))
-                dbias = upstream.sum(axes, dtype=wide).mul_(grad_weight).to(ctx.bias_dtype)
+            if needs_bias:  # the bias is in x's dtype (`ops.convolution._torch_conv`), so in the upstream's
+                dbias = _bias_gradient(upstream, (0, *range(2, upstream.ndim)), grad_weight)
             return dx, dkernel, dbias, None, None, None, None, None, None
 
     return ScaledConv
@@ -339,9 +341,8 @@ def _make_einsum_dense():
 
     def _sum_to(grad, shape):
         # The bias broadcast over the output: its gradient sums the output's
-        # over the axes it was broadcast along (in float32 from float16, as
-        # `ops.linear.add_bias` does, for the same reason).
-        wide = torch.float32 if grad.dtype == torch.float16 else grad.dtype
+        # over the axes it was broadcast along (in `_summing_dtype`).
+        wide = _summing_dtype(grad.dtype)
         leading = tuple(range(grad.ndim - len(shape)))
         summed = grad.sum(leading, dtype=wide) if leading else grad.to(wide)
         broadcast = tuple(axis for axis, size in enumerate(shape) if size == 1 and summed.shape[axis] != 1)
