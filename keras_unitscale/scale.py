@@ -197,7 +197,10 @@ def torch_function_applies(x, scales):
     """
     if keras.backend.backend() != "torch" or scaling_is_disabled():
         return False
-    return all(isinstance(s, float) for s in scales) and x.dtype.is_floating_point and not x.is_sparse
+    for s in scales:  # a loop, not `all(...)`: asked per op per eager step (see `sizes.is_static`)
+        if not isinstance(s, float):
+            return False
+    return x.dtype.is_floating_point and not x.is_sparse
 
 
 def scaled_together(xs, fwds, bwds):

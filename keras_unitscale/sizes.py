@@ -13,14 +13,24 @@ import keras
 from keras import ops
 
 
+# The helpers an eager step calls many times per layer loop where `all(generator)` would do: in CPython a loop
+# costs no generator frame, and PyTorch's eager mode pays for every call.
+
+
 def is_static(*values):
-    return all(isinstance(v, (int, float)) for v in values)
+    for value in values:
+        if not isinstance(value, (int, float)):
+            return False
+    return True
 
 
 def shape(x):
     """`x`'s shape: ints where static, float32 scalar tensors where not."""
     static = tuple(x.shape)
-    if all(isinstance(dim, int) for dim in static):
+    for dim in static:
+        if not isinstance(dim, int):
+            break
+    else:
         # Every size known: no op to run (an eager step pays for each `ops.shape`).
         return static
     return tuple(dim if isinstance(dim, int) else ops.cast(dim, "float32") for dim in ops.shape(x))
@@ -105,7 +115,7 @@ def static_memo(fn):
 
     @functools.wraps(fn)
     def memoized(*args):
-        if not all(_is_static_key(arg) for arg in args) or _dynamo_traces():
+        if not _is_static_key(args) or _dynamo_traces():
             return fn(*args)
         if args not in cache:
             if len(cache) >= _MEMO_SIZE:
@@ -118,7 +128,10 @@ def static_memo(fn):
 
 def _is_static_key(value):
     if isinstance(value, tuple):
-        return all(_is_static_key(item) for item in value)
+        for item in value:
+            if not _is_static_key(item):
+                return False
+        return True
     return value is None or isinstance(value, (int, float, str))
 
 

@@ -119,9 +119,9 @@ CASES = [
     ("residual add", lambda r, s: residual.residual_add(r, s, tau=0.4), [(4, 8, 16), (4, 8, 16)],
      "ResidualAddBackward"),
     ("layer norm", lambda x, g, b: norms.layer_norm(x, g, b), [(4, 8, 16), (16,), (16,)],
-     "NativeLayerNormBackward0"),
+     "ScaledLayerNormBackward"),
     ("layer norm over two axes", lambda x, g: norms.layer_norm(x, g, axis=(-2, -1)), [(4, 8, 16), (8, 16)],
-     "NativeLayerNormBackward0"),
+     "ScaledLayerNormBackward"),
 ]
 
 
@@ -224,3 +224,58 @@ def test_an_uneven_same_padding_keeps_keras_convolution_which_pads_first(kernel_
     (y, *_), nodes = _run(lambda x, w: convolution.conv(x, w, strides=strides, padding="same"), [x, kernel])
     assert "ScaledConvBackward" not in nodes
     assert tuple(y.shape) == tuple(keras.ops.conv(x, kernel, strides=strides, padding="same").shape)
+
+
+def _batch_norm_step(layer_kwargs, x, mask=None):
+    """A fresh unit-scaled BatchNormalization's training call on `x`: outputs, gradients, moving statistics, nodes."""
+    import torch
+
+    from keras_unitscale import layers
+
+    layer = layers.BatchNormalization(momentum=0.5, **layer_kwargs)
+    layer.build(tuple(x.shape))
+    rng = np.random.default_rng(2)
+    for variable in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance):
+        variable.assign(rng.uniform(0.5, 2.0, size=variable.shape).astype("float32"))
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x, training=True, mask=mask)
+    upstream = torch.tensor(rng.normal(size=tuple(y.shape)).astype("float32"))
+    y.backward(upstream)
+    values = [y.detach(), x.grad, layer.gamma.value.grad, layer.beta.value.grad,
+              layer.moving_mean.value.detach().clone(), layer.moving_variance.value.detach().clone()]
+    return values, _graph_nodes([y])
+
+
+@on_torch
+@pytest.mark.parametrize("shape, multipliers", [((4, 8, 16), {}), ((3, 5, 5, 6), {"gamma": 2.0, "beta": 0.5}),
+                                                ((2, 3), {"beta": 3.0})], ids=["1-D", "2-D, multipliers", "2 rows"])
+def test_batch_normalizations_training_call_as_one_function_gives_keras_calls_numbers(monkeypatch, shape, multipliers):
+    # Keras's call with the gain and bias lent, scaled (`_keras_call_with_affine_gradients`), is the reference.
+    # Centred data: Keras's variance, E[x²] - E[x]², loses digits where the mean is large against the spread
+    # (PyTorch's kernel does not; with 2 rows and a mean of 1, Keras's gradients are 20-50 times further from
+    # float64's).
+    x = _tensors([shape])[0] * 3.0
+    fused, fused_nodes = _batch_norm_step({"weight_multipliers": multipliers}, x)
+    assert "ScaledBatchNormBackward" in fused_nodes
+    monkeypatch.setattr(torch_fused, "applies", lambda *args: False)
+    kerass, keras_nodes = _batch_norm_step({"weight_multipliers": multipliers}, x)
+    assert "ScaledBatchNormBackward" not in keras_nodes
+    for got, expected in zip(fused, kerass):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=2e-5, atol=2e-6 * float(expected.abs().max()))
+
+
+@on_torch
+@pytest.mark.parametrize("layer_kwargs, shape, masked", [
+    ({"axis": 1}, (4, 6, 5), False),
+    ({}, (1, 6), False),
+    ({"renorm": True}, (4, 6), False),
+    ({}, (4, 5, 6), True),
+], ids=["channels first", "one row", "renorm", "mask"])
+def test_batch_normalization_keeps_keras_call_where_pytorchs_kernel_does_not_compute_it(layer_kwargs, shape, masked):
+    import torch
+
+    x = _tensors([shape])[0]
+    mask = torch.tensor(np.arange(shape[0] * shape[1]).reshape(shape[:2]) % 3 > 0) if masked else None
+    values, nodes = _batch_norm_step(layer_kwargs, x, mask)
+    assert "ScaledBatchNormBackward" not in nodes
+    assert all(bool(torch.isfinite(value).all()) for value in values if value is not None)

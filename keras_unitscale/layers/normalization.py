@@ -7,8 +7,11 @@ from keras import ops
 
 from keras_unitscale import checks
 from keras_unitscale import rules
+from keras_unitscale import sizes
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.ops import norms
+from keras_unitscale.ops import torch_fused
+from keras_unitscale.scale import as_tensor
 from keras_unitscale.scale import scaled_together
 from keras_unitscale.sizes import global_numel
 
@@ -148,8 +151,35 @@ class BatchNormalization(_AffineGradients, keras.layers.BatchNormalization):
 
     # Keras reads `training` and `mask` from the signature: it is Keras's.
     def call(self, inputs, training=None, mask=None):
+        if training and self.trainable and mask is None and self._torch_kernels_apply(inputs):
+            return self._torch_training_call(inputs)
         keras_call = super().call
         return self._keras_call_with_affine_gradients(lambda x: keras_call(x, training=training, mask=mask), inputs)
+
+    def _torch_kernels_apply(self, inputs):
+        """Whether `torch_fused.batch_norm` computes this training call: PyTorch, float32, channels last, no
+        renorm, 2 rows or more (Keras's ops say what fewer give)."""
+        rank = len(inputs.shape)
+        return (not self.renorm and self.axis % rank == rank - 1 and self.compute_dtype == "float32"
+                and keras.backend.standardize_dtype(inputs.dtype) == "float32" and sizes.is_static(*inputs.shape)
+                and math.prod(inputs.shape[:-1]) > 1
+                and torch_fused.applies(inputs, (*self._affine_scales(inputs), *self.forward_multipliers(
+                    self.gamma, self.beta))))
+
+    def _affine_scales(self, inputs):
+        """The gain's and bias's gradient scale, `rules.norms.affine_grad`, as a one-tuple."""
+        return (rules.norms.affine_grad(int(inputs.shape[-1]), global_numel(inputs)),)
+
+    def _torch_training_call(self, inputs):
+        """Keras's training call on PyTorch's kernels: the same output and moving statistics, one autograd function."""
+        (grad_scale,) = self._affine_scales(inputs)
+        outputs, mean, variance = torch_fused.batch_norm(
+            inputs, as_tensor(self.gamma) if self.scale else None, as_tensor(self.beta) if self.center else None,
+            self.epsilon, *self.forward_multipliers(self.gamma, self.beta), grad_scale)
+        # Keras's update, as its `call` writes it.
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return outputs
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")

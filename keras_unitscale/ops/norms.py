@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_unitscale import checks
 from keras_unitscale import rules
+from keras_unitscale.ops import torch_fused
 from keras_unitscale.ops.common import as_compute_dtype
 from keras_unitscale.ops.common import in_float32
 from keras_unitscale.ops.common import to_float
@@ -122,9 +123,16 @@ def _torch_layer_norm(x, gamma, beta, axes, epsilon):
     grad_scale = _affine_grad(x, axes)
     params = [None if param is None else as_compute_dtype(_checked_affine(param, name, x, axes), x32)
               for param, name in ((gamma, "gamma"), (beta, "beta"))]
-    params = [param if param is None or tuple(param.shape) == normalized_shape else ops.reshape(param, normalized_shape)
-              for param in scaled_together(params, [1.0, 1.0], [grad_scale, grad_scale])]
+    if torch_fused.applies(x32, (grad_scale,)):
+        params = [_reshaped(param, normalized_shape) for param in params]
+        return ops.cast(torch_fused.layer_norm(x32, *params, normalized_shape, epsilon, grad_scale), x.dtype)
+    params = [_reshaped(param, normalized_shape) for param in scaled_together(params, [1.0, 1.0],
+                                                                               [grad_scale, grad_scale])]
     return ops.cast(F.layer_norm(x32, normalized_shape, *params, epsilon), x.dtype)
+
+
+def _reshaped(param, shape):
+    return param if param is None or tuple(param.shape) == shape else ops.reshape(param, shape)
 
 
 def rms_norm(x, gamma=None, axis=-1, epsilon=1e-5):

@@ -146,6 +146,33 @@ def conv(x, kernel, bias, layout, output, grad_input, grad_weight, kernel_multip
         grad_weight, relu)
 
 
+def batch_norm(x, gamma, beta, epsilon, gamma_multiplier, beta_multiplier, grad_scale):
+    """Keras's batch normalisation in training, over every axis but the last, as one autograd function.
+
+    `(x - mean) / sqrt(variance + epsilon) · m_g·gamma + m_b·beta` with the
+    batch's mean and (biased) variance, as `keras.layers.BatchNormalization`
+    computes it; the gain's and bias's gradients × `grad_scale`, as
+    `scale.scaled_together` lends them to Keras's call. PyTorch's own kernels:
+    the statistics and the normalisation in one (`native_batch_norm`), and
+    every gradient in one (`aten.native_batch_norm_backward`), where Keras's
+    ops are a dozen each way. `x` has at least 2 rows. Returns `(y, mean,
+    variance)`: the statistics, without gradients, for the moving ones.
+    """
+    return _function("batch_norm", _make_batch_norm).apply(
+        x, gamma, beta, epsilon, gamma_multiplier, beta_multiplier, grad_scale)
+
+
+def layer_norm(x, gamma, beta, normalized_shape, epsilon, grad_scale):
+    """`torch.nn.functional.layer_norm`, the gain's and bias's gradients × `grad_scale`, as one autograd function.
+
+    The numbers of `scale.scaled_together` on the gain and bias before
+    PyTorch's layer norm (`ops.norms._torch_layer_norm`'s other path): PyTorch's
+    kernel each way (`aten.native_layer_norm_backward` gives all three
+    gradients), without an autograd function of its own for the two scales.
+    """
+    return _function("layer_norm", _make_layer_norm).apply(x, gamma, beta, normalized_shape, epsilon, grad_scale)
+
+
 def residual_split(x, residual_weight, skip_weight):
     """`(x, x)`, whose gradients arrive at `x` as `residual_weight·g_residual + skip_weight·g_skip`."""
     return _function("residual_split", _make_residual_split).apply(x, residual_weight, skip_weight)
@@ -266,17 +293,27 @@ def _make_conv():
     import torch.nn.functional as F
 
     convolutions = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+    channels_last_formats = {3: torch.contiguous_format, 4: torch.channels_last, 5: torch.channels_last_3d}
+
+    def in_layout(t, channels_last):
+        # The memory format Keras's own op gives PyTorch's kernels: channels
+        # last in memory for Keras's channels-last tensors (their own order:
+        # the input's permuted view is one already), contiguous otherwise.
+        # oneDNN's fast path wants the input, kernel and gradient to agree;
+        # otherwise it copies each, the saved input once more in the backward.
+        return t.contiguous(memory_format=channels_last_formats[t.ndim] if channels_last else torch.contiguous_format)
 
     class ScaledConv(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, kernel, bias, layout, kernel_scale, bias_scale, grad_input, grad_weight, relu):
             channels_last, strides, padding, dilation, groups = layout
-            # PyTorch's layouts are views of Keras's: channels first, kernel (filters, in / groups, *size).
-            x = x.movedim(-1, 1) if channels_last else x
+            # PyTorch's layouts from Keras's: channels first, kernel (filters, in / groups, *size).
+            x = in_layout(x.movedim(-1, 1) if channels_last else x, channels_last)
             kernel = kernel.movedim(-1, 0).movedim(-1, 1)
             ctx.layout, ctx.scales = layout, (grad_input, grad_weight)
             bias = None if bias is None else bias * bias_scale
-            y = convolutions[x.ndim - 2](x, kernel * kernel_scale, bias, strides, padding, dilation, groups)
+            y = convolutions[x.ndim - 2](
+                x, in_layout(kernel * kernel_scale, channels_last), bias, strides, padding, dilation, groups)
             if relu:
                 y = y.relu_()
                 ctx.save_for_backward(x, kernel, y)
@@ -290,15 +327,16 @@ def _make_conv():
             channels_last, strides, padding, dilation, groups = ctx.layout
             grad_input, grad_weight = ctx.scales
             needs_x, needs_kernel, needs_bias = ctx.needs_input_grad[:3]
-            upstream = upstream.movedim(-1, 1) if channels_last else upstream
+            upstream = in_layout(upstream.movedim(-1, 1) if channels_last else upstream, channels_last)
             if relu_output:
                 upstream = torch.ops.aten.threshold_backward(upstream, relu_output[0], 0)
+            # The kernel × x's gradient scale: x's gradient comes out scaled (the kernel's does not read it).
             dx, dkernel, _ = torch.ops.aten.convolution_backward(
-                upstream, x, kernel, None, strides, padding, dilation, False, [0] * len(strides), groups,
-                [needs_x, needs_kernel, False])
+                upstream, x, in_layout(kernel * grad_input, channels_last), None, strides, padding, dilation, False,
+                [0] * len(strides), groups, [needs_x, needs_kernel, False])
             dbias = None
             if dx is not None:
-                dx = dx.mul_(grad_input).movedim(1, -1) if channels_last else dx.mul_(grad_input)
+                dx = dx.movedim(1, -1) if channels_last else dx
             if dkernel is not None:
                 dkernel = dkernel.mul_(grad_weight).movedim(0, -1).movedim(0, -2)
             if needs_bias:  # the bias is in x's dtype (`ops.convolution._torch_conv`), so in the upstream's
@@ -306,6 +344,69 @@ def _make_conv():
             return dx, dkernel, dbias, None, None, None, None, None, None
 
     return ScaledConv
+
+
+def _affine_gradients(dgamma, dbeta, grad_scale):
+    """A norm's gain and bias gradients × `grad_scale` (None stays None): `scaled`'s backward scale alone, as
+    `scale.scaled_together` gives it (the forward multiplier is not in a gradient)."""
+    return tuple(None if grad is None else grad.mul_(grad_scale) for grad in (dgamma, dbeta))
+
+
+def _make_batch_norm():
+    import torch
+
+    class ScaledBatchNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gamma, beta, epsilon, gamma_multiplier, beta_multiplier, grad_scale):
+            # Channels last: the rows of every other axis, a view of a contiguous x.
+            rows = x.reshape(-1, x.shape[-1])
+            weight = None if gamma is None else gamma * gamma_multiplier
+            bias = None if beta is None else beta * beta_multiplier
+            # PyTorch's training kernel, which writes the batch's statistics
+            # into "running" ones at momentum 1: the mean, and the variance with
+            # Bessel's correction (undone below; at least 2 rows, `batch_norm` says).
+            mean, variance = rows.new_zeros(rows.shape[1]), rows.new_zeros(rows.shape[1])
+            y, saved_mean, inverse_std = torch.native_batch_norm(
+                rows, weight, bias, mean, variance, True, 1.0, epsilon)
+            variance.mul_((rows.shape[0] - 1) / rows.shape[0])
+            ctx.save_for_backward(rows, weight, saved_mean, inverse_std)
+            ctx.epsilon, ctx.grad_scale, ctx.x_shape = epsilon, grad_scale, x.shape
+            ctx.mark_non_differentiable(mean, variance)
+            return y.reshape(x.shape), mean, variance
+
+        @staticmethod
+        def backward(ctx, upstream, _mean_grad, _variance_grad):
+            rows, weight, mean, inverse_std = ctx.saved_tensors
+            needs_x, needs_gamma, needs_beta = ctx.needs_input_grad[:3]
+            dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+                # contiguous: PyTorch's kernel takes a slow path for a broadcast gradient (of a sum).
+                upstream.reshape(rows.shape).contiguous(), rows, weight, None, None, mean, inverse_std, True, ctx.epsilon,
+                [needs_x, needs_gamma, needs_beta])
+            dx = None if dx is None else dx.reshape(ctx.x_shape)
+            return dx, *_affine_gradients(dgamma, dbeta, ctx.grad_scale), None, None, None, None
+
+    return ScaledBatchNorm
+
+
+def _make_layer_norm():
+    import torch
+
+    class ScaledLayerNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gamma, beta, normalized_shape, epsilon, grad_scale):
+            y, mean, inverse_std = torch.native_layer_norm(x, normalized_shape, gamma, beta, epsilon)
+            ctx.save_for_backward(x, gamma, beta, mean, inverse_std)
+            ctx.normalized_shape, ctx.grad_scale = normalized_shape, grad_scale
+            return y
+
+        @staticmethod
+        def backward(ctx, upstream):
+            x, gamma, beta, mean, inverse_std = ctx.saved_tensors
+            dx, dgamma, dbeta = torch.ops.aten.native_layer_norm_backward(
+                upstream, x, ctx.normalized_shape, mean, inverse_std, gamma, beta, list(ctx.needs_input_grad[:3]))
+            return dx, *_affine_gradients(dgamma, dbeta, ctx.grad_scale), None, None, None
+
+    return ScaledLayerNorm
 
 
 def _make_einsum_dense():
