@@ -115,13 +115,24 @@ def static_memo(fn):
 
     @functools.wraps(fn)
     def memoized(*args):
-        if not _is_static_key(args) or _dynamo_traces():
+        if _dynamo_traces():
             return fn(*args)
-        if args not in cache:
-            if len(cache) >= _MEMO_SIZE:
-                cache.clear()
-            cache[args] = fn(*args)
-        return cache[args]
+        # Looked up first: only static arguments are ever stored, so a hit
+        # is theirs (a traced size is unhashable, or a tensor hashed by
+        # identity, equal to no stored number), and the check below runs
+        # once per new key, not at every call.
+        try:
+            return cache[args]
+        except KeyError:
+            pass
+        except TypeError:
+            return fn(*args)
+        if not _is_static_key(args):
+            return fn(*args)
+        if len(cache) >= _MEMO_SIZE:
+            cache.clear()
+        cache[args] = result = fn(*args)
+        return result
 
     return memoized
 

@@ -38,6 +38,27 @@ def test_static_sizes_give_python_numbers():
     assert all(_is_number(value) for value in results), results
 
 
+def test_a_memoised_rule_runs_once_per_static_arguments_and_every_time_for_a_tensor():
+    import keras
+
+    from keras_unitscale.sizes import static_memo
+
+    calls = []
+
+    def rule(size, shape, name):
+        calls.append(size)
+        return size * 2
+
+    memoised = static_memo(rule)
+    assert [memoised(3, (4, None), "a") for _ in range(3)] == [6, 6, 6]
+    assert memoised(3.0, (4, None), "a") == 6 and memoised(5, (4, None), "a") == 10
+    assert calls == [3, 5]  # 3.0 is the key 3 (equal numbers, the same result)
+    # A size that is a tensor (traced) is never stored: each call computes with its own value.
+    sizes = [keras.ops.convert_to_tensor(7.0), keras.ops.convert_to_tensor(9.0)]
+    results = [float(keras.ops.convert_to_numpy(memoised(size, (4,), "a"))) for size in sizes + sizes]
+    assert results == [14.0, 18.0, 14.0, 18.0] and len(calls) == 6
+
+
 def test_dense_rule_normalises_output_and_gradients():
     fan_in, fan_out, batch = 256, 64, 128
     x, w, g = RNG.normal(size=(batch, fan_in)), RNG.normal(size=(fan_in, fan_out)), RNG.normal(size=(batch, fan_out))

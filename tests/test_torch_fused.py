@@ -62,6 +62,8 @@ def _graph_nodes(outputs):
     return names
 
 
+_IDS = np.array([[3, 7, 3, 49], [0, -1, 7, 3]], "int32")
+
 # (name, function of the tensors, their shapes, the fused autograd node it must make)
 CASES = [
     ("dense 2-D", lambda x, w, b: linear.dense(x, w, b), [(64, 32), (32, 16), (16,)], "ScaledDenseBackward"),
@@ -110,6 +112,10 @@ CASES = [
     ("conv 3-D, channels first, unconstrained",
      lambda x, w, b: convolution.conv(x, w, b, data_format="channels_first", constraint=None),
      [(2, 3, 5, 4, 6), (2, 3, 2, 3, 4), (4,)], "ScaledConvBackward"),
+    # Repeated ids (their rows' gradients add up) and one counted from the end, as Keras's `take` counts it.
+    ("embedding", lambda t: linear.embedding(keras_tensor(_IDS), t), [(50, 8)], "ScaledEmbeddingBackward"),
+    ("embedding with a table multiplier", lambda t: linear.embedding(keras_tensor(_IDS), t, table_multiplier=0.5),
+     [(50, 8)], "ScaledEmbeddingBackward"),
     ("relu", lambda x: activations.relu(x), [(64, 32)], "ScaledActivationBackward"),
     ("gelu", lambda x: activations.gelu(x), [(64, 32)], "ScaledActivationBackward"),
     ("gelu, tanh form, unconstrained", lambda x: activations.gelu(x, constraint=None, approximate=True), [(64, 32)],

@@ -8,6 +8,7 @@ from keras_unitscale.layers.common import LowRankAdapters
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.layers.common import unit_normal
 from keras_unitscale.ops import linear
+from keras_unitscale.ops.common import cast_to
 
 
 @keras.saving.register_keras_serializable(package="keras_unitscale")
@@ -100,7 +101,7 @@ class Embedding(FoldedQuantization, LowRankAdapters, WeightMultipliers, keras.la
             inputs = ops.cast(inputs, "int32")
         # Keras's `embeddings` is the effective table, LoRA's low-rank update included.
         (multiplier,) = self.forward_multipliers(self._embeddings)
-        return ops.cast(linear.embedding(inputs, self.embeddings, multiplier), self.compute_dtype)
+        return cast_to(linear.embedding(inputs, self.embeddings, multiplier), self.compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), **self.multiplier_config()}

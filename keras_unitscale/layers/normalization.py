@@ -3,7 +3,6 @@
 import math
 
 import keras
-from keras import ops
 
 from keras_unitscale import checks
 from keras_unitscale import rules
@@ -11,6 +10,7 @@ from keras_unitscale import sizes
 from keras_unitscale.layers.common import WeightMultipliers
 from keras_unitscale.ops import norms
 from keras_unitscale.ops import torch_fused
+from keras_unitscale.ops.common import cast_to
 from keras_unitscale.scale import as_tensor
 from keras_unitscale.scale import scaled_together
 from keras_unitscale.sizes import global_numel
@@ -63,7 +63,7 @@ class LayerNormalization(_Normalization, keras.layers.LayerNormalization):
             inputs, self.multiplied(self.gamma), self.multiplied(self.beta), axis=self.axis,
             epsilon=self.epsilon, rms_scaling=self.rms_scaling,
         )
-        return ops.cast(outputs, self.compute_dtype)
+        return cast_to(outputs, self.compute_dtype)
 
 
 

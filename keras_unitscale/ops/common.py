@@ -81,6 +81,12 @@ def dtype(x):
     return backend.standardize_dtype(x.dtype)
 
 
+def cast_to(x, target):
+    """`ops.cast(x, target)`, or `x` itself where it has that dtype: a layer's closing cast to its compute dtype,
+    which an eager step would otherwise pay the op's checks for at every call."""
+    return x if dtype(x) == backend.standardize_dtype(target) else ops.cast(x, target)
+
+
 def in_float32(x):
     """`x` in float32 if it is float16 or bfloat16: statistics and softmaxes are computed there."""
     return ops.cast(x, "float32") if dtype(x) in LOW_PRECISION else x

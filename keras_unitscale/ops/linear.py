@@ -312,6 +312,10 @@ def einsum_sizes(equation, x_shape, kernel_shape):
     )
 
 
+# Per static shapes, as `_dense_rule`: an eager step asks at every call of every projection.
+_einsum_sizes = static_memo(einsum_sizes)
+
+
 def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
                  scale_power=rules.linear.DENSE_POWERS, fp8=False, weight_multipliers=(1.0, 1.0)):
     """A unit-scaled einsum dense op: `(einsum(equation, x, kernel) + bias) * scale`, Keras's `EinsumDense`.
@@ -348,10 +352,9 @@ def einsum_dense(equation, x, kernel, bias=None, constraint="to_output_scale",
     """
     kernel = to_float(kernel, "kernel")
     x = to_float(x, "x", like=kernel)
-    sizes = einsum_sizes(equation, shape_of(x), shape_of(kernel))
-    scales = rules.linear.dense(
-        sizes.fan_in, sizes.fan_out, global_numel(x) / as_float(sizes.shared), constraint, scale_power
-    )
+    sizes = _einsum_sizes(equation, shape_of(x), shape_of(kernel))
+    scales = _dense_rule(sizes.fan_in, sizes.fan_out, global_numel(x) / as_float(sizes.shared), constraint,
+                         tuple(scale_power))
     bias = None if bias is None else to_tensor(bias, "bias")
     if not fp8 and torch_fused.applies(x, (*scales, *weight_multipliers)):
         y = _torch_einsum_dense(equation, x, kernel, bias, scales, weight_multipliers,
@@ -532,4 +535,6 @@ def embedding(ids, table, table_multiplier=1.0):
             f"`ids` must have an integer dtype. Received: ids.dtype={dtype(ids)}"
         )
     grad_scale = rules.linear.embedding_grad(shape_of(table)[0], global_numel(ids))
+    if torch_fused.applies(table, (table_multiplier, grad_scale)):
+        return torch_fused.embedding(ids, table, table_multiplier, grad_scale)
     return ops.take(scaled(table, table_multiplier, grad_scale), ids, axis=0)

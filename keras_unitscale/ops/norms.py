@@ -9,6 +9,7 @@ from keras_unitscale import checks
 from keras_unitscale import rules
 from keras_unitscale.ops import torch_fused
 from keras_unitscale.ops.common import as_compute_dtype
+from keras_unitscale.ops.common import cast_to
 from keras_unitscale.ops.common import in_float32
 from keras_unitscale.ops.common import to_float
 from keras_unitscale.ops.common import to_tensor
@@ -125,10 +126,10 @@ def _torch_layer_norm(x, gamma, beta, axes, epsilon):
               for param, name in ((gamma, "gamma"), (beta, "beta"))]
     if torch_fused.applies(x32, (grad_scale,)):
         params = [_reshaped(param, normalized_shape) for param in params]
-        return ops.cast(torch_fused.layer_norm(x32, *params, normalized_shape, epsilon, grad_scale), x.dtype)
+        return cast_to(torch_fused.layer_norm(x32, *params, normalized_shape, epsilon, grad_scale), x.dtype)
     params = [_reshaped(param, normalized_shape) for param in scaled_together(params, [1.0, 1.0],
                                                                                [grad_scale, grad_scale])]
-    return ops.cast(F.layer_norm(x32, normalized_shape, *params, epsilon), x.dtype)
+    return cast_to(F.layer_norm(x32, normalized_shape, *params, epsilon), x.dtype)
 
 
 def _reshaped(param, shape):

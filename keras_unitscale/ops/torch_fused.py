@@ -19,6 +19,7 @@ them anyway; FP8; scaling disabled; scales that are tensors).
 import math
 
 from keras_unitscale import scale
+from keras_unitscale.sizes import static_memo
 
 _FUNCTIONS = {}  # name -> `torch.autograd.Function`, made on first use (torch is imported only then)
 
@@ -70,17 +71,27 @@ def einsum_as_dense(specs, x, kernel, bias):
     `dense` takes it. The reshapes are views; `dense` runs one `addmm` where
     the einsum took PyTorch's parser and a permuted batched product.
     """
+    split = _matmul_split(specs, tuple(kernel.shape), None if bias is None else tuple(bias.shape))
+    if split is None:
+        return None
+    batch_rank, summed_size, free_size, free_shape = split
+    batch_shape = tuple(x.shape[:batch_rank])
+    return (x.reshape(*batch_shape, summed_size), kernel.reshape(summed_size, free_size),
+            None if bias is None else bias.reshape(free_size), (*batch_shape, *free_shape))
+
+
+@static_memo  # asked at every call of every projection: its answer depends on the equation and the weights' shapes
+def _matmul_split(specs, kernel_shape, bias_shape):
+    """`einsum_as_dense`'s reading of the equation: `(batch rank, summed size, free size, free shape)`, or None."""
     x_spec, kernel_spec, out_spec = specs
     summed = "".join(label for label in x_spec if label not in out_spec)
     batch, free = x_spec[:len(x_spec) - len(summed)], kernel_spec[len(summed):]
     if not summed or not (x_spec.endswith(summed) and kernel_spec.startswith(summed) and out_spec == batch + free):
         return None
-    free_shape = tuple(kernel.shape[len(summed):])
-    if bias is not None and tuple(bias.shape) != free_shape:
+    free_shape = kernel_shape[len(summed):]
+    if bias_shape is not None and bias_shape != free_shape:
         return None
-    summed_size, free_size = math.prod(kernel.shape[:len(summed)]), math.prod(free_shape)
-    return (x.reshape(*x.shape[:len(batch)], summed_size), kernel.reshape(summed_size, free_size),
-            None if bias is None else bias.reshape(free_size), (*x.shape[:len(batch)], *free_shape))
+    return len(batch), math.prod(kernel_shape[:len(summed)]), math.prod(free_shape), free_shape
 
 
 def einsum_output_shape(specs, x, kernel):
@@ -160,6 +171,17 @@ def batch_norm(x, gamma, beta, epsilon, gamma_multiplier, beta_multiplier, grad_
     """
     return _function("batch_norm", _make_batch_norm).apply(
         x, gamma, beta, epsilon, gamma_multiplier, beta_multiplier, grad_scale)
+
+
+def embedding(ids, table, table_multiplier, grad_scale):
+    """The rows `m·table[ids]`; the table's gradient × `grad_scale`: `ops.linear.embedding` as one autograd function.
+
+    The numbers of Keras's lookup (`ops.take` on the table, negative ids
+    counted from the end, PyTorch's `embedding` and its dense backward) of
+    `scale.scaled(table, m, grad_scale)`; `m` multiplies the rows looked up,
+    the same products as on the table, on fewer numbers.
+    """
+    return _function("embedding", _make_embedding).apply(ids, table, table_multiplier, grad_scale)
 
 
 def layer_norm(x, gamma, beta, normalized_shape, epsilon, grad_scale):
@@ -270,7 +292,10 @@ def _summing_dtype(dtype):
 
 def _bias_gradient(upstream, axes, scale):
     """A bias's gradient: `upstream` summed over the `axes` it was broadcast along, × `scale`, in its dtype."""
-    return upstream.sum(axes, dtype=_summing_dtype(upstream.dtype)).mul_(scale).to(upstream.dtype)
+    wide = _summing_dtype(upstream.dtype)
+    if wide == upstream.dtype:  # the sum alone: its dtype argument and a cast back cost an eager step two calls
+        return upstream.sum(axes).mul_(scale)
+    return upstream.sum(axes, dtype=wide).mul_(scale).to(upstream.dtype)
 
 
 _ZEROS = {}  # (dtype, device) -> a zero scalar for `addmm`'s (ignored) input: one tensor, not one per call
@@ -386,6 +411,30 @@ def _make_batch_norm():
             return dx, *_affine_gradients(dgamma, dbeta, ctx.grad_scale), None, None, None, None
 
     return ScaledBatchNorm
+
+
+def _make_embedding():
+    import torch
+    import torch.nn.functional as F
+
+    class ScaledEmbedding(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, ids, table, table_multiplier, grad_scale):
+            vocab = table.shape[0]
+            ids = ids if ids.dtype in (torch.int32, torch.int64) else ids.long()
+            ids = torch.where(ids < 0, ids + vocab, ids)  # as Keras's `take`
+            ctx.save_for_backward(ids)
+            ctx.vocab, ctx.grad_scale = vocab, grad_scale
+            rows = F.embedding(ids, table)
+            return rows if table_multiplier == 1.0 else rows.mul_(table_multiplier)
+
+        @staticmethod
+        def backward(ctx, upstream):
+            (ids,) = ctx.saved_tensors
+            grad = torch.ops.aten.embedding_dense_backward(upstream, ids, ctx.vocab, -1, False)
+            return None, grad.mul_(ctx.grad_scale), None, None
+
+    return ScaledEmbedding
 
 
 def _make_layer_norm():
