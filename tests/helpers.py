@@ -7,6 +7,8 @@ BACKEND = keras.backend.backend()
 
 
 def rms(array):
+    if keras.ops.is_tensor(array):  # a PyTorch tensor that requires a gradient has no `__array__` of its own
+        array = keras.ops.convert_to_numpy(array)
     return float(np.sqrt(np.mean(np.square(np.asarray(array, dtype="float64")))))
 
 
