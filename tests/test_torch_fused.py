@@ -241,30 +241,35 @@ def _batch_norm_step(layer_kwargs, x, mask=None):
     layer = layers.BatchNormalization(momentum=0.5, **layer_kwargs)
     layer.build(tuple(x.shape))
     rng = np.random.default_rng(2)
-    for variable in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance):
+    affine = [variable for variable in (layer.gamma, layer.beta) if variable is not None]
+    for variable in (*affine, layer.moving_mean, layer.moving_variance):
         variable.assign(rng.uniform(0.5, 2.0, size=variable.shape).astype("float32"))
     x = x.detach().clone().requires_grad_(True)
     y = layer(x, training=True, mask=mask)
     upstream = torch.tensor(rng.normal(size=tuple(y.shape)).astype("float32"))
     y.backward(upstream)
-    values = [y.detach(), x.grad, layer.gamma.value.grad, layer.beta.value.grad,
+    values = [y.detach(), x.grad, *(variable.value.grad for variable in affine),
               layer.moving_mean.value.detach().clone(), layer.moving_variance.value.detach().clone()]
     return values, _graph_nodes([y])
 
 
 @on_torch
-@pytest.mark.parametrize("shape, multipliers", [((4, 8, 16), {}), ((3, 5, 5, 6), {"gamma": 2.0, "beta": 0.5}),
-                                                ((2, 3), {"beta": 3.0})], ids=["1-D", "2-D, multipliers", "2 rows"])
-def test_batch_normalizations_training_call_as_one_function_gives_keras_calls_numbers(monkeypatch, shape, multipliers):
+@pytest.mark.parametrize("shape, layer_kwargs", [
+    ((4, 8, 16), {}),
+    ((3, 5, 5, 6), {"weight_multipliers": {"gamma": 2.0, "beta": 0.5}}),
+    ((2, 3), {"weight_multipliers": {"beta": 3.0}}),
+    ((4, 8, 16), {"scale": False, "weight_multipliers": {"beta": 3.0}}),
+], ids=["1-D", "2-D, multipliers", "2 rows", "bias only"])
+def test_batch_normalizations_training_call_as_one_function_gives_keras_calls_numbers(monkeypatch, shape, layer_kwargs):
     # Keras's call with the gain and bias lent, scaled (`_keras_call_with_affine_gradients`), is the reference.
     # Centred data: Keras's variance, E[x²] - E[x]², loses digits where the mean is large against the spread
     # (PyTorch's kernel does not; with 2 rows and a mean of 1, Keras's gradients are 20-50 times further from
     # float64's).
     x = _tensors([shape])[0] * 3.0
-    fused, fused_nodes = _batch_norm_step({"weight_multipliers": multipliers}, x)
+    fused, fused_nodes = _batch_norm_step(layer_kwargs, x)
     assert "ScaledBatchNormBackward" in fused_nodes
     monkeypatch.setattr(torch_fused, "applies", lambda *args: False)
-    kerass, keras_nodes = _batch_norm_step({"weight_multipliers": multipliers}, x)
+    kerass, keras_nodes = _batch_norm_step(layer_kwargs, x)
     assert "ScaledBatchNormBackward" not in keras_nodes
     for got, expected in zip(fused, kerass):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=2e-5, atol=2e-6 * float(expected.abs().max()))
@@ -276,7 +281,8 @@ def test_batch_normalizations_training_call_as_one_function_gives_keras_calls_nu
     ({}, (1, 6), False),
     ({"renorm": True}, (4, 6), False),
     ({}, (4, 5, 6), True),
-], ids=["channels first", "one row", "renorm", "mask"])
+    ({"center": False, "scale": False}, (4, 6), False),
+], ids=["channels first", "one row", "renorm", "mask", "neither gain nor bias"])
 def test_batch_normalization_keeps_keras_call_where_pytorchs_kernel_does_not_compute_it(layer_kwargs, shape, masked):
     import torch
 

@@ -107,13 +107,17 @@ class _AffineGradients(_Normalization):
         if self.beta is not None:
             self.declare_role(self.beta, "bias", fan_out=math.prod(self.beta.shape))
 
+    def _affine_grad_scale(self, inputs):
+        """The gradient scale of the gain and bias (`rules.norms.affine_grad`) for a call on `inputs`."""
+        weight = self.gamma if self.gamma is not None else self.beta
+        return rules.norms.affine_grad(math.prod(weight.shape), global_numel(inputs))
+
     def _keras_call_with_affine_gradients(self, keras_call, inputs):
         """`keras_call(inputs)` with the gain and bias lent as their gradient-scaled, multiplied values."""
         variables = {name: getattr(self, name) for name in ("gamma", "beta")}
-        present = [v for v in variables.values() if v is not None]
-        if not present:
+        if all(v is None for v in variables.values()):
             return keras_call(inputs)
-        grad_scale = rules.norms.affine_grad(math.prod(present[0].shape), global_numel(inputs))
+        grad_scale = self._affine_grad_scale(inputs)
         lent = scaled_together(list(variables.values()), list(self.forward_multipliers(*variables.values())),
                                [grad_scale] * len(variables))
         # Plain attributes for the time of the call (outside Keras's tracking, which holds the variables).
@@ -157,25 +161,22 @@ class BatchNormalization(_AffineGradients, keras.layers.BatchNormalization):
         return self._keras_call_with_affine_gradients(lambda x: keras_call(x, training=training, mask=mask), inputs)
 
     def _torch_kernels_apply(self, inputs):
-        """Whether `torch_fused.batch_norm` computes this training call: PyTorch, float32, channels last, no
-        renorm, 2 rows or more (Keras's ops say what fewer give)."""
+        """Whether `torch_fused.batch_norm` computes this training call: PyTorch, float32, channels last, a gain
+        or bias, no renorm, 2 rows or more (Keras's ops say what fewer give)."""
         rank = len(inputs.shape)
-        return (not self.renorm and self.axis % rank == rank - 1 and self.compute_dtype == "float32"
-                and keras.backend.standardize_dtype(inputs.dtype) == "float32" and sizes.is_static(*inputs.shape)
-                and math.prod(inputs.shape[:-1]) > 1
-                and torch_fused.applies(inputs, (*self._affine_scales(inputs), *self.forward_multipliers(
-                    self.gamma, self.beta))))
-
-    def _affine_scales(self, inputs):
-        """The gain's and bias's gradient scale, `rules.norms.affine_grad`, as a one-tuple."""
-        return (rules.norms.affine_grad(int(inputs.shape[-1]), global_numel(inputs)),)
+        if (self.renorm or (self.gamma is None and self.beta is None)
+                or self.axis % rank != rank - 1 or self.compute_dtype != "float32"
+                or keras.backend.standardize_dtype(inputs.dtype) != "float32" or not sizes.is_static(*inputs.shape)
+                or math.prod(inputs.shape[:-1]) < 2):
+            return False
+        scales = (self._affine_grad_scale(inputs), *self.forward_multipliers(self.gamma, self.beta))
+        return torch_fused.applies(inputs, scales)
 
     def _torch_training_call(self, inputs):
         """Keras's training call on PyTorch's kernels: the same output and moving statistics, one autograd function."""
-        (grad_scale,) = self._affine_scales(inputs)
         outputs, mean, variance = torch_fused.batch_norm(
             inputs, as_tensor(self.gamma) if self.scale else None, as_tensor(self.beta) if self.center else None,
-            self.epsilon, *self.forward_multipliers(self.gamma, self.beta), grad_scale)
+            self.epsilon, *self.forward_multipliers(self.gamma, self.beta), self._affine_grad_scale(inputs))
         # Keras's update, as its `call` writes it.
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))

@@ -403,9 +403,10 @@ def _make_batch_norm():
         def backward(ctx, upstream, _mean_grad, _variance_grad):
             rows, weight, mean, inverse_std = ctx.saved_tensors
             needs_x, needs_gamma, needs_beta = ctx.needs_input_grad[:3]
+            # Contiguous: PyTorch's kernel takes a slow path for a broadcast gradient (of a sum, say).
+            upstream_rows = upstream.reshape(rows.shape).contiguous()
             dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-                # contiguous: PyTorch's kernel takes a slow path for a broadcast gradient (of a sum).
-                upstream.reshape(rows.shape).contiguous(), rows, weight, None, None, mean, inverse_std, True, ctx.epsilon,
+                upstream_rows, rows, weight, None, None, mean, inverse_std, True, ctx.epsilon,
                 [needs_x, needs_gamma, needs_beta])
             dx = None if dx is None else dx.reshape(ctx.x_shape)
             return dx, *_affine_gradients(dgamma, dbeta, ctx.grad_scale), None, None, None, None
