@@ -269,9 +269,9 @@ def test_batch_normalizations_training_call_as_one_function_gives_keras_calls_nu
     fused, fused_nodes = _batch_norm_step(layer_kwargs, x)
     assert "ScaledBatchNormBackward" in fused_nodes
     monkeypatch.setattr(torch_fused, "applies", lambda *args: False)
-    kerass, keras_nodes = _batch_norm_step(layer_kwargs, x)
+    reference, keras_nodes = _batch_norm_step(layer_kwargs, x)
     assert "ScaledBatchNormBackward" not in keras_nodes
-    for got, expected in zip(fused, kerass):
+    for got, expected in zip(fused, reference):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=2e-5, atol=2e-6 * float(expected.abs().max()))
 
 
