@@ -13,8 +13,8 @@ import keras
 from keras import ops
 
 
-# The helpers an eager step calls many times per layer loop where `all(generator)` would do: in CPython a loop
-# costs no generator frame, and PyTorch's eager mode pays for every call.
+# `is_static` and `shape` loop where `all(generator)` would do: an eager step calls them many times per layer, and
+# in CPython a loop costs no generator frame.
 
 
 def is_static(*values):

@@ -155,28 +155,31 @@ class BatchNormalization(_AffineGradients, keras.layers.BatchNormalization):
 
     # Keras reads `training` and `mask` from the signature: it is Keras's.
     def call(self, inputs, training=None, mask=None):
-        if training and self.trainable and mask is None and self._torch_kernels_apply(inputs):
-            return self._torch_training_call(inputs)
+        scales = self._torch_kernel_scales(inputs) if training and self.trainable and mask is None else None
+        if scales is not None:
+            return self._torch_training_call(inputs, *scales)
         keras_call = super().call
         return self._keras_call_with_affine_gradients(lambda x: keras_call(x, training=training, mask=mask), inputs)
 
-    def _torch_kernels_apply(self, inputs):
-        """Whether `torch_fused.batch_norm` computes this training call: PyTorch, float32, channels last, a gain
-        or bias, no renorm, 2 rows or more (Keras's ops say what fewer give)."""
+    def _torch_kernel_scales(self, inputs):
+        """`(gradient scale, gain's multiplier, bias's multiplier)` where `torch_fused.batch_norm` computes this
+        training call, else None: PyTorch, float32, channels last, a gain or bias, no renorm, 2 rows or more
+        (Keras's ops say what fewer give)."""
         rank = len(inputs.shape)
         if (self.renorm or (self.gamma is None and self.beta is None)
                 or self.axis % rank != rank - 1 or self.compute_dtype != "float32"
                 or keras.backend.standardize_dtype(inputs.dtype) != "float32" or not sizes.is_static(*inputs.shape)
                 or math.prod(inputs.shape[:-1]) < 2):
-            return False
+            return None
         scales = (self._affine_grad_scale(inputs), *self.forward_multipliers(self.gamma, self.beta))
-        return torch_fused.applies(inputs, scales)
+        return scales if torch_fused.applies(inputs, scales) else None
 
-    def _torch_training_call(self, inputs):
+    def _torch_training_call(self, inputs, grad_scale, gamma_multiplier, beta_multiplier):
         """Keras's training call on PyTorch's kernels: the same output and moving statistics, one autograd function."""
         outputs, mean, variance = torch_fused.batch_norm(
-            inputs, as_tensor(self.gamma) if self.scale else None, as_tensor(self.beta) if self.center else None,
-            self.epsilon, *self.forward_multipliers(self.gamma, self.beta), self._affine_grad_scale(inputs))
+            inputs, None if self.gamma is None else as_tensor(self.gamma),
+            None if self.beta is None else as_tensor(self.beta), self.epsilon, gamma_multiplier, beta_multiplier,
+            grad_scale)
         # Keras's update, as its `call` writes it.
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
