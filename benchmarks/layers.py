@@ -11,13 +11,15 @@ trained on the same data:
 - a small transformer language model: Embedding → 2 pre-norm blocks (width 128,
   4 heads, MLP ×4) → Dense readout.
 
-Both models train with Keras's Adam, or (`--optimizer ours`) ours with ours.
+Both models train with Keras's Adam, or (`--optimizer ours`) ours with ours;
+ours with our loss, or (`--loss keras`) with Keras's, which tells the
+layers' cost from the loss's.
 `--what optimizer` times our Adam against Keras's instead, both training the
 models from `keras.layers`.
 
 Usage:
     python benchmarks/layers.py [--repeats 7] [--steps 32] [--jit-compile true|auto] [--optimizer keras|ours]
-        [--what layers|optimizer] [--models mlp,lstm,transformer]
+        [--what layers|optimizer] [--models mlp,lstm,transformer] [--loss ours|keras]
 """
 
 import argparse
@@ -114,6 +116,9 @@ def main():
     parser.add_argument("--optimizer", choices=("keras", "ours"), default="keras",
                         help="Keras's Adam for both models, or ours (`keras_unitscale.optimizers.Adam`, u-μP's "
                              "per-weight rates) for our layers, as a user of them compiles (default: %(default)s)")
+    parser.add_argument("--loss", choices=("ours", "keras"), default="ours",
+                        help="our layers' loss: ours (`keras_unitscale.losses`, as a user of them compiles), or "
+                             "Keras's, the one Keras's layers train with (default: %(default)s)")
     parser.add_argument("--what", choices=("layers", "optimizer"), default="layers",
                         help="our layers against Keras's, or our Adam against Keras's on Keras's layers")
     parser.add_argument("--models", default="mlp,lstm,transformer",
@@ -133,7 +138,7 @@ def main():
         if args.what == "optimizer":
             ours = _compiled(build, keras.layers, keras_loss, x, y, batch, jit_compile, optimizers.Adam())
         else:
-            ours = _compiled(build, layers, our_loss, x, y, batch, jit_compile,
+            ours = _compiled(build, layers, our_loss if args.loss == "ours" else keras_loss, x, y, batch, jit_compile,
                              optimizers.Adam() if args.optimizer == "ours" else "adam")
         theirs = _compiled(build, keras.layers, keras_loss, x, y, batch, jit_compile)
         rows.append(timing.compare(name, ours, theirs, x, y, batch, args.repeats, args.steps))
@@ -141,10 +146,11 @@ def main():
     if args.what == "optimizer":
         stem, labels = f"optimizer{jit}", ("our Adam", "Keras's Adam")
     else:
-        stem, labels = f"layers{jit}{'_our_adam' if args.optimizer == 'ours' else ''}", ("keras_unitscale", "keras.layers")
+        stem = f"layers{jit}{'_our_adam' if args.optimizer == 'ours' else ''}{'_keras_loss' if args.loss == 'keras' else ''}"
+        labels = ("keras_unitscale", "keras.layers")
     timing.report(rows, *labels, stem, args.out,
                   {"jit_compile": jit_compile, "repeats": args.repeats, "steps_per_timing": args.steps,
-                   "optimizer": args.optimizer, "what": args.what})
+                   "optimizer": args.optimizer, "loss": args.loss, "what": args.what})
 
 
 if __name__ == "__main__":
