@@ -146,7 +146,8 @@ def main():
     if args.what == "optimizer":
         stem, labels = f"optimizer{jit}", ("our Adam", "Keras's Adam")
     else:
-        stem = f"layers{jit}{'_our_adam' if args.optimizer == 'ours' else ''}{'_keras_loss' if args.loss == 'keras' else ''}"
+        stem = (f"layers{jit}{'_our_adam' if args.optimizer == 'ours' else ''}"
+                f"{'_keras_loss' if args.loss == 'keras' else ''}")
         labels = ("keras_unitscale", "keras.layers")
     timing.report(rows, *labels, stem, args.out,
                   {"jit_compile": jit_compile, "repeats": args.repeats, "steps_per_timing": args.steps,
