@@ -42,8 +42,6 @@ import keras
 
 import keras_unitscale
 from keras_unitscale import layers
-from keras_unitscale import losses
-from keras_unitscale.callbacks import UnitScaleCallback
 from keras_unitscale.scale import scaling_disabled
 
 import layers as layers_benchmark
@@ -77,24 +75,28 @@ class PassThrough(keras.layers.Layer):
 
 
 def mlp_forms():
-    """The layers benchmark's MLP (seed 000's), its data and batch, in each form."""
-    x, y = layers_benchmark._data("mlp", 256 * 8)
+    """The layers benchmark's MLP (seed 000's), its data, batch and losses, in each form, eager."""
+    _, build, kind, batch, keras_loss, our_loss = next(
+        case for case in layers_benchmark.CASES if case[1] is layers_benchmark.mlp)
+    x, y = layers_benchmark._data(kind, batch * 8)
 
-    def compiled(model, loss):
-        model.compile(optimizer="adam", loss=loss)
-        model.fit(x, y, batch_size=256, epochs=1, verbose=0)  # builds the optimizer's state
-        return model
+    def compiled(build, lib, loss):
+        return layers_benchmark._compiled(build, lib, loss, x, y, batch, jit_compile="auto")
 
     def with_pass_through(custom_node):
-        model = keras.Sequential([keras.Input((100,))])
-        for dense in layers_benchmark.mlp(keras.layers).layers:
-            model.add(dense)
-            model.add(PassThrough(custom_node))
-        return compiled(model, keras.losses.BinaryCrossentropy())
+        def build_with(lib):
+            plain = build(lib)
+            model = keras.Sequential([keras.Input(plain.input_shape[1:])])
+            for layer in plain.layers:
+                model.add(layer)
+                model.add(PassThrough(custom_node))
+            return model
 
-    ours = compiled(layers_benchmark.mlp(layers), losses.BinaryCrossentropy())
-    return (x[:256], y[:256]), {
-        "keras": (compiled(layers_benchmark.mlp(keras.layers), keras.losses.BinaryCrossentropy()), False),
+        return compiled(build_with, keras.layers, keras_loss)
+
+    ours = compiled(build, layers, our_loss)
+    return (x[:batch], y[:batch]), {
+        "keras": (compiled(build, keras.layers, keras_loss), False),
         "ours": (ours, False),
         "ours, scaling off": (ours, True),
         "keras + pass-through layers": (with_pass_through(custom_node=False), False),
@@ -103,19 +105,19 @@ def mlp_forms():
 
 
 def real_script_forms(name):
-    """A real script's model as written and as `UnitScaleCallback` makes it, on its own data and batch."""
-    load, build, make_optimizer, make_loss, batch = real_scripts.MODELS[name]
-    (x, y), _, info = load(True)
+    """A real script's model as written and as `UnitScaleCallback` makes it (as `real_scripts.py` prepares each),
+    trained a few steps on its own data."""
+    spec = real_scripts.MODELS[name]
+    batch = spec[-1]
+    (x, y), _, info = spec[0](True)
 
-    def trained(callbacks):
-        keras.utils.set_random_seed(0)
-        model = build(info)
-        model.compile(make_optimizer(), make_loss(), auto_scale_loss=False)
+    def trained(variant):
+        model, callbacks = real_scripts.prepare(spec, info, variant, False, None, {"seed": 0}, "script")
         model.fit(x[: 4 * batch], y[: 4 * batch], batch_size=batch, epochs=1, verbose=0, callbacks=callbacks)
         return model
 
-    ours = trained([UnitScaleCallback(verbose=0)])
-    return (x[:batch], y[:batch]), {"keras": (trained([]), False), "ours": (ours, False),
+    ours = trained("callback")
+    return (x[:batch], y[:batch]), {"keras": (trained("script"), False), "ours": (ours, False),
                                     "ours, scaling off": (ours, True)}
 
 

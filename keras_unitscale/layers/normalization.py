@@ -166,7 +166,8 @@ class BatchNormalization(_AffineGradients, keras.layers.BatchNormalization):
         training call, else None: PyTorch, float32, channels last, a gain or bias, no renorm, 2 rows or more
         (Keras's ops say what fewer give)."""
         rank = len(inputs.shape)
-        if (self.renorm or (self.gamma is None and self.beta is None)
+        # PyTorch asked first: elsewhere the scales would be computed here and again for Keras's call.
+        if (keras.backend.backend() != "torch" or self.renorm or (self.gamma is None and self.beta is None)
                 or self.axis % rank != rank - 1 or self.compute_dtype != "float32"
                 or keras.backend.standardize_dtype(inputs.dtype) != "float32" or not sizes.is_static(*inputs.shape)
                 or math.prod(inputs.shape[:-1]) < 2):
