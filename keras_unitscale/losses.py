@@ -160,6 +160,37 @@ class CategoricalCrossentropy(_UnitScaledLoss, keras.losses.CategoricalCrossentr
     grad_scale = SparseCategoricalCrossentropy.grad_scale
 
 
+def _binary_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, axis=-1):
+    """`keras.losses.binary_crossentropy`, which `torch.compile` traces whole from logits.
+
+    On PyTorch, Keras's op asks `torch.backends.mps.is_available()` on every
+    call, and `torch.compile` cannot trace that question: the compiled
+    training step breaks there into pieces, one more in front of and behind
+    every frame that called it (the unit-scaled loss adds two). On the seed
+    000 MLP that cost 10% of a compiled step (`benchmarks/layers.py`). From
+    logits on a device other than Apple's, the answer changes nothing (Keras
+    squeezes a last axis of 1 on MPS only), so this computes what Keras's op
+    computes then, PyTorch's `binary_cross_entropy_with_logits` (tested equal
+    bit for bit), without asking. Elsewhere it is Keras's function.
+    """
+    if not from_logits or keras.backend.backend() != "torch" or ops.convert_to_tensor(y_pred).device.type == "mps":
+        return keras.losses.binary_crossentropy(
+            y_true, y_pred, from_logits=from_logits, label_smoothing=label_smoothing, axis=axis)
+    import torch
+
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.cast(y_true, y_pred.dtype)
+    if label_smoothing:
+        y_true = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    if y_true.shape != y_pred.shape:
+        raise ValueError(
+            "Arguments `y_true` and `y_pred` must have the same shape. "
+            f"Received: y_true.shape={tuple(y_true.shape)}, y_pred.shape={tuple(y_pred.shape)}"
+        )
+    per_element = torch.nn.functional.binary_cross_entropy_with_logits(y_pred, y_true, reduction="none")
+    return ops.mean(per_element, axis=axis)
+
+
 @keras.saving.register_keras_serializable(package="keras_unitscale")
 class BinaryCrossentropy(_UnitScaledLoss, keras.losses.BinaryCrossentropy):
     """Unit-scaled `keras.losses.BinaryCrossentropy`: the two-class rule, gradient × 2.
@@ -173,9 +204,10 @@ class BinaryCrossentropy(_UnitScaledLoss, keras.losses.BinaryCrossentropy):
     def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", **kwargs):
         _check_averaging(reduction)
         super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, reduction=reduction, **kwargs)
+        self.fn = _binary_crossentropy  # Keras's, without its graph break under torch.compile
 
     def grad_scale(self, y_pred):
-        # Keras averages over every element (the last axis, then the batch).
+        # Keras's `binary_crossentropy` averages over every element (the last axis, then the batch).
         return as_float(numel(y_pred)) * rules.losses.cross_entropy_grad(2)
 
 

@@ -146,3 +146,52 @@ def test_the_value_from_a_softmax_output_is_keras_value_on_its_logits(loss_cls, 
     probabilities = keras.activations.softmax(keras.ops.convert_to_tensor(logits))
     expected = float(keras_cls(from_logits=True)(y, logits))
     assert float(loss_cls()(y, probabilities)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("shape", [(6, 1), (4, 3), (2, 3, 5)])
+def test_binary_crossentropy_per_example_is_keras_function_bit_for_bit(from_logits, label_smoothing, shape):
+    # The unit-scaled loss's own `fn` (PyTorch's kernel called without Keras's MPS question) gives
+    # Keras's function's numbers exactly, and so the value Keras's loss reports.
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 2, size=shape).astype("float32")
+    y_pred = rng.normal(size=shape).astype("float32") if from_logits else rng.uniform(0.01, 0.99, size=shape)
+    y_pred = keras.ops.convert_to_tensor(y_pred.astype("float32"))
+    ours = losses.BinaryCrossentropy(from_logits=from_logits, label_smoothing=label_smoothing)
+    per_example = ours.fn(y_true, y_pred, **ours._fn_kwargs)
+    expected = keras.losses.binary_crossentropy(y_true, y_pred, from_logits=from_logits,
+                                                label_smoothing=label_smoothing)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(per_example), keras.ops.convert_to_numpy(expected))
+    plain = keras.losses.BinaryCrossentropy(from_logits=from_logits, label_smoothing=label_smoothing)
+    assert float(ours(y_true, y_pred)) == float(plain(y_true, y_pred))
+
+
+def test_binary_crossentropy_of_mismatched_shapes_says_so():
+    loss = losses.BinaryCrossentropy(from_logits=True)
+    with pytest.raises(ValueError, match=r"same shape.*Received"):
+        loss.fn(np.zeros((4, 3), "float32"), keras.ops.zeros((4, 2)), from_logits=True)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile")
+@pytest.mark.parametrize("head", ["logits", "sigmoid"])
+def test_binary_crossentropy_compiles_whole_under_torch_compile(head):
+    # Keras's op asks torch.backends.mps.is_available(), which breaks a compiled graph; a
+    # training step around the unit-scaled loss then compiles in pieces. `fullgraph=True`
+    # raises at any break.
+    import torch
+
+    rng = np.random.default_rng(0)
+    y_true = torch.tensor(rng.integers(0, 2, size=(8, 1)).astype("float32"))
+    logits = torch.tensor(rng.normal(size=(8, 1)).astype("float32"), requires_grad=True)
+    loss = losses.BinaryCrossentropy(from_logits=head == "logits")
+
+    def step(y_true, logits):
+        return loss(y_true, logits if head == "logits" else keras.activations.sigmoid(logits))
+
+    eager_value = step(y_true, logits)  # makes the scale's autograd function: a class is not traced
+    (eager_grad,) = torch.autograd.grad(eager_value, [logits])
+    compiled_value = torch.compile(step, fullgraph=True)(y_true, logits)
+    (compiled_grad,) = torch.autograd.grad(compiled_value, [logits])
+    np.testing.assert_allclose(compiled_value.detach().numpy(), eager_value.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(compiled_grad.numpy(), eager_grad.numpy(), rtol=1e-6)
