@@ -173,21 +173,28 @@ def _binary_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0,
     computes then, PyTorch's `binary_cross_entropy_with_logits` (tested equal
     bit for bit), without asking. Elsewhere it is Keras's function.
     """
-    if not from_logits or keras.backend.backend() != "torch" or ops.convert_to_tensor(y_pred).device.type == "mps":
-        return keras.losses.binary_crossentropy(
-            y_true, y_pred, from_logits=from_logits, label_smoothing=label_smoothing, axis=axis)
+    if from_logits and keras.backend.backend() == "torch":
+        import torch
+
+        y_pred = ops.convert_to_tensor(y_pred)
+        if isinstance(y_pred, torch.Tensor) and y_pred.device.type != "mps":  # not symbolic, not Apple's
+            return _torch_binary_crossentropy_from_logits(y_true, y_pred, label_smoothing, axis)
+    return keras.losses.binary_crossentropy(
+        y_true, y_pred, from_logits=from_logits, label_smoothing=label_smoothing, axis=axis)
+
+
+def _torch_binary_crossentropy_from_logits(y_true, logits, label_smoothing, axis):
     import torch
 
-    y_pred = ops.convert_to_tensor(y_pred)
-    y_true = ops.cast(y_true, y_pred.dtype)
-    if label_smoothing:
+    y_true = ops.cast(y_true, logits.dtype)
+    if label_smoothing:  # as Keras's `binary_crossentropy` smooths
         y_true = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
-    if y_true.shape != y_pred.shape:
+    if y_true.shape != logits.shape:
         raise ValueError(
             "Arguments `y_true` and `y_pred` must have the same shape. "
-            f"Received: y_true.shape={tuple(y_true.shape)}, y_pred.shape={tuple(y_pred.shape)}"
+            f"Received: y_true.shape={tuple(y_true.shape)}, y_pred.shape={tuple(logits.shape)}"
         )
-    per_element = torch.nn.functional.binary_cross_entropy_with_logits(y_pred, y_true, reduction="none")
+    per_element = torch.nn.functional.binary_cross_entropy_with_logits(logits, y_true, reduction="none")
     return ops.mean(per_element, axis=axis)
 
 
