@@ -173,23 +173,39 @@ def test_binary_crossentropy_of_mismatched_shapes_says_so():
         loss.fn(np.zeros((4, 3), "float32"), keras.ops.zeros((4, 2)), from_logits=True)
 
 
+_COMPILED_CASES = {  # name: (loss, labels from a rng, head on the logits)
+    "binary, logits": (lambda: losses.BinaryCrossentropy(from_logits=True),
+                       lambda rng: rng.integers(0, 2, size=(8, 1)).astype("float32"), None),
+    "binary, sigmoid": (losses.BinaryCrossentropy, lambda rng: rng.integers(0, 2, size=(8, 1)).astype("float32"),
+                        "sigmoid"),
+    "sparse, softmax": (losses.SparseCategoricalCrossentropy, lambda rng: rng.integers(0, 4, size=(8,)), "softmax"),
+    "categorical, softmax": (losses.CategoricalCrossentropy,
+                             lambda rng: np.eye(4, dtype="float32")[rng.integers(0, 4, size=(8,))], "softmax"),
+    "squared error": (losses.MeanSquaredError, lambda rng: rng.normal(size=(8, 4)).astype("float32"), None),
+}
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.compile")
-@pytest.mark.parametrize("head", ["logits", "sigmoid"])
-def test_binary_crossentropy_compiles_whole_under_torch_compile(head):
-    # Keras's op asks torch.backends.mps.is_available(), which breaks a compiled graph; a
-    # training step around the unit-scaled loss then compiles in pieces. `fullgraph=True`
+@pytest.mark.parametrize("case", list(_COMPILED_CASES))
+def test_every_loss_compiles_whole_under_torch_compile(case):
+    # Keras's binary cross-entropy asks torch.backends.mps.is_available(), which breaks a
+    # compiled graph; a training step around the loss then compiles in pieces. `fullgraph=True`
     # raises at any break.
     import torch
 
+    make_loss, make_labels, head = _COMPILED_CASES[case]
     rng = np.random.default_rng(0)
-    y_true = torch.tensor(rng.integers(0, 2, size=(8, 1)).astype("float32"))
-    logits = torch.tensor(rng.normal(size=(8, 1)).astype("float32"), requires_grad=True)
-    loss = losses.BinaryCrossentropy(from_logits=head == "logits")
+    y_true = torch.tensor(make_labels(rng))
+    units = 1 if case.startswith("binary") else 4
+    logits = torch.tensor(rng.normal(size=(8, units)).astype("float32"), requires_grad=True)
+    loss = make_loss()
 
     def step(y_true, logits):
-        return loss(y_true, logits if head == "logits" else keras.activations.sigmoid(logits))
+        return loss(y_true, logits if head is None else getattr(keras.activations, head)(logits))
 
-    eager_value = step(y_true, logits)  # makes the scale's autograd function: a class is not traced
+    # The first call, eager, makes the scale's autograd function: Dynamo cannot trace a class
+    # definition (in `fit`, Keras's symbolic build makes it first).
+    eager_value = step(y_true, logits)
     (eager_grad,) = torch.autograd.grad(eager_value, [logits])
     compiled_value = torch.compile(step, fullgraph=True)(y_true, logits)
     (compiled_grad,) = torch.autograd.grad(compiled_value, [logits])
