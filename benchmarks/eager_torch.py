@@ -32,20 +32,20 @@ Usage:
 """
 
 import argparse
+import contextlib
 import json
 import os
-import platform
 import statistics
 import time
 
 import keras
 
-import keras_unitscale
 from keras_unitscale import layers
 from keras_unitscale.scale import scaling_disabled
 
 import layers as layers_benchmark
 import real_scripts
+import timing
 
 
 def _identity_function():
@@ -123,11 +123,7 @@ def real_script_forms(name):
 
 def _steps_time(model, scaling_off, x, y, steps):
     start = time.perf_counter()
-    if scaling_off:
-        with scaling_disabled():
-            for _ in range(steps):
-                model.train_on_batch(x, y)
-    else:
+    with scaling_disabled() if scaling_off else contextlib.nullcontext():
         for _ in range(steps):
             model.train_on_batch(x, y)
     return (time.perf_counter() - start) / steps
@@ -179,9 +175,7 @@ def main():
     with open(path + ".txt", "w") as f:
         f.write(text)
     with open(path + ".json", "w") as f:
-        json.dump({"torch": torch.__version__, "keras": keras.__version__,
-                   "keras_unitscale": keras_unitscale.__version__,
-                   "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
+        json.dump({**timing.environment(), "torch": torch.__version__, "threads": args.threads,
                    "rounds": args.rounds, "steps": args.steps, "results": results}, f, indent=2)
     print(f"wrote {path}.txt and {path}.json")
 

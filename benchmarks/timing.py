@@ -69,6 +69,17 @@ def device_name():
     return "cpu"
 
 
+def environment():
+    """What a timing record says it ran on: backend, device, machine and versions."""
+    return {
+        "backend": keras.backend.backend(),
+        "device": device_name(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "keras": keras.__version__,
+        "keras_unitscale": keras_unitscale.__version__,
+    }
+
+
 def report(rows, ours_label, baseline_label, stem, out_dir, settings):
     """Prints the table and writes `<stem>_<backend>_<device>.{json,txt}` in `out_dir`."""
     header = (
@@ -89,11 +100,7 @@ def report(rows, ours_label, baseline_label, stem, out_dir, settings):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{stem}_{backend}_{device.replace(' ', '_').lower()}")
     record = {
-        "backend": backend,
-        "device": device,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "keras": keras.__version__,
-        "keras_unitscale": keras_unitscale.__version__,
+        **environment(),
         "ours": ours_label,
         "baseline": baseline_label,
         **settings,
