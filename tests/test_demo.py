@@ -47,3 +47,19 @@ def test_settings_refuse_a_non_positive_step_count():
     with pytest.raises(ValueError, match="steps"):
         demo.QUICK.with_steps(0)
     assert dataclasses.replace(demo.DEFAULT, width=32).steps == demo.DEFAULT.steps
+
+
+def test_the_callbacks_fp8_run_trains_its_converted_layers_in_fp8(monkeypatch):
+    # Not a plain model's FP8 copy (`simulate_fp8`), whose layers the callback does not convert: that run
+    # was a plain FP8 run under the callback's label, its numbers the plain run's to the last digit.
+    import keras
+
+    simulated = []
+    simulate = demo.precision.simulate_fp8
+    monkeypatch.setattr(demo.precision, "simulate_fp8", lambda model: simulated.append(model) or simulate(model))
+    task, bar = demo._SeedMLP(demo.QUICK, 0), keras.utils.Progbar(None, verbose=0)
+    callback_row, _ = demo._train(task, "callback", "fp8", demo.QUICK, bar)
+    assert not simulated
+    plain_row, _ = demo._train(task, "plain", "fp8", demo.QUICK, bar)
+    assert len(simulated) == 1
+    assert callback_row["finite"] and callback_row["validation_loss"] != plain_row["validation_loss"]
