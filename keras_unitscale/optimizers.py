@@ -349,9 +349,16 @@ class UnitScaledOptimizer:
             return self.weight_decay * learning_rate / self.peak_learning_rate
         return self.weight_decay * learning_rate * lr_multiplier
 
-    def scaled_epsilon(self, multiplier):
-        """The epsilon of a variable whose epsilon multiplier (times its batch factor) is `multiplier`."""
-        return self.epsilon * multiplier**self.epsilon_power
+    def scaled_epsilon(self, multiplier, batch_factor=1.0):
+        """The epsilon of a variable whose epsilon multiplier is `multiplier` and batch factor `batch_factor`."""
+        power = self.epsilon_power
+        if isinstance(batch_factor, (int, float)):
+            # A Python number (the rows are static) joins epsilon in Python: one op less per variable per step.
+            epsilon = self.epsilon * batch_factor**power
+        else:
+            epsilon, multiplier = self.epsilon, multiplier * batch_factor
+        # Adam's power of 1 is the multiplier itself: no power op for it.
+        return epsilon * (multiplier if power == 1 else multiplier**power)
 
     def update_step(self, gradient, variable, learning_rate):
         lr_multiplier = ops.cast(self._lr_multiplier_variable(variable), "float32")
@@ -367,8 +374,8 @@ class UnitScaledOptimizer:
         # turns an embedding's sparse gradient dense, and Keras's Adam treats
         # those differently.)
         epsilon = self.epsilon
-        multiplier = ops.cast(self._epsilon_multiplier_variable(variable), "float32") * self.epsilon_batch_factor(variable)
-        self.epsilon = self.scaled_epsilon(multiplier)
+        multiplier = ops.cast(self._epsilon_multiplier_variable(variable), "float32")
+        self.epsilon = self.scaled_epsilon(multiplier, self.epsilon_batch_factor(variable))
         try:
             super().update_step(gradient, variable, learning_rate * lr_multiplier)
         finally:

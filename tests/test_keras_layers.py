@@ -15,6 +15,8 @@ TensorFlow only: CI runs the large suites on one backend, and some of Keras's
 tests (export, sparse and ragged inputs) are TensorFlow's anyway.
 """
 
+import collections
+import pathlib
 import traceback
 
 import keras
@@ -29,6 +31,9 @@ if keras.backend.backend() != "tensorflow":
 
 from tests import keras_suite  # noqa: E402
 from tests.keras_suite_exceptions import EXCEPTIONS  # noqa: E402
+from tests.keras_suite_exceptions import KERAS_INITIALISERS  # noqa: E402
+from tests.keras_suite_exceptions import KERAS_TEMPERATURE  # noqa: E402
+from tests.keras_suite_exceptions import PLAIN_NUMBERS  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _seeded():
@@ -113,3 +118,13 @@ def test_exceptions_name_collected_tests():
         elif _CLASSES[class_name].skip_reason is None and test_id not in _USED_EXCEPTIONS:
             stale.append(f"{test_id} (no such test)")
     assert not stale, "Exceptions that name no collected test: " + ", ".join(stale)
+
+
+def test_the_readme_counts_the_exceptions_as_listed():
+    """The README reports this suite's counts: those of the exceptions must follow the list when it changes."""
+    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text().split())
+    counts = collections.Counter(category for category, _ in EXCEPTIONS.values())
+    for phrase in (f"and {len(EXCEPTIONS)} are listed", f"{counts[PLAIN_NUMBERS]} whose expected numbers are the plain",
+                   f"{counts[KERAS_INITIALISERS]} int4 embedding tests", f"{counts[KERAS_TEMPERATURE]} attention tests",
+                   f"Each of the {len(EXCEPTIONS)} is a strict expected failure", f"the {len(EXCEPTIONS)} twins"):
+        assert phrase in readme, f"README.md should say {phrase!r} (tests/keras_suite_exceptions.py's count)"

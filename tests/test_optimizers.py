@@ -337,3 +337,30 @@ def test_on_pytorch_adam_and_rmsprop_update_every_variable_at_once_as_they_would
     one_by_one = _trained_weights(make())
     for a, b in zip(together, one_by_one):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="counts the ops of TensorFlow's graph, which runs them one by one "
+                    "on a CPU (XLA is off there): elsewhere XLA fuses them or PyTorch updates every variable at once")
+@pytest.mark.parametrize("ours, theirs, extra_per_variable", [(O.Adam, keras.optimizers.Adam, 4),
+                                                              (O.RMSprop, keras.optimizers.RMSprop, 5)])
+def test_the_update_adds_only_its_multipliers_to_kerass_graph(ours, theirs, extra_per_variable):
+    """Per variable, ours reads its two multipliers and applies them (a cast each, no-ops in float32, a product
+    each); RMSprop's epsilon takes its square. Adam's power of 1 and a batch factor of 1 add no op."""
+    import collections
+
+    import tensorflow as tf
+
+    model = _model()
+    variables = model.trainable_variables
+    grads = [ops.ones_like(v) for v in variables]
+
+    def graph_ops(optimizer):
+        optimizer.build(variables)
+        graph = tf.function(lambda: optimizer.apply(grads, variables)).get_concrete_function().graph
+        # Not counted: constants, identities, and the placeholders that capture the variables' handles.
+        return collections.Counter(op.type for op in graph.get_operations()
+                                   if op.type not in ("Const", "Identity", "Placeholder"))
+
+    added = graph_ops(ours(0.01)) - graph_ops(theirs(0.01))
+    assert sum(added.values()) <= extra_per_variable * len(variables), added
+    assert "Pow" not in added or ours is O.RMSprop, added
