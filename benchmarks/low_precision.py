@@ -106,8 +106,7 @@ def run(name, build, layers, mode, data, args, fp8_critical):
     try:
         return _run(name, build, layers, mode, data, args, fp8_critical)
     except Exception as error:  # a backend that cannot run it (JAX's CPU: no float16 attention): the table says so
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return {"model": name, "layers": layers, "precision": mode, "error": f"{type(error).__name__}: {message}",
+        return {"model": name, "layers": layers, "precision": mode, "error": experiments.describe_failure(error),
                 "finite": False}
     finally:
         keras.config.set_dtype_policy("float32")
@@ -145,7 +144,8 @@ def table(rows, steps):
     lines = []
     for name in dict.fromkeys(row["model"] for row in rows):
         group = [row for row in rows if row["model"] == name]
-        base = next(row["validation_loss"] for row in group if row["precision"] == "float32" and row["layers"] == "ours")
+        ours = {r["precision"]: r.get("validation_loss") for r in group if r["layers"] == "ours"}
+        base = ours.get("float32")  # None where ours in float32 did not run: nothing to measure the rest against
         lines += [f"== {name} LM, {steps} steps: validation loss (nats/char) and what the run's format loses ==",
                   f"{'run':<34}{'val loss':>9}{'vs ours f32':>12}{'act uf':>9}{'act sat':>9}{'grad uf':>9}"
                   f"{'grad sat':>9}{'s':>7}"]
@@ -156,13 +156,13 @@ def table(rows, steps):
             if "error" in row:
                 lines.append(f"{label:<34} not run: {row['error']}")
                 continue
+            change = "" if base is None else f"{100 * (row['validation_loss'] / base - 1):+.1f}%"
             lines.append(
-                f"{label:<34}{row['validation_loss']:>9.4f}{100 * (row['validation_loss'] / base - 1):>+11.1f}%"
+                f"{label:<34}{row['validation_loss']:>9.4f}{change:>12}"
                 f"{_percent(row.get('activation_underflow')):>9}{_percent(row.get('activation_saturation')):>9}"
                 f"{_percent(row.get('gradient_underflow')):>9}{_percent(row.get('gradient_saturation')):>9}"
                 f"{row['seconds']:>7.0f}")
-        ours = {r["precision"]: r.get("validation_loss") for r in group if r["layers"] == "ours"}
-        within = {mode: None if ours.get(mode) is None else abs(ours[mode] / ours["float32"] - 1) <= 0.02
+        within = {mode: None if ours.get(mode) is None or base is None else abs(ours[mode] / base - 1) <= 0.02
                   for mode in ("fp16", "fp8")}
         lines.append("goal, ours within 2% of ours float32: " + ", ".join(
             f"{mode.upper()} {'not run' if ok is None else 'yes' if ok else 'NO'}" for mode, ok in within.items()))

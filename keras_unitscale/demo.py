@@ -265,10 +265,9 @@ def _train(task, variant, mode, settings, bar):
 
 
 def _not_run(task, variant, mode, error):
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return {"task": task.name, "variant": variant, "precision": mode,
             "label": f"{task.variants[variant]}, {PRECISION_LABELS[mode]}",
-            "error": f"{type(error).__name__}: {message}", "finite": False}
+            "error": experiments.describe_failure(error), "finite": False}
 
 
 def _scale_report(task, variant, weights, x, y):

@@ -27,6 +27,12 @@ from keras_unitscale.plotting import new_figure
 __all__ = ["SweepResult", "lr_sweep", "pydoc_text", "char_lm_data", "StepLosses"]
 
 
+def describe_failure(error):
+    """`"<type>: <first line of its message>"`: how a table says why a run it asked for did not run."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+
+
 class StepLosses(keras.callbacks.Callback):
     """Each training step's own loss, from the epoch's running mean that Keras logs.
 

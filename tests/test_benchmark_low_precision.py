@@ -39,3 +39,11 @@ def test_the_table_shows_a_failed_or_missing_run_as_not_run(fp8_loss, verdict):
                             "here"]
     # Ours in FP16 has no row at all (not asked for): not run, never a pass.
     assert text.splitlines()[-1] == f"goal, ours within 2% of ours float32: FP16 not run, {verdict}"
+
+
+def test_without_ours_in_float32_nothing_is_measured_against_it():
+    rows = [{"model": "lstm", "layers": "ours", "precision": "float32", "error": "ValueError: out of memory",
+             "finite": False}, _row("ours", "fp8", 1.0), _row("plain", "float32", 2.0)]
+    text = low_precision.table(rows, 300)
+    assert "%" not in text.split("goal")[0].split("grad sat")[1]  # no run is given a change against a missing base
+    assert text.splitlines()[-1] == "goal, ours within 2% of ours float32: FP16 not run, FP8 not run"
