@@ -36,10 +36,10 @@ its ratio to the script's float32 run of the same model (that run is always
 made), and the leaf layers with weights that are `keras_unitscale` classes
 against those left as Keras's. A run that fails keeps its error text in its
 row. The step times are taken after training, the trained models timed in
-turn over `--timing-repeats` rounds of `TIMING_STEPS` steps each
-(`interleaved_step_times`), so that a shared machine's drift hits all alike;
-the median step time while training is kept in the JSON (and reported with
-`--timing-repeats 0`).
+turn over `--timing-repeats` rounds of `TIMING_STEPS` steps each, each
+round in a shuffled order (`interleaved_step_times`), so that a shared
+machine's drift hits all alike; the median step time while training is kept
+in the JSON (and reported with `--timing-repeats 0`).
 
 With `--seeds N` every run is made from N seeds (initial weights and dropout
 masks; the batches stay the same). These small models' training is chaotic:
@@ -62,6 +62,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import time
@@ -420,7 +421,8 @@ def run(name, data, variant, precision_name, twin_loss="script", seed=0, kept=No
 
 
 def interleaved_step_times(kept, data, batch, repeats, steps):
-    """Step times of trained models, timed in rounds: each round times every model for `steps` steps, in turn.
+    """Step times of trained models, timed in rounds: each round times every model for `steps` steps, in turn, in
+    an order of its own (shuffled from seed 0: no model always follows the same one).
 
     Each round's time of a model is the median of its steps' own times.
     A step time measured while a model trains comes from its own stretch of
@@ -433,9 +435,10 @@ def interleaved_step_times(kept, data, batch, repeats, steps):
     """
     (x, y), _, _ = data
     x, y = x[: steps * batch], y[: steps * batch]
-    times = collections.defaultdict(list)
+    times, order, shuffler = collections.defaultdict(list), list(kept.items()), random.Random(0)
     for _ in range(repeats + 1):  # the first round traces what `fit` has not yet: left out
-        for key, (model, fp8) in kept.items():
+        shuffler.shuffle(order)
+        for key, (model, fp8) in order:
             recorder = StepRecorder()
             with precision.fp8(enabled=fp8):
                 model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
