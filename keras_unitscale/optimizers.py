@@ -1,8 +1,10 @@
 """u-μP optimizers: Keras's `Adam`, `AdamW`, `RMSprop`, `Lion` and `SGD` with a learning rate per variable.
 
-Each optimizer keeps, beside its usual state, one scalar per trained variable:
-its learning-rate multiplier, the factor on the base learning rate for that
-variable. By default it is u-μP's learning-rate multiplier for the
+Each optimizer keeps, beside its usual state, a learning-rate multiplier per
+trained variable, the factor on the base learning rate for that variable (one
+vector variable, an entry per trained variable: a handful of arrays in the
+optimizer's state, not one per variable, which JAX's step carries in and out
+one by one). By default it is u-μP's learning-rate multiplier for the
 variable's role, width and depth (`keras_unitscale.parametrization`), or the
 fixed one in the variable's record (`keras_unitscale.weights`, set by
 `unit_scale`); the optimizer's `lr_multipliers` patterns override both. All
@@ -54,6 +56,7 @@ from keras_unitscale import checks
 from keras_unitscale import parallel_updates
 from keras_unitscale import parametrization as P
 from keras_unitscale import weights
+from keras_unitscale.sizes import replicas
 
 __all__ = ["Adam", "AdamW", "RMSprop", "Lion", "SGD", "ScaledSchedule", "schedule_peak", "unwrap"]
 
@@ -218,35 +221,16 @@ class UnitScaledOptimizer:
         self._build_multipliers(variables)
 
     def _build_multipliers(self, variables):
-        self._lr_multiplier_variables = [
-            self.add_variable(
-                shape=(),
-                initializer=keras.initializers.Constant(self.default_lr_multiplier(variable)),
-                dtype="float32",
-                aggregation="only_first_replica",
-                name=variable.path.replace("/", "_") + "_lr_multiplier",
-            )
-            for variable in variables
-        ]
-
+        # One vector per kind, entry i for the variable at Keras's index i (`_get_variable_index`).
+        defaults = np.array([self.default_lr_multiplier(variable) for variable in variables], "float32")
+        self._lr_multipliers = self._per_variable_vector(
+            lambda shape, dtype: ops.cast(defaults, dtype), "lr_multipliers", len(variables))
         if self.epsilon_power is not None:
-            self._epsilon_multiplier_variables = [
-                self.add_variable(
-                    shape=(), initializer="ones", dtype="float32", aggregation="only_first_replica",
-                    name=variable.path.replace("/", "_") + "_epsilon_multiplier",
-                )
-                for variable in variables
-            ]
+            self._epsilon_multipliers = self._per_variable_vector("ones", "epsilon_multipliers", len(variables))
             # The batch rule of a model converted in place (`convert.epsilon.InPlaceEpsilon`), saved with the state
             # so that a resumed run steps as the first did: each weight's power, and the rows its multiplier is for
             # (0: none).
-            self._epsilon_batch_power_variables = [
-                self.add_variable(
-                    shape=(), initializer="zeros", dtype="float32", aggregation="only_first_replica",
-                    name=variable.path.replace("/", "_") + "_epsilon_batch_power",
-                )
-                for variable in variables
-            ]
+            self._epsilon_batch_powers = self._per_variable_vector("zeros", "epsilon_batch_powers", len(variables))
             self._epsilon_reference_rows = self.add_variable(
                 shape=(), initializer="zeros", dtype="float32", aggregation="only_first_replica",
                 name="epsilon_reference_rows",
@@ -257,28 +241,37 @@ class UnitScaledOptimizer:
             with _eagerly():
                 self.load_own_variables(waiting)
 
-    def _multiplier_variable(self, attribute, variable, what):
+    def _per_variable_vector(self, initializer, name, size):
+        return self.add_variable(shape=(size,), initializer=initializer, dtype="float32",
+                                 aggregation="only_first_replica", name=name)
+
+    def _index(self, variable, what):
+        """`variable`'s entry in the per-variable vectors, after checking that it has one."""
         if not self.built:
             raise ValueError(
                 f"The optimizer '{self.name}' is not built yet, so it has no {what} "
                 "multipliers. It builds at the start of `fit`, or call "
                 "`optimizer.build(model.trainable_variables)`."
             )
+        if what == "epsilon" and self.epsilon_power is None:
+            raise ValueError(f"The optimizer '{self.name}' has no `epsilon`; Adam, AdamW and RMSprop have.")
         try:
-            return getattr(self, attribute)[self._get_variable_index(variable)]
+            return self._get_variable_index(variable)
         except KeyError:
             raise ValueError(
                 f"The optimizer '{self.name}' does not train this variable. "
                 f"Received: variable.path={variable.path!r}"
             ) from None
 
-    def _lr_multiplier_variable(self, variable):
-        return self._multiplier_variable("_lr_multiplier_variables", variable, "learning-rate")
+    @staticmethod
+    def _entry(vector, index):
+        return float(ops.convert_to_numpy(vector)[index])
 
-    def _epsilon_multiplier_variable(self, variable):
-        if self.epsilon_power is None:
-            raise ValueError(f"The optimizer '{self.name}' has no `epsilon`; Adam, AdamW and RMSprop have.")
-        return self._multiplier_variable("_epsilon_multiplier_variables", variable, "epsilon")
+    @staticmethod
+    def _set_entry(vector, index, value):
+        values = np.array(ops.convert_to_numpy(vector))
+        values[index] = value
+        vector.assign(values)
 
     @staticmethod
     def epsilon_batch_factor(variable):
@@ -291,38 +284,41 @@ class UnitScaledOptimizer:
 
         The update uses `epsilon × multiplier ** epsilon_power`.
         """
-        return float(ops.convert_to_numpy(self._epsilon_multiplier_variable(variable)))
+        index = self._index(variable, "epsilon")  # the checks, before the vector is looked for
+        return self._entry(self._epsilon_multipliers, index)
 
     def set_epsilon_multiplier(self, variable, value):
         """Sets the epsilon multiplier of `variable`; set it before training (the moments keep its units)."""
         checks.positive("value", value)
-        self._epsilon_multiplier_variable(variable).assign(float(value))
+        index = self._index(variable, "epsilon")
+        self._set_entry(self._epsilon_multipliers, index, float(value))
 
     def epsilon_batch_rule(self, variable):
         """`(rows₀, p)`: `variable`'s epsilon multiplier holds at `rows₀` rows and scales as `(rows₀ / rows)^p`, as set by
         `UnitScaleCallback` on a model it converted in place; None where none was set."""
-        self._epsilon_multiplier_variable(variable)  # the checks
+        index = self._index(variable, "epsilon")
         rows = float(ops.convert_to_numpy(self._epsilon_reference_rows))
         if rows == 0:
             return None
-        power = self._multiplier_variable("_epsilon_batch_power_variables", variable, "epsilon")
-        return rows, float(ops.convert_to_numpy(power))
+        return rows, self._entry(self._epsilon_batch_powers, index)
 
     def set_epsilon_batch_rule(self, variable, reference_rows, power):
         """Sets `variable`'s batch rule (see `epsilon_batch_rule`); one `reference_rows` holds for every variable."""
-        self._epsilon_multiplier_variable(variable)
+        index = self._index(variable, "epsilon")
         checks.positive("reference_rows", reference_rows)
         self._epsilon_reference_rows.assign(float(reference_rows))
-        self._multiplier_variable("_epsilon_batch_power_variables", variable, "epsilon").assign(float(power))
+        self._set_entry(self._epsilon_batch_powers, index, float(power))
 
     def lr_multiplier(self, variable):
         """The learning-rate multiplier of `variable`, the factor on the base learning rate (a Python float)."""
-        return float(ops.convert_to_numpy(self._lr_multiplier_variable(variable)))
+        index = self._index(variable, "learning-rate")
+        return self._entry(self._lr_multipliers, index)
 
     def set_lr_multiplier(self, variable, value):
         """Sets the learning-rate multiplier of `variable`."""
         checks.positive("value", value)
-        self._lr_multiplier_variable(variable).assign(float(value))
+        index = self._index(variable, "learning-rate")
+        self._set_entry(self._lr_multipliers, index, float(value))
 
     def reset_lr_multipliers(self):
         """Sets every learning-rate multiplier back to its default (after `parametrization.tag_model`, say)."""
@@ -341,7 +337,22 @@ class UnitScaledOptimizer:
         if parallel_updates.applies(self, grads, trainable_variables):
             parallel_updates.update(self, grads, trainable_variables, learning_rate)
             return
-        super()._backend_update_step(grads, trainable_variables, learning_rate)
+        # Each vector is read once per step and split into its entries (one op each on TensorFlow's graph, not a
+        # read per variable), except across `tf.distribute` replicas, whose updates run on each replica's copy.
+        steps_once = bool(self._trainable_variables) and replicas() == 1
+        object.__setattr__(self, "_step_multipliers", {
+            name: ops.unstack(ops.convert_to_tensor(getattr(self, name)), num=len(self._trainable_variables))
+            for name in ("_lr_multipliers", "_epsilon_multipliers") if steps_once and hasattr(self, name)})
+        try:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+        finally:
+            object.__setattr__(self, "_step_multipliers", {})
+
+    def _step_multiplier(self, name, variable):
+        """`variable`'s entry of the vector `name` in the step being traced or run, as float32."""
+        index = self._get_variable_index(variable)
+        entries = getattr(self, "_step_multipliers", {}).get(name)
+        return ops.cast(getattr(self, name)[index] if entries is None else entries[index], "float32")
 
     def decay_fraction(self, learning_rate, lr_multiplier):
         """The fraction of a weight its decoupled weight decay removes this step (see the module docstring)."""
@@ -361,7 +372,7 @@ class UnitScaledOptimizer:
         return epsilon * (multiplier if power == 1 else multiplier**power)
 
     def update_step(self, gradient, variable, learning_rate):
-        lr_multiplier = ops.cast(self._lr_multiplier_variable(variable), "float32")
+        lr_multiplier = self._step_multiplier("_lr_multipliers", variable)
         learning_rate = ops.cast(learning_rate, "float32")
         if self.weight_decay and self._use_weight_decay(variable):
             decay = self.decay_fraction(learning_rate, lr_multiplier)
@@ -374,7 +385,7 @@ class UnitScaledOptimizer:
         # turns an embedding's sparse gradient dense, and Keras's Adam treats
         # those differently.)
         epsilon = self.epsilon
-        multiplier = ops.cast(self._epsilon_multiplier_variable(variable), "float32")
+        multiplier = self._step_multiplier("_epsilon_multipliers", variable)
         self.epsilon = self.scaled_epsilon(multiplier, self.epsilon_batch_factor(variable))
         try:
             super().update_step(gradient, variable, learning_rate * lr_multiplier)

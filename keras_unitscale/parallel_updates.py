@@ -34,8 +34,8 @@ def update(optimizer, grads, variables, learning_rate):
         dtype = values[0].dtype
         indices = [optimizer._get_variable_index(variable) for variable in variables]
         learning_rate = torch.as_tensor(keras.ops.convert_to_tensor(learning_rate), dtype=dtype)
-        # The per-variable scalars as one vector each: a handful of ops per step, not a handful per variable.
-        lr_multipliers = _stacked(optimizer._lr_multiplier_variables, indices, dtype)
+        # These variables' entries of the per-variable vectors: a handful of ops per step, not a handful per variable.
+        lr_multipliers = _entries(optimizer._lr_multipliers, indices, dtype)
         _decay(optimizer, variables, values, learning_rate, lr_multipliers)
         step = _adam if isinstance(optimizer, keras.optimizers.Adam) else _rmsprop
         step(optimizer, grads, variables, values, indices, learning_rate, lr_multipliers)
@@ -94,18 +94,18 @@ def _rmsprop(optimizer, grads, variables, values, indices, learning_rate, lr_mul
     torch._foreach_sub_(values, increments)
 
 
-def _stacked(multiplier_variables, indices, dtype):
-    """The optimizer's scalar variables of `indices`, as one vector."""
+def _entries(vector, indices, dtype):
+    """The entries `indices` of one of the optimizer's per-variable vectors."""
     import torch
 
-    return torch.stack([multiplier_variables[i].value for i in indices]).to(dtype)
+    return vector.value[torch.as_tensor(indices, device=vector.value.device)].to(dtype)
 
 
 def _epsilons(optimizer, variables, indices, dtype):
     """Each variable's epsilon (`UnitScaledOptimizer.scaled_epsilon` of its multiplier times its batch factor)."""
     import torch
 
-    multipliers = _stacked(optimizer._epsilon_multiplier_variables, indices, dtype)
+    multipliers = _entries(optimizer._epsilon_multipliers, indices, dtype)
     factors = [optimizer.epsilon_batch_factor(variable) for variable in variables]
     if all(isinstance(factor, float) for factor in factors):
         if any(factor != 1.0 for factor in factors):  # 1 but under InPlaceEpsilon
