@@ -5,9 +5,9 @@ there) is one `tf.function`, run by TensorFlow's executor on its inter-op
 threads. Which ops overlap is the executor's choice, made from the graph; on
 the two-core machine our figures come from, a graph that captures one more
 variable can lose the overlap of its recurrent loop's ops. Our optimizers read
-a learning-rate multiplier (and an epsilon multiplier) per trained variable
-each step: more captured variables. This separates that from their work by
-timing a real script's model (`real_scripts.py`) in four forms:
+their learning-rate and epsilon multipliers each step (a vector variable
+each): more captured variables than Keras's. This separates that from their
+work by timing a real script's model (`real_scripts.py`) in four forms:
 
 - `script`: as written, with the script's Keras optimizer;
 - `script + one variable`: the same, its optimizer a subclass that reads one
@@ -15,7 +15,7 @@ timing a real script's model (`real_scripts.py`) in four forms:
   the same numbers, one more variable captured, one more multiplication;
 - `script, our optimizer`: the script's Keras layers, its optimizer made ours
   by `convert.from_keras(..., parametrization=None)`: every multiplier 1, the
-  same numbers up to rounding, our reads and multiplications per variable;
+  same numbers up to rounding, our multipliers read and applied;
 - `callback`: `UnitScaleCallback()` in `fit`, as `real_scripts.py` runs it.
 
 Each form trains `--steps` steps from the same weights on the same batches

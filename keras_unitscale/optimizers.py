@@ -196,7 +196,8 @@ class UnitScaledOptimizer:
             raise ValueError(
                 f"The saved state of optimizer '{self.name}' does not match it: it has "
                 f"{len(self.variables)} variables and the file holds {len(store.keys())}. The file is "
-                "corrupted, or was saved from a different model or optimizer."
+                "corrupted, or was saved from a different model or optimizer, or by an earlier keras_unitscale "
+                "that kept its multipliers as one variable per weight (not one vector per kind)."
             )
         super().load_own_variables(store)
 
