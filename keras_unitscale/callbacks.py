@@ -313,8 +313,7 @@ class UnitScaleCallback(keras.callbacks.Callback):
         if per_variable:
             if not optimizer.built:
                 optimizer.build(model.trainable_variables)
-            for variable in untagged:
-                optimizer.set_lr_multiplier(variable, optimizer.default_lr_multiplier(variable))
+            optimizer.reset_lr_multipliers(untagged)
             if self._epsilon is not None:
                 self._epsilon.install(optimizer)
         rows = self._rescale(model, optimizer, selected, roles, per_variable)
@@ -401,9 +400,8 @@ class UnitScaleCallback(keras.callbacks.Callback):
         elif converted and optimizer.built:
             # Built before the layers were converted (JAX's and PyTorch's `fit` build it first): the
             # converted weights' fixed learning-rate factors are new.
-            for variable in model.trainable_variables:
-                if weights.lr_multiplier(variable) is not None:
-                    optimizer.set_lr_multiplier(variable, optimizer.default_lr_multiplier(variable))
+            optimizer.reset_lr_multipliers(
+                [variable for variable in model.trainable_variables if weights.lr_multiplier(variable) is not None])
         for name, why in notes:
             self._say(f"UnitScaleCallback: '{name}' stays as it is: {why}.")
         return converted

@@ -270,6 +270,7 @@ class UnitScaledOptimizer:
 
     @staticmethod
     def _set_entry(vector, index, value):
+        """Sets one entry of `vector`, or (`index` and `value` lists) several in one assignment."""
         values = np.array(ops.convert_to_numpy(vector))
         values[index] = value
         vector.assign(values)
@@ -321,10 +322,13 @@ class UnitScaledOptimizer:
         index = self._index(variable, "learning-rate")
         self._set_entry(self._lr_multipliers, index, float(value))
 
-    def reset_lr_multipliers(self):
-        """Sets every learning-rate multiplier back to its default (after `parametrization.tag_model`, say)."""
-        for variable in self._trainable_variables:
-            self.set_lr_multiplier(variable, self.default_lr_multiplier(variable))
+    def reset_lr_multipliers(self, variables=None):
+        """Sets the learning-rate multipliers of `variables` (default: every one it trains) back to their defaults
+        (after `parametrization.tag_model`, say), in one assignment."""
+        variables = self._trainable_variables if variables is None else list(variables)
+        indices = [self._index(variable, "learning-rate") for variable in variables]
+        if indices:
+            self._set_entry(self._lr_multipliers, indices, [self.default_lr_multiplier(v) for v in variables])
 
     # The update.
 

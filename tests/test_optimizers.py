@@ -388,3 +388,5 @@ def test_the_state_adds_a_few_arrays_whatever_the_number_of_variables(ours, thei
         before = [optimizer.lr_multiplier(v) for v in variables]
         optimizer.set_lr_multiplier(variables[-1], 0.5)
         assert [optimizer.lr_multiplier(v) for v in variables] == [*before[:-1], 0.5]
+        optimizer.reset_lr_multipliers([variables[-1]])  # its default back, the others untouched
+        assert [optimizer.lr_multiplier(v) for v in variables] == before
